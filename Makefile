@@ -1,0 +1,50 @@
+# minigen: every target builds .venv on first use and re-uses it after (stamp files record what is installed).
+# `make help` lists the targets.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The torch to install. The default is the CPU wheel these machines carry; with a CUDA torch already in the
+# environment, run e.g. `make test TORCH=` to keep it.
+TORCH  ?= torch==2.13.0
+# Test-only oracles installed without their dependencies: their metadata would otherwise pull a CUDA torch.
+ORACLES_NODEPS := torchvision==0.28.0 pytorch-fid==0.3.0 torch-fidelity==0.4.0 open_clip_torch==3.3.0
+
+RUNTIME := $(VENV)/.installed-runtime
+TESTDEPS := $(VENV)/.installed-test
+CONSTRAINTS := $(VENV)/constraints.txt
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow demo gan clean
+
+help: ## list every target with one line
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Pin the torch that ends up installed, so no later install can swap it for another build.
+$(CONSTRAINTS): | $(BIN)/python
+	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $@
+
+$(RUNTIME): pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e .
+	touch $@
+
+$(TESTDEPS): pyproject.toml $(RUNTIME)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps $(ORACLES_NODEPS)
+	touch $@
+
+install: $(RUNTIME) ## create .venv with torch and minigen (runtime dependencies only)
+
+test: $(TESTDEPS) ## install the test oracles (diffusers, transformers, peft, pytorch-fid, ...) and run the test suite
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-slow: $(TESTDEPS) ## run only the slow tests (full-size models; several GB of memory)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
+
+clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
+	rm -rf $(VENV) .pytest_cache minigen.egg-info
