@@ -1,0 +1,1 @@
+"""Stable Diffusion XL: UNet, VAE, text encoders, tokenizer, key maps and loader."""
