@@ -98,6 +98,7 @@ def test_truncation_is_reported_with_the_text_cut_off(ours, reference):
     # What diffusers prints when it warns: the tokens past the 75 that fit, decoded.
     assert out.truncated[0] == reference.decode(full[75:]) != ""
     assert out.truncated[1] == ""
+    assert ours[0]([]).input_ids.shape == (0, 77)
 
 
 def test_deliberate_differences_from_transformers_follow_clip(ours, reference):

@@ -255,7 +255,8 @@ class CLIPTokenizer:
             truncated.append(self.decode(ids[room:]))
             row = [self.bos_id, *ids[:room], self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
-        return TokenizedPrompts(torch.tensor(rows, dtype=torch.long), truncated)
+        input_ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)  # (B, 77) even for B=0
+        return TokenizedPrompts(input_ids, truncated)
 
 
 def sdxl_tokenizers(root: str | os.PathLike | None = None) -> tuple[CLIPTokenizer, CLIPTokenizer]:
