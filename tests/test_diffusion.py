@@ -153,6 +153,8 @@ def test_bad_input_is_refused():
         sample(model_fn, (1, 4, 8, 8), schedule, steps=0)
     with pytest.raises(ValueError, match="strength"):
         sample(model_fn, None, schedule, init=torch.zeros(1, 4, 8, 8), strength=0.0)
+    with pytest.raises(ValueError, match="eta"):
+        sample(model_fn, (1, 4, 8, 8), schedule, sampler="euler", eta=0.5)
     with pytest.raises(ValueError, match="Karras"):
         schedule.plan("ddpm", 10, karras=True)
     with pytest.raises(ValueError, match="clip_sample"):
