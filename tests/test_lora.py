@@ -11,6 +11,7 @@ from minigen.lora import (LoRALayer, add_lora, lora_names, lora_parameters, lora
                           set_multiplier, unmerge_lora)
 from minigen.lora_files import LoRAFileError, kohya_metadata, load_lora, read_lora, save_lora
 from minigen.io import read_header
+from minigen.sdxl.convert import NameMap
 
 
 class Block(nn.Module):
@@ -129,32 +130,30 @@ def test_no_matching_module_is_an_error():
         add_lora(toy(), [r"q_proj$"])
 
 
-def sgm_names(model):
-    """A stand-in single-file name map for the toy (minigen.sdxl.convert provides SDXL's)."""
-    return {n: n.replace("transformer_blocks", "input_blocks") for n, _ in model.named_modules()}
+# the toy's "single-file" block names, as minigen.sdxl.convert.unet_name_map gives SDXL's
+TOY_NAMES = NameMap({"transformer_blocks.0": "input_blocks.1.1", "transformer_blocks.1": "input_blocks.2.1"}, "toy")
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_file_round_trip_gives_the_same_outputs(tmp_path, fmt):
     model, x = toy(), torch.randn(2, 8, 3, 3)
-    names = sgm_names(model)
     add_lora(model, "kohya", rank=4, alpha=1)
     randomize_up(model)
     expected = model.forward(x)
     meta = kohya_metadata(base_model="sd_xl_base_1.0", rank=4, alpha=1, trigger_phrase="Still from the Anime",
                           steps=10)
     path = tmp_path / f"lora_{fmt}.safetensors"
-    save_lora(path, {"unet": lora_weights(model)}, fmt, meta, unet_sgm_names=names)
+    save_lora(path, {"unet": lora_weights(model)}, fmt, meta, unet_names=TOY_NAMES)
     header, written_meta = read_header(path)
     if fmt == "kohya":
-        assert "lora_unet_input_blocks_0_attn1_to_q.lora_down.weight" in header
-        assert "lora_unet_input_blocks_0_attn1_to_q.alpha" in header
+        assert "lora_unet_input_blocks_1_1_attn1_to_q.lora_down.weight" in header
+        assert "lora_unet_input_blocks_1_1_attn1_to_q.alpha" in header
         assert written_meta["modelspec.trigger_phrase"] == "Still from the Anime"
         assert written_meta["ss_network_dim"] == "4"
     else:
         assert "unet.transformer_blocks.0.attn1.to_out.0.lora_B.weight" in header
     remove_lora(model)
-    load_lora(path, {"unet": model}, unet_sgm_names=names)
+    load_lora(path, {"unet": model}, unet_names=TOY_NAMES)
     torch.testing.assert_close(model.forward(x), expected, rtol=1e-5, atol=1e-6)
 
 
