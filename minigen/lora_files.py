@@ -57,9 +57,9 @@ def save_lora(path: str | os.PathLike, lora: LoRA, format: str = "kohya", metada
     if unknown:
         raise ValueError(f"unknown LoRA components {sorted(unknown)}; expected some of {COMPONENTS}")
     if format == "kohya":
-        tensors = _to_kohya(lora, unet_names or unet_name_map())
+        tensors = kohya_state_dict(lora, unet_names or unet_name_map())
     elif format == "diffusers":
-        tensors = _to_diffusers(lora)
+        tensors = diffusers_state_dict(lora)
     else:
         raise ValueError(f"unknown LoRA file format {format!r}: use 'kohya' or 'diffusers'")
     if dtype is not None:
@@ -67,7 +67,9 @@ def save_lora(path: str | os.PathLike, lora: LoRA, format: str = "kohya", metada
     save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, dict(metadata or {}))
 
 
-def _to_kohya(lora: LoRA, unet_names: NameMap) -> dict[str, torch.Tensor]:
+def kohya_state_dict(lora: LoRA, unet_names: NameMap) -> dict[str, torch.Tensor]:
+    """kohya keys: `lora_unet_<SGM path>` / `lora_te1_text_model_...` with `.lora_down.weight`, `.lora_up.weight`,
+    `.alpha` (a 0-d tensor, as sd-scripts stores it)."""
     out = {}
     for component, modules in lora.items():
         for path, t in modules.items():
@@ -82,7 +84,8 @@ def _to_kohya(lora: LoRA, unet_names: NameMap) -> dict[str, torch.Tensor]:
     return out
 
 
-def _to_diffusers(lora: LoRA) -> dict[str, torch.Tensor]:
+def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
+    """diffusers/peft keys: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.`, `text_encoder_2.`."""
     out = {}
     for component, modules in lora.items():
         for path, t in modules.items():
@@ -260,3 +263,14 @@ def load_lora(path: str | os.PathLike, models: Mapping[str, nn.Module], name: st
     for component, weights in lora.items():
         add_lora_weights(models[component], weights, name, multiplier)
     return metadata
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """`path[:multiplier]` as `sample.py --lora a.safetensors:0.8` takes it; no multiplier means 1."""
+    path, sep, multiplier = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(multiplier)
+        except ValueError:  # a colon that is part of the path
+            pass
+    return spec, 1.0

@@ -9,7 +9,7 @@ from torch import nn
 
 from minigen.lora import (LoRALayer, add_lora, lora_names, lora_parameters, lora_weights, merge_lora, remove_lora,
                           set_multiplier, unmerge_lora)
-from minigen.lora_files import LoRAFileError, kohya_metadata, load_lora, read_lora, save_lora
+from minigen.lora_files import LoRAFileError, kohya_metadata, load_lora, parse_lora_spec, read_lora, save_lora
 from minigen.io import read_header
 from minigen.sdxl.convert import NameMap
 
@@ -200,3 +200,32 @@ def test_older_diffusers_form_and_missing_alpha(tmp_path):
     torch.testing.assert_close(out.base.weight, out.original_weight + up @ down)
     q = model.transformer_blocks[1].attn1.to_q
     torch.testing.assert_close(q.base.weight, q.original_weight + 0.5 * up @ down)
+
+
+def test_full_size_sdxl_targets_and_kohya_names():
+    """On the meta device (no memory): the presets find SDXL's 140 each of to_q/to_k/to_v/to_out.0, and the kohya
+    names are the single-file ones A1111 and ComfyUI expect."""
+    from minigen.lora_files import kohya_state_dict
+    from minigen.sdxl import get_config, unet_name_map
+    from minigen.sdxl.unet import UNet2DConditionModel
+    config = get_config("sdxl-base", "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config)
+        wrapped = add_lora(unet, "attention", rank=4)
+        assert len(wrapped) == 560 and sum(p.endswith(".to_out.0") for p in wrapped) == 140
+        kohya_wider = len(add_lora(unet, "kohya", rank=4, name="wide"))
+        # plus ff.net.0.proj and ff.net.2 of 70 blocks and proj_in/out of 11 Transformer2DModels: the 722 modules
+        # sd-scripts reports for an SDXL UNet LoRA
+        assert kohya_wider == 560 + 2 * 70 + 2 * 11 == 722
+    keys = kohya_state_dict({"unet": lora_weights(unet)}, unet_name_map(config))
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0.alpha" in keys
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_k.lora_up.weight" in keys
+    assert len(keys) == 560 * 3
+
+
+def test_lora_spec():
+    assert parse_lora_spec("a.safetensors:0.8") == ("a.safetensors", 0.8)
+    assert parse_lora_spec("b") == ("b", 1.0)
+    assert parse_lora_spec("C:/loras/c.safetensors") == ("C:/loras/c.safetensors", 1.0)
+    assert parse_lora_spec("C:/loras/c.safetensors:-0.5") == ("C:/loras/c.safetensors", -0.5)
