@@ -246,6 +246,10 @@ def resolve_lora(parsed: dict[str, dict[str, dict]], models: Mapping[str, nn.Mod
             layer = getattr(layer, "base", layer)
             w = layer.weight  # (out, in[, 1, 1])
             down, up = e["down"], e["up"]
+            if down.dim() > 2 and tuple(down.shape[2:]) != (1, 1) or tuple(w.shape[2:]) not in ((), (1, 1)):
+                raise LoRAFileError(f"{source}: {component} layer {path} is a {tuple(w.shape[2:])} convolution and "
+                                    f"the file's down is {tuple(down.shape)}: LoRA on k x k convolutions (LoCon, "
+                                    f"LyCORIS) is not supported, only Linear and 1x1 layers")
             if down.shape[1] != w.shape[1] or up.shape[0] != w.shape[0] or up.shape[1] != down.shape[0]:
                 raise LoRAFileError(
                     f"{source}: {component} layer {path} has weight {tuple(w.shape)}, but the file's down is "

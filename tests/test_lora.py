@@ -125,6 +125,17 @@ def test_several_loras_with_their_own_multipliers():
     assert torch.equal(model.forward(x), base)
 
 
+def test_adding_more_layers_to_a_lora_keeps_them_trainable():
+    model = toy()
+    add_lora(model, "attention", rank=2)
+    add_lora(model, [r"\.ff$"], rank=2)  # the same adapter name "default" on more layers
+    assert all(p.requires_grad for p in lora_parameters(model)) and len(lora_parameters(model)) == 2 * 10
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapters." not in n)
+    with pytest.raises(ValueError, match="already have a LoRA named 'default'"):
+        add_lora(model, "kohya", rank=2)
+    assert len(lora_parameters(model)) == 2 * 10  # nothing added
+
+
 def test_no_matching_module_is_an_error():
     with pytest.raises(ValueError, match="matches"):
         add_lora(toy(), [r"q_proj$"])
@@ -173,6 +184,16 @@ def test_file_for_another_model_names_the_mismatch(tmp_path):
     other.transformer_blocks = nn.ModuleList([Block(16), Block(16)])
     with pytest.raises(LoRAFileError, match=r"attn1\.to_\w+(\.0)? has weight \(16, 16\).*down is \(2, 8\)"):
         load_lora(tmp_path / "ok.safetensors", {"unet": other})
+    # a LoCon file: a 3x3 convolution
+    conv = nn.Module()
+    conv.transformer_blocks = nn.ModuleList([nn.Module()])
+    conv.transformer_blocks[0].conv1 = nn.Conv2d(8, 8, 3)
+    from minigen.io import save_safetensors
+    save_safetensors({"lora_unet_transformer_blocks_0_conv1.lora_down.weight": torch.zeros(2, 8, 3, 3),
+                      "lora_unet_transformer_blocks_0_conv1.lora_up.weight": torch.zeros(8, 2, 1, 1)},
+                     tmp_path / "locon.safetensors")
+    with pytest.raises(LoRAFileError, match=r"conv1 is a \(3, 3\) convolution.*not supported"):
+        load_lora(tmp_path / "locon.safetensors", {"unet": conv})
     # text-encoder layers but no text encoder given
     save_lora(tmp_path / "te.safetensors", {"te1": weights}, "kohya")
     with pytest.raises(LoRAFileError, match="no te1 model"):
