@@ -135,7 +135,8 @@ class LoRALayer(nn.Module):
         self._rebuild_weight()
 
     def unmerge(self, names: Iterable[str]) -> None:
-        self.merged = [n for n in self.merged if n not in set(names)]
+        drop = set(names)
+        self.merged = [n for n in self.merged if n not in drop]
         self._rebuild_weight()
 
     def _rebuild_weight(self) -> None:
