@@ -48,3 +48,12 @@ test-slow: $(TESTDEPS) ## run only the slow tests (full-size models; several GB 
 
 clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
 	rm -rf $(VENV) .pytest_cache minigen.egg-info
+
+# ---- sampling (sample.py) ----
+.PHONY: sample
+MODEL ?=
+PROMPT ?= a photo of an astronaut riding a horse on mars
+SAMPLE_ARGS ?=
+sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..." SAMPLE_ARGS="--steps 30 --seed 0"
+	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
+	$(BIN)/python sample.py --model "$(MODEL)" --prompt "$(PROMPT)" $(SAMPLE_ARGS)
