@@ -49,6 +49,11 @@ test-slow: $(TESTDEPS) ## run only the slow tests (full-size models; several GB 
 clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
 	rm -rf $(VENV) .pytest_cache minigen.egg-info
 
+# --- sampling (minigen/diffusion.py) ---
+.PHONY: bench-sample
+bench-sample: $(TESTDEPS) ## time the samplers' own per-step work against diffusers' scheduler loops (CPU)
+	$(BIN)/python bench/bench_sample.py
+
 # ---- sampling (sample.py) ----
 .PHONY: sample
 MODEL ?=
