@@ -157,13 +157,16 @@ class SDXLPipeline:
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, output: str = "uint8",
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Generate `num_images` images of `prompt`: (num_images, height, width, 3) uint8 on the CPU, or with
         output="float" (num_images, 3, height, width) fp32 in [0, 1] (diffusers' output_type="pt").
 
         guidance_scale > 1 turns on classifier-free guidance (as in diffusers); guidance_rescale in [0, 1] pulls the
         guided prediction towards the conditional one's std. eta is DDIM's. One generator draws the whole batch's
         noise, as diffusers does; a list gives one generator per image.
+
+        embeddings: (context, pooled) laid out as `conditioning` returns them, used instead of encoding `prompt`
+        (which is then ignored); its rows may be different prompts (evaluate.py encodes once and batches prompts).
         """
         scale = self.vae_scale
         check_settings(sampler, steps, height, width, num_images, scale)
@@ -171,7 +174,13 @@ class SDXLPipeline:
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         unet, vae = self.sdxl.unet, self.sdxl.vae
         guidance = guidance_scale > 1
-        context, pooled = self.conditioning(prompt, negative_prompt, num_images, guidance)
+        if embeddings is None:
+            context, pooled = self.conditioning(prompt, negative_prompt, num_images, guidance)
+        else:
+            context, pooled = embeddings
+            if context.shape[0] != num_images * (2 if guidance else 1) or pooled.shape[0] != context.shape[0]:
+                raise ValueError(f"embeddings of {context.shape[0]} and {pooled.shape[0]} rows do not fit "
+                                 f"{num_images} images {'with' if guidance else 'without'} guidance")
         dtype, device = unet.conv_in.weight.dtype, self.device
         context, pooled = context.to(device, dtype), pooled.to(device, dtype)
         ids = time_ids(original_size or (height, width), crop_top_left, target_size or (height, width))

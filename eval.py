@@ -1,0 +1,73 @@
+"""Judge LoRAs against the base model: the same prompts from the same seeds, FID/KID/IS against a reference folder,
+PSNR/SSIM against the base images, a table (Markdown + JSON), grids and an FID-per-epoch plot.
+
+    python eval.py --model sd_xl_base_1.0.safetensors --lora style.safetensors --lora runs/lora/ \
+        --prompts prompts.txt --ref met --num 2 --seed 0 --steps 30 --cfg 5 --out outputs/eval
+
+--lora: a LoRA file (FILE[:MULTIPLIER]) or a training run's folder of epoch checkpoints; repeatable.
+--prompts: a text file, one prompt a line, or a dataset folder (or built-in name) whose images have .txt captions.
+--ref: the reference image folder (or built-in dataset name) for FID and KID, e.g. the training images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from minigen.diffusion import SAMPLERS
+from minigen.evaluate import Settings, evaluate, markdown_table
+from minigen.io import CheckpointError
+from sample import DTYPES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="SDXL diffusers folder or single .safetensors file")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE] or RUN_FOLDER",
+                   help="a LoRA file and its multiplier, or a run folder of epoch checkpoints; repeatable")
+    p.add_argument("--prompts", required=True, help="prompt file (one a line) or captioned dataset folder")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--ref", required=True, help="reference image folder (or built-in dataset) for FID and KID")
+    p.add_argument("--num", type=int, default=1, help="images per prompt; image i uses seed SEED+i")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--negative", default=None, help="negative prompt (default: none, zero embeddings as SDXL)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, dpmpp_2m)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=4, help="images generated together (several prompts)")
+    p.add_argument("--inception-weights", default=None,
+                   help="FID Inception weights (default: minigen's cache or pytorch-fid's; see fid.py)")
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (needs that many images)")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts (rows) shown in each grid")
+    p.add_argument("--out", default="outputs/eval")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = Settings(args.steps, args.cfg, args.sampler, args.karras, args.height, args.width, args.negative)
+    dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+    try:
+        report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
+                          seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
+                          grid_prompts=args.grid_prompts, inception_weights=args.inception_weights,
+                          is_splits=args.is_splits, device=args.device, dtype=dtype)
+    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(report["rows"]), end="")
+    print(f"wrote {args.out}/results.md, results.json, {len(report['grids'])} grid(s)"
+          + (", fid_per_epoch.png" if report["fid_per_epoch"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Judge LoRAs as seeds 000, 001 and 003 did: the same prompts from the same noise with the base model and each LoRA,
+then FID, KID and IS against a reference image folder, and PSNR/SSIM of each LoRA image against the base image of the
+same prompt and seed (how far the LoRA moves the picture).
+
+    report = evaluate("sd_xl_base_1.0.safetensors", ["style.safetensors", "runs/lora/"], "prompts.txt", "met",
+                      out="outputs/eval", num_images=2, steps=30, guidance_scale=5.0)
+
+Built only from the pieces: `SDXLPipeline` generates (image i of a prompt comes from `torch.Generator("cpu")
+.manual_seed(seed + i)`, so the base images equal `sample.py --seed seed+i --num 1`), `minigen.metrics` measures.
+Prompts are encoded once with the base text encoders and reused for every LoRA that leaves them alone (a LoRA with
+text-encoder layers re-encodes with its own); each batch holds several prompts.
+
+A training run's folder stands for its checkpoints: every `*.safetensors` in it, ordered by epoch, read from kohya's
+`ss_epoch` metadata or else from the file name (`name-000003.safetensors`, `...epoch3...`, `...epoch_03...`).
+
+Writes into `out`: images/<model>/<prompt>-<seed>.png, results.md and results.json (one row per model),
+grid-seed<seed>.png (rows: prompts, columns: models), and fid_per_epoch.png when epochs are known.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from . import inception as fid_inception
+from . import metrics
+from .data import list_images, open_rgb, resolve_dataset
+from .io import atomic_write, read_header
+from .lora import remove_lora
+from .lora_files import parse_lora_spec, read_lora, resolve_lora
+from .plot import make_grid, plot_curves, save_png
+from .sdxl.convert import unet_name_map
+from .sdxl.pipeline import SDXLPipeline, check_settings
+
+FID_DIMS = "2048"  # the pool3 features every published FID uses
+KID_SUBSET = 1000  # torch-fidelity's default subset size
+GRID_CELL = 256  # grid cells are shrunk to at most this many pixels a side
+
+
+@dataclass
+class Candidate:
+    """One row of the table: the base model (no `lora`) or a LoRA file at a multiplier."""
+    name: str
+    lora: Path | None = None
+    multiplier: float = 1.0
+    epoch: int | None = None
+
+
+@dataclass
+class Settings:
+    """How every model generates: the same for all, so only the weights differ."""
+    steps: int = 30
+    guidance_scale: float = 5.0
+    sampler: str = "euler"
+    karras: bool = False
+    height: int = 1024
+    width: int = 1024
+    negative_prompt: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+
+def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[str]:
+    """A text file (one prompt a line, blank lines skipped), or a dataset folder / built-in name ('met') whose images
+    have sidecar `.txt` captions (kohya's layout). At most `limit` prompts."""
+    path = Path(source)
+    if path.is_file():
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        folder = resolve_dataset(source)
+        captions = [p.with_suffix(".txt") for p in list_images(folder)]
+        prompts = [c.read_text(encoding="utf-8").strip() for c in captions if c.is_file()]
+        prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"no prompts in {source}: a prompt file needs one prompt per line, a dataset folder "
+                         f"a .txt caption beside its images")
+    return prompts[:limit]
+
+
+EPOCH_IN_NAME = (re.compile(r"epoch\D*(\d+)", re.IGNORECASE), re.compile(r"-(\d+)$"))
+
+
+def epoch_of(path: Path) -> int | None:
+    """kohya's `ss_epoch` metadata, else a number in the name (`...epoch3...`, `name-000003`); None if neither."""
+    epoch = read_header(path)[1].get("ss_epoch", "")
+    if epoch.isdigit():
+        return int(epoch)
+    for pattern in EPOCH_IN_NAME:
+        match = pattern.search(path.stem)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def run_checkpoints(folder: Path, multiplier: float = 1.0) -> list[Candidate]:
+    """A training run's LoRA checkpoints, ordered by epoch (files with no known epoch last, by name)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"run folder {folder} has no checkpoints (*.safetensors)")
+    found: dict[int | None, list[Candidate]] = {}
+    for f in files:
+        epoch = epoch_of(f)
+        if epoch is not None and epoch in found:  # e.g. kohya's final file beside its last per-epoch one
+            warnings.warn(f"{f.name} and {found[epoch][0].lora.name} both hold epoch {epoch}; evaluating "
+                          f"{found[epoch][0].lora.name} only", stacklevel=2)
+            continue
+        found.setdefault(epoch, []).append(Candidate(f.stem, f, multiplier, epoch))
+    return [c for epoch in sorted(found, key=lambda e: (e is None, e or 0)) for c in found[epoch]]
+
+
+def candidates(lora_specs: Sequence[str]) -> list[Candidate]:
+    """The base model, then each `FILE[:MULTIPLIER]` or run folder (`FOLDER[:MULTIPLIER]`), names made unique."""
+    rows = [Candidate("base")]
+    for spec in lora_specs:
+        path, multiplier = parse_lora_spec(spec)
+        path = Path(path)
+        if path.is_dir():
+            rows += run_checkpoints(path, multiplier)
+        elif path.is_file():
+            rows.append(Candidate(path.stem, path, multiplier))
+        else:
+            raise FileNotFoundError(f"LoRA file or run folder not found: {path}")
+    seen: dict[str, int] = {}
+    for row in rows:
+        if row.multiplier != 1:
+            row.name += f"@{row.multiplier:g}"
+        seen[row.name] = seen.get(row.name, 0) + 1
+        if seen[row.name] > 1:
+            row.name += f"-{seen[row.name]}"
+    return rows
+
+
+def lora_touches_text(pipe: SDXLPipeline, lora: Path) -> bool:
+    """Check that the file fits this model (a clear LoRAFileError naming it if not), before anything is generated;
+    True when it has text-encoder layers (its prompts must then be encoded with its own encoders)."""
+    parsed, _, _ = read_lora(lora)
+    models = {"unet": pipe.sdxl.unet, "te1": pipe.sdxl.text_encoder, "te2": pipe.sdxl.text_encoder_2}
+    resolve_lora(parsed, models, unet_name_map(pipe.sdxl.unet.config), source=str(lora))
+    return any(component != "unet" for component in parsed)
+
+
+def check_counts(n_reference: int, n_generated: int, can_score: bool, is_splits: int) -> None:
+    """Refuse counts no metric can use and warn, naming the number needed, when a metric will be unreliable."""
+    smallest = min(n_reference, n_generated)
+    if smallest < 2:
+        raise ValueError(f"FID and KID need at least 2 images in each set; got {n_reference} reference and "
+                         f"{n_generated} generated per model")
+    needed = int(FID_DIMS) + 1
+    if smallest < needed:
+        warnings.warn(f"FID from {n_reference} reference and {n_generated} generated images per model: it needs at "
+                      f"least {needed} of each for a non-singular {FID_DIMS}x{FID_DIMS} covariance (and thousands to "
+                      f"compare with published values); compare these FIDs only with each other", stacklevel=3)
+    if smallest < KID_SUBSET:
+        warnings.warn(f"KID subsets of {smallest} images instead of {KID_SUBSET}: fewer than {KID_SUBSET} "
+                      f"reference or generated images", stacklevel=3)
+    if can_score and n_generated < is_splits:
+        warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
+                      f"got {n_generated}", stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------- generation
+
+def encode_prompts(pipe: SDXLPipeline, prompts: Sequence[str], settings: Settings) -> list[tuple]:
+    """Each prompt's (context, pooled) as the pipeline lays them out for one image: ([negative,] positive)."""
+    guidance = settings.guidance_scale > 1
+    return [pipe.conditioning(p, settings.negative_prompt, 1, guidance) for p in prompts]
+
+
+def generate_batch(pipe: SDXLPipeline, embeddings: list[tuple], seeds: Sequence[int],
+                   settings: Settings) -> torch.Tensor:
+    """One image per (embedding, seed), all in one batch: (B, H, W, 3) uint8."""
+    rows = embeddings[0][0].shape[0]  # 2 with guidance: negatives of all prompts first, then positives
+    context = torch.cat([e[0][g: g + 1] for g in range(rows) for e in embeddings])  # (rows * B, 77, 2048)
+    pooled = torch.cat([e[1][g: g + 1] for g in range(rows) for e in embeddings])  # (rows * B, 1280)
+    kwargs = {k: v for k, v in asdict(settings).items() if k != "negative_prompt"}
+    return pipe(None, num_images=len(seeds), generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                embeddings=(context, pooled), **kwargs)
+
+
+def image_path(out: Path, model: str, prompt_index: int, seed: int) -> Path:
+    return out / "images" / model / f"{prompt_index:03d}-{seed}.png"
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """metrics.statistics, without its few-images warning: check_counts gave it once, with the number needed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*give a singular")
+        return metrics.statistics(features)
+
+
+def score_features(reference: dict[str, np.ndarray], reference_stats: tuple, features: dict[str, np.ndarray],
+                   is_splits: int) -> dict:
+    """FID, KID (and IS when the features carry logits and there are enough images) of one model's images."""
+    generated = features[FID_DIMS]
+    result = {"fid": metrics.frechet_distance(*reference_stats, *gaussian_statistics(generated))}
+    subset = min(KID_SUBSET, len(reference[FID_DIMS]), len(generated))
+    result["kid"], result["kid_std"] = metrics.kid(reference[FID_DIMS], generated, subset_size=subset)
+    if "logits_unbiased" in features and len(generated) >= is_splits:
+        result["is"], result["is_std"] = metrics.inception_score(features["logits_unbiased"], splits=is_splits)
+    return result
+
+
+def paired_scores(out: Path, model: str, items: Sequence[tuple[int, int]]) -> dict:
+    """Mean PSNR and SSIM of a model's images against the base images of the same prompt and seed."""
+    psnrs, ssims = [], []
+    for p, s in items:
+        image, base = (np.asarray(open_rgb(image_path(out, m, p, s))) for m in (model, "base"))
+        psnrs.append(metrics.psnr(image, base))
+        ssims.append(metrics.ssim(image, base))
+    return {"psnr_vs_base": float(np.mean(psnrs)), "ssim_vs_base": float(np.mean(ssims))}
+
+
+# ----------------------------------------------------------------------------------------------------- output
+
+def markdown_table(rows: list[dict]) -> str:
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = ["| model | epoch | images | FID | KID x1e3 | IS | PSNR vs base (dB) | SSIM vs base |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kid = "-" if r.get("kid") is None else f"{r['kid'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}"
+        score = "-" if r.get("is") is None else f"{r['is']:.3f} ± {r['is_std']:.3f}"
+        psnr = "inf" if r["model"] != "base" and r.get("psnr_vs_base") is None else num(r.get("psnr_vs_base"), ".2f")
+        lines.append(f"| {r['model']} | {num(r.get('epoch'), 'd')} | {r['images']} | {num(r['fid'], '.2f')} | {kid} "
+                     f"| {score} | {psnr} | {num(r.get('ssim_vs_base'), '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def labelled_grid(cells: list[np.ndarray], names: Sequence[str], padding: int = 2) -> Image.Image:
+    """uint8 (H, W, 3) cells, row-major with one column per name, under a header naming the columns."""
+    grid = make_grid(torch.from_numpy(np.stack(cells)).permute(0, 3, 1, 2), nrow=len(names), padding=padding)
+    head = 18
+    image = Image.new("RGB", (grid.width, grid.height + head), "white")
+    image.paste(grid, (0, head))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=11)
+    width = cells[0].shape[1]
+    for i, name in enumerate(names):
+        draw.text((padding + i * (width + padding), 3), name[: max(4, width // 6)], fill="black", font=font)
+    return image
+
+
+def save_grids(out: Path, names: Sequence[str], prompt_count: int, seeds: Sequence[int]) -> list[Path]:
+    """One grid per seed: rows are prompts, columns models; cells shrunk to GRID_CELL pixels at most."""
+    paths = []
+    for seed in seeds:
+        cells = []
+        for p in range(prompt_count):
+            for name in names:
+                image = open_rgb(image_path(out, name, p, seed))
+                image.thumbnail((GRID_CELL, GRID_CELL))
+                cells.append(np.asarray(image))
+        paths.append(out / f"grid-seed{seed}.png")
+        save_png(labelled_grid(cells, names), paths[-1])
+    return paths
+
+
+def plot_fid_per_epoch(rows: list[dict], path: Path) -> bool:
+    """FID against epoch for the rows that know their epoch, with the base model's FID as a flat line."""
+    epochs = [(r["epoch"], r["fid"]) for r in rows if r.get("epoch") is not None]
+    if not epochs:
+        return False
+    xs, ys = zip(*epochs)
+    series = {"LoRA": (xs, ys)}
+    base = next(r["fid"] for r in rows if r["model"] == "base")
+    series["base"] = ((min(xs), max(xs)), (base, base))
+    plot_curves(series, path, title="FID per epoch (lower is closer to the reference)", xlabel="epoch", ylabel="FID")
+    return True
+
+
+def write_json(path: Path, report: dict) -> None:
+    with atomic_write(path, mode="w") as f:
+        json.dump(report, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prompts: str | os.PathLike,
+             reference: str | os.PathLike, out: str | os.PathLike = "outputs/eval", *, num_images: int = 1,
+             seed: int = 0, settings: Settings | None = None, batch_size: int = 4, max_prompts: int | None = None,
+             grid_prompts: int = 8, inception_weights: str | os.PathLike | None = None, is_splits: int = 10,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+    """The whole judgement (see the module docstring); returns the report written to results.json.
+
+    Everything that can be wrong is checked before the first image: settings, prompts, the reference folder and its
+    size, each LoRA against the model, the Inception weights.
+    """
+    settings = settings or Settings()
+    check_settings(settings.sampler, settings.steps, settings.height, settings.width, num_images)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    prompt_list = read_prompts(prompts, max_prompts)
+    reference = resolve_dataset(reference)
+    n_reference = len(list_images(reference))
+    rows = candidates(loras)
+    seeds = [seed + i for i in range(num_images)]
+    items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
+    pipe = model if isinstance(model, SDXLPipeline) else SDXLPipeline.from_pretrained(model, dtype, device)
+    touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
+    net = fid_inception.load_inception(inception_weights, device)
+    check_counts(n_reference, len(items), net.has_classifier, is_splits)
+    outputs = (FID_DIMS, "logits_unbiased") if net.has_classifier else (FID_DIMS,)
+    out = Path(out)
+
+    bar = tqdm(total=n_reference + len(rows) * len(items), unit="img", desc="eval", disable=not progress)
+    reference_features = metrics.extract_features(net, reference, (FID_DIMS,), progress=False)
+    reference_stats = gaussian_statistics(reference_features[FID_DIMS])
+    bar.update(n_reference)
+    base_embeddings = encode_prompts(pipe, prompt_list, settings)
+    report_rows = []
+    for row in rows:
+        bar.set_postfix_str(row.name)
+        if row.lora is not None:
+            pipe.add_lora(row.lora, row.multiplier)
+        embeddings = encode_prompts(pipe, prompt_list, settings) if touches_text[row.name] else base_embeddings
+        features: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+        for start in range(0, len(items), batch_size):
+            batch = items[start: start + batch_size]
+            images = generate_batch(pipe, [embeddings[p] for p, _ in batch], [s for _, s in batch], settings)
+            for (p, s), image in zip(batch, images.numpy()):
+                save_png(Image.fromarray(image), image_path(out, row.name, p, s))
+            measured = metrics.extract_features(net, list(images.numpy()), outputs, progress=False)
+            for name in outputs:
+                features[name].append(measured[name])
+            bar.update(len(batch))
+        if row.lora is not None:
+            for component in (pipe.sdxl.unet, pipe.sdxl.text_encoder, pipe.sdxl.text_encoder_2):
+                remove_lora(component, f"lora{pipe.loras}")
+        result = {"model": row.name, "lora": str(row.lora) if row.lora else None, "multiplier": row.multiplier,
+                  "epoch": row.epoch, "images": len(items), "text_encoder_lora": touches_text[row.name]}
+        result.update(score_features(reference_features.arrays, reference_stats,
+                                     {k: np.concatenate(v) for k, v in features.items()}, is_splits))
+        if row.lora is not None:
+            result.update(paired_scores(out, row.name, items))
+        report_rows.append({k: finite_or_none(v) if isinstance(v, float) else v for k, v in result.items()})
+    bar.close()
+
+    names = [r.name for r in rows]
+    grids = save_grids(out, names, min(grid_prompts, len(prompt_list)), seeds)
+    plotted = plot_fid_per_epoch(report_rows, out / "fid_per_epoch.png")
+    report = {"prompts": prompt_list, "seeds": seeds, "reference": {"folder": str(reference), "images": len(reference_features),
+                                                         "skipped": len(reference_features.skipped)},
+              "settings": asdict(settings), "inception_outputs": list(outputs), "is_splits": is_splits,
+              "rows": report_rows, "grids": [str(g) for g in grids],
+              "fid_per_epoch": str(out / "fid_per_epoch.png") if plotted else None}
+    write_json(out / "results.json", report)
+    with atomic_write(out / "results.md", mode="w") as f:
+        f.write(markdown_table(report_rows))
+    return report
