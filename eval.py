@@ -18,6 +18,7 @@ import torch
 
 from minigen.diffusion import SAMPLERS
 from minigen.evaluate import Settings, evaluate, markdown_table
+from minigen.inception import FEATURE_DIMS
 from minigen.io import CheckpointError
 from sample import DTYPES
 
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="images generated together (several prompts)")
     p.add_argument("--inception-weights", default=None,
                    help="FID Inception weights (default: minigen's cache or pytorch-fid's; see fid.py)")
+    p.add_argument("--dims", type=int, default=2048, choices=FEATURE_DIMS,
+                   help="Inception features for FID and KID (default 2048, the pool3 features of published FIDs)")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (needs that many images)")
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts (rows) shown in each grid")
     p.add_argument("--out", default="outputs/eval")
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     try:
         report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
                           seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
-                          grid_prompts=args.grid_prompts, inception_weights=args.inception_weights,
+                          grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
                           is_splits=args.is_splits, device=args.device, dtype=dtype)
     except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)

@@ -43,7 +43,7 @@ from .plot import make_grid, plot_curves, save_png
 from .sdxl.convert import unet_name_map
 from .sdxl.pipeline import SDXLPipeline, check_settings
 
-FID_DIMS = "2048"  # the pool3 features every published FID uses
+FID_DIMS = 2048  # the pool3 features every published FID uses; 64/192/768 are pytorch-fid's --dims options
 KID_SUBSET = 1000  # torch-fidelity's default subset size
 GRID_CELL = 256  # grid cells are shrunk to at most this many pixels a side
 
@@ -150,16 +150,16 @@ def lora_touches_text(pipe: SDXLPipeline, lora: Path) -> bool:
     return any(component != "unet" for component in parsed)
 
 
-def check_counts(n_reference: int, n_generated: int, can_score: bool, is_splits: int) -> None:
+def check_counts(n_reference: int, n_generated: int, dims: int, can_score: bool, is_splits: int) -> None:
     """Refuse counts no metric can use and warn, naming the number needed, when a metric will be unreliable."""
     smallest = min(n_reference, n_generated)
     if smallest < 2:
         raise ValueError(f"FID and KID need at least 2 images in each set; got {n_reference} reference and "
                          f"{n_generated} generated per model")
-    needed = int(FID_DIMS) + 1
+    needed = dims + 1
     if smallest < needed:
         warnings.warn(f"FID from {n_reference} reference and {n_generated} generated images per model: it needs at "
-                      f"least {needed} of each for a non-singular {FID_DIMS}x{FID_DIMS} covariance (and thousands to "
+                      f"least {needed} of each for a non-singular {dims}x{dims} covariance (and thousands to "
                       f"compare with published values); compare these FIDs only with each other", stacklevel=3)
     if smallest < KID_SUBSET:
         warnings.warn(f"KID subsets of {smallest} images instead of {KID_SUBSET}: fewer than {KID_SUBSET} "
@@ -205,13 +205,13 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return metrics.statistics(features)
 
 
-def score_features(reference: dict[str, np.ndarray], reference_stats: tuple, features: dict[str, np.ndarray],
+def score_features(reference: np.ndarray, reference_stats: tuple, features: dict[str, np.ndarray], dims: int,
                    is_splits: int) -> dict:
     """FID, KID (and IS when the features carry logits and there are enough images) of one model's images."""
-    generated = features[FID_DIMS]
+    generated = features[str(dims)]
     result = {"fid": metrics.frechet_distance(*reference_stats, *gaussian_statistics(generated))}
-    subset = min(KID_SUBSET, len(reference[FID_DIMS]), len(generated))
-    result["kid"], result["kid_std"] = metrics.kid(reference[FID_DIMS], generated, subset_size=subset)
+    subset = min(KID_SUBSET, len(reference), len(generated))
+    result["kid"], result["kid_std"] = metrics.kid(reference, generated, subset_size=subset)
     if "logits_unbiased" in features and len(generated) >= is_splits:
         result["is"], result["is_std"] = metrics.inception_score(features["logits_unbiased"], splits=is_splits)
     return result
@@ -295,7 +295,8 @@ def write_json(path: Path, report: dict) -> None:
 def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prompts: str | os.PathLike,
              reference: str | os.PathLike, out: str | os.PathLike = "outputs/eval", *, num_images: int = 1,
              seed: int = 0, settings: Settings | None = None, batch_size: int = 4, max_prompts: int | None = None,
-             grid_prompts: int = 8, inception_weights: str | os.PathLike | None = None, is_splits: int = 10,
+             grid_prompts: int = 8, inception_weights: str | os.PathLike | None = None, dims: int = FID_DIMS,
+             is_splits: int = 10,
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
     """The whole judgement (see the module docstring); returns the report written to results.json.
 
@@ -304,6 +305,8 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     """
     settings = settings or Settings()
     check_settings(settings.sampler, settings.steps, settings.height, settings.width, num_images)
+    if dims not in fid_inception.FEATURE_DIMS:
+        raise ValueError(f"dims must be one of {fid_inception.FEATURE_DIMS}, got {dims!r}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     prompt_list = read_prompts(prompts, max_prompts)
@@ -315,13 +318,13 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     pipe = model if isinstance(model, SDXLPipeline) else SDXLPipeline.from_pretrained(model, dtype, device)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     net = fid_inception.load_inception(inception_weights, device)
-    check_counts(n_reference, len(items), net.has_classifier, is_splits)
-    outputs = (FID_DIMS, "logits_unbiased") if net.has_classifier else (FID_DIMS,)
+    check_counts(n_reference, len(items), dims, net.has_classifier, is_splits)
+    outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)
     out = Path(out)
 
     bar = tqdm(total=n_reference + len(rows) * len(items), unit="img", desc="eval", disable=not progress)
-    reference_features = metrics.extract_features(net, reference, (FID_DIMS,), progress=False)
-    reference_stats = gaussian_statistics(reference_features[FID_DIMS])
+    reference_features = metrics.extract_features(net, reference, (str(dims),), progress=False)
+    reference_stats = gaussian_statistics(reference_features[str(dims)])
     bar.update(n_reference)
     base_embeddings = encode_prompts(pipe, prompt_list, settings)
     report_rows = []
@@ -345,8 +348,8 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
                 remove_lora(component, f"lora{pipe.loras}")
         result = {"model": row.name, "lora": str(row.lora) if row.lora else None, "multiplier": row.multiplier,
                   "epoch": row.epoch, "images": len(items), "text_encoder_lora": touches_text[row.name]}
-        result.update(score_features(reference_features.arrays, reference_stats,
-                                     {k: np.concatenate(v) for k, v in features.items()}, is_splits))
+        result.update(score_features(reference_features[str(dims)], reference_stats,
+                                     {k: np.concatenate(v) for k, v in features.items()}, dims, is_splits))
         if row.lora is not None:
             result.update(paired_scores(out, row.name, items))
         report_rows.append({k: finite_or_none(v) if isinstance(v, float) else v for k, v in result.items()})
@@ -357,7 +360,7 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     plotted = plot_fid_per_epoch(report_rows, out / "fid_per_epoch.png")
     report = {"prompts": prompt_list, "seeds": seeds, "reference": {"folder": str(reference), "images": len(reference_features),
                                                          "skipped": len(reference_features.skipped)},
-              "settings": asdict(settings), "inception_outputs": list(outputs), "is_splits": is_splits,
+              "settings": asdict(settings), "dims": dims, "is_splits": is_splits,
               "rows": report_rows, "grids": [str(g) for g in grids],
               "fid_per_epoch": str(out / "fid_per_epoch.png") if plotted else None}
     write_json(out / "results.json", report)
