@@ -94,3 +94,15 @@ gan-sample: $(RUNTIME) ## write N=1000 PNGs from GAN_RUN's checkpoint into GAN_R
 
 bench-gan: $(RUNTIME) ## DCGAN training images/s and FLOP/s vs this machine's matmul peak (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_gan.py $(BENCH_ARGS)
+
+# ---- evaluation (eval.py, issue 8) ------------------------------------------------------------------------------
+.PHONY: eval
+LORA      ?=
+PROMPTS   ?=
+REF       ?=
+EVAL_ARGS ?=
+eval: $(RUNTIME) ## base vs LoRAs: make eval MODEL=sdxl LORA="a.safetensors runs/lora/" PROMPTS=prompts.txt REF=met [EVAL_ARGS="--num 2"]
+	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
+	$(if $(PROMPTS),,$(error set PROMPTS=a prompt file (one a line) or a captioned dataset folder))
+	$(if $(REF),,$(error set REF=a reference image folder or built-in dataset (met, twemoji)))
+	$(BIN)/python eval.py --model "$(MODEL)" $(foreach l,$(LORA),--lora "$(l)") --prompts "$(PROMPTS)" --ref "$(REF)" $(EVAL_ARGS)
