@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from minigen.diffusion import SAMPLERS
 from minigen.evaluate import Settings, evaluate, markdown_table
 from minigen.inception import FEATURE_DIMS
 from minigen.io import CheckpointError
-from sample import DTYPES
+from sample import add_device_args, chosen_dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,21 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (needs that many images)")
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts (rows) shown in each grid")
     p.add_argument("--out", default="outputs/eval")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    add_device_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = Settings(args.steps, args.cfg, args.sampler, args.karras, args.height, args.width, args.negative)
-    dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
     try:
         report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
                           seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
                           grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
-                          is_splits=args.is_splits, device=args.device, dtype=dtype)
+                          is_splits=args.is_splits, device=args.device, dtype=chosen_dtype(args))
     except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2

@@ -42,18 +42,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA file and its multiplier (default 1); repeat to stack several")
+    add_device_args(p)
+    return p.parse_args(argv)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, shared with eval.py; `chosen_dtype(args)` resolves the default."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
-    return p.parse_args(argv)
+
+
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    return DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_settings(args.sampler, args.steps, args.height, args.width, args.num)  # before loading gigabytes
-        dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
-        pipe = SDXLPipeline.from_pretrained(args.model, dtype=dtype, device=args.device)
+        pipe = SDXLPipeline.from_pretrained(args.model, dtype=chosen_dtype(args), device=args.device)
         for spec in args.lora:
             pipe.add_lora(*parse_lora_spec(spec))
         seed = args.seed if args.seed is not None else random.randrange(2**32)

@@ -225,3 +225,10 @@ def test_small_reference_folder_warns_with_the_number_needed(files, tmp_path):
     with pytest.warns(UserWarning, match="needs at least 65 of each") as caught:
         run_evaluate(files, tmp_path, max_prompts=1, num_images=2)
     assert any("KID subsets of 2 images instead of 1000" in str(w.message) for w in caught)
+
+
+def test_pipeline_refuses_embeddings_of_the_wrong_batch():
+    pipe = SDXLPipeline.from_pretrained(tiny_folder())
+    context, pooled = pipe.conditioning("a cat", None, 1, guidance=True)  # 2 rows: negative, positive
+    with pytest.raises(ValueError, match="embeddings of 2 and 2 rows do not fit 2 images with guidance"):
+        pipe(None, num_images=2, steps=1, height=SIZE, width=SIZE, embeddings=(context, pooled))
