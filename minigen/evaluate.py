@@ -252,13 +252,16 @@ def labelled_grid(cells: list[np.ndarray], names: Sequence[str], padding: int = 
     image.paste(grid, (0, head))
     draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=11)
     width = cells[0].shape[1]
+    fits = max(4, width // 6)  # characters of the 11-pixel font in one cell
     for i, name in enumerate(names):
-        draw.text((padding + i * (width + padding), 3), name[: max(4, width // 6)], fill="black", font=font)
+        shown = name if len(name) <= fits else ".." + name[-(fits - 2):]  # the end tells checkpoints apart
+        draw.text((padding + i * (width + padding), 3), shown, fill="black", font=font)
     return image
 
 
 def save_grids(out: Path, names: Sequence[str], prompt_count: int, seeds: Sequence[int]) -> list[Path]:
-    """One grid per seed: rows are prompts, columns models; cells shrunk to GRID_CELL pixels at most."""
+    """One grid per seed: rows are prompts, columns models (named in a header); cells shrunk to GRID_CELL pixels at
+    most. The prompts are in results.md/json in row order."""
     paths = []
     for seed in seeds:
         cells = []
@@ -355,8 +358,7 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
         report_rows.append({k: finite_or_none(v) if isinstance(v, float) else v for k, v in result.items()})
     bar.close()
 
-    names = [r.name for r in rows]
-    grids = save_grids(out, names, min(grid_prompts, len(prompt_list)), seeds)
+    grids = save_grids(out, [r.name for r in rows], min(grid_prompts, len(prompt_list)), seeds)
     plotted = plot_fid_per_epoch(report_rows, out / "fid_per_epoch.png")
     report = {"prompts": prompt_list, "seeds": seeds, "reference": {"folder": str(reference), "images": len(reference_features),
                                                          "skipped": len(reference_features.skipped)},
@@ -365,5 +367,6 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
               "fid_per_epoch": str(out / "fid_per_epoch.png") if plotted else None}
     write_json(out / "results.json", report)
     with atomic_write(out / "results.md", mode="w") as f:
-        f.write(markdown_table(report_rows))
+        f.write(markdown_table(report_rows) + "\nPrompts (the grids' rows), seeds " + ", ".join(map(str, seeds))
+                + ":\n\n" + "".join(f"{i + 1}. {p}\n" for i, p in enumerate(prompt_list)))
     return report

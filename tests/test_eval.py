@@ -104,7 +104,7 @@ def test_one_row_per_model_and_all_outputs(report):
     assert [r["epoch"] for r in rep["rows"]] == [None, 1, 2, None]
     assert [r["text_encoder_lora"] for r in rep["rows"]] == [False, False, False, True]
     table = (out / "results.md").read_text().splitlines()
-    assert len(table) == 2 + 4 and table[2].startswith("| base |")
+    assert table[2].startswith("| base |") and table[6] == "" and table[-1] == f"2. {PROMPTS[1]}"
     for seed in (SEED, SEED + 1):  # rows: prompts, columns: models, under a header
         grid = Image.open(out / f"grid-seed{seed}.png")
         assert grid.size == (2 + 4 * (SIZE + 2), 18 + 2 + 2 * (SIZE + 2))
