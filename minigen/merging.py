@@ -1,0 +1,286 @@
+"""Checkpoint merging that streams: peak memory is a few tensors, never whole models.
+
+Methods (per tensor, computed in fp32, then cast to the output dtype):
+    weighted sum     theta = (1 - alpha) * A + alpha * B          (seed 004)
+    add difference   theta = A + alpha * (B - C)                 (moves A by the change that turned C into B)
+
+Components are told apart by the single-file key prefixes: `first_stage_model.` is the VAE (copied from A by
+default, as seed 004 does: merged VAEs make anime models worse), `conditioner.embedders.` / `cond_stage_model.` are the
+text encoders (merged unless skipped), `model.diffusion_model.` is the UNet (optionally with one alpha per input,
+middle and output blocks). Everything else (EMA copies, schedule buffers, integer position ids) is copied from A.
+
+The whole plan is made from the inputs' headers before a byte is written, so every bad input (truncated file, shape
+mismatch under `strict`, output over an input, too little disk) fails before there is an output; the output itself
+appears only when it is complete (`SafetensorsWriter` writes a temporary file and renames it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header
+
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")
+UNET_PREFIX = "model.diffusion_model."
+UNET_BLOCKS = {"input_blocks.": "input", "middle_block.": "middle", "output_blocks.": "output"}
+
+CHUNK = 1 << 22  # elements computed at once: bounds the fp32 temporaries of the largest tensors (~16 MB each)
+
+
+class MergeWarning(UserWarning):
+    """Something the merge worked around (missing keys, skipped shapes, alpha outside [0, 1])."""
+
+
+@dataclass
+class MergeRecipe:
+    method: str = "weighted_sum"  # or "add_difference"
+    alpha: float = 0.5
+    block_alphas: tuple[float, float, float] | None = None  # UNet input, middle, output blocks; others use alpha
+    vae: str = "copy"  # "copy" (from A), "merge", or the path of a VAE file to put in
+    merge_text_encoders: bool = True
+    dtype: str | None = None  # "fp16", "bf16", "fp32"; None keeps each tensor's dtype from A
+
+
+OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class MergeReport:
+    merged: int = 0
+    copied: int = 0
+    missing: dict[str, list[str]] = field(default_factory=dict)  # input name -> keys of A it lacks (A's copy kept)
+    shape_mismatches: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, A's shape, other's shape)
+    output_bytes: int = 0
+
+
+class TensorFile:
+    """A safetensors file read one tensor at a time with plain file reads.
+
+    Not `safe_open`: it memory-maps the file, and every page of a mapping once touched counts as resident memory of
+    this process until the kernel needs it back, so a merge would appear to hold both inputs whole.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.header, self.metadata = read_header(self.path)  # raises CheckpointError on a truncated file
+        self.file = open(self.path, "rb", buffering=0)
+        (header_len,) = struct.unpack("<Q", self.file.read(8))
+        self.data_start = 8 + header_len
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self.header[key]["dtype"]]
+
+    def get(self, key: str) -> torch.Tensor:
+        start, end = self.header[key]["data_offsets"]
+        if end == start:  # torch.frombuffer refuses an empty buffer
+            return torch.empty(self.shape(key), dtype=self.dtype(key))
+        buf = bytearray(end - start)
+        self.file.seek(self.data_start + start)
+        if self.file.readinto(buf) != len(buf):
+            raise CheckpointError(f"{self.path}: truncated while reading {key}")
+        return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(self.shape(key))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
+    """SHA-256 of a whole file, read in 16 MB pieces (the hash A1111 and civitai show for a model)."""
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(chunk_bytes))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
+    return h.hexdigest()
+
+
+def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (1 - alpha) * a + alpha * b
+
+
+def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float) -> torch.Tensor:
+    return a + alpha * (b - c)
+
+
+METHODS = {"weighted_sum": (weighted_sum, 2), "add_difference": (add_difference, 3)}  # formula, number of inputs
+
+
+def component(key: str) -> str:
+    """'vae', 'text', 'unet' or 'other' from a single-file key."""
+    if key.startswith(VAE_PREFIX):
+        return "vae"
+    if key.startswith(TEXT_PREFIXES):
+        return "text"
+    if key.startswith(UNET_PREFIX):
+        return "unet"
+    return "other"
+
+
+def alpha_for(key: str, recipe: MergeRecipe) -> float:
+    """The recipe's alpha, or its block alpha for keys inside the UNet's input, middle or output blocks."""
+    if recipe.block_alphas is not None and key.startswith(UNET_PREFIX):
+        rest = key[len(UNET_PREFIX):]
+        for prefix, i in zip(UNET_BLOCKS, range(3)):
+            if rest.startswith(prefix):
+                return recipe.block_alphas[i]
+    return recipe.alpha
+
+
+@dataclass
+class _Step:
+    key: str
+    sources: list[tuple[TensorFile, str]]  # (file, key in it): one source is a copy, several are a merge
+    alpha: float = 0.0
+
+
+def _plan(files: list[TensorFile], vae_file: TensorFile | None, recipe: MergeRecipe, strict: bool,
+          report: MergeReport) -> list[_Step]:
+    """Decide, from the headers only, where each of A's tensors comes from."""
+    a, others = files[0], files[1:]
+    steps = []
+    for key in a.keys():
+        kind = component(key)
+        if vae_file is not None and kind == "vae":
+            # A VAE file holds the VAE's own keys, with or without the single-file prefix.
+            vae_key = key if key in vae_file.header else key[len(VAE_PREFIX):]
+            candidates = [(vae_file, vae_key)]
+        elif (not a.dtype(key).is_floating_point or kind == "other" or (kind == "vae" and recipe.vae == "copy")
+              or (kind == "text" and not recipe.merge_text_encoders)):
+            candidates = []
+        else:
+            candidates = [(f, key) for f in others]
+        usable = True
+        for f, k in candidates:
+            if k not in f.header:
+                report.missing.setdefault(str(f.path), []).append(key)
+                usable = False
+            elif f.shape(k) != a.shape(key):
+                report.shape_mismatches.append((key, a.shape(key), f.shape(k)))
+                usable = False
+        if not usable or not candidates:
+            steps.append(_Step(key, [(a, key)]))
+        elif vae_file is not None and kind == "vae":
+            steps.append(_Step(key, candidates))
+        else:
+            steps.append(_Step(key, [(a, key)] + candidates, alpha_for(key, recipe)))
+    if strict and report.shape_mismatches:
+        listed = "\n  ".join(f"{k}: {sa} vs {sb}" for k, sa, sb in report.shape_mismatches[:20])
+        raise CheckpointError(f"{len(report.shape_mismatches)} tensors differ in shape (strict mode):\n  {listed}")
+    return steps
+
+
+def _check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
+    for p in inputs:
+        if out.resolve() == p.resolve() or (out.exists() and os.path.samefile(out, p)):
+            raise ValueError(f"output {out} is one of the inputs; refusing to overwrite it")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < nbytes:
+        raise OSError(f"not enough free disk for {out}: needs {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+
+def _merge_tensor(step: _Step, formula, out_dtype: torch.dtype) -> torch.Tensor:
+    """formula(inputs..., alpha) over CHUNK elements at a time, so fp32 temporaries stay small."""
+    inputs = [f.get(k).reshape(-1) for f, k in step.sources]  # each (N,)
+    out = torch.empty(inputs[0].shape, dtype=out_dtype)
+    for i in range(0, out.numel(), CHUNK):
+        out[i:i + CHUNK] = formula(*(t[i:i + CHUNK].float() for t in inputs), step.alpha)
+    return out.reshape(step.sources[0][0].shape(step.key))
+
+
+def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike,
+                      recipe: MergeRecipe | None = None, c: str | os.PathLike | None = None,
+                      strict: bool = False, progress: bool = True) -> MergeReport:
+    """Merge single-file safetensors checkpoints A and B (and C for add difference) into `out`, streaming.
+
+    The output has A's keys in A's order. Keys of A missing in another input, or of another shape there, keep A's
+    tensor (a MergeWarning counts them; `strict` makes a shape mismatch an error). Returns what was done.
+    """
+    recipe = recipe or MergeRecipe()
+    if recipe.method not in METHODS:
+        raise ValueError(f"unknown merge method {recipe.method!r}; choose from {sorted(METHODS)}")
+    formula, n_inputs = METHODS[recipe.method]
+    paths = [Path(p) for p in (a, b, c)[:n_inputs] if p is not None]
+    if len(paths) != n_inputs:
+        raise ValueError(f"{recipe.method} needs {n_inputs} checkpoints (A, B{', C' if n_inputs == 3 else ''})")
+    if recipe.dtype is not None and recipe.dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown output dtype {recipe.dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
+    for value in (recipe.alpha, *(recipe.block_alphas or ())):
+        if not 0 <= value <= 1:
+            warnings.warn(f"alpha {value} is outside [0, 1]: the merge extrapolates beyond its inputs",
+                          MergeWarning, stacklevel=2)
+    out = Path(out)
+    vae_path = None if recipe.vae in ("copy", "merge") else Path(recipe.vae)
+
+    files = [TensorFile(p) for p in paths]
+    vae_file = TensorFile(vae_path) if vae_path is not None else None
+    try:
+        report = MergeReport()
+        steps = _plan(files, vae_file, recipe, strict, report)
+        specs = {}
+        for s in steps:
+            src, key = s.sources[0]
+            dtype = src.dtype(key)
+            if recipe.dtype is not None and dtype.is_floating_point:
+                dtype = OUTPUT_DTYPES[recipe.dtype]
+            specs[s.key] = (src.shape(key), dtype)
+        report.output_bytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs.values())
+        all_inputs = paths + ([vae_path] if vae_path else [])
+        _check_output(out, all_inputs, report.output_bytes + (1 << 20))  # + room for the header
+        _warn_about(report)
+
+        # Hashed before merging because the header, metadata included, is written first.
+        hashes = {str(p): sha256_file(p) for p in tqdm(all_inputs, desc="sha256", disable=not progress)}
+        metadata = dict(files[0].metadata)
+        metadata["sd_merge_recipe"] = json.dumps({"type": "minigen", **asdict(recipe)})
+        roles = ["A", "B", "C"][:n_inputs] + (["VAE"] if vae_path else [])
+        # A1111's merger writes these two keys too, so its UI shows where a merged model came from.
+        metadata["sd_merge_models"] = json.dumps(
+            {hashes[str(p)]: {"name": p.name, "role": role} for p, role in zip(all_inputs, roles)})
+
+        bar = tqdm(total=report.output_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress)
+        with SafetensorsWriter(out, specs, metadata) as writer:
+            for s in steps:
+                dtype = specs[s.key][1]
+                if len(s.sources) == 1:
+                    tensor = s.sources[0][0].get(s.sources[0][1]).to(dtype)
+                    report.copied += 1
+                else:
+                    tensor = _merge_tensor(s, formula, dtype)
+                    report.merged += 1
+                writer.write(s.key, tensor)
+                bar.update(tensor.numel() * dtype.itemsize)
+        bar.close()
+        return report
+    finally:
+        for f in files + ([vae_file] if vae_file else []):
+            f.close()
+
+
+def _warn_about(report: MergeReport) -> None:
+    for path, keys in report.missing.items():
+        warnings.warn(f"{len(keys)} tensors of A are missing in {path}; A's tensors are kept "
+                      f"(first: {keys[0]})", MergeWarning, stacklevel=3)
+    if report.shape_mismatches:
+        key, sa, sb = report.shape_mismatches[0]
+        warnings.warn(f"{len(report.shape_mismatches)} tensors differ in shape and keep A's tensor "
+                      f"(first: {key}: {sa} vs {sb})", MergeWarning, stacklevel=3)

@@ -1,0 +1,228 @@
+"""minigen.merging: each method equals its formula tensor by tensor; components, recipe metadata and bad input."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minigen import merging
+from minigen.io import CheckpointError, save_safetensors
+from minigen.merging import MergeRecipe, MergeWarning, merge_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small single-file checkpoint: every component, a UNet key in each block group, an integer buffer, an "other" key.
+SHAPES = {
+    "model.diffusion_model.time_embed.0.weight": (8, 4),
+    "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (8, 4, 3, 3),
+    "model.diffusion_model.middle_block.1.proj_in.weight": (8, 8),
+    "model.diffusion_model.output_blocks.2.1.norm.bias": (8,),
+    "first_stage_model.decoder.conv_in.weight": (4, 4, 3, 3),
+    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (10, 6),
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 5),
+    "conditioner.embedders.1.model.ln_final.weight": (6,),
+    "model_ema.decay": (),
+}
+UNET_IN, UNET_MID, UNET_OUT = (f"model.diffusion_model.{k}" for k in (
+    "input_blocks.1.0.in_layers.2.weight", "middle_block.1.proj_in.weight", "output_blocks.2.1.norm.bias"))
+TIME = "model.diffusion_model.time_embed.0.weight"
+VAE = "first_stage_model.decoder.conv_in.weight"
+TEXT = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+POS_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+
+
+def make_checkpoint(path, seed, dtype=torch.float16, drop=(), reshape=None):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in SHAPES.items():
+        if key in drop:
+            continue
+        shape = (reshape or {}).get(key, shape)
+        if key == POS_IDS:
+            tensors[key] = torch.arange(5).reshape(1, 5)
+        else:
+            tensors[key] = torch.randn(shape, generator=g).to(dtype)
+    save_safetensors(tensors, path, metadata={"modelspec.architecture": "test"})
+    return tensors
+
+
+@pytest.fixture
+def abc(tmp_path):
+    paths = [tmp_path / f"{n}.safetensors" for n in "abc"]
+    return [make_checkpoint(p, seed) for seed, p in enumerate(paths)], paths
+
+
+def merge(*args, **kw):
+    return merge_checkpoints(*args, progress=False, **kw)
+
+
+def test_weighted_sum_equals_formula_vae_and_others_copied(abc, tmp_path):
+    (a, b, _), (pa, pb, _) = abc
+    out = tmp_path / "out.safetensors"
+    report = merge(pa, pb, out, MergeRecipe(alpha=0.3))
+    got = load_file(str(out))  # the reference reader opens the streamed file
+    assert list(got) == list(a)  # A's keys, in A's order
+    for key in (TIME, UNET_IN, UNET_MID, UNET_OUT, TEXT, "conditioner.embedders.1.model.ln_final.weight"):
+        want = (0.7 * a[key].float() + 0.3 * b[key].float()).half()
+        # computed in fp32 then rounded once to fp16: equal up to one fp16 rounding step
+        torch.testing.assert_close(got[key], want, rtol=1e-3, atol=1e-3)
+        assert got[key].dtype == torch.float16
+    assert torch.equal(got[VAE], a[VAE])  # seed 004: the VAE is left out of the merge
+    assert torch.equal(got[POS_IDS], a[POS_IDS]) and got[POS_IDS].dtype == torch.int64
+    assert torch.equal(got["model_ema.decay"], a["model_ema.decay"])
+    assert report.merged == 6 and report.copied == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors",
+                                                         "out.safetensors"]
+
+
+def test_add_difference_block_alphas_and_dtype(abc, tmp_path):
+    (a, b, c), (pa, pb, pc) = abc
+    out = tmp_path / "out.safetensors"
+    recipe = MergeRecipe(method="add_difference", alpha=0.5, block_alphas=(0.1, 0.6, 0.9), vae="merge",
+                         dtype="fp32")
+    merge(pa, pb, out, recipe, c=pc)
+    got = load_file(str(out))
+    for key, alpha in ((UNET_IN, 0.1), (UNET_MID, 0.6), (UNET_OUT, 0.9), (TIME, 0.5), (TEXT, 0.5), (VAE, 0.5)):
+        want = a[key].float() + alpha * (b[key].float() - c[key].float())
+        torch.testing.assert_close(got[key], want, rtol=0, atol=1e-6)  # fp32 throughout: only fp32 rounding
+        assert got[key].dtype == torch.float32
+    assert got[POS_IDS].dtype == torch.int64  # integer buffers keep their dtype
+
+
+def test_skip_text_encoders_and_vae_from_file(abc, tmp_path):
+    (a, b, _), (pa, pb, _) = abc
+    vae_path = tmp_path / "vae.safetensors"
+    new_vae = torch.randn(4, 4, 3, 3).half()
+    save_safetensors({"decoder.conv_in.weight": new_vae}, vae_path)  # a standalone VAE file has no prefix
+    out = tmp_path / "out.safetensors"
+    merge(pa, pb, out, MergeRecipe(vae=str(vae_path), merge_text_encoders=False))
+    got = load_file(str(out))
+    assert torch.equal(got[VAE], new_vae)
+    assert torch.equal(got[TEXT], a[TEXT])
+    assert not torch.equal(got[TIME], a[TIME])
+
+
+def test_recipe_metadata_records_inputs_and_sha256(abc, tmp_path):
+    _, (pa, pb, _) = abc
+    out = tmp_path / "out.safetensors"
+    merge(pa, pb, out, MergeRecipe(alpha=0.25))
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta["sd_merge_recipe"])
+    assert recipe["method"] == "weighted_sum" and recipe["alpha"] == 0.25 and recipe["vae"] == "copy"
+    models = json.loads(meta["sd_merge_models"])
+    for path, role in ((pa, "A"), (pb, "B")):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert models[digest] == {"name": path.name, "role": role}
+    assert meta["modelspec.architecture"] == "test"  # A's own metadata is kept
+
+
+def test_missing_keys_in_b_copied_from_a_with_warning(tmp_path):
+    a = make_checkpoint(tmp_path / "a.safetensors", 0)
+    make_checkpoint(tmp_path / "b.safetensors", 1, drop=(UNET_MID, TEXT))
+    out = tmp_path / "out.safetensors"
+    with pytest.warns(MergeWarning, match="2 tensors of A are missing"):
+        report = merge(tmp_path / "a.safetensors", tmp_path / "b.safetensors", out)
+    assert sorted(report.missing[str(tmp_path / "b.safetensors")]) == sorted([UNET_MID, TEXT])
+    got = load_file(str(out))
+    assert torch.equal(got[UNET_MID], a[UNET_MID]) and torch.equal(got[TEXT], a[TEXT])
+
+
+def test_shape_mismatch_skipped_or_strict_error(tmp_path):
+    a = make_checkpoint(tmp_path / "a.safetensors", 0)
+    make_checkpoint(tmp_path / "b.safetensors", 1, reshape={TIME: (8, 5)})
+    out = tmp_path / "out.safetensors"
+    with pytest.warns(MergeWarning, match="1 tensors differ in shape"):
+        report = merge(tmp_path / "a.safetensors", tmp_path / "b.safetensors", out)
+    assert report.shape_mismatches == [(TIME, (8, 4), (8, 5))]
+    assert torch.equal(load_file(str(out))[TIME], a[TIME])
+    out.unlink()
+    with pytest.raises(CheckpointError, match=r"strict.*\n.*time_embed.0.weight: \(8, 4\) vs \(8, 5\)"):
+        merge(tmp_path / "a.safetensors", tmp_path / "b.safetensors", out, strict=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # nothing partial
+
+
+def test_alpha_outside_unit_interval_warns_but_merges(abc, tmp_path):
+    (a, b, _), (pa, pb, _) = abc
+    with pytest.warns(MergeWarning, match="alpha 1.5 is outside"):
+        merge(pa, pb, tmp_path / "out.safetensors", MergeRecipe(alpha=1.5, dtype="fp32"))
+    got = load_file(str(tmp_path / "out.safetensors"))
+    torch.testing.assert_close(got[TIME], -0.5 * a[TIME].float() + 1.5 * b[TIME].float(), rtol=0, atol=1e-6)
+
+
+def test_output_equal_to_input_refused(abc):
+    _, (pa, pb, _) = abc
+    before = pa.read_bytes()
+    with pytest.raises(ValueError, match="is one of the inputs"):
+        merge(pa, pb, pa)
+    with pytest.raises(ValueError, match="is one of the inputs"):
+        merge(pa, pb, pa.parent / "." / pb.name)
+    assert pa.read_bytes() == before
+
+
+def test_truncated_input_refused_before_writing(abc, tmp_path):
+    _, (pa, pb, _) = abc
+    data = pb.read_bytes()
+    pb.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        merge(pa, pb, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_too_little_disk_checked_before_writing(abc, tmp_path, monkeypatch):
+    _, (pa, pb, _) = abc
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(merging.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(OSError, match="not enough free disk"):
+        merge(pa, pb, tmp_path / "sub" / "out.safetensors")
+    assert not (tmp_path / "sub").exists() or not list((tmp_path / "sub").iterdir())
+
+
+def test_interrupted_merge_leaves_no_partial_file(abc, tmp_path, monkeypatch):
+    _, (pa, pb, _) = abc
+    calls = []
+
+    def failing(a, b, alpha):  # fails on the third merged tensor, after the header and two tensors were written
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return merging.weighted_sum(a, b, alpha)
+
+    monkeypatch.setitem(merging.METHODS, "weighted_sum", (failing, 2))
+    with pytest.raises(KeyboardInterrupt):
+        merge(pa, pb, tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
+
+
+def test_large_tensor_is_computed_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(merging, "CHUNK", 7)  # several chunks, the last one partial
+    g = torch.Generator().manual_seed(3)
+    a = {UNET_IN: torch.randn(5, 9, generator=g)}
+    b = {UNET_IN: torch.randn(5, 9, generator=g)}
+    save_safetensors(a, tmp_path / "a.safetensors")
+    save_safetensors(b, tmp_path / "b.safetensors")
+    merge(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "o.safetensors", MergeRecipe(alpha=0.4))
+    torch.testing.assert_close(load_file(str(tmp_path / "o.safetensors"))[UNET_IN], 0.6 * a[UNET_IN] + 0.4 * b[UNET_IN],
+                               rtol=0, atol=1e-6)
+
+
+def test_cli(abc, tmp_path):
+    (a, b, _), (pa, pb, _) = abc
+    out = tmp_path / "cli.safetensors"
+    run = subprocess.run([sys.executable, str(ROOT / "merge.py"), str(pa), str(pb), "-o", str(out), "--alpha", "0.3",
+                          "--block-alphas", "0,0,1", "--dtype", "fp32"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "6 tensors merged, 3 copied" in run.stdout
+    got = load_file(str(out))
+    assert torch.equal(got[UNET_IN], a[UNET_IN].float()) and torch.equal(got[UNET_OUT], b[UNET_OUT].float())
+    bad = subprocess.run([sys.executable, str(ROOT / "merge.py"), str(pa), str(pb), "-o", str(pa)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "is one of the inputs" in bad.stderr
