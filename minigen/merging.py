@@ -22,6 +22,7 @@ import os
 import shutil
 import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")
 UNET_PREFIX = "model.diffusion_model."
 UNET_BLOCKS = {"input_blocks.": "input", "middle_block.": "middle", "output_blocks.": "output"}
 
-CHUNK = 1 << 22  # elements computed at once: bounds the fp32 temporaries of the largest tensors (~16 MB each)
+CHUNK = 1 << 20  # elements read and computed at once: fp32 temporaries of 4 MB, whatever the tensor's size
 
 
 class MergeWarning(UserWarning):
@@ -88,14 +89,21 @@ class TensorFile:
         return DTYPES[self.header[key]["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
-        start, end = self.header[key]["data_offsets"]
-        if end == start:  # torch.frombuffer refuses an empty buffer
-            return torch.empty(self.shape(key), dtype=self.dtype(key))
-        buf = bytearray(end - start)
-        self.file.seek(self.data_start + start)
-        if self.file.readinto(buf) != len(buf):
+        return self.get_flat(key).reshape(self.shape(key))
+
+    def get_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, as a 1-D tensor, reading only their bytes."""
+        dtype = self.dtype(key)
+        first, end = self.header[key]["data_offsets"]
+        size = dtype.itemsize
+        stop = (end - first) // size if stop is None else stop
+        out = torch.empty(stop - start, dtype=dtype)
+        if out.numel() == 0:
+            return out
+        self.file.seek(self.data_start + first + start * size)
+        if self.file.readinto(out.view(torch.uint8).numpy()) != out.numel() * size:
             raise CheckpointError(f"{self.path}: truncated while reading {key}")
-        return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(self.shape(key))
+        return out
 
     def close(self) -> None:
         self.file.close()
@@ -112,11 +120,12 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
 
 
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    return (1 - alpha) * a + alpha * b
+    """(1 - alpha) * a + alpha * b, as one lerp kernel (a + alpha * (b - a)): the same up to float rounding, faster."""
+    return torch.lerp(a, b, alpha)
 
 
 def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float) -> torch.Tensor:
-    return a + alpha * (b - c)
+    return a.add(b - c, alpha=alpha)  # a + alpha * (b - c)
 
 
 METHODS = {"weighted_sum": (weighted_sum, 2), "add_difference": (add_difference, 3)}  # formula, number of inputs
@@ -199,12 +208,13 @@ def _check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
 
 
 def _merge_tensor(step: _Step, formula, out_dtype: torch.dtype) -> torch.Tensor:
-    """formula(inputs..., alpha) over CHUNK elements at a time, so fp32 temporaries stay small."""
-    inputs = [f.get(k).reshape(-1) for f, k in step.sources]  # each (N,)
-    out = torch.empty(inputs[0].shape, dtype=out_dtype)
+    """formula(inputs..., alpha), reading and computing CHUNK elements at a time: only the output is held whole."""
+    shape = step.sources[0][0].shape(step.key)
+    out = torch.empty(shape, dtype=out_dtype).reshape(-1)  # (N,)
     for i in range(0, out.numel(), CHUNK):
-        out[i:i + CHUNK] = formula(*(t[i:i + CHUNK].float() for t in inputs), step.alpha)
-    return out.reshape(step.sources[0][0].shape(step.key))
+        j = min(i + CHUNK, out.numel())
+        out[i:j] = formula(*(f.get_flat(k, i, j).float() for f, k in step.sources), step.alpha)
+    return out.reshape(shape)
 
 
 def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike,
@@ -230,50 +240,63 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
                           MergeWarning, stacklevel=2)
     out = Path(out)
     vae_path = None if recipe.vae in ("copy", "merge") else Path(recipe.vae)
+    inputs = dict(zip(["A", "B", "C"], paths)) | ({"VAE": vae_path} if vae_path else {})  # role -> path
 
     files = [TensorFile(p) for p in paths]
     vae_file = TensorFile(vae_path) if vae_path is not None else None
     try:
         report = MergeReport()
         steps = _plan(files, vae_file, recipe, strict, report)
-        specs = {}
-        for s in steps:
-            src, key = s.sources[0]
-            dtype = src.dtype(key)
-            if recipe.dtype is not None and dtype.is_floating_point:
-                dtype = OUTPUT_DTYPES[recipe.dtype]
-            specs[s.key] = (src.shape(key), dtype)
+        specs = _output_specs(steps, recipe)
         report.output_bytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs.values())
-        all_inputs = paths + ([vae_path] if vae_path else [])
-        _check_output(out, all_inputs, report.output_bytes + (1 << 20))  # + room for the header
+        _check_output(out, list(inputs.values()), report.output_bytes + (1 << 20))  # + room for the header
         _warn_about(report)
 
-        # Hashed before merging because the header, metadata included, is written first.
-        hashes = {str(p): sha256_file(p) for p in tqdm(all_inputs, desc="sha256", disable=not progress)}
-        metadata = dict(files[0].metadata)
-        metadata["sd_merge_recipe"] = json.dumps({"type": "minigen", **asdict(recipe)})
-        roles = ["A", "B", "C"][:n_inputs] + (["VAE"] if vae_path else [])
-        # A1111's merger writes these two keys too, so its UI shows where a merged model came from.
-        metadata["sd_merge_models"] = json.dumps(
-            {hashes[str(p)]: {"name": p.name, "role": role} for p, role in zip(all_inputs, roles)})
-
+        # The header, metadata included, is written first, but a digest needs a full read of its file: hash in
+        # background threads while merging, and fill the digests in over placeholders of their length at the end.
         bar = tqdm(total=report.output_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress)
-        with SafetensorsWriter(out, specs, metadata) as writer:
-            for s in steps:
-                dtype = specs[s.key][1]
-                if len(s.sources) == 1:
-                    tensor = s.sources[0][0].get(s.sources[0][1]).to(dtype)
-                    report.copied += 1
-                else:
-                    tensor = _merge_tensor(s, formula, dtype)
-                    report.merged += 1
-                writer.write(s.key, tensor)
-                bar.update(tensor.numel() * dtype.itemsize)
+        with ThreadPoolExecutor(len(inputs)) as pool:
+            digests = {role: pool.submit(sha256_file, p) for role, p in inputs.items()}
+            placeholders = {role: str(i).zfill(64) for i, role in enumerate(inputs)}  # distinct: digests are keys
+            with SafetensorsWriter(out, specs, _metadata(files[0], recipe, inputs, placeholders)) as writer:
+                for s in steps:
+                    dtype = specs[s.key][1]
+                    if len(s.sources) == 1:
+                        tensor = s.sources[0][0].get(s.sources[0][1]).to(dtype)
+                        report.copied += 1
+                    else:
+                        tensor = _merge_tensor(s, formula, dtype)
+                        report.merged += 1
+                    writer.write(s.key, tensor)
+                    bar.update(tensor.numel() * dtype.itemsize)
+                digests = {role: d.result() for role, d in digests.items()}
+                writer.rewrite_metadata(_metadata(files[0], recipe, inputs, digests))
         bar.close()
         return report
     finally:
         for f in files + ([vae_file] if vae_file else []):
             f.close()
+
+
+def _output_specs(steps: list[_Step], recipe: MergeRecipe) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{key: (shape, dtype)} of the output: the recipe's dtype for float tensors, else the source's own."""
+    specs = {}
+    for s in steps:
+        src, key = s.sources[0]
+        dtype = src.dtype(key)
+        if recipe.dtype is not None and dtype.is_floating_point:
+            dtype = OUTPUT_DTYPES[recipe.dtype]
+        specs[s.key] = (src.shape(key), dtype)
+    return specs
+
+
+def _metadata(a: TensorFile, recipe: MergeRecipe, inputs: dict[str, Path], digests: dict[str, str]) -> dict[str, str]:
+    """A's metadata plus the recipe. A1111's merger writes these two keys too, so its UI shows a merge's sources."""
+    metadata = dict(a.metadata)
+    metadata["sd_merge_recipe"] = json.dumps({"type": "minigen", **asdict(recipe)})
+    metadata["sd_merge_models"] = json.dumps(
+        {digests[role]: {"name": p.name, "role": role} for role, p in inputs.items()})
+    return metadata
 
 
 def _warn_about(report: MergeReport) -> None:

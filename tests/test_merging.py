@@ -226,3 +226,16 @@ def test_cli(abc, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "merge.py"), str(pa), str(pb), "-o", str(pa)],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "is one of the inputs" in bad.stderr
+
+
+def test_writer_rewrites_metadata_only_at_the_same_length(tmp_path):
+    # merging fills the inputs' digests in over placeholders this way, after the tensors are written
+    from minigen.io import SafetensorsWriter, load_safetensors
+    path = tmp_path / "m.safetensors"
+    with SafetensorsWriter(path, {"x": ((2,), torch.float32)}, {"digest": "0" * 8}) as w:
+        w.write("x", torch.ones(2))
+        with pytest.raises(ValueError, match="changes the header length"):
+            w.rewrite_metadata({"digest": "0" * 20})
+        w.rewrite_metadata({"digest": "abcdef12"})
+    tensors, meta = load_safetensors(path)
+    assert meta == {"digest": "abcdef12"} and torch.equal(tensors["x"], torch.ones(2))
