@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -83,15 +82,14 @@ def run_naive(a: str, b: str, out: str, alpha: float) -> None:
 
 
 def measure(method: str, a: Path, b: Path, out: Path, alpha: float) -> dict:
-    """Run one method in a fresh subprocess; its own rusage gives the peak resident memory of that run alone."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", method, str(a), str(b), str(out), str(alpha)],
-                            stdout=subprocess.PIPE)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} merge failed (exit {proc.returncode})")
-    return {**json.loads(stdout), "peak_gb": usage.ru_maxrss * 1024 / 1e9}  # ru_maxrss is in KiB on Linux
+    """Run one method in a fresh subprocess, which reports its own peak resident memory (VmHWM).
+
+    Not the child's rusage: Linux carries the parent's high-water mark into ru_maxrss across fork + exec, and this
+    parent holds diffusers and transformers.
+    """
+    run = subprocess.run([sys.executable, __file__, "--child", method, str(a), str(b), str(out), str(alpha)],
+                         stdout=subprocess.PIPE, check=True)
+    return json.loads(run.stdout)
 
 
 def max_difference(x: Path, y: Path, keys: list[str]) -> float:
@@ -141,7 +139,9 @@ def main() -> None:
 def child(method: str, a: str, b: str, out: str, alpha: str) -> None:
     t = time.perf_counter()
     {"minigen": run_minigen, "naive": run_naive}[method](a, b, out, float(alpha))
-    print(json.dumps({"wall_s": time.perf_counter() - t}))
+    wall = time.perf_counter() - t
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"wall_s": wall, "peak_gb": hwm_kb * 1024 / 1e9}))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -119,16 +120,26 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(1 - alpha) * a + alpha * b, as one lerp kernel (a + alpha * (b - a)): the same up to float rounding, faster."""
-    return torch.lerp(a, b, alpha)
+def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - alpha) * a + alpha * b, as one lerp kernel (a + alpha * (b - a)): the same up to float rounding, faster.
+
+    On fp16/bf16 tensors torch's lerp computes in fp32 and rounds once, so it may run on the stored dtype directly.
+    """
+    return torch.lerp(a, b, alpha, out=out)
 
 
-def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float) -> torch.Tensor:
-    return a.add(b - c, alpha=alpha)  # a + alpha * (b - c)
+def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.add(a, b - c, alpha=alpha, out=out)  # a + alpha * (b - c); b - c rounds, so inputs are fp32
 
 
-METHODS = {"weighted_sum": (weighted_sum, 2), "add_difference": (add_difference, 3)}  # formula, number of inputs
+class Method(NamedTuple):
+    formula: Callable[..., torch.Tensor]  # formula(*inputs, alpha, out=None)
+    n_inputs: int
+    one_rounding: bool  # computes in fp32 internally even on fp16/bf16 inputs: no need to upcast them first
+
+
+METHODS = {"weighted_sum": Method(weighted_sum, 2, True), "add_difference": Method(add_difference, 3, False)}
 
 
 def component(key: str) -> str:
@@ -207,13 +218,22 @@ def _check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
         raise OSError(f"not enough free disk for {out}: needs {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
 
 
-def _merge_tensor(step: _Step, formula, out_dtype: torch.dtype) -> torch.Tensor:
-    """formula(inputs..., alpha), reading and computing CHUNK elements at a time: only the output is held whole."""
+def _merge_tensor(step: _Step, method: Method, out_dtype: torch.dtype) -> torch.Tensor:
+    """formula(inputs..., alpha), reading and computing CHUNK elements at a time: only the output is held whole.
+
+    The arithmetic is fp32 with one rounding to the output dtype: inputs are upcast, unless they already have the
+    output's dtype and the formula computes in fp32 internally (then it writes straight into the output, 2x faster).
+    """
     shape = step.sources[0][0].shape(step.key)
     out = torch.empty(shape, dtype=out_dtype).reshape(-1)  # (N,)
+    native = method.one_rounding and all(f.dtype(k) == out_dtype for f, k in step.sources)
     for i in range(0, out.numel(), CHUNK):
         j = min(i + CHUNK, out.numel())
-        out[i:j] = formula(*(f.get_flat(k, i, j).float() for f, k in step.sources), step.alpha)
+        chunks = [f.get_flat(k, i, j) for f, k in step.sources]  # each (j - i,)
+        if native:
+            method.formula(*chunks, step.alpha, out=out[i:j])
+        else:
+            out[i:j] = method.formula(*(t.float() for t in chunks), step.alpha)
     return out.reshape(shape)
 
 
@@ -228,7 +248,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
     recipe = recipe or MergeRecipe()
     if recipe.method not in METHODS:
         raise ValueError(f"unknown merge method {recipe.method!r}; choose from {sorted(METHODS)}")
-    formula, n_inputs = METHODS[recipe.method]
+    method = METHODS[recipe.method]
+    n_inputs = method.n_inputs
     paths = [Path(p) for p in (a, b, c)[:n_inputs] if p is not None]
     if len(paths) != n_inputs:
         raise ValueError(f"{recipe.method} needs {n_inputs} checkpoints (A, B{', C' if n_inputs == 3 else ''})")
@@ -265,7 +286,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
                         tensor = s.sources[0][0].get(s.sources[0][1]).to(dtype)
                         report.copied += 1
                     else:
-                        tensor = _merge_tensor(s, formula, dtype)
+                        tensor = _merge_tensor(s, method, dtype)
                         report.merged += 1
                     writer.write(s.key, tensor)
                     bar.update(tensor.numel() * dtype.itemsize)

@@ -73,6 +73,8 @@ def test_weighted_sum_equals_formula_vae_and_others_copied(abc, tmp_path):
         # computed in fp32 then rounded once to fp16: equal up to one fp16 rounding step
         torch.testing.assert_close(got[key], want, rtol=1e-3, atol=1e-3)
         assert got[key].dtype == torch.float16
+        # the fp16 fast path (lerp straight on fp16) rounds once, exactly as fp32 arithmetic then a cast does
+        assert torch.equal(got[key], torch.lerp(a[key].float(), b[key].float(), 0.3).half())
     assert torch.equal(got[VAE], a[VAE])  # seed 004: the VAE is left out of the merge
     assert torch.equal(got[POS_IDS], a[POS_IDS]) and got[POS_IDS].dtype == torch.int64
     assert torch.equal(got["model_ema.decay"], a["model_ema.decay"])
@@ -190,13 +192,13 @@ def test_interrupted_merge_leaves_no_partial_file(abc, tmp_path, monkeypatch):
     _, (pa, pb, _) = abc
     calls = []
 
-    def failing(a, b, alpha):  # fails on the third merged tensor, after the header and two tensors were written
+    def failing(a, b, alpha, out=None):  # fails on the third merged tensor, after the header and two were written
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return merging.weighted_sum(a, b, alpha)
+        return merging.weighted_sum(a, b, alpha, out)
 
-    monkeypatch.setitem(merging.METHODS, "weighted_sum", (failing, 2))
+    monkeypatch.setitem(merging.METHODS, "weighted_sum", merging.Method(failing, 2, True))
     with pytest.raises(KeyboardInterrupt):
         merge(pa, pb, tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
