@@ -30,36 +30,20 @@ VAE_PREFIX = "first_stage_model."
 
 
 def sdxl_shapes() -> dict[str, tuple[int, ...]]:
-    """Every tensor of SDXL base: UNet, VAE and both text encoders, built on the meta device (no memory).
-
-    Names are diffusers' under the single-file component prefixes; the shapes and sizes are the real ones, which is
-    all a merge's cost depends on (the single-file names only change how the components are told apart).
-    """
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401  (its torchvision shim lets diffusers import on a CPU torch)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """Every tensor of `sd_xl_base_1.0.safetensors`, by its single-file name: minigen's SDXL models built on the meta
+    device (no memory), their diffusers names mapped by `minigen.sdxl.convert`."""
+    from minigen.sdxl import get_config
+    from minigen.sdxl.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from minigen.sdxl.convert import to_single_file
+    from minigen.sdxl.unet import UNet2DConditionModel
+    from minigen.sdxl.vae import AutoencoderKL
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                           num_attention_heads=12, hidden_act="quick_gelu"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
-                                                         num_hidden_layers=32, num_attention_heads=20,
-                                                         projection_dim=1280, hidden_act="gelu"))
-    shapes = {}
-    for prefix, model in (("model.diffusion_model.", unet), (VAE_PREFIX, vae),
-                          ("conditioner.embedders.0.transformer.", te1), ("conditioner.embedders.1.model.", te2)):
-        shapes.update({prefix + k: tuple(v.shape) for k, v in model.state_dict().items()
-                       if v.dtype.is_floating_point})
-    return shapes
+        models = [UNet2DConditionModel(get_config(part="unet")), AutoencoderKL(get_config(part="vae")),
+                  CLIPTextModel(CLIPTextConfig.sdxl_clip_l()),
+                  CLIPTextModelWithProjection(CLIPTextConfig.sdxl_clip_bigg())]
+        state = to_single_file(*(m.state_dict() for m in models))
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def make_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:

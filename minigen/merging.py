@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header
+from minigen.sdxl.convert import MODEL_NAMES, detect_model
 
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")
@@ -206,6 +207,15 @@ def _plan(files: list[TensorFile], vae_file: TensorFile | None, recipe: MergeRec
     return steps
 
 
+def _check_same_model(files: list[TensorFile]) -> None:
+    """SDXL and SD 1.x share some key names; merged key by key they would make a broken hybrid, so refuse."""
+    kinds = [detect_model(f.keys()) for f in files]
+    for f, kind in zip(files[1:], kinds[1:]):
+        if kind != kinds[0]:
+            raise CheckpointError(f"cannot merge different architectures: {files[0].path} is {MODEL_NAMES[kinds[0]]}, "
+                                  f"{f.path} is {MODEL_NAMES[kind]}")
+
+
 def _check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
     for p in inputs:
         if out.resolve() == p.resolve() or (out.exists() and os.path.samefile(out, p)):
@@ -266,6 +276,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
     files = [TensorFile(p) for p in paths]
     vae_file = TensorFile(vae_path) if vae_path is not None else None
     try:
+        _check_same_model(files)
         report = MergeReport()
         steps = _plan(files, vae_file, recipe, strict, report)
         specs = _output_specs(steps, recipe)

@@ -151,6 +151,17 @@ def test_shape_mismatch_skipped_or_strict_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # nothing partial
 
 
+def test_sdxl_and_sd1_refused_with_a_clear_error(abc, tmp_path):
+    _, (pa, _, _) = abc
+    sd1 = tmp_path / "sd1.safetensors"
+    save_safetensors({"model.diffusion_model.time_embed.0.weight": torch.zeros(8, 4),
+                      "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(6)}, sd1)
+    with pytest.raises(CheckpointError, match=r"different architectures: .*a.safetensors is Stable Diffusion XL "
+                                              r"\(base\), .*sd1.safetensors is Stable Diffusion 1.x"):
+        merge(pa, sd1, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_alpha_outside_unit_interval_warns_but_merges(abc, tmp_path):
     (a, b, _), (pa, pb, _) = abc
     with pytest.warns(MergeWarning, match="alpha 1.5 is outside"):
