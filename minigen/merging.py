@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import struct
 import warnings
@@ -31,11 +33,14 @@ import torch
 from tqdm import tqdm
 
 from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header
-from minigen.sdxl.convert import MODEL_NAMES, detect_model
+from minigen.lora_files import LoRAFileError, read_lora
+from minigen.sdxl.convert import _BIGG_LAYER_PARTS, BIGG_PREFIX, MODEL_NAMES, detect_model
 
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")
 UNET_PREFIX = "model.diffusion_model."
+TE1_PREFIXES = ("conditioner.embedders.0.transformer.", "cond_stage_model.transformer.")  # SDXL's CLIP-L, SD 1.x's
+BIGG_PARTS_TO_HF = {sf: hf for hf, sf in _BIGG_LAYER_PARTS.items()}  # OpenCLIP module -> transformers module
 UNET_BLOCKS = {"input_blocks.": "input", "middle_block.": "middle", "output_blocks.": "output"}
 
 CHUNK = 1 << 20  # elements read and computed at once: fp32 temporaries of 4 MB, whatever the tensor's size
@@ -279,53 +284,64 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
         _check_same_model(files)
         report = MergeReport()
         steps = _plan(files, vae_file, recipe, strict, report)
-        specs = _output_specs(steps, recipe)
-        report.output_bytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs.values())
-        _check_output(out, list(inputs.values()), report.output_bytes + (1 << 20))  # + room for the header
+        specs = _output_specs(steps, recipe.dtype)
         _warn_about(report)
 
-        # The header, metadata included, is written first, but a digest needs a full read of its file: hash in
-        # background threads while merging, and fill the digests in over placeholders of their length at the end.
-        bar = tqdm(total=report.output_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress)
-        with ThreadPoolExecutor(len(inputs)) as pool:
-            digests = {role: pool.submit(sha256_file, p) for role, p in inputs.items()}
-            placeholders = {role: str(i).zfill(64) for i, role in enumerate(inputs)}  # distinct: digests are keys
-            with SafetensorsWriter(out, specs, _metadata(files[0], recipe, inputs, placeholders)) as writer:
-                for s in steps:
-                    dtype = specs[s.key][1]
-                    if len(s.sources) == 1:
-                        tensor = s.sources[0][0].get(s.sources[0][1]).to(dtype)
-                        report.copied += 1
-                    else:
-                        tensor = _merge_tensor(s, method, dtype)
-                        report.merged += 1
-                    writer.write(s.key, tensor)
-                    bar.update(tensor.numel() * dtype.itemsize)
-                digests = {role: d.result() for role, d in digests.items()}
-                writer.rewrite_metadata(_metadata(files[0], recipe, inputs, digests))
-        bar.close()
+        def produce(step: _Step, dtype: torch.dtype) -> torch.Tensor:
+            if len(step.sources) == 1:
+                report.copied += 1
+                return step.sources[0][0].get(step.sources[0][1]).to(dtype)
+            report.merged += 1
+            return _merge_tensor(step, method, dtype)
+
+        report.output_bytes = _stream_out(out, inputs, files[0].metadata, {"type": "minigen", **asdict(recipe)},
+                                          specs, steps, produce, progress)
         return report
     finally:
         for f in files + ([vae_file] if vae_file else []):
             f.close()
 
 
-def _output_specs(steps: list[_Step], recipe: MergeRecipe) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{key: (shape, dtype)} of the output: the recipe's dtype for float tensors, else the source's own."""
+def _stream_out(out: Path, inputs: dict[str, Path], base_metadata: dict[str, str], recipe: dict,
+                specs: dict[str, tuple[tuple[int, ...], torch.dtype]], steps: list, produce, progress: bool) -> int:
+    """Write `out` with tensors produce(step, dtype), one step per key of `specs`; returns the bytes written.
+
+    Checks the output path and free disk first. The header, metadata included, is written first, but a digest needs
+    a full read of its file: the inputs are hashed in background threads while writing, and the digests filled in
+    over placeholders of their length at the end."""
+    nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs.values())
+    _check_output(out, list(inputs.values()), nbytes + (1 << 20))  # + room for the header
+    bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc=recipe["method"], disable=not progress)
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        digests = {role: pool.submit(sha256_file, p) for role, p in inputs.items()}
+        placeholders = {role: str(i).zfill(64) for i, role in enumerate(inputs)}  # distinct: digests are keys
+        with SafetensorsWriter(out, specs, _metadata(base_metadata, recipe, inputs, placeholders)) as writer:
+            for key, step in zip(specs, steps):
+                tensor = produce(step, specs[key][1])
+                writer.write(key, tensor)
+                bar.update(tensor.numel() * tensor.element_size())
+            digests = {role: d.result() for role, d in digests.items()}
+            writer.rewrite_metadata(_metadata(base_metadata, recipe, inputs, digests))
+    bar.close()
+    return nbytes
+
+
+def _output_specs(steps: list[_Step], dtype_name: str | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{key: (shape, dtype)} of the output: the dtype named for float tensors, else the source's own."""
     specs = {}
     for s in steps:
         src, key = s.sources[0]
         dtype = src.dtype(key)
-        if recipe.dtype is not None and dtype.is_floating_point:
-            dtype = OUTPUT_DTYPES[recipe.dtype]
+        if dtype_name is not None and dtype.is_floating_point:
+            dtype = OUTPUT_DTYPES[dtype_name]
         specs[s.key] = (src.shape(key), dtype)
     return specs
 
 
-def _metadata(a: TensorFile, recipe: MergeRecipe, inputs: dict[str, Path], digests: dict[str, str]) -> dict[str, str]:
-    """A's metadata plus the recipe. A1111's merger writes these two keys too, so its UI shows a merge's sources."""
-    metadata = dict(a.metadata)
-    metadata["sd_merge_recipe"] = json.dumps({"type": "minigen", **asdict(recipe)})
+def _metadata(base: dict[str, str], recipe: dict, inputs: dict[str, Path], digests: dict[str, str]) -> dict[str, str]:
+    """The base's metadata plus the recipe. A1111's merger writes these two keys too, so its UI shows the sources."""
+    metadata = dict(base)
+    metadata["sd_merge_recipe"] = json.dumps(recipe)
     metadata["sd_merge_models"] = json.dumps(
         {digests[role]: {"name": p.name, "role": role} for role, p in inputs.items()})
     return metadata
@@ -339,3 +355,91 @@ def _warn_about(report: MergeReport) -> None:
         key, sa, sb = report.shape_mismatches[0]
         warnings.warn(f"{len(report.shape_mismatches)} tensors differ in shape and keep A's tensor "
                       f"(first: {key}: {sa} vs {sb})", MergeWarning, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------- LoRA baking
+
+def lora_target_keys(keys: list[str]) -> dict[tuple[str, str], tuple[str, int | None]]:
+    """{(component, layer name as LoRA files write it): (checkpoint key, third of its rows or None)} of a single file.
+
+    kohya names are module paths with dots as underscores: the UNet's SGM paths (`input_blocks_4_1_..._to_q`) and the
+    text encoders' transformers paths (`text_model_encoder_layers_0_self_attn_q_proj`). bigG stores q, k and v fused
+    in one `in_proj_weight` (3 * width, width): its q/k/v LoRAs land on the first, second or third of those rows.
+    Dotted forms are registered too, for diffusers/peft files of the text encoders.
+    """
+    targets = {}
+    bigg_layer = re.compile(re.escape(BIGG_PREFIX) + r"transformer\.resblocks\.(\d+)\.(.+)")
+    for key in keys:
+        found = []  # (component, dotted layer name, third)
+        if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
+            found.append(("unet", key[len(UNET_PREFIX):-len(".weight")], None))
+        elif key.startswith(TE1_PREFIXES) and key.endswith(".weight"):
+            found.append(("te1", key.split(".transformer.", 1)[1][:-len(".weight")], None))
+        elif m := bigg_layer.fullmatch(key):
+            hf = f"text_model.encoder.layers.{m[1]}."
+            if m[2] == "attn.in_proj_weight":
+                found += [("te2", f"{hf}self_attn.{p}_proj", i) for i, p in enumerate("qkv")]
+            elif m[2].endswith(".weight") and m[2][:-len(".weight")] in BIGG_PARTS_TO_HF:
+                found.append(("te2", hf + BIGG_PARTS_TO_HF[m[2][:-len(".weight")]], None))
+        for component, name, third in found:
+            targets[(component, name)] = targets[(component, name.replace(".", "_"))] = (key, third)
+    return targets
+
+
+def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: list[tuple[Path, float]]
+                 ) -> dict[str, list[tuple[int | None, float, torch.Tensor, torch.Tensor]]]:
+    """{checkpoint key: [(third, ratio * alpha / rank, up (out, r), down (r, in...))]} from the LoRA files."""
+    targets = lora_target_keys(keys)
+    deltas: dict[str, list] = {}
+    for path, ratio in loras:
+        parsed, _, _ = read_lora(path)
+        unmatched = [f"{c}:{n}" for c, entries in parsed.items() for n in entries if (c, n) not in targets]
+        if unmatched:
+            raise LoRAFileError(f"{path}: {len(unmatched)} layers match no tensor of the checkpoint, e.g. "
+                                f"{unmatched[:3]} (a LoRA for another model?)")
+        for component, entries in parsed.items():
+            for name, e in entries.items():
+                key, third = targets[(component, name)]
+                up, down = e["up"].flatten(1).float(), e["down"].float()  # (out, r), (r, in[, kh, kw])
+                out_rows = shapes[key][0] // 3 if third is not None else shapes[key][0]
+                if up.shape[0] != out_rows or math.prod(down.shape[1:]) != math.prod(shapes[key][1:]):
+                    raise LoRAFileError(f"{path}: {component} layer {name} has up {tuple(e['up'].shape)} and down "
+                                        f"{tuple(down.shape)}, but {key} is {shapes[key]}")
+                deltas.setdefault(key, []).append((third, ratio * float(e["alpha"]) / down.shape[0], up, down))
+    return deltas
+
+
+def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
+               out: str | os.PathLike, dtype: str | None = None, progress: bool = True) -> MergeReport:
+    """Write `checkpoint` with LoRAs folded in: W + sum of ratio * alpha / rank * up @ down, tensor by tensor.
+
+    loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.lora_files`).
+    """
+    loras = [(Path(p), float(r)) for p, r in loras]
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown output dtype {dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
+    base = TensorFile(checkpoint)
+    try:
+        deltas = _lora_deltas(base.keys(), {k: base.shape(k) for k in base.keys()}, loras)
+        steps = [_Step(k, [(base, k)]) for k in base.keys()]
+        specs = _output_specs(steps, dtype)
+        report = MergeReport()
+
+        def produce(step: _Step, dtype: torch.dtype) -> torch.Tensor:
+            w = base.get(step.key)
+            if step.key not in deltas:
+                report.copied += 1
+                return w.to(dtype)
+            report.merged += 1
+            w = w.float()
+            for third, factor, up, down in deltas[step.key]:
+                rows = w if third is None else w.view(3, -1, *w.shape[1:])[third]  # (out, in[, kh, kw])
+                rows += factor * (up @ down.flatten(1)).view(rows.shape)
+            return w.to(dtype)
+
+        inputs = {"A": Path(checkpoint)} | {f"LoRA{i}": p for i, (p, _) in enumerate(loras)}
+        recipe = {"type": "minigen", "method": "bake_lora", "loras": [[p.name, r] for p, r in loras], "dtype": dtype}
+        report.output_bytes = _stream_out(Path(out), inputs, base.metadata, recipe, specs, steps, produce, progress)
+        return report
+    finally:
+        base.close()

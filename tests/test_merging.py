@@ -252,3 +252,77 @@ def test_writer_rewrites_metadata_only_at_the_same_length(tmp_path):
         w.rewrite_metadata({"digest": "abcdef12"})
     tensors, meta = load_safetensors(path)
     assert meta == {"digest": "abcdef12"} and torch.equal(tensors["x"], torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------- LoRA baking
+
+LORA_Q = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+TE1_Q = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+TE2_QKV = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+
+
+def kohya_lora(path, seed, names_shapes, alpha):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out_f, in_f) in names_shapes.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    save_safetensors(tensors, path)
+    return tensors
+
+
+def test_baked_loras_equal_runtime_loras(tmp_path):
+    from torch import nn
+    from minigen.lora import LoRAAdapter, LoRALayer, LoRATensors
+    from minigen.merging import bake_loras
+
+    g = torch.Generator().manual_seed(0)
+    ckpt = {LORA_Q: torch.randn(8, 8, generator=g), TE1_Q: torch.randn(6, 6, generator=g),
+            TE2_QKV: torch.randn(12, 4, generator=g), VAE: torch.randn(4, 4, 3, 3, generator=g)}
+    save_safetensors(ckpt, tmp_path / "base.safetensors")
+    unet_name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    l1 = kohya_lora(tmp_path / "l1.safetensors", 1, {unet_name: (8, 8),
+                                                     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (6, 6),
+                                                     "lora_te2_text_model_encoder_layers_0_self_attn_k_proj": (4, 4)}, 1.0)
+    l2 = kohya_lora(tmp_path / "l2.safetensors", 2, {unet_name: (8, 8)}, 4.0)
+    out = tmp_path / "baked.safetensors"
+    report = bake_loras(tmp_path / "base.safetensors", [(tmp_path / "l1.safetensors", 0.8),
+                                                        (tmp_path / "l2.safetensors", -0.5)], out, progress=False)
+    got = load_file(str(out))
+    assert report.merged == 3 and report.copied == 1 and torch.equal(got[VAE], ckpt[VAE])
+
+    # The UNet layer: the same outputs as minigen's run-time LoRA layer with both adapters at their ratios.
+    layer = LoRALayer(nn.Linear(8, 8, bias=False))
+    layer.base.weight.data.copy_(ckpt[LORA_Q])
+    for name, lora, ratio, alpha in (("l1", l1, 0.8, 1.0), ("l2", l2, -0.5, 4.0)):
+        adapter = LoRAAdapter(layer.base, rank=2, alpha=alpha)
+        adapter.set_tensors(LoRATensors(lora[f"{unet_name}.lora_down.weight"], lora[f"{unet_name}.lora_up.weight"],
+                                        alpha))
+        layer.add(name, adapter, multiplier=ratio)
+    x = torch.randn(5, 8, generator=g)
+    torch.testing.assert_close(x @ got[LORA_Q].T, layer(x), rtol=1e-5, atol=1e-5)  # fp32: rounding only
+
+    # bigG's fused q/k/v: the k LoRA changes only the middle third of the rows (scale alpha / rank = 0.5).
+    k = "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"
+    delta = 0.8 * 0.5 * l1[f"{k}.lora_up.weight"] @ l1[f"{k}.lora_down.weight"]
+    torch.testing.assert_close(got[TE2_QKV][4:8], ckpt[TE2_QKV][4:8] + delta, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[TE2_QKV][:4], ckpt[TE2_QKV][:4]) and torch.equal(got[TE2_QKV][8:], ckpt[TE2_QKV][8:])
+    q = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    torch.testing.assert_close(got[TE1_Q], ckpt[TE1_Q] + 0.4 * l1[f"{q}.lora_up.weight"] @ l1[f"{q}.lora_down.weight"],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_bake_refuses_a_lora_for_another_model(tmp_path):
+    from minigen.lora_files import LoRAFileError
+    from minigen.merging import bake_loras
+
+    save_safetensors({LORA_Q: torch.zeros(8, 8)}, tmp_path / "base.safetensors")
+    kohya_lora(tmp_path / "other.safetensors", 0, {"lora_unet_middle_block_1_proj_in": (8, 8)}, 1.0)
+    kohya_lora(tmp_path / "wide.safetensors", 0, {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q": (16, 8)},
+               1.0)
+    with pytest.raises(LoRAFileError, match="1 layers match no tensor.*middle_block_1_proj_in"):
+        bake_loras(tmp_path / "base.safetensors", [(tmp_path / "other.safetensors", 1)], tmp_path / "o.safetensors")
+    with pytest.raises(LoRAFileError, match=r"up \(16, 2\).*is \(8, 8\)"):
+        bake_loras(tmp_path / "base.safetensors", [(tmp_path / "wide.safetensors", 1)], tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
