@@ -312,6 +312,13 @@ def test_baked_loras_equal_runtime_loras(tmp_path):
     torch.testing.assert_close(got[TE1_Q], ckpt[TE1_Q] + 0.4 * l1[f"{q}.lora_up.weight"] @ l1[f"{q}.lora_down.weight"],
                                rtol=1e-6, atol=1e-6)
 
+    cli = tmp_path / "cli.safetensors"  # the CLI bakes the same
+    run = subprocess.run([sys.executable, str(ROOT / "merge.py"), str(tmp_path / "base.safetensors"), "-o", str(cli),
+                          "--lora", f"{tmp_path / 'l1.safetensors'}:0.8", "--lora", f"{tmp_path / 'l2.safetensors'}:-0.5"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert all(torch.equal(v, got[k]) for k, v in load_file(str(cli)).items())
+
 
 def test_bake_refuses_a_lora_for_another_model(tmp_path):
     from minigen.lora_files import LoRAFileError
