@@ -32,8 +32,8 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header
-from minigen.lora_files import LoRAFileError, read_lora
+from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header, save_safetensors
+from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
 from minigen.sdxl.convert import _BIGG_LAYER_PARTS, BIGG_PREFIX, MODEL_NAMES, detect_model
 
 VAE_PREFIX = "first_stage_model."
@@ -443,3 +443,92 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
         return report
     finally:
         base.close()
+
+
+# ------------------------------------------------------------------------------------ LoRA extraction and merging
+
+def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """up (out, r[, 1, 1]), down (r, in[, kh, kw]) with up @ down ~ delta (out, in[, kh, kw]): truncated SVD (Eckart-Young).
+
+    As kohya's sd-scripts do, the singular values go into up, and both factors are clamped at the `clamp_quantile`
+    of their entries' magnitudes: a few outliers otherwise dominate fp16 files, at the cost of a little accuracy
+    (1.0 keeps the plain truncated SVD)."""
+    matrix = delta.float().flatten(1)  # (out, in * kh * kw)
+    rank = min(rank, *matrix.shape)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    up, down = u[:, :rank] * s[:rank], vh[:rank]  # (out, r), (r, in')
+    if clamp_quantile < 1:
+        hi = torch.quantile(torch.cat([up.flatten(), down.flatten()]).abs(), clamp_quantile)
+        up, down = up.clamp(-hi, hi), down.clamp(-hi, hi)
+    up = up.reshape(-1, rank, *[1] * (delta.ndim - 2))  # convolutions store up as (out, r, 1, 1)
+    return up.contiguous(), down.reshape(rank, *delta.shape[1:]).contiguous()
+
+
+def _is_lora_layer(component: str, name: str) -> bool:
+    """The layers kohya's LoRA wraps: the UNet's transformer blocks (attention, feed-forward, proj_in/out) and the
+    text encoders' attention and MLP."""
+    if component == "unet":
+        return "transformer_blocks." in name or name.endswith((".proj_in", ".proj_out"))
+    return ".encoder.layers." in name
+
+
+def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, rank: int = 32,
+                 clamp_quantile: float = 0.99, min_diff: float = 0.0, progress: bool = True) -> int:
+    """Write a kohya LoRA of `rank` approximating tuned - base layer by layer; returns the number of layers.
+
+    Layers whose largest |difference| is at most `min_diff` are left out. alpha = rank (scale 1)."""
+    a, b = TensorFile(base), TensorFile(tuned)
+    try:
+        _check_same_model([a, b])
+        targets = {(c, n): kt for (c, n), kt in lora_target_keys(a.keys()).items()
+                   if "." in n and _is_lora_layer(c, n)}  # dotted names only: each layer once
+        tensors = {}
+        for (component, name), (key, third) in tqdm(targets.items(), desc="extract", disable=not progress):
+            if key not in b.header or b.shape(key) != a.shape(key):
+                raise CheckpointError(f"{tuned} has no tensor {key} of shape {a.shape(key)}: not a fine-tune of {base}")
+            diff = b.get(key).float() - a.get(key).float()
+            if third is not None:
+                diff = diff.view(3, -1, *diff.shape[1:])[third]
+            if diff.abs().max() <= min_diff:
+                continue
+            up, down = low_rank(diff, rank, clamp_quantile)
+            prefix = KOHYA_PREFIX[component] + name.replace(".", "_")
+            tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
+                        f"{prefix}.alpha": torch.tensor(float(down.shape[0]))}
+        save_safetensors(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                        "ss_network_alpha": str(rank), "minigen.extracted_from":
+                                        json.dumps({"base": Path(base).name, "tuned": Path(tuned).name})})
+        return len(tensors) // 3
+    finally:
+        a.close()
+        b.close()
+
+
+def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike, rank: int,
+                clamp_quantile: float = 0.99) -> int:
+    """Write one kohya LoRA of `rank` from the sum of ratio * alpha / rank * up @ down of several, layer by layer
+    (re-factorised by SVD); returns the number of layers. The files must name layers the same way."""
+    deltas: dict[tuple[str, str], torch.Tensor] = {}
+    for path, ratio in loras:
+        parsed, fmt, _ = read_lora(path)
+        if fmt != "kohya":
+            raise LoRAFileError(f"{path}: merging LoRAs needs kohya files (got {fmt})")
+        for component, entries in parsed.items():
+            for name, e in entries.items():
+                down = e["down"].float()  # (r, in[, kh, kw])
+                delta = (e["up"].float().flatten(1) @ down.flatten(1)).view(-1, *down.shape[1:])
+                delta *= float(ratio) * float(e["alpha"]) / down.shape[0]
+                if (component, name) in deltas and deltas[(component, name)].shape != delta.shape:
+                    raise LoRAFileError(f"{path}: layer {name} is {tuple(delta.shape)} here, "
+                                        f"{tuple(deltas[(component, name)].shape)} in an earlier LoRA")
+                deltas[(component, name)] = deltas.get((component, name), 0) + delta
+    tensors = {}
+    for (component, name), delta in deltas.items():
+        up, down = low_rank(delta, rank, clamp_quantile)
+        prefix = KOHYA_PREFIX[component] + name
+        tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
+                    f"{prefix}.alpha": torch.tensor(float(down.shape[0]))}
+    save_safetensors(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                    "ss_network_alpha": str(rank), "minigen.merged_loras":
+                                    json.dumps([[Path(p).name, r] for p, r in loras])})
+    return len(deltas)

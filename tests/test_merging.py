@@ -333,3 +333,70 @@ def test_bake_refuses_a_lora_for_another_model(tmp_path):
     with pytest.raises(LoRAFileError, match=r"up \(16, 2\).*is \(8, 8\)"):
         bake_loras(tmp_path / "base.safetensors", [(tmp_path / "wide.safetensors", 1)], tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------ LoRA extraction and merging
+
+CONV = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+
+
+def svd_tail(delta, rank):
+    """Frobenius norm of the best rank-`rank` approximation's error (Eckart-Young): the floor any extraction meets."""
+    s = torch.linalg.svdvals(delta.flatten(1))
+    return s[rank:].square().sum().sqrt().item()
+
+
+def test_extract_then_bake_reproduces_the_difference_to_the_svd_error(tmp_path):
+    from minigen.merging import bake_loras, extract_lora
+
+    g = torch.Generator().manual_seed(0)
+    base = {LORA_Q: torch.randn(8, 8, generator=g), TE2_QKV: torch.randn(12, 4, generator=g),
+            CONV: torch.randn(4, 4, 3, 3, generator=g), VAE: torch.randn(4, 4, 3, 3, generator=g)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    save_safetensors(base, tmp_path / "base.safetensors")
+    save_safetensors(tuned, tmp_path / "tuned.safetensors")
+    n = extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "x.safetensors",
+                     rank=3, clamp_quantile=1.0, progress=False)
+    assert n == 4  # to_q and bigG's q, k, v; the 3x3 convolution and the VAE are no LoRA layers
+    bake_loras(tmp_path / "base.safetensors", [(tmp_path / "x.safetensors", 1.0)], tmp_path / "b.safetensors",
+               progress=False)
+    baked = load_file(str(tmp_path / "b.safetensors"))
+    err = (baked[LORA_Q] - tuned[LORA_Q]).norm().item()
+    assert err == pytest.approx(svd_tail(tuned[LORA_Q] - base[LORA_Q], 3), rel=1e-4)
+    for i in range(3):  # each third of bigG's fused q/k/v is its own layer
+        rows = slice(4 * i, 4 * i + 4)
+        err = (baked[TE2_QKV][rows] - tuned[TE2_QKV][rows]).norm().item()
+        assert err == pytest.approx(svd_tail(tuned[TE2_QKV][rows] - base[TE2_QKV][rows], 3), rel=1e-4, abs=1e-6)
+    assert torch.equal(baked[CONV], base[CONV]) and torch.equal(baked[VAE], base[VAE])
+
+
+def test_low_rank_clamps_at_the_quantile():
+    from minigen.merging import low_rank
+
+    delta = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    delta[0, 0] = 100.0  # an outlier
+    up, down = low_rank(delta, 4, clamp_quantile=0.9)
+    plain_up, plain_down = low_rank(delta, 4, clamp_quantile=1.0)
+    hi = torch.quantile(torch.cat([plain_up.flatten(), plain_down.flatten()]).abs(), 0.9)
+    assert up.abs().max() <= hi + 1e-6 and down.abs().max() <= hi + 1e-6
+    assert plain_up.abs().max() > hi  # the clamp did something
+    conv_up, conv_down = low_rank(torch.randn(8, 4, 1, 1), 2)
+    assert conv_up.shape == (8, 2, 1, 1) and conv_down.shape == (2, 4, 1, 1)  # kohya's conv layout
+
+
+def test_merge_loras_refactorises_their_sum(tmp_path):
+    from minigen.lora_files import read_lora
+    from minigen.merging import merge_loras
+
+    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    l1 = kohya_lora(tmp_path / "l1.safetensors", 1, {name: (8, 8)}, 1.0)
+    l2 = kohya_lora(tmp_path / "l2.safetensors", 2, {name: (8, 8)}, 4.0)
+    want = (0.7 * 0.5 * l1[f"{name}.lora_up.weight"] @ l1[f"{name}.lora_down.weight"]
+            - 0.3 * 2.0 * l2[f"{name}.lora_up.weight"] @ l2[f"{name}.lora_down.weight"])  # ratio * alpha / rank
+    for rank in (4, 3):  # rank 4 holds the sum of two rank-2 deltas exactly; rank 3 meets the SVD floor
+        out = tmp_path / f"m{rank}.safetensors"
+        assert merge_loras([(tmp_path / "l1.safetensors", 0.7), (tmp_path / "l2.safetensors", -0.3)], out, rank,
+                           clamp_quantile=1.0) == 1
+        e = read_lora(out)[0]["unet"][name.removeprefix("lora_unet_")]
+        got = e["alpha"] / rank * e["up"] @ e["down"]
+        assert (got - want).norm().item() == pytest.approx(svd_tail(want, rank), abs=1e-5)
