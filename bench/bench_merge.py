@@ -92,10 +92,16 @@ def main() -> None:
 
     shapes = sdxl_shapes()
     keys = list(shapes)
-    # An evenly spread fraction of the tensors keeps the mix of sizes; the largest one is always kept.
+    # An evenly spread share of the bytes: walk the keys with a budget of scale * each size, taking a tensor when the
+    # budget covers it. This keeps the mix of sizes; the largest tensor (the peak-memory case) is always kept.
     largest = max(keys, key=lambda k: torch.Size(shapes[k]).numel())
-    kept = {k: s for i, (k, s) in enumerate(shapes.items())
-            if int((i + 1) * args.scale) > int(i * args.scale) or k == largest}
+    kept, budget = {}, 0.0
+    for k, s in shapes.items():
+        size = torch.Size(s).numel()
+        budget += args.scale * size
+        if budget >= size or k == largest:
+            kept[k] = s
+            budget -= size
     size_gb = sum(torch.Size(s).numel() * 2 for s in kept.values()) / 1e9
     print(f"{len(kept)} of {len(shapes)} SDXL tensors (scale {args.scale}), {size_gb:.2f} GB per fp16 checkpoint; "
           f"largest {largest} {shapes[largest]}")
