@@ -48,3 +48,10 @@ test-slow: $(TESTDEPS) ## run only the slow tests (full-size models; several GB 
 
 clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
 	rm -rf $(VENV) .pytest_cache minigen.egg-info
+
+# ---------------------------------------------------------------------------------------------- merging (merge.py)
+.PHONY: merge
+ALPHA ?= 0.5
+merge: $(RUNTIME) ## merge checkpoints in little memory: make merge A=a.safetensors B=b.safetensors OUT=m.safetensors [ALPHA=0.5] [ARGS="--dtype fp16"]
+	@test -n "$(A)" -a -n "$(B)" -a -n "$(OUT)" || { echo "usage: make merge A=a.safetensors B=b.safetensors OUT=out.safetensors [ALPHA=0.5] [ARGS=...] (python merge.py --help lists ARGS)"; exit 2; }
+	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" --alpha $(ALPHA) $(ARGS)
