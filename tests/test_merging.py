@@ -2,20 +2,16 @@
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import merge as merge_cli  # merge.py at the repository root (pytest's pythonpath)
 from minigen import merging
 from minigen.io import CheckpointError, save_safetensors
 from minigen.merging import MergeRecipe, MergeWarning, merge_checkpoints
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # A small single-file checkpoint: every component, a UNet key in each block group, an integer buffer, an "other" key.
 SHAPES = {
@@ -227,18 +223,16 @@ def test_large_tensor_is_computed_in_chunks(tmp_path, monkeypatch):
                                rtol=0, atol=1e-6)
 
 
-def test_cli(abc, tmp_path):
+def test_cli(abc, tmp_path, capsys):
     (a, b, _), (pa, pb, _) = abc
     out = tmp_path / "cli.safetensors"
-    run = subprocess.run([sys.executable, str(ROOT / "merge.py"), str(pa), str(pb), "-o", str(out), "--alpha", "0.3",
-                          "--block-alphas", "0,0,1", "--dtype", "fp32"], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
-    assert "6 tensors merged, 3 copied" in run.stdout
+    assert merge_cli.main([str(pa), str(pb), "-o", str(out), "--alpha", "0.3", "--block-alphas", "0,0,1",
+                           "--dtype", "fp32"]) == 0
+    assert "6 tensors merged, 3 copied" in capsys.readouterr().out
     got = load_file(str(out))
     assert torch.equal(got[UNET_IN], a[UNET_IN].float()) and torch.equal(got[UNET_OUT], b[UNET_OUT].float())
-    bad = subprocess.run([sys.executable, str(ROOT / "merge.py"), str(pa), str(pb), "-o", str(pa)],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode != 0 and "is one of the inputs" in bad.stderr
+    with pytest.raises(SystemExit, match="is one of the inputs"):
+        merge_cli.main([str(pa), str(pb), "-o", str(pa)])
 
 
 def test_writer_rewrites_metadata_only_at_the_same_length(tmp_path):
@@ -313,10 +307,8 @@ def test_baked_loras_equal_runtime_loras(tmp_path):
                                rtol=1e-6, atol=1e-6)
 
     cli = tmp_path / "cli.safetensors"  # the CLI bakes the same
-    run = subprocess.run([sys.executable, str(ROOT / "merge.py"), str(tmp_path / "base.safetensors"), "-o", str(cli),
-                          "--lora", f"{tmp_path / 'l1.safetensors'}:0.8", "--lora", f"{tmp_path / 'l2.safetensors'}:-0.5"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
+    assert merge_cli.main([str(tmp_path / "base.safetensors"), "-o", str(cli), "--lora",
+                           f"{tmp_path / 'l1.safetensors'}:0.8", "--lora", f"{tmp_path / 'l2.safetensors'}:-0.5"]) == 0
     assert all(torch.equal(v, got[k]) for k, v in load_file(str(cli)).items())
 
 
