@@ -233,6 +233,8 @@ def test_cli(abc, tmp_path, capsys):
     assert torch.equal(got[UNET_IN], a[UNET_IN].float()) and torch.equal(got[UNET_OUT], b[UNET_OUT].float())
     with pytest.raises(SystemExit, match="is one of the inputs"):
         merge_cli.main([str(pa), str(pb), "-o", str(pa)])
+    with pytest.raises(SystemExit, match="give A B"):  # B and --lora together: which job is meant is unclear
+        merge_cli.main([str(pa), str(pb), "--lora", str(pb), "-o", str(out)])
 
 
 def test_writer_rewrites_metadata_only_at_the_same_length(tmp_path):
@@ -347,9 +349,13 @@ def test_extract_then_bake_reproduces_the_difference_to_the_svd_error(tmp_path):
     tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     save_safetensors(base, tmp_path / "base.safetensors")
     save_safetensors(tuned, tmp_path / "tuned.safetensors")
+    assert merge_cli.main([str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--rank", "3",
+                           "--clamp-quantile", "1", "-o", str(tmp_path / "cli.safetensors")]) == 0
     n = extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "x.safetensors",
                      rank=3, clamp_quantile=1.0, progress=False)
     assert n == 4  # to_q and bigG's q, k, v; the 3x3 convolution and the VAE are no LoRA layers
+    cli = load_file(str(tmp_path / "cli.safetensors"))
+    assert all(torch.equal(v, cli[k]) for k, v in load_file(str(tmp_path / "x.safetensors")).items())
     bake_loras(tmp_path / "base.safetensors", [(tmp_path / "x.safetensors", 1.0)], tmp_path / "b.safetensors",
                progress=False)
     baked = load_file(str(tmp_path / "b.safetensors"))
@@ -378,7 +384,6 @@ def test_low_rank_clamps_at_the_quantile():
 
 def test_merge_loras_refactorises_their_sum(tmp_path):
     from minigen.lora_files import read_lora
-    from minigen.merging import merge_loras
 
     name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
     l1 = kohya_lora(tmp_path / "l1.safetensors", 1, {name: (8, 8)}, 1.0)
@@ -387,8 +392,9 @@ def test_merge_loras_refactorises_their_sum(tmp_path):
             - 0.3 * 2.0 * l2[f"{name}.lora_up.weight"] @ l2[f"{name}.lora_down.weight"])  # ratio * alpha / rank
     for rank in (4, 3):  # rank 4 holds the sum of two rank-2 deltas exactly; rank 3 meets the SVD floor
         out = tmp_path / f"m{rank}.safetensors"
-        assert merge_loras([(tmp_path / "l1.safetensors", 0.7), (tmp_path / "l2.safetensors", -0.3)], out, rank,
-                           clamp_quantile=1.0) == 1
+        assert merge_cli.main(["--lora", f"{tmp_path / 'l1.safetensors'}:0.7", "--lora",
+                               f"{tmp_path / 'l2.safetensors'}:-0.3", "--rank", str(rank), "--clamp-quantile", "1",
+                               "-o", str(out)]) == 0
         e = read_lora(out)[0]["unet"][name.removeprefix("lora_unet_")]
         got = e["alpha"] / rank * e["up"] @ e["down"]
         assert (got - want).norm().item() == pytest.approx(svd_tail(want, rank), abs=1e-5)
