@@ -20,9 +20,10 @@ from minigen.merging import (METHODS, OUTPUT_DTYPES, MergeRecipe, bake_loras, ex
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("a", nargs="?", help="checkpoint A (.safetensors, single-file layout); its keys and order are the "
-                                        "output's. With --rank: the base model")
-    p.add_argument("b", nargs="?", help="checkpoint B. With --rank: the fine-tuned model to extract a LoRA from")
+    p.add_argument("a", nargs="?", help="checkpoint A (single-file .safetensors or an SDXL diffusers folder); its keys "
+                                        "and order are the output's (a single file). With --rank: the base model")
+    p.add_argument("b", nargs="?", help="checkpoint B (file or diffusers folder). With --rank: the fine-tuned model to "
+                                        "extract a LoRA from")
     p.add_argument("--c", help="checkpoint C, for add_difference: A + alpha * (B - C)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors (must not be an input)")
     p.add_argument("--method", choices=sorted(METHODS), default="weighted_sum",

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header, save_safetensors
 from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
+from minigen.sdxl import convert
 from minigen.sdxl.convert import _BIGG_LAYER_PARTS, BIGG_PREFIX, MODEL_NAMES, detect_model
 
 VAE_PREFIX = "first_stage_model."
@@ -116,13 +117,90 @@ class TensorFile:
         self.file.close()
 
 
+DIFFUSERS_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
+                   "text_encoder": "text_encoder/model.safetensors", "text_encoder_2": "text_encoder_2/model.safetensors"}
+
+
+class DiffusersFolder:
+    """An SDXL diffusers folder read as if it were a single file: single-file names, tensors converted on read.
+
+    Each single-file tensor comes from a group of the folder's tensors through `minigen.sdxl.convert` (a rename; the
+    VAE attention's reshape; bigG's q, k, v fused and its projection transposed). Names and shapes are found by
+    converting meta tensors. Renamed and reshaped tensors keep their bytes, so chunks are read straight from the file;
+    the few converted ones are built whole (the last one is kept for the next chunk).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metadata: dict[str, str] = {}
+        missing = [rel for rel in DIFFUSERS_FILES.values() if not (self.path / rel).is_file()]
+        if missing:
+            raise CheckpointError(f"{self.path}: not an SDXL diffusers folder, it lacks {missing}")
+        self.files = {part: TensorFile(self.path / rel) for part, rel in DIFFUSERS_FILES.items()}
+        configs = {part: json.loads((self.path / part / "config.json").read_text()) for part in ("unet", "vae")}
+        converters = {"unet": lambda sd: convert.unet_to_single_file(sd, configs["unet"]),
+                      "vae": lambda sd: convert.vae_to_single_file(sd, configs["vae"]),
+                      "text_encoder": convert.clip_l_to_single_file, "text_encoder_2": convert.bigg_to_single_file}
+        self.sources: dict[str, tuple] = {}  # single-file key -> (converter, file, [its keys], renamed bytes as-is)
+        self.header: dict[str, torch.Tensor] = {}  # single-file key -> meta tensor (its shape and dtype)
+        self._last: tuple[str | None, torch.Tensor | None] = (None, None)  # the last tensor converted
+        for part, f in self.files.items():
+            for group in self._groups(f.keys()):
+                meta = {k: torch.empty(f.shape(k), dtype=f.dtype(k), device="meta") for k in group}
+                for key, t in converters[part](meta).items():
+                    plain = len(group) == 1 and t.numel() == meta[group[0]].numel() and not key.endswith("projection")
+                    self.sources[key] = (converters[part], f, group, plain)
+                    self.header[key] = t
+
+    @staticmethod
+    def _groups(keys: list[str]) -> list[list[str]]:
+        """One key per group, except bigG's q/k/v projections of a layer, which fuse into one tensor."""
+        groups: dict[str, list[str]] = {}
+        for k in keys:
+            groups.setdefault(re.sub(r"\.[qkv]_proj\.", ".qkv_proj.", k), []).append(k)
+        return list(groups.values())
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.header[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        convert_fn, f, group, _ = self.sources[key]
+        if self._last[0] != key:
+            self._last = (key, convert_fn({k: f.get(k) for k in group})[key].contiguous())
+        return self._last[1]
+
+    def get_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        _, f, group, plain = self.sources[key]
+        if plain:
+            return f.get_flat(group[0], start, stop)
+        return self.get(key).reshape(-1)[start:stop]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def open_checkpoint(path: str | os.PathLike) -> TensorFile | DiffusersFolder:
+    """A single .safetensors file, or an SDXL diffusers folder seen through single-file names."""
+    return DiffusersFolder(path) if Path(path).is_dir() else TensorFile(path)
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    """SHA-256 of a whole file, read in 16 MB pieces (the hash A1111 and civitai show for a model)."""
+    """SHA-256 of a whole file, read in 16 MB pieces (the hash A1111 and civitai show for a model). For a diffusers
+    folder, of its four weight files' bytes one after the other (in DIFFUSERS_FILES order)."""
+    path = Path(path)
     h = hashlib.sha256()
     buf = memoryview(bytearray(chunk_bytes))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(buf[:n])
+    for file in [path / rel for rel in DIFFUSERS_FILES.values()] if path.is_dir() else [path]:
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(buf[:n])
     return h.hexdigest()
 
 
@@ -278,7 +356,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
     vae_path = None if recipe.vae in ("copy", "merge") else Path(recipe.vae)
     inputs = dict(zip(["A", "B", "C"], paths)) | ({"VAE": vae_path} if vae_path else {})  # role -> path
 
-    files = [TensorFile(p) for p in paths]
+    files = [open_checkpoint(p) for p in paths]
     vae_file = TensorFile(vae_path) if vae_path is not None else None
     try:
         _check_same_model(files)

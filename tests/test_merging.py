@@ -398,3 +398,38 @@ def test_merge_loras_refactorises_their_sum(tmp_path):
         e = read_lora(out)[0]["unet"][name.removeprefix("lora_unet_")]
         got = e["alpha"] / rank * e["up"] @ e["down"]
         assert (got - want).norm().item() == pytest.approx(svd_tail(want, rank), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------ diffusers folders as inputs
+
+def test_diffusers_folder_input_merges_like_its_single_file(tmp_path):
+    from minigen.sdxl import get_config
+    from minigen.sdxl.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from minigen.sdxl.convert import to_single_file
+    from minigen.sdxl.unet import UNet2DConditionModel
+    from minigen.sdxl.vae import AutoencoderKL
+
+    config = get_config("tiny")
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models = {"unet": UNet2DConditionModel(config["unet"]), "vae": AutoencoderKL(config["vae"]),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(config["text_encoder"])),
+                  "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config["text_encoder_2"]))}
+        states.append({part: {k: v.half() for k, v in m.state_dict().items()} for part, m in models.items()})
+    single = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for path, sd in zip(single, states):
+        save_safetensors(to_single_file(sd["unet"], sd["vae"], sd["text_encoder"], sd["text_encoder_2"],
+                                        config["unet"], config["vae"]), path)
+    folder = tmp_path / "b_diffusers"
+    for part, rel in merging.DIFFUSERS_FILES.items():
+        save_safetensors(states[1][part], folder / rel)
+        (folder / part / "config.json").write_text(json.dumps(config.get(part, {})))
+
+    recipe = MergeRecipe(alpha=0.3, vae="merge")
+    merge(single[0], single[1], tmp_path / "from_file.safetensors", recipe)
+    merge(single[0], folder, tmp_path / "from_folder.safetensors", recipe)  # mixed: a file and a folder
+    want, got = load_file(str(tmp_path / "from_file.safetensors")), load_file(str(tmp_path / "from_folder.safetensors"))
+    assert list(got) == list(want)
+    for k in want:  # bigG's fused q/k/v, its transposed projection and the VAE's 1x1 attention included
+        assert torch.equal(got[k], want[k]), k
