@@ -1,17 +1,20 @@
 """Checkpoint merging that streams: peak memory is a few tensors, never whole models.
 
-Methods (per tensor, computed in fp32, then cast to the output dtype):
+Methods (per tensor; fp32 arithmetic with one rounding to the output dtype):
     weighted sum     theta = (1 - alpha) * A + alpha * B          (seed 004)
     add difference   theta = A + alpha * (B - C)                 (moves A by the change that turned C into B)
+    bake LoRAs       theta = A + sum of ratio * alpha / rank * up @ down
+and, writing LoRA files: `extract_lora` (truncated SVD of tuned - base per layer) and `merge_loras` (SVD of a sum).
 
 Components are told apart by the single-file key prefixes: `first_stage_model.` is the VAE (copied from A by
 default, as seed 004 does: merged VAEs make anime models worse), `conditioner.embedders.` / `cond_stage_model.` are the
 text encoders (merged unless skipped), `model.diffusion_model.` is the UNet (optionally with one alpha per input,
 middle and output blocks). Everything else (EMA copies, schedule buffers, integer position ids) is copied from A.
+SDXL diffusers folders are read through the same single-file names (`DiffusersFolder`).
 
 The whole plan is made from the inputs' headers before a byte is written, so every bad input (truncated file, shape
-mismatch under `strict`, output over an input, too little disk) fails before there is an output; the output itself
-appears only when it is complete (`SafetensorsWriter` writes a temporary file and renames it).
+mismatch under `strict`, other architecture, output over an input, too little disk) fails before there is an output;
+the output itself appears only when it is complete (`SafetensorsWriter` writes a temporary file and renames it).
 """
 
 from __future__ import annotations
@@ -35,14 +38,13 @@ from tqdm import tqdm
 from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header, save_safetensors
 from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
 from minigen.sdxl import convert
-from minigen.sdxl.convert import _BIGG_LAYER_PARTS, BIGG_PREFIX, MODEL_NAMES, detect_model
+from minigen.sdxl.convert import (_BIGG_LAYER_PARTS, BIGG_PREFIX, CLIP_L_PREFIX, MODEL_NAMES, UNET_PREFIX, VAE_PREFIX,
+                                  detect_model)
 
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")
-UNET_PREFIX = "model.diffusion_model."
-TE1_PREFIXES = ("conditioner.embedders.0.transformer.", "cond_stage_model.transformer.")  # SDXL's CLIP-L, SD 1.x's
+TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
+TE1_PREFIXES = (CLIP_L_PREFIX, "cond_stage_model.transformer.")  # CLIP ViT-L in SDXL, in SD 1.x
 BIGG_PARTS_TO_HF = {sf: hf for hf, sf in _BIGG_LAYER_PARTS.items()}  # OpenCLIP module -> transformers module
-UNET_BLOCKS = {"input_blocks.": "input", "middle_block.": "middle", "output_blocks.": "output"}
+UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")  # the groups --block-alphas weights
 
 CHUNK = 1 << 20  # elements read and computed at once: fp32 temporaries of 4 MB, whatever the tensor's size
 
@@ -241,7 +243,7 @@ def alpha_for(key: str, recipe: MergeRecipe) -> float:
     """The recipe's alpha, or its block alpha for keys inside the UNet's input, middle or output blocks."""
     if recipe.block_alphas is not None and key.startswith(UNET_PREFIX):
         rest = key[len(UNET_PREFIX):]
-        for prefix, i in zip(UNET_BLOCKS, range(3)):
+        for i, prefix in enumerate(UNET_BLOCKS):
             if rest.startswith(prefix):
                 return recipe.block_alphas[i]
     return recipe.alpha
