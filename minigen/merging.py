@@ -364,6 +364,10 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
         _check_same_model(files)
         report = MergeReport()
         steps = _plan(files, vae_file, recipe, strict, report)
+        if vae_file is not None and not any(s.sources[0][0] is vae_file for s in steps):
+            raise CheckpointError(f"{vae_path} holds none of the VAE's single-file tensors (e.g. "
+                                  f"{next((k for k in files[0].keys() if component(k) == 'vae'), VAE_PREFIX + '*')}, with or without "
+                                  f"its prefix): a diffusers-format VAE, or not a VAE?")
         specs = _output_specs(steps, recipe.dtype)
         _warn_about(report)
 

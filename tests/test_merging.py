@@ -104,6 +104,10 @@ def test_skip_text_encoders_and_vae_from_file(abc, tmp_path):
     assert torch.equal(got[VAE], new_vae)
     assert torch.equal(got[TEXT], a[TEXT])
     assert not torch.equal(got[TIME], a[TIME])
+    wrong = tmp_path / "diffusers_vae.safetensors"
+    save_safetensors({"decoder.conv_in.conv.weight": new_vae}, wrong)  # names of no single-file VAE tensor
+    with pytest.raises(CheckpointError, match="holds none of the VAE's single-file tensors"):
+        merge(pa, pb, tmp_path / "wrong.safetensors", MergeRecipe(vae=str(wrong)))
 
 
 def test_recipe_metadata_records_inputs_and_sha256(abc, tmp_path):
