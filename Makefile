@@ -51,7 +51,6 @@ clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
 
 # ---------------------------------------------------------------------------------------------- merging (merge.py)
 .PHONY: merge
-ALPHA ?= 0.5
 merge: $(RUNTIME) ## merge checkpoints in little memory: make merge A=a.safetensors B=b.safetensors OUT=m.safetensors [ALPHA=0.5] [ARGS="--dtype fp16"]
 	@test -n "$(A)" -a -n "$(B)" -a -n "$(OUT)" || { echo "usage: make merge A=a.safetensors B=b.safetensors OUT=out.safetensors [ALPHA=0.5] [ARGS=...] (python merge.py --help lists ARGS)"; exit 2; }
-	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" --alpha $(ALPHA) $(ARGS)
+	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
