@@ -126,13 +126,17 @@ class LoRALayer(nn.Module):
         self.multipliers[name] = float(multiplier)
 
     def merge(self, names: Iterable[str]) -> None:
+        names = list(names)
+        if not names:
+            return
         if self.original_weight is None:
             self.original_weight = self.base.weight.detach().clone()
         self.merged = sorted(set(self.merged) | set(names))
         self._rebuild_weight()
 
     def unmerge(self, names: Iterable[str]) -> None:
-        self.merged = [n for n in self.merged if n not in set(names)]
+        drop = set(names)
+        self.merged = [n for n in self.merged if n not in drop]
         self._rebuild_weight()
 
     def _rebuild_weight(self) -> None:
@@ -180,12 +184,18 @@ def _wrap(model: nn.Module, name: str) -> LoRALayer:
 def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank: int = 4,
              alpha: float | None = None, name: str = "default", multiplier: float = 1.0,
              dropout: float = 0.0, init: str = "kohya") -> list[str]:
-    """Freeze `model` and add a trainable adapter named `name` to every layer matching `targets` (a preset name in
+    """Freeze `model`'s own weights and add a trainable adapter named `name` to every layer matching `targets` (a preset name in
     PRESETS or regular expressions). Returns the wrapped module paths; none matching is an error."""
     found = matching_modules(model, targets)
     if not found:
         raise ValueError(f"no Linear or 1x1 Conv2d layer of {type(model).__name__} matches {targets!r}")
-    model.requires_grad_(False)
+    taken = [path for path, m in found.items() if isinstance(m, LoRALayer) and name in m.adapters]
+    if taken:  # checked up front so that a refused call changes nothing
+        raise ValueError(f"{len(taken)} layers already have a LoRA named {name!r}, e.g. {taken[:3]}")
+    adapters = {id(p) for p in lora_parameters(model)}
+    for p in model.parameters():  # freeze the base model; adapters added before keep their own setting
+        if id(p) not in adapters:
+            p.requires_grad_(False)
     for path, module in found.items():
         base = module.base if isinstance(module, LoRALayer) else module
         _wrap(model, path).add(name, LoRAAdapter(base, rank, alpha, dropout, init), multiplier)

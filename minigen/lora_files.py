@@ -6,7 +6,7 @@ diffusers/transformers names (minigen's SDXL modules share them).
 - kohya (sd-scripts; what A1111, ComfyUI, Forge and diffusers all load): `lora_unet_<SGM path, dots as _>`,
   `lora_te1_text_model_...`, `lora_te2_...`, each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`.
   The UNet part is written with single-file (SGM) block names, e.g. `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
-  which needs the diffusers -> SGM module map of `minigen.sdxl.convert`; reading accepts SGM or diffusers block names.
+  made with `minigen.sdxl.convert`'s UNet name map; reading accepts SGM or diffusers block names.
 - diffusers/peft: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.`, `text_encoder_2.`. peft stores
   no alpha: W' = W + B A, alpha == rank. minigen bakes scale = alpha/rank into lora_B when writing, so every reader
   (with or without diffusers' `lora_adapter_metadata`) gets the same weights; it reads that metadata when present.
@@ -27,6 +27,7 @@ from torch import nn
 
 from .io import CheckpointError, load_safetensors, save_safetensors
 from .lora import LoRATensors, add_lora_weights
+from .sdxl.convert import NameMap, unet_name_map
 
 COMPONENTS = ("unet", "te1", "te2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
@@ -47,18 +48,18 @@ def _te_path(path: str) -> str:
 # ----------------------------------------------------------------------------------------------------------- writing
 
 def save_lora(path: str | os.PathLike, lora: LoRA, format: str = "kohya", metadata: Mapping[str, str] | None = None,
-              unet_sgm_names: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+              unet_names: NameMap | None = None, dtype: torch.dtype | None = None) -> None:
     """Write `lora` ({component: {module path: LoRATensors}}) as a kohya or diffusers file (atomic).
 
-    unet_sgm_names: {diffusers module path: SGM module path}, needed for kohya's UNet names.
+    unet_names: the UNet's diffusers <-> SGM name map, for kohya's UNet names (default: SDXL base's).
     dtype: the tensors' dtype in the file (default: as they are, fp32 from training)."""
     unknown = set(lora) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown LoRA components {sorted(unknown)}; expected some of {COMPONENTS}")
     if format == "kohya":
-        tensors = _to_kohya(lora, unet_sgm_names)
+        tensors = kohya_state_dict(lora, unet_names or unet_name_map())
     elif format == "diffusers":
-        tensors = _to_diffusers(lora)
+        tensors = diffusers_state_dict(lora)
     else:
         raise ValueError(f"unknown LoRA file format {format!r}: use 'kohya' or 'diffusers'")
     if dtype is not None:
@@ -66,17 +67,14 @@ def save_lora(path: str | os.PathLike, lora: LoRA, format: str = "kohya", metada
     save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, dict(metadata or {}))
 
 
-def _to_kohya(lora: LoRA, unet_sgm_names: Mapping[str, str] | None) -> dict[str, torch.Tensor]:
+def kohya_state_dict(lora: LoRA, unet_names: NameMap) -> dict[str, torch.Tensor]:
+    """kohya keys: `lora_unet_<SGM path>` / `lora_te1_text_model_...` with `.lora_down.weight`, `.lora_up.weight`,
+    `.alpha` (a 0-d tensor, as sd-scripts stores it)."""
     out = {}
     for component, modules in lora.items():
         for path, t in modules.items():
             if component == "unet":
-                if unet_sgm_names is None:
-                    raise ValueError("kohya files name UNet layers by their single-file (SGM) paths: pass "
-                                     "unet_sgm_names (the diffusers -> SGM module map of minigen.sdxl.convert)")
-                if path not in unet_sgm_names:
-                    raise ValueError(f"UNet module {path!r} has no single-file (SGM) name in unet_sgm_names")
-                path = unet_sgm_names[path]
+                path = unet_names.to_single_file(path)  # KeyError names a path the map lacks
             else:
                 path = _te_path(path)
             name = KOHYA_PREFIX[component] + path.replace(".", "_")
@@ -86,7 +84,8 @@ def _to_kohya(lora: LoRA, unet_sgm_names: Mapping[str, str] | None) -> dict[str,
     return out
 
 
-def _to_diffusers(lora: LoRA) -> dict[str, torch.Tensor]:
+def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
+    """diffusers/peft keys: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.`, `text_encoder_2.`."""
     out = {}
     for component, modules in lora.items():
         for path, t in modules.items():
@@ -202,7 +201,7 @@ def _apply_peft_alphas(parsed: dict[str, dict[str, dict]], metadata: Mapping[str
             e["alpha"] = alpha if alpha is not None else e["down"].shape[0]
 
 
-def _module_lookup(model: nn.Module, component: str, unet_sgm_names: Mapping[str, str] | None) -> dict[str, str]:
+def _module_lookup(model: nn.Module, component: str, unet_names: NameMap | None) -> dict[str, str]:
     """Every name a file may use for a layer of `model` -> the layer's module path."""
     lookup = {}
     for path, module in model.named_modules():
@@ -210,31 +209,36 @@ def _module_lookup(model: nn.Module, component: str, unet_sgm_names: Mapping[str
             continue
         path = path.removesuffix(".base")  # a layer already wrapped by a LoRALayer
         names = [path]
-        if component == "unet" and unet_sgm_names and path in unet_sgm_names:
-            names.append(unet_sgm_names[path])
-        if component != "unet":
-            names.append(_te_path(path))
+        if component == "unet" and unet_names:
+            try:
+                names.append(unet_names.to_single_file(path))
+            except KeyError:  # a module outside the mapped blocks (none that LoRA targets)
+                pass
+        if component != "unet":  # with and without `text_model.` (transformers 5's CLIPTextModel has none)
+            names += [_te_path(path), path.removeprefix("text_model.")]
         for n in names:
             lookup[n] = lookup[n.replace(".", "_")] = path
     return lookup
 
 
 def resolve_lora(parsed: dict[str, dict[str, dict]], models: Mapping[str, nn.Module],
-                 unet_sgm_names: Mapping[str, str] | None = None, source: str = "LoRA file") -> LoRA:
-    """Match the parsed file's names to the models' module paths and check every shape; errors name the mismatch."""
+                 unet_names: NameMap | None = None, source: str = "LoRA file") -> LoRA:
+    """Match the parsed file's names to the models' module paths and check every shape; errors name the mismatch.
+    unet_names: the UNet's diffusers <-> SGM name map (default: built from `models["unet"].config`)."""
     lora: LoRA = {}
     for component, entries in parsed.items():
         if component not in models:
             raise LoRAFileError(f"{source} has {len(entries)} {component} layers, but no {component} model was "
                                 f"given (got {sorted(models)})")
         model = models[component]
-        lookup = _module_lookup(model, component, unet_sgm_names)
+        if component == "unet" and unet_names is None and hasattr(model, "config"):
+            unet_names = unet_name_map(dict(model.config))
+        lookup = _module_lookup(model, component, unet_names)
         missing = [n for n in entries if n not in lookup]
         if missing:
             raise LoRAFileError(
                 f"{source}: {len(missing)} of {len(entries)} {component} layers match no module of this model, "
-                f"e.g. {missing[:3]} (a LoRA for another model, or a UNet named in single-file blocks without "
-                f"unet_sgm_names?)")
+                f"e.g. {missing[:3]} (a LoRA for another model?)")
         lora[component] = {}
         for name, e in entries.items():
             path = lookup[name]
@@ -242,6 +246,10 @@ def resolve_lora(parsed: dict[str, dict[str, dict]], models: Mapping[str, nn.Mod
             layer = getattr(layer, "base", layer)
             w = layer.weight  # (out, in[, 1, 1])
             down, up = e["down"], e["up"]
+            if down.dim() > 2 and tuple(down.shape[2:]) != (1, 1) or tuple(w.shape[2:]) not in ((), (1, 1)):
+                raise LoRAFileError(f"{source}: {component} layer {path} is a {tuple(w.shape[2:])} convolution and "
+                                    f"the file's down is {tuple(down.shape)}: LoRA on k x k convolutions (LoCon, "
+                                    f"LyCORIS) is not supported, only Linear and 1x1 layers")
             if down.shape[1] != w.shape[1] or up.shape[0] != w.shape[0] or up.shape[1] != down.shape[0]:
                 raise LoRAFileError(
                     f"{source}: {component} layer {path} has weight {tuple(w.shape)}, but the file's down is "
@@ -251,11 +259,22 @@ def resolve_lora(parsed: dict[str, dict[str, dict]], models: Mapping[str, nn.Mod
 
 
 def load_lora(path: str | os.PathLike, models: Mapping[str, nn.Module], name: str = "default",
-              multiplier: float = 1.0, unet_sgm_names: Mapping[str, str] | None = None) -> dict[str, str]:
+              multiplier: float = 1.0, unet_names: NameMap | None = None) -> dict[str, str]:
     """Read a LoRA file of any supported layout and add it to `models` ({"unet", "te1", "te2"}: module) as the
     adapter `name` with `multiplier`. Returns the file's metadata."""
     parsed, _, metadata = read_lora(path)
-    lora = resolve_lora(parsed, models, unet_sgm_names, source=str(path))
+    lora = resolve_lora(parsed, models, unet_names, source=str(path))
     for component, weights in lora.items():
         add_lora_weights(models[component], weights, name, multiplier)
     return metadata
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """`path[:multiplier]` as `sample.py --lora a.safetensors:0.8` takes it; no multiplier means 1."""
+    path, sep, multiplier = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(multiplier)
+        except ValueError:  # a colon that is part of the path
+            pass
+    return spec, 1.0

@@ -9,8 +9,9 @@ from torch import nn
 
 from minigen.lora import (LoRALayer, add_lora, lora_names, lora_parameters, lora_weights, merge_lora, remove_lora,
                           set_multiplier, unmerge_lora)
-from minigen.lora_files import LoRAFileError, kohya_metadata, load_lora, read_lora, save_lora
+from minigen.lora_files import LoRAFileError, kohya_metadata, load_lora, parse_lora_spec, read_lora, save_lora
 from minigen.io import read_header
+from minigen.sdxl.convert import NameMap
 
 
 class Block(nn.Module):
@@ -124,37 +125,46 @@ def test_several_loras_with_their_own_multipliers():
     assert torch.equal(model.forward(x), base)
 
 
+def test_adding_more_layers_to_a_lora_keeps_them_trainable():
+    model = toy()
+    add_lora(model, "attention", rank=2)
+    add_lora(model, [r"\.ff$"], rank=2)  # the same adapter name "default" on more layers
+    assert all(p.requires_grad for p in lora_parameters(model)) and len(lora_parameters(model)) == 2 * 10
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapters." not in n)
+    with pytest.raises(ValueError, match="already have a LoRA named 'default'"):
+        add_lora(model, "kohya", rank=2)
+    assert len(lora_parameters(model)) == 2 * 10  # nothing added
+
+
 def test_no_matching_module_is_an_error():
     with pytest.raises(ValueError, match="matches"):
         add_lora(toy(), [r"q_proj$"])
 
 
-def sgm_names(model):
-    """A stand-in single-file name map for the toy (minigen.sdxl.convert provides SDXL's)."""
-    return {n: n.replace("transformer_blocks", "input_blocks") for n, _ in model.named_modules()}
+# the toy's "single-file" block names, as minigen.sdxl.convert.unet_name_map gives SDXL's
+TOY_NAMES = NameMap({"transformer_blocks.0": "input_blocks.1.1", "transformer_blocks.1": "input_blocks.2.1"}, "toy")
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_file_round_trip_gives_the_same_outputs(tmp_path, fmt):
     model, x = toy(), torch.randn(2, 8, 3, 3)
-    names = sgm_names(model)
     add_lora(model, "kohya", rank=4, alpha=1)
     randomize_up(model)
     expected = model.forward(x)
     meta = kohya_metadata(base_model="sd_xl_base_1.0", rank=4, alpha=1, trigger_phrase="Still from the Anime",
                           steps=10)
     path = tmp_path / f"lora_{fmt}.safetensors"
-    save_lora(path, {"unet": lora_weights(model)}, fmt, meta, unet_sgm_names=names)
+    save_lora(path, {"unet": lora_weights(model)}, fmt, meta, unet_names=TOY_NAMES)
     header, written_meta = read_header(path)
     if fmt == "kohya":
-        assert "lora_unet_input_blocks_0_attn1_to_q.lora_down.weight" in header
-        assert "lora_unet_input_blocks_0_attn1_to_q.alpha" in header
+        assert "lora_unet_input_blocks_1_1_attn1_to_q.lora_down.weight" in header
+        assert "lora_unet_input_blocks_1_1_attn1_to_q.alpha" in header
         assert written_meta["modelspec.trigger_phrase"] == "Still from the Anime"
         assert written_meta["ss_network_dim"] == "4"
     else:
         assert "unet.transformer_blocks.0.attn1.to_out.0.lora_B.weight" in header
     remove_lora(model)
-    load_lora(path, {"unet": model}, unet_sgm_names=names)
+    load_lora(path, {"unet": model}, unet_names=TOY_NAMES)
     torch.testing.assert_close(model.forward(x), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -174,6 +184,16 @@ def test_file_for_another_model_names_the_mismatch(tmp_path):
     other.transformer_blocks = nn.ModuleList([Block(16), Block(16)])
     with pytest.raises(LoRAFileError, match=r"attn1\.to_\w+(\.0)? has weight \(16, 16\).*down is \(2, 8\)"):
         load_lora(tmp_path / "ok.safetensors", {"unet": other})
+    # a LoCon file: a 3x3 convolution
+    conv = nn.Module()
+    conv.transformer_blocks = nn.ModuleList([nn.Module()])
+    conv.transformer_blocks[0].conv1 = nn.Conv2d(8, 8, 3)
+    from minigen.io import save_safetensors
+    save_safetensors({"lora_unet_transformer_blocks_0_conv1.lora_down.weight": torch.zeros(2, 8, 3, 3),
+                      "lora_unet_transformer_blocks_0_conv1.lora_up.weight": torch.zeros(8, 2, 1, 1)},
+                     tmp_path / "locon.safetensors")
+    with pytest.raises(LoRAFileError, match=r"conv1 is a \(3, 3\) convolution.*not supported"):
+        load_lora(tmp_path / "locon.safetensors", {"unet": conv})
     # text-encoder layers but no text encoder given
     save_lora(tmp_path / "te.safetensors", {"te1": weights}, "kohya")
     with pytest.raises(LoRAFileError, match="no te1 model"):
@@ -201,3 +221,32 @@ def test_older_diffusers_form_and_missing_alpha(tmp_path):
     torch.testing.assert_close(out.base.weight, out.original_weight + up @ down)
     q = model.transformer_blocks[1].attn1.to_q
     torch.testing.assert_close(q.base.weight, q.original_weight + 0.5 * up @ down)
+
+
+def test_full_size_sdxl_targets_and_kohya_names():
+    """On the meta device (no memory): the presets find SDXL's 140 each of to_q/to_k/to_v/to_out.0, and the kohya
+    names are the single-file ones A1111 and ComfyUI expect."""
+    from minigen.lora_files import kohya_state_dict
+    from minigen.sdxl import get_config, unet_name_map
+    from minigen.sdxl.unet import UNet2DConditionModel
+    config = get_config("sdxl-base", "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config)
+        wrapped = add_lora(unet, "attention", rank=4)
+        assert len(wrapped) == 560 and sum(p.endswith(".to_out.0") for p in wrapped) == 140
+        kohya_wider = len(add_lora(unet, "kohya", rank=4, name="wide"))
+        # plus ff.net.0.proj and ff.net.2 of 70 blocks and proj_in/out of 11 Transformer2DModels: the 722 modules
+        # sd-scripts reports for an SDXL UNet LoRA
+        assert kohya_wider == 560 + 2 * 70 + 2 * 11 == 722
+    keys = kohya_state_dict({"unet": lora_weights(unet)}, unet_name_map(config))
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0.alpha" in keys
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_k.lora_up.weight" in keys
+    assert len(keys) == 560 * 3
+
+
+def test_lora_spec():
+    assert parse_lora_spec("a.safetensors:0.8") == ("a.safetensors", 0.8)
+    assert parse_lora_spec("b") == ("b", 1.0)
+    assert parse_lora_spec("C:/loras/c.safetensors") == ("C:/loras/c.safetensors", 1.0)
+    assert parse_lora_spec("C:/loras/c.safetensors:-0.5") == ("C:/loras/c.safetensors", -0.5)

@@ -12,6 +12,7 @@ from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from minigen.sdxl import convert, get_config
+from minigen.sdxl.clip import normalize_clip_keys
 
 SIZES = ["sdxl-base", "tiny"]
 
@@ -86,7 +87,7 @@ def test_vae_map_is_inverted_by_diffusers(preset):
 def test_text_encoder_maps_are_inverted_by_diffusers(preset, part):
     config = CLIPTextConfig.from_dict(get_config(preset, part))
     model_class = CLIPTextModel if part == "text_encoder" else CLIPTextModelWithProjection
-    ours = convert.with_text_model_prefix(_state_dict(model_class, config, preset))
+    ours = normalize_clip_keys(_state_dict(model_class, config, preset))
     to_single = convert.clip_l_to_single_file if part == "text_encoder" else convert.bigg_to_single_file
     single = to_single(ours)
     prefix = convert.SINGLE_FILE_PREFIXES[part]

@@ -5,6 +5,7 @@ Module names follow diffusers, so a diffusers folder loads with no renaming; `co
 
 from .configs import SDXL_BASE, TINY, get_config
 from .convert import detect_model, unet_module_to_diffusers, unet_module_to_sgm, unet_name_map, vae_name_map
+from .model import SDXL, load_sdxl
 
-__all__ = ["SDXL_BASE", "TINY", "get_config", "detect_model", "unet_module_to_diffusers", "unet_module_to_sgm",
-           "unet_name_map", "vae_name_map"]
+__all__ = ["SDXL", "SDXL_BASE", "TINY", "get_config", "load_sdxl", "detect_model", "unet_module_to_diffusers",
+           "unet_module_to_sgm", "unet_name_map", "vae_name_map"]

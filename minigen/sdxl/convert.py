@@ -24,6 +24,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .clip import normalize_clip_keys
 from .configs import get_config
 
 UNET_PREFIX = "model.diffusion_model."
@@ -181,27 +182,20 @@ _BIGG_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.we
              "text_model.final_layer_norm.bias": "ln_final.bias"}
 
 
-def with_text_model_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers 5 saves CLIPTextModel keys without `text_model.`; real SDXL files have it. Accept both."""
-    return {k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k: v
-            for k, v in state_dict.items()}
-
-
 def clip_l_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CLIP ViT-L (diffusers `text_encoder`) -> `conditioner.embedders.0.transformer.*` (same HF layout)."""
-    return {CLIP_L_PREFIX + k: v for k, v in with_text_model_prefix(state_dict).items()
-            if not k.endswith("position_ids")}
+    return {CLIP_L_PREFIX + k: v for k, v in normalize_clip_keys(state_dict).items()}
 
 
 def clip_l_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`conditioner.embedders.0.transformer.*` (prefix already removed or not) -> diffusers `text_encoder` keys."""
-    return {k.removeprefix(CLIP_L_PREFIX): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    return normalize_clip_keys({k.removeprefix(CLIP_L_PREFIX): v for k, v in state_dict.items()})
 
 
 def bigg_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenCLIP bigG (diffusers `text_encoder_2`) -> `conditioner.embedders.1.model.*`: fuse q/k/v, transpose the
     projection."""
-    sd = with_text_model_prefix(state_dict)
+    sd = normalize_clip_keys(state_dict)
     out = {}
     for key, value in sd.items():
         if key in _BIGG_TOP:
@@ -220,7 +214,7 @@ def bigg_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
                 continue
             module, kind = part.rsplit(".", 1)
             out[f"{block}.{_BIGG_LAYER_PARTS[module]}.{kind}"] = value
-        elif not key.endswith("position_ids"):
+        else:
             raise KeyError(f"text_encoder_2: no single-file name for {key!r}")
     return {BIGG_PREFIX + k: v for k, v in out.items()}
 
