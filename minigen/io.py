@@ -37,12 +37,22 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used: truncated, corrupt, pickled without permission, or of the wrong model."""
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in `path`'s folder (so the final rename is atomic), with the permissions a plain
+    open() would give: mkstemp makes it owner-only, which would leave every saved file unreadable to others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside `path`; on success fsync and rename it over `path`, on error delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -147,8 +157,7 @@ class SafetensorsWriter:
         self.total_bytes = offset
         self.header = header
         raw = self._header_bytes()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, self.tmp = _temp_beside(self.path)
         self.file = os.fdopen(fd, "wb")
         self.file.write(raw)
         self.next = 0
