@@ -48,3 +48,11 @@ test-slow: $(TESTDEPS) ## run only the slow tests (full-size models; several GB 
 
 clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
 	rm -rf $(VENV) .pytest_cache minigen.egg-info
+
+# ---- SDXL models (minigen/sdxl/) ----
+.PHONY: test-sdxl bench-unet
+test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
+
+bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)
