@@ -68,3 +68,11 @@ sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..."
 merge: $(RUNTIME) ## merge checkpoints in little memory: make merge A=a.safetensors B=b.safetensors OUT=m.safetensors [ALPHA=0.5] [ARGS="--dtype fp16"]
 	@test -n "$(A)" -a -n "$(B)" -a -n "$(OUT)" || { echo "usage: make merge A=a.safetensors B=b.safetensors OUT=out.safetensors [ALPHA=0.5] [ARGS=...] (python merge.py --help lists ARGS)"; exit 2; }
 	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
+
+# ---- SDXL models (minigen/sdxl/) ----
+.PHONY: test-sdxl bench-unet
+test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
+
+bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)
