@@ -76,3 +76,21 @@ test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
 
 bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)
+# ---- DCGAN (issue 2) -------------------------------------------------------------------------------------------
+.PHONY: demo gan gan-sample bench-gan
+GAN_CONFIG ?= configs/gan_002_v3.conf
+GAN_ARGS   ?=
+GAN_RUN    ?= runs/gan_002_v3
+N          ?= 1000
+
+demo: $(RUNTIME) ## train a small DCGAN on 4,009 Twemoji at 64x64 on the CPU (~6 CPU-minutes); prints the grid and curve paths
+	$(BIN)/python train_gan.py --config configs/demo.conf $(GAN_ARGS)
+
+gan: $(RUNTIME) ## train a DCGAN from a preset: GAN_CONFIG=configs/gan_000.conf GAN_ARGS="--data met --epochs 50"
+	$(BIN)/python train_gan.py --config $(GAN_CONFIG) $(GAN_ARGS)
+
+gan-sample: $(RUNTIME) ## write N=1000 PNGs from GAN_RUN's checkpoint into GAN_RUN/fake (for fid.py)
+	$(BIN)/python train_gan.py --sample $(N) --checkpoint $(GAN_RUN)/checkpoint.safetensors --out $(GAN_RUN)/fake
+
+bench-gan: $(RUNTIME) ## DCGAN training images/s and FLOP/s vs this machine's matmul peak (BENCH_ARGS="--device cuda")
+	$(BIN)/python bench/bench_gan.py $(BENCH_ARGS)
