@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import subprocess
 import sys
 import time
@@ -111,24 +110,23 @@ def real_fid(args, weights: Path) -> None:
     met = dataset("met")
     twemoji = dataset("twemoji")
     if args.twemoji < len(twemoji):
-        twemoji = sorted(random.Random(0).sample(twemoji, args.twemoji))
+        twemoji = [twemoji[i] for i in sorted(np.random.RandomState(0).choice(len(twemoji), args.twemoji, False))]
 
-    def stats(files):
-        return metrics.statistics(metrics.extract_features(model, files, batch_size=args.batch_size,
-                                                           workers=args.workers)["2048"])
+    def features(files):
+        return metrics.extract_features(model, files, batch_size=args.batch_size, workers=args.workers)["2048"]
 
-    def halves(files):
-        shuffled = random.Random(0).sample(files, len(files))
-        return shuffled[: len(files) // 2], shuffled[len(files) // 2:]
+    def halves(feats):  # a fixed random split
+        order = np.random.RandomState(0).permutation(len(feats))
+        return metrics.statistics(feats[order[: len(feats) // 2]]), metrics.statistics(feats[order[len(feats) // 2:]])
 
-    met_a, met_b = (stats(h) for h in halves(met))
-    tw_a, tw_b = (stats(h) for h in halves(twemoji))
-    met_all, tw_all = stats(met), stats(twemoji)
+    met_feats, tw_feats = features(met), features(twemoji)
+    (met_a, met_b), (tw_a, tw_b) = halves(met_feats), halves(tw_feats)
     print(f"FID met half vs half ({len(met) // 2} vs {len(met) - len(met) // 2}): "
           f"{metrics.frechet_distance(*met_a, *met_b):.2f}")
     print(f"FID twemoji half vs half ({len(twemoji) // 2} vs {len(twemoji) - len(twemoji) // 2}): "
           f"{metrics.frechet_distance(*tw_a, *tw_b):.2f}")
-    print(f"FID twemoji ({len(twemoji)}) vs met ({len(met)}): {metrics.frechet_distance(*tw_all, *met_all):.2f}")
+    print(f"FID twemoji ({len(twemoji)}) vs met ({len(met)}): "
+          f"{metrics.frechet_distance(*metrics.statistics(tw_feats), *metrics.statistics(met_feats)):.2f}")
 
 
 def main() -> None:
