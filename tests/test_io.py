@@ -79,3 +79,12 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
             raise RuntimeError("interrupted")
     assert path.read_text() == "good"
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_saved_files_have_normal_permissions(tmp_path):
+    import os
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"x": torch.zeros(1)}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0o600

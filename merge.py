@@ -1,0 +1,84 @@
+"""Merge Stable Diffusion checkpoints in little memory (streams tensor by tensor).
+
+    python merge.py A.safetensors B.safetensors -o merged.safetensors --alpha 0.3
+    python merge.py A.safetensors B.safetensors --c C.safetensors --method add_difference -o out.safetensors
+    python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0.2,0.5,0.8 --dtype fp16
+    python merge.py A.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.5 -o baked.safetensors
+    python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
+    python merge.py --lora style.safetensors:0.7 --lora detail.safetensors:0.3 --rank 32 -o merged_lora.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minigen.io import CheckpointError
+from minigen.merging import (METHODS, OUTPUT_DTYPES, MergeRecipe, bake_loras, extract_lora, merge_checkpoints,
+                             merge_loras)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", nargs="?", help="checkpoint A (single-file .safetensors or an SDXL diffusers folder); its keys "
+                                        "and order are the output's (a single file). With --rank: the base model")
+    p.add_argument("b", nargs="?", help="checkpoint B (file or diffusers folder). With --rank: the fine-tuned model to "
+                                        "extract a LoRA from")
+    p.add_argument("--c", help="checkpoint C, for add_difference: A + alpha * (B - C)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors (must not be an input)")
+    p.add_argument("--method", choices=sorted(METHODS), default="weighted_sum",
+                   help="weighted_sum: (1 - alpha) * A + alpha * B; add_difference: A + alpha * (B - C)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of B (default 0.5)")
+    p.add_argument("--block-alphas", metavar="IN,MID,OUT",
+                   help="alphas for the UNet's input, middle and output blocks (other keys use --alpha)")
+    p.add_argument("--vae", default="copy", help="'copy' (from A, the default), 'merge', or a VAE .safetensors to put in")
+    p.add_argument("--skip-text-encoders", action="store_true", help="copy the text encoders from A unmerged")
+    p.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype of float tensors (default: as in A)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:RATIO]",
+                   help="bake this LoRA (kohya or peft file) into A at RATIO (default 1); repeatable")
+    p.add_argument("--rank", type=int, help="write a LoRA of this rank: extracted from B - A, or merged from --lora files")
+    p.add_argument("--clamp-quantile", type=float, default=0.99,
+                   help="with --rank: clamp the factors at this quantile of their magnitudes (kohya's default 0.99)")
+    p.add_argument("--strict", action="store_true", help="a shape mismatch is an error instead of keeping A's tensor")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    block_alphas = None
+    if args.block_alphas:
+        block_alphas = tuple(float(x) for x in args.block_alphas.split(","))
+        if len(block_alphas) != 3:
+            sys.exit(f"--block-alphas needs three numbers (input, middle, output), got {args.block_alphas!r}")
+    recipe = MergeRecipe(method=args.method, alpha=args.alpha, block_alphas=block_alphas, vae=args.vae,
+                         merge_text_encoders=not args.skip_text_encoders, dtype=args.dtype)
+    loras = []
+    for spec in args.lora:
+        path, _, ratio = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+        loras.append((path, float(ratio)))
+    given = (args.a is not None, args.b is not None, bool(loras), args.rank is not None)
+    try:
+        if given == (True, True, False, False):
+            report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict)
+        elif given == (True, False, True, False):
+            report = bake_loras(args.a, loras, args.output, dtype=args.dtype)
+        elif given == (True, True, False, True):
+            n = extract_lora(args.a, args.b, args.output, args.rank, args.clamp_quantile)
+            print(f"{args.output}: LoRA of rank {args.rank} on {n} layers")
+            return 0
+        elif given == (False, False, True, True):
+            n = merge_loras(loras, args.output, args.rank, args.clamp_quantile)
+            print(f"{args.output}: LoRA of rank {args.rank} on {n} layers")
+            return 0
+        else:
+            sys.exit("merge.py: give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
+                     "or --lora FILE --lora FILE --rank R (merge LoRAs)")
+    except (CheckpointError, ValueError, OSError) as e:
+        sys.exit(f"merge.py: {e}")
+    print(f"{args.output}: {report.merged} tensors merged, {report.copied} copied, "
+          f"{report.output_bytes / 1e9:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""Checkpoint merging that streams: peak memory is a few tensors, never whole models.
+
+Methods (per tensor; fp32 arithmetic with one rounding to the output dtype):
+    weighted sum     theta = (1 - alpha) * A + alpha * B          (seed 004)
+    add difference   theta = A + alpha * (B - C)                 (moves A by the change that turned C into B)
+    bake LoRAs       theta = A + sum of ratio * alpha / rank * up @ down
+and, writing LoRA files: `extract_lora` (truncated SVD of tuned - base per layer) and `merge_loras` (SVD of a sum).
+
+Components are told apart by the single-file key prefixes: `first_stage_model.` is the VAE (copied from A by
+default, as seed 004 does: merged VAEs make anime models worse), `conditioner.embedders.` / `cond_stage_model.` are the
+text encoders (merged unless skipped), `model.diffusion_model.` is the UNet (optionally with one alpha per input,
+middle and output blocks). Everything else (EMA copies, schedule buffers, integer position ids) is copied from A.
+SDXL diffusers folders are read through the same single-file names (`DiffusersFolder`).
+
+The whole plan is made from the inputs' headers before a byte is written, so every bad input (truncated file, shape
+mismatch under `strict`, other architecture, output over an input, too little disk) fails before there is an output;
+the output itself appears only when it is complete (`SafetensorsWriter` writes a temporary file and renames it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header, save_safetensors
+from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
+from minigen.sdxl import convert
+from minigen.sdxl.convert import (_BIGG_LAYER_PARTS, BIGG_PREFIX, CLIP_L_PREFIX, MODEL_NAMES, UNET_PREFIX, VAE_PREFIX,
+                                  detect_model)
+
+TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
+TE1_PREFIXES = (CLIP_L_PREFIX, "cond_stage_model.transformer.")  # CLIP ViT-L in SDXL, in SD 1.x
+BIGG_PARTS_TO_HF = {sf: hf for hf, sf in _BIGG_LAYER_PARTS.items()}  # OpenCLIP module -> transformers module
+UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")  # the groups --block-alphas weights
+
+CHUNK = 1 << 20  # elements read and computed at once: fp32 temporaries of 4 MB, whatever the tensor's size
+
+
+class MergeWarning(UserWarning):
+    """Something the merge worked around (missing keys, skipped shapes, alpha outside [0, 1])."""
+
+
+@dataclass
+class MergeRecipe:
+    method: str = "weighted_sum"  # or "add_difference"
+    alpha: float = 0.5
+    block_alphas: tuple[float, float, float] | None = None  # UNet input, middle, output blocks; others use alpha
+    vae: str = "copy"  # "copy" (from A), "merge", or the path of a VAE file to put in
+    merge_text_encoders: bool = True
+    dtype: str | None = None  # "fp16", "bf16", "fp32"; None keeps each tensor's dtype from A
+
+
+OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class MergeReport:
+    merged: int = 0
+    copied: int = 0
+    missing: dict[str, list[str]] = field(default_factory=dict)  # input name -> keys of A it lacks (A's copy kept)
+    shape_mismatches: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, A's shape, other's shape)
+    output_bytes: int = 0
+
+
+class TensorFile:
+    """A safetensors file read one tensor at a time with plain file reads.
+
+    Not `safe_open`: it memory-maps the file, and every page of a mapping once touched counts as resident memory of
+    this process until the kernel needs it back, so a merge would appear to hold both inputs whole.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.header, self.metadata = read_header(self.path)  # raises CheckpointError on a truncated file
+        self.file = open(self.path, "rb", buffering=0)
+        (header_len,) = struct.unpack("<Q", self.file.read(8))
+        self.data_start = 8 + header_len
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self.header[key]["dtype"]]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.get_flat(key).reshape(self.shape(key))
+
+    def get_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, as a 1-D tensor, reading only their bytes."""
+        dtype = self.dtype(key)
+        first, end = self.header[key]["data_offsets"]
+        size = dtype.itemsize
+        stop = (end - first) // size if stop is None else stop
+        out = torch.empty(stop - start, dtype=dtype)
+        if out.numel() == 0:
+            return out
+        self.file.seek(self.data_start + first + start * size)
+        if self.file.readinto(out.view(torch.uint8).numpy()) != out.numel() * size:
+            raise CheckpointError(f"{self.path}: truncated while reading {key}")
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
+DIFFUSERS_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
+                   "text_encoder": "text_encoder/model.safetensors", "text_encoder_2": "text_encoder_2/model.safetensors"}
+
+
+class DiffusersFolder:
+    """An SDXL diffusers folder read as if it were a single file: single-file names, tensors converted on read.
+
+    Each single-file tensor comes from a group of the folder's tensors through `minigen.sdxl.convert` (a rename; the
+    VAE attention's reshape; bigG's q, k, v fused and its projection transposed). Names and shapes are found by
+    converting meta tensors. Renamed and reshaped tensors keep their bytes, so chunks are read straight from the file;
+    the few converted ones are built whole (the last one is kept for the next chunk).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metadata: dict[str, str] = {}
+        missing = [rel for rel in DIFFUSERS_FILES.values() if not (self.path / rel).is_file()]
+        if missing:
+            raise CheckpointError(f"{self.path}: not an SDXL diffusers folder, it lacks {missing}")
+        self.files = {part: TensorFile(self.path / rel) for part, rel in DIFFUSERS_FILES.items()}
+        configs = {part: json.loads((self.path / part / "config.json").read_text()) for part in ("unet", "vae")}
+        converters = {"unet": lambda sd: convert.unet_to_single_file(sd, configs["unet"]),
+                      "vae": lambda sd: convert.vae_to_single_file(sd, configs["vae"]),
+                      "text_encoder": convert.clip_l_to_single_file, "text_encoder_2": convert.bigg_to_single_file}
+        self.sources: dict[str, tuple] = {}  # single-file key -> (converter, file, [its keys], renamed bytes as-is)
+        self.header: dict[str, torch.Tensor] = {}  # single-file key -> meta tensor (its shape and dtype)
+        self._last: tuple[str | None, torch.Tensor | None] = (None, None)  # the last tensor converted
+        for part, f in self.files.items():
+            for group in self._groups(f.keys()):
+                meta = {k: torch.empty(f.shape(k), dtype=f.dtype(k), device="meta") for k in group}
+                for key, t in converters[part](meta).items():
+                    plain = len(group) == 1 and t.numel() == meta[group[0]].numel() and not key.endswith("projection")
+                    self.sources[key] = (converters[part], f, group, plain)
+                    self.header[key] = t
+
+    @staticmethod
+    def _groups(keys: list[str]) -> list[list[str]]:
+        """One key per group, except bigG's q/k/v projections of a layer, which fuse into one tensor."""
+        groups: dict[str, list[str]] = {}
+        for k in keys:
+            groups.setdefault(re.sub(r"\.[qkv]_proj\.", ".qkv_proj.", k), []).append(k)
+        return list(groups.values())
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.header[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        convert_fn, f, group, _ = self.sources[key]
+        if self._last[0] != key:
+            self._last = (key, convert_fn({k: f.get(k) for k in group})[key].contiguous())
+        return self._last[1]
+
+    def get_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        _, f, group, plain = self.sources[key]
+        if plain:
+            return f.get_flat(group[0], start, stop)
+        return self.get(key).reshape(-1)[start:stop]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def open_checkpoint(path: str | os.PathLike) -> TensorFile | DiffusersFolder:
+    """A single .safetensors file, or an SDXL diffusers folder seen through single-file names."""
+    return DiffusersFolder(path) if Path(path).is_dir() else TensorFile(path)
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
+    """SHA-256 of a whole file, read in 16 MB pieces (the hash A1111 and civitai show for a model). For a diffusers
+    folder, of its four weight files' bytes one after the other (in DIFFUSERS_FILES order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(chunk_bytes))
+    for file in [path / rel for rel in DIFFUSERS_FILES.values()] if path.is_dir() else [path]:
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(buf[:n])
+    return h.hexdigest()
+
+
+def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - alpha) * a + alpha * b, as one lerp kernel (a + alpha * (b - a)): the same up to float rounding, faster.
+
+    On fp16/bf16 tensors torch's lerp computes in fp32 and rounds once, so it may run on the stored dtype directly.
+    """
+    return torch.lerp(a, b, alpha, out=out)
+
+
+def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.add(a, b - c, alpha=alpha, out=out)  # a + alpha * (b - c); b - c rounds, so inputs are fp32
+
+
+class Method(NamedTuple):
+    formula: Callable[..., torch.Tensor]  # formula(*inputs, alpha, out=None)
+    n_inputs: int
+    one_rounding: bool  # computes in fp32 internally even on fp16/bf16 inputs: no need to upcast them first
+
+
+METHODS = {"weighted_sum": Method(weighted_sum, 2, True), "add_difference": Method(add_difference, 3, False)}
+
+
+def component(key: str) -> str:
+    """'vae', 'text', 'unet' or 'other' from a single-file key."""
+    if key.startswith(VAE_PREFIX):
+        return "vae"
+    if key.startswith(TEXT_PREFIXES):
+        return "text"
+    if key.startswith(UNET_PREFIX):
+        return "unet"
+    return "other"
+
+
+def alpha_for(key: str, recipe: MergeRecipe) -> float:
+    """The recipe's alpha, or its block alpha for keys inside the UNet's input, middle or output blocks."""
+    if recipe.block_alphas is not None and key.startswith(UNET_PREFIX):
+        rest = key[len(UNET_PREFIX):]
+        for i, prefix in enumerate(UNET_BLOCKS):
+            if rest.startswith(prefix):
+                return recipe.block_alphas[i]
+    return recipe.alpha
+
+
+@dataclass
+class _Step:
+    key: str
+    sources: list[tuple[TensorFile, str]]  # (file, key in it): one source is a copy, several are a merge
+    alpha: float = 0.0
+
+
+def _plan(files: list[TensorFile], vae_file: TensorFile | None, recipe: MergeRecipe, strict: bool,
+          report: MergeReport) -> list[_Step]:
+    """Decide, from the headers only, where each of A's tensors comes from."""
+    a, others = files[0], files[1:]
+    steps = []
+    for key in a.keys():
+        kind = component(key)
+        if vae_file is not None and kind == "vae":
+            # A VAE file holds the VAE's own keys, with or without the single-file prefix.
+            vae_key = key if key in vae_file.header else key[len(VAE_PREFIX):]
+            candidates = [(vae_file, vae_key)]
+        elif (not a.dtype(key).is_floating_point or kind == "other" or (kind == "vae" and recipe.vae == "copy")
+              or (kind == "text" and not recipe.merge_text_encoders)):
+            candidates = []
+        else:
+            candidates = [(f, key) for f in others]
+        usable = True
+        for f, k in candidates:
+            if k not in f.header:
+                report.missing.setdefault(str(f.path), []).append(key)
+                usable = False
+            elif f.shape(k) != a.shape(key):
+                report.shape_mismatches.append((key, a.shape(key), f.shape(k)))
+                usable = False
+        if not usable or not candidates:
+            steps.append(_Step(key, [(a, key)]))
+        elif vae_file is not None and kind == "vae":
+            steps.append(_Step(key, candidates))
+        else:
+            steps.append(_Step(key, [(a, key)] + candidates, alpha_for(key, recipe)))
+    if strict and report.shape_mismatches:
+        listed = "\n  ".join(f"{k}: {sa} vs {sb}" for k, sa, sb in report.shape_mismatches[:20])
+        raise CheckpointError(f"{len(report.shape_mismatches)} tensors differ in shape (strict mode):\n  {listed}")
+    return steps
+
+
+def _check_same_model(files: list[TensorFile]) -> None:
+    """SDXL and SD 1.x share some key names; merged key by key they would make a broken hybrid, so refuse."""
+    kinds = [detect_model(f.keys()) for f in files]
+    for f, kind in zip(files[1:], kinds[1:]):
+        if kind != kinds[0]:
+            raise CheckpointError(f"cannot merge different architectures: {files[0].path} is {MODEL_NAMES[kinds[0]]}, "
+                                  f"{f.path} is {MODEL_NAMES[kind]}")
+
+
+def _check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
+    for p in inputs:
+        if out.resolve() == p.resolve() or (out.exists() and os.path.samefile(out, p)):
+            raise ValueError(f"output {out} is one of the inputs; refusing to overwrite it")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < nbytes:
+        raise OSError(f"not enough free disk for {out}: needs {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+
+def _merge_tensor(step: _Step, method: Method, out_dtype: torch.dtype) -> torch.Tensor:
+    """formula(inputs..., alpha), reading and computing CHUNK elements at a time: only the output is held whole.
+
+    The arithmetic is fp32 with one rounding to the output dtype: inputs are upcast, unless they already have the
+    output's dtype and the formula computes in fp32 internally (then it writes straight into the output, 2x faster).
+    """
+    shape = step.sources[0][0].shape(step.key)
+    out = torch.empty(shape, dtype=out_dtype).reshape(-1)  # (N,)
+    native = method.one_rounding and all(f.dtype(k) == out_dtype for f, k in step.sources)
+    for i in range(0, out.numel(), CHUNK):
+        j = min(i + CHUNK, out.numel())
+        chunks = [f.get_flat(k, i, j) for f, k in step.sources]  # each (j - i,)
+        if native:
+            method.formula(*chunks, step.alpha, out=out[i:j])
+        else:
+            out[i:j] = method.formula(*(t.float() for t in chunks), step.alpha)
+    return out.reshape(shape)
+
+
+def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike,
+                      recipe: MergeRecipe | None = None, c: str | os.PathLike | None = None,
+                      strict: bool = False, progress: bool = True) -> MergeReport:
+    """Merge single-file safetensors checkpoints A and B (and C for add difference) into `out`, streaming.
+
+    The output has A's keys in A's order. Keys of A missing in another input, or of another shape there, keep A's
+    tensor (a MergeWarning counts them; `strict` makes a shape mismatch an error). Returns what was done.
+    """
+    recipe = recipe or MergeRecipe()
+    if recipe.method not in METHODS:
+        raise ValueError(f"unknown merge method {recipe.method!r}; choose from {sorted(METHODS)}")
+    method = METHODS[recipe.method]
+    n_inputs = method.n_inputs
+    paths = [Path(p) for p in (a, b, c)[:n_inputs] if p is not None]
+    if len(paths) != n_inputs:
+        raise ValueError(f"{recipe.method} needs {n_inputs} checkpoints (A, B{', C' if n_inputs == 3 else ''})")
+    if recipe.dtype is not None and recipe.dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown output dtype {recipe.dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
+    for value in (recipe.alpha, *(recipe.block_alphas or ())):
+        if not 0 <= value <= 1:
+            warnings.warn(f"alpha {value} is outside [0, 1]: the merge extrapolates beyond its inputs",
+                          MergeWarning, stacklevel=2)
+    out = Path(out)
+    vae_path = None if recipe.vae in ("copy", "merge") else Path(recipe.vae)
+    inputs = dict(zip(["A", "B", "C"], paths)) | ({"VAE": vae_path} if vae_path else {})  # role -> path
+
+    files = [open_checkpoint(p) for p in paths]
+    vae_file = TensorFile(vae_path) if vae_path is not None else None
+    try:
+        _check_same_model(files)
+        report = MergeReport()
+        steps = _plan(files, vae_file, recipe, strict, report)
+        if vae_file is not None and not any(s.sources[0][0] is vae_file for s in steps):
+            raise CheckpointError(f"{vae_path} holds none of the VAE's single-file tensors (e.g. "
+                                  f"{next((k for k in files[0].keys() if component(k) == 'vae'), VAE_PREFIX + '*')}, with or without "
+                                  f"its prefix): a diffusers-format VAE, or not a VAE?")
+        specs = _output_specs(steps, recipe.dtype)
+        _warn_about(report)
+
+        def produce(step: _Step, dtype: torch.dtype) -> torch.Tensor:
+            if len(step.sources) == 1:
+                report.copied += 1
+                return step.sources[0][0].get(step.sources[0][1]).to(dtype)
+            report.merged += 1
+            return _merge_tensor(step, method, dtype)
+
+        report.output_bytes = _stream_out(out, inputs, files[0].metadata, {"type": "minigen", **asdict(recipe)},
+                                          specs, steps, produce, progress)
+        return report
+    finally:
+        for f in files + ([vae_file] if vae_file else []):
+            f.close()
+
+
+def _stream_out(out: Path, inputs: dict[str, Path], base_metadata: dict[str, str], recipe: dict,
+                specs: dict[str, tuple[tuple[int, ...], torch.dtype]], steps: list, produce, progress: bool) -> int:
+    """Write `out` with tensors produce(step, dtype), one step per key of `specs`; returns the bytes written.
+
+    Checks the output path and free disk first. The header, metadata included, is written first, but a digest needs
+    a full read of its file: the inputs are hashed in background threads while writing, and the digests filled in
+    over placeholders of their length at the end."""
+    nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs.values())
+    _check_output(out, list(inputs.values()), nbytes + (1 << 20))  # + room for the header
+    bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc=recipe["method"], disable=not progress)
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        digests = {role: pool.submit(sha256_file, p) for role, p in inputs.items()}
+        placeholders = {role: str(i).zfill(64) for i, role in enumerate(inputs)}  # distinct: digests are keys
+        with SafetensorsWriter(out, specs, _metadata(base_metadata, recipe, inputs, placeholders)) as writer:
+            for key, step in zip(specs, steps):
+                tensor = produce(step, specs[key][1])
+                writer.write(key, tensor)
+                bar.update(tensor.numel() * tensor.element_size())
+            digests = {role: d.result() for role, d in digests.items()}
+            writer.rewrite_metadata(_metadata(base_metadata, recipe, inputs, digests))
+    bar.close()
+    return nbytes
+
+
+def _output_specs(steps: list[_Step], dtype_name: str | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{key: (shape, dtype)} of the output: the dtype named for float tensors, else the source's own."""
+    specs = {}
+    for s in steps:
+        src, key = s.sources[0]
+        dtype = src.dtype(key)
+        if dtype_name is not None and dtype.is_floating_point:
+            dtype = OUTPUT_DTYPES[dtype_name]
+        specs[s.key] = (src.shape(key), dtype)
+    return specs
+
+
+def _metadata(base: dict[str, str], recipe: dict, inputs: dict[str, Path], digests: dict[str, str]) -> dict[str, str]:
+    """The base's metadata plus the recipe. A1111's merger writes these two keys too, so its UI shows the sources."""
+    metadata = dict(base)
+    metadata["sd_merge_recipe"] = json.dumps(recipe)
+    metadata["sd_merge_models"] = json.dumps(
+        {digests[role]: {"name": p.name, "role": role} for role, p in inputs.items()})
+    return metadata
+
+
+def _warn_about(report: MergeReport) -> None:
+    for path, keys in report.missing.items():
+        warnings.warn(f"{len(keys)} tensors of A are missing in {path}; A's tensors are kept "
+                      f"(first: {keys[0]})", MergeWarning, stacklevel=3)
+    if report.shape_mismatches:
+        key, sa, sb = report.shape_mismatches[0]
+        warnings.warn(f"{len(report.shape_mismatches)} tensors differ in shape and keep A's tensor "
+                      f"(first: {key}: {sa} vs {sb})", MergeWarning, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------- LoRA baking
+
+def lora_target_keys(keys: list[str]) -> dict[tuple[str, str], tuple[str, int | None]]:
+    """{(component, layer name as LoRA files write it): (checkpoint key, third of its rows or None)} of a single file.
+
+    kohya names are module paths with dots as underscores: the UNet's SGM paths (`input_blocks_4_1_..._to_q`) and the
+    text encoders' transformers paths (`text_model_encoder_layers_0_self_attn_q_proj`). bigG stores q, k and v fused
+    in one `in_proj_weight` (3 * width, width): its q/k/v LoRAs land on the first, second or third of those rows.
+    Dotted forms are registered too, for diffusers/peft files of the text encoders.
+    """
+    targets = {}
+    bigg_layer = re.compile(re.escape(BIGG_PREFIX) + r"transformer\.resblocks\.(\d+)\.(.+)")
+    for key in keys:
+        found = []  # (component, dotted layer name, third)
+        if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
+            found.append(("unet", key[len(UNET_PREFIX):-len(".weight")], None))
+        elif key.startswith(TE1_PREFIXES) and key.endswith(".weight"):
+            found.append(("te1", key.split(".transformer.", 1)[1][:-len(".weight")], None))
+        elif m := bigg_layer.fullmatch(key):
+            hf = f"text_model.encoder.layers.{m[1]}."
+            if m[2] == "attn.in_proj_weight":
+                found += [("te2", f"{hf}self_attn.{p}_proj", i) for i, p in enumerate("qkv")]
+            elif m[2].endswith(".weight") and m[2][:-len(".weight")] in BIGG_PARTS_TO_HF:
+                found.append(("te2", hf + BIGG_PARTS_TO_HF[m[2][:-len(".weight")]], None))
+        for component, name, third in found:
+            targets[(component, name)] = targets[(component, name.replace(".", "_"))] = (key, third)
+    return targets
+
+
+def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: list[tuple[Path, float]]
+                 ) -> dict[str, list[tuple[int | None, float, torch.Tensor, torch.Tensor]]]:
+    """{checkpoint key: [(third, ratio * alpha / rank, up (out, r), down (r, in...))]} from the LoRA files."""
+    targets = lora_target_keys(keys)
+    deltas: dict[str, list] = {}
+    for path, ratio in loras:
+        parsed, _, _ = read_lora(path)
+        unmatched = [f"{c}:{n}" for c, entries in parsed.items() for n in entries if (c, n) not in targets]
+        if unmatched:
+            raise LoRAFileError(f"{path}: {len(unmatched)} layers match no tensor of the checkpoint, e.g. "
+                                f"{unmatched[:3]} (a LoRA for another model?)")
+        for component, entries in parsed.items():
+            for name, e in entries.items():
+                key, third = targets[(component, name)]
+                up, down = e["up"].flatten(1).float(), e["down"].float()  # (out, r), (r, in[, kh, kw])
+                out_rows = shapes[key][0] // 3 if third is not None else shapes[key][0]
+                if up.shape[0] != out_rows or math.prod(down.shape[1:]) != math.prod(shapes[key][1:]):
+                    raise LoRAFileError(f"{path}: {component} layer {name} has up {tuple(e['up'].shape)} and down "
+                                        f"{tuple(down.shape)}, but {key} is {shapes[key]}")
+                deltas.setdefault(key, []).append((third, ratio * float(e["alpha"]) / down.shape[0], up, down))
+    return deltas
+
+
+def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
+               out: str | os.PathLike, dtype: str | None = None, progress: bool = True) -> MergeReport:
+    """Write `checkpoint` with LoRAs folded in: W + sum of ratio * alpha / rank * up @ down, tensor by tensor.
+
+    loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.lora_files`).
+    """
+    loras = [(Path(p), float(r)) for p, r in loras]
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown output dtype {dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
+    base = TensorFile(checkpoint)
+    try:
+        deltas = _lora_deltas(base.keys(), {k: base.shape(k) for k in base.keys()}, loras)
+        steps = [_Step(k, [(base, k)]) for k in base.keys()]
+        specs = _output_specs(steps, dtype)
+        report = MergeReport()
+
+        def produce(step: _Step, dtype: torch.dtype) -> torch.Tensor:
+            w = base.get(step.key)
+            if step.key not in deltas:
+                report.copied += 1
+                return w.to(dtype)
+            report.merged += 1
+            w = w.float()
+            for third, factor, up, down in deltas[step.key]:
+                rows = w if third is None else w.view(3, -1, *w.shape[1:])[third]  # (out, in[, kh, kw])
+                rows += factor * (up @ down.flatten(1)).view(rows.shape)
+            return w.to(dtype)
+
+        inputs = {"A": Path(checkpoint)} | {f"LoRA{i}": p for i, (p, _) in enumerate(loras)}
+        recipe = {"type": "minigen", "method": "bake_lora", "loras": [[p.name, r] for p, r in loras], "dtype": dtype}
+        report.output_bytes = _stream_out(Path(out), inputs, base.metadata, recipe, specs, steps, produce, progress)
+        return report
+    finally:
+        base.close()
+
+
+# ------------------------------------------------------------------------------------ LoRA extraction and merging
+
+def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """up (out, r[, 1, 1]), down (r, in[, kh, kw]) with up @ down ~ delta (out, in[, kh, kw]): truncated SVD (Eckart-Young).
+
+    As kohya's sd-scripts do, the singular values go into up, and both factors are clamped at the `clamp_quantile`
+    of their entries' magnitudes: a few outliers otherwise dominate fp16 files, at the cost of a little accuracy
+    (1.0 keeps the plain truncated SVD)."""
+    matrix = delta.float().flatten(1)  # (out, in * kh * kw)
+    rank = min(rank, *matrix.shape)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    up, down = u[:, :rank] * s[:rank], vh[:rank]  # (out, r), (r, in')
+    if clamp_quantile < 1:
+        hi = torch.quantile(torch.cat([up.flatten(), down.flatten()]).abs(), clamp_quantile)
+        up, down = up.clamp(-hi, hi), down.clamp(-hi, hi)
+    up = up.reshape(-1, rank, *[1] * (delta.ndim - 2))  # convolutions store up as (out, r, 1, 1)
+    return up.contiguous(), down.reshape(rank, *delta.shape[1:]).contiguous()
+
+
+def _is_lora_layer(component: str, name: str) -> bool:
+    """The layers kohya's LoRA wraps: the UNet's transformer blocks (attention, feed-forward, proj_in/out) and the
+    text encoders' attention and MLP."""
+    if component == "unet":
+        return "transformer_blocks." in name or name.endswith((".proj_in", ".proj_out"))
+    return ".encoder.layers." in name
+
+
+def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, rank: int = 32,
+                 clamp_quantile: float = 0.99, min_diff: float = 0.0, progress: bool = True) -> int:
+    """Write a kohya LoRA of `rank` approximating tuned - base layer by layer; returns the number of layers.
+
+    Layers whose largest |difference| is at most `min_diff` are left out. alpha = rank (scale 1)."""
+    a, b = TensorFile(base), TensorFile(tuned)
+    try:
+        _check_same_model([a, b])
+        targets = {(c, n): kt for (c, n), kt in lora_target_keys(a.keys()).items()
+                   if "." in n and _is_lora_layer(c, n)}  # dotted names only: each layer once
+        tensors = {}
+        for (component, name), (key, third) in tqdm(targets.items(), desc="extract", disable=not progress):
+            if key not in b.header or b.shape(key) != a.shape(key):
+                raise CheckpointError(f"{tuned} has no tensor {key} of shape {a.shape(key)}: not a fine-tune of {base}")
+            diff = b.get(key).float() - a.get(key).float()
+            if third is not None:
+                diff = diff.view(3, -1, *diff.shape[1:])[third]
+            if diff.abs().max() <= min_diff:
+                continue
+            up, down = low_rank(diff, rank, clamp_quantile)
+            prefix = KOHYA_PREFIX[component] + name.replace(".", "_")
+            tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
+                        f"{prefix}.alpha": torch.tensor(float(down.shape[0]))}
+        save_safetensors(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                        "ss_network_alpha": str(rank), "minigen.extracted_from":
+                                        json.dumps({"base": Path(base).name, "tuned": Path(tuned).name})})
+        return len(tensors) // 3
+    finally:
+        a.close()
+        b.close()
+
+
+def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike, rank: int,
+                clamp_quantile: float = 0.99) -> int:
+    """Write one kohya LoRA of `rank` from the sum of ratio * alpha / rank * up @ down of several, layer by layer
+    (re-factorised by SVD); returns the number of layers. The files must name layers the same way."""
+    deltas: dict[tuple[str, str], torch.Tensor] = {}
+    for path, ratio in loras:
+        parsed, fmt, _ = read_lora(path)
+        if fmt != "kohya":
+            raise LoRAFileError(f"{path}: merging LoRAs needs kohya files (got {fmt})")
+        for component, entries in parsed.items():
+            for name, e in entries.items():
+                down = e["down"].float()  # (r, in[, kh, kw])
+                delta = (e["up"].float().flatten(1) @ down.flatten(1)).view(-1, *down.shape[1:])
+                delta *= float(ratio) * float(e["alpha"]) / down.shape[0]
+                if (component, name) in deltas and deltas[(component, name)].shape != delta.shape:
+                    raise LoRAFileError(f"{path}: layer {name} is {tuple(delta.shape)} here, "
+                                        f"{tuple(deltas[(component, name)].shape)} in an earlier LoRA")
+                deltas[(component, name)] = deltas.get((component, name), 0) + delta
+    tensors = {}
+    for (component, name), delta in deltas.items():
+        up, down = low_rank(delta, rank, clamp_quantile)
+        prefix = KOHYA_PREFIX[component] + name
+        tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
+                    f"{prefix}.alpha": torch.tensor(float(down.shape[0]))}
+    save_safetensors(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                    "ss_network_alpha": str(rank), "minigen.merged_loras":
+                                    json.dumps([[Path(p).name, r] for p, r in loras])})
+    return len(deltas)
