@@ -3,6 +3,7 @@
     python train_gan.py --config configs/gan_002_v3.conf --epochs 50          # a preset, one flag overridden
     python train_gan.py --data met --size 320x480 --loss wgan-gp --out runs/met
     python train_gan.py --resume runs/gan/checkpoint.safetensors              # continues with the saved settings
+    python train_gan.py --config configs/demo.conf --fid-every 5              # FID vs the training set, logged
     python train_gan.py --sample 1000 --checkpoint runs/gan/checkpoint.safetensors --out runs/gan/fake
 
 A preset (configs/*.conf) is a file of the same flags, one per line, `#` comments allowed; flags given on the command
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from minigen.data import parse_size
+from minigen.gan_fid import fid_hook
 from minigen.gan_trainer import GANConfig, TrainingDiverged, load_checkpoint, sample_to_folder, train
 from minigen.io import CheckpointError
 
@@ -37,6 +39,10 @@ HELP = {
     "batch": "batch size", "epochs": "total epochs (a resumed run stops at the same total)", "seed": "random seed",
     "grid": "images in each epoch's grid", "save_every": "epochs between checkpoints", "out": "output folder",
     "device": "cpu, cuda, cuda:1, ...", "channels_last": "use the channels-last memory layout (faster on GPUs)",
+    "fid_every": "every N epochs, FID of --fid-samples generated images against the training set; 0 = off",
+    "fid_samples": "generated images per FID (fixed noise, so epochs compare)",
+    "fid_dims": "Inception features for FID: 64, 192, 768 or 2048",
+    "fid_weights": "FID Inception weights file (default: make fid-weights' cache, or pytorch-fid's download)",
 }
 
 
@@ -97,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             paths = sample_to_folder(args.checkpoint, args.sample, args.out, seed=cfg.seed, device=cfg.device)
             print(f"wrote {len(paths)} images to {args.out}")
             return 0
-        status = train(cfg, resume=getattr(args, "resume", None), progress=not getattr(args, "quiet", False))
+        progress = not getattr(args, "quiet", False)
+        # Built before training: missing Inception weights stop the run now, not after the first epoch.
+        hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every else []
+        status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress)
     except (CheckpointError, TrainingDiverged, ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

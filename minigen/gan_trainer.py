@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -67,6 +67,10 @@ class GANConfig:
     out: str = "runs/gan"
     device: str = "cpu"
     channels_last: bool = False
+    fid_every: int = 0                # epochs between FIDs of samples vs the training set (minigen.gan_fid); 0 = off
+    fid_samples: int = 1000           # generated images per FID, from one fixed noise seed
+    fid_dims: int = 2048              # Inception features: 64, 192, 768 or 2048
+    fid_weights: str = ""             # Inception weights file; "" = the usual lookup (minigen.inception.find_weights)
 
     def __post_init__(self):
         self.size, self.real_label, self.fake_label, self.betas = (
@@ -376,14 +380,20 @@ def sample_to_folder(checkpoint: str | Path, n: int, out: str | Path, batch: int
     """Write n generated images as PNGs 000000.png, 000001.png, ... into `out` (for FID and friends)."""
     G, cfg = load_generator(checkpoint, device)
     out = Path(out)
-    rng = torch.Generator().manual_seed(seed)
     paths = []
-    for start in tqdm(range(0, n, batch), desc="sampling", unit="batch"):
-        z = torch.randn(min(batch, n - start), cfg.nz, generator=rng)  # (B, nz)
+    for z in tqdm(noise_batches(n, cfg.nz, batch, seed), total=math.ceil(n / batch), desc="sampling", unit="batch"):
         with torch.no_grad():
             images = G(z.to(device)).cpu()  # batch statistics, as in GANTrainer.generate
-        for i, image in enumerate(images):
-            path = out / f"{start + i:06d}.png"
+        for image in images:
+            path = out / f"{len(paths):06d}.png"
             save_grid(image[None], path, nrow=1, padding=0)
             paths.append(path)
     return paths
+
+
+def noise_batches(n: int, nz: int, batch: int = 64, seed: int = 0) -> Iterator[torch.Tensor]:
+    """n latent vectors in batches (B, nz) drawn from a generator seeded with `seed`: the same ones on every call,
+    so `--sample` and the FID hook (minigen.gan_fid) see the same images from the same weights."""
+    rng = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch):
+        yield torch.randn(min(batch, n - start), nz, generator=rng)  # (B, nz)
