@@ -1,1 +1,11 @@
-"""Stable Diffusion XL: UNet, VAE, text encoders, tokenizer, key maps and loader."""
+"""Stable Diffusion XL: UNet, VAE, text encoders, tokenizer, the key maps between checkpoint formats, and a loader.
+
+Module names follow diffusers, so a diffusers folder loads with no renaming; `convert` maps single-file names.
+"""
+
+from .configs import SDXL_BASE, TINY, get_config
+from .convert import detect_model, unet_module_to_diffusers, unet_module_to_sgm, unet_name_map, vae_name_map
+from .model import SDXL, load_sdxl
+
+__all__ = ["SDXL", "SDXL_BASE", "TINY", "get_config", "load_sdxl", "detect_model", "unet_module_to_diffusers",
+           "unet_module_to_sgm", "unet_name_map", "vae_name_map"]

@@ -1,0 +1,262 @@
+"""LoRA: low-rank adapters added to frozen Linear (and 1x1 Conv2d) layers, found by module-name patterns.
+
+A LoRA adapter on a layer with weight W (out, in) learns `down` (rank, in) and `up` (out, rank) and changes the
+layer's output by `multiplier * scale * up(down(x))`, scale = alpha / rank (Hu et al. 2021, "LoRA"; kohya's alpha).
+Merged, the layer's weight is `W + multiplier * scale * up @ down`.
+
+- `add_lora(model, targets, rank, alpha)` wraps every matching layer in a `LoRALayer` and returns the wrapped names.
+  Several adapters, each under its own name and multiplier, can sit on one layer (`sample.py --lora a:0.8 --lora b:0.5`).
+- `merge_lora` folds the adapters into the base weights (fast inference); `unmerge_lora` restores the exact original
+  weights, which are kept aside on merge (recomputing W from a sum of rounded deltas would not be exact).
+- `remove_lora` puts the plain layers back. `lora_parameters` / `lora_weights` give only the adapters' tensors.
+File formats (kohya, diffusers/peft) live in `lora_files.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+# Module-name patterns (regular expressions searched in the full module path). The names are diffusers' UNet and
+# transformers' CLIP names, which minigen's SDXL modules share.
+UNET_ATTENTION = (r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",)  # what the seeds train
+# kohya's sd-scripts wraps every Linear inside a Transformer2DModel: the attention, the feed-forward, proj_in/out.
+UNET_KOHYA = UNET_ATTENTION + (r"attentions\.\d+\.(proj_in|proj_out)$",
+                               r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$")
+TEXT_ENCODER_ATTENTION = (r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$",)
+PRESETS = {"attention": UNET_ATTENTION, "kohya": UNET_KOHYA, "text": TEXT_ENCODER_ATTENTION}
+
+
+@dataclass
+class LoRATensors:
+    """One adapter's weights as files store them: down (rank, in[, 1, 1]), up (out, rank[, 1, 1]), alpha."""
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+class LoRAAdapter(nn.Module):
+    """down -> up with scale alpha/rank. Input dropout as peft's `lora_dropout` (kohya's `dropout` acts on down's
+    output instead; input dropout is what diffusers' SDXL LoRA example trains with)."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None,
+                 dropout: float = 0.0, init: str = "kohya"):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(base.in_channels, rank, 1, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # fp32 adapters on any base dtype: training keeps LoRA weights in fp32 under bf16/fp16 autocast.
+        self.to(device=base.weight.device, dtype=torch.float32)
+        self.reset_parameters(init)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def reset_parameters(self, init: str) -> None:
+        """kohya (and peft's default): down kaiming-uniform(a=sqrt(5)), up zeros. 'gaussian' (peft): down N(0, 1/rank).
+        Either way up = 0, so a fresh adapter leaves the model's outputs unchanged."""
+        if init == "kohya":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.down.weight, std=1 / self.rank)
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}: use 'kohya' or 'gaussian'")
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down.weight.dtype)
+        return self.up(self.down(self.dropout(x))) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * up @ down, shaped like the base weight (out, in) or (out, in, 1, 1); fp32."""
+        up, down = self.up.weight.flatten(1), self.down.weight.flatten(1)  # (out, r), (r, in)
+        return (self.scale * up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:])
+
+    def get_tensors(self) -> LoRATensors:
+        return LoRATensors(self.down.weight.detach(), self.up.weight.detach(), self.alpha)
+
+    def set_tensors(self, t: LoRATensors) -> None:
+        with torch.no_grad():
+            self.down.weight.copy_(t.down.reshape(self.down.weight.shape))
+            self.up.weight.copy_(t.up.reshape(self.up.weight.shape))
+        self.alpha = float(t.alpha)
+
+
+class LoRALayer(nn.Module):
+    """A frozen base layer plus named adapters, each with its own multiplier; output = base(x) + sum m * adapter(x)."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.multipliers: dict[str, float] = {}
+        self.merged: list[str] = []  # adapters folded into base.weight
+        self.original_weight: torch.Tensor | None = None  # base.weight before the first merge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for name, adapter in self.adapters.items():
+            m = self.multipliers[name]
+            if m != 0 and name not in self.merged:
+                y = y + (m * adapter(x)).to(y.dtype)
+        return y
+
+    def add(self, name: str, adapter: LoRAAdapter, multiplier: float = 1.0) -> None:
+        if name in self.adapters:
+            raise ValueError(f"this layer already has a LoRA named {name!r}; remove it first or pick another name")
+        self.adapters[name] = adapter
+        self.multipliers[name] = float(multiplier)
+
+    def merge(self, names: Iterable[str]) -> None:
+        names = list(names)
+        if not names:
+            return
+        if self.original_weight is None:
+            self.original_weight = self.base.weight.detach().clone()
+        self.merged = sorted(set(self.merged) | set(names))
+        self._rebuild_weight()
+
+    def unmerge(self, names: Iterable[str]) -> None:
+        drop = set(names)
+        self.merged = [n for n in self.merged if n not in drop]
+        self._rebuild_weight()
+
+    def _rebuild_weight(self) -> None:
+        """base.weight = W + sum over merged adapters of m * delta, from the saved W: exact and order-free."""
+        if self.original_weight is None:
+            return
+        with torch.no_grad():
+            w = self.original_weight.float()
+            for name in self.merged:
+                w = w + self.multipliers[name] * self.adapters[name].delta_weight().to(w.device)
+            self.base.weight.copy_(w.to(self.base.weight.dtype))
+        if not self.merged:
+            self.original_weight = None
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def matching_modules(model: nn.Module, targets: str | Iterable[str]) -> dict[str, nn.Module]:
+    """Linear and 1x1 Conv2d layers (or LoRALayers already wrapping one) whose module path matches any pattern."""
+    patterns = [re.compile(t) for t in (PRESETS.get(targets, (targets,)) if isinstance(targets, str) else targets)]
+    wrapped = tuple(path + "." for path in _lora_layers(model))
+    found = {}
+    for name, module in model.named_modules():
+        if wrapped and name.startswith(wrapped):  # the base and adapters inside a LoRALayer
+            continue
+        layer = module.base if isinstance(module, LoRALayer) else module
+        is_target = isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1))
+        if is_target and any(p.search(name) for p in patterns):
+            found[name] = module
+    return found
+
+
+def _wrap(model: nn.Module, name: str) -> LoRALayer:
+    module = model.get_submodule(name)
+    if isinstance(module, LoRALayer):
+        return module
+    parent_name, _, child = name.rpartition(".")
+    layer = LoRALayer(module)
+    setattr(model.get_submodule(parent_name), child, layer)
+    return layer
+
+
+def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank: int = 4,
+             alpha: float | None = None, name: str = "default", multiplier: float = 1.0,
+             dropout: float = 0.0, init: str = "kohya") -> list[str]:
+    """Freeze `model`'s own weights and add a trainable adapter named `name` to every layer matching `targets` (a preset name in
+    PRESETS or regular expressions). Returns the wrapped module paths; none matching is an error."""
+    found = matching_modules(model, targets)
+    if not found:
+        raise ValueError(f"no Linear or 1x1 Conv2d layer of {type(model).__name__} matches {targets!r}")
+    taken = [path for path, m in found.items() if isinstance(m, LoRALayer) and name in m.adapters]
+    if taken:  # checked up front so that a refused call changes nothing
+        raise ValueError(f"{len(taken)} layers already have a LoRA named {name!r}, e.g. {taken[:3]}")
+    adapters = {id(p) for p in lora_parameters(model)}
+    for p in model.parameters():  # freeze the base model; adapters added before keep their own setting
+        if id(p) not in adapters:
+            p.requires_grad_(False)
+    for path, module in found.items():
+        base = module.base if isinstance(module, LoRALayer) else module
+        _wrap(model, path).add(name, LoRAAdapter(base, rank, alpha, dropout, init), multiplier)
+    return sorted(found)
+
+
+def add_lora_weights(model: nn.Module, weights: dict[str, LoRATensors], name: str = "default",
+                     multiplier: float = 1.0) -> None:
+    """Add an adapter named `name` holding given weights ({module path: LoRATensors}, e.g. read from a file)."""
+    for path, t in weights.items():
+        layer = _wrap(model, path)
+        adapter = LoRAAdapter(layer.base, t.rank, t.alpha)
+        adapter.set_tensors(t)
+        adapter.requires_grad_(False)
+        layer.add(name, adapter, multiplier)
+
+
+def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The adapters' parameters (all adapters, or the one named), for the optimizer."""
+    return [p for layer in _lora_layers(model).values() for n, a in layer.adapters.items()
+            if name is None or n == name for p in a.parameters()]
+
+
+def lora_weights(model: nn.Module, name: str = "default") -> dict[str, LoRATensors]:
+    """{module path: LoRATensors} of the adapter named `name`: what a LoRA file stores."""
+    return {path: layer.adapters[name].get_tensors() for path, layer in _lora_layers(model).items()
+            if name in layer.adapters}
+
+
+def lora_names(model: nn.Module) -> list[str]:
+    return sorted({n for layer in _lora_layers(model).values() for n in layer.adapters})
+
+
+def set_multiplier(model: nn.Module, name: str, multiplier: float) -> None:
+    for layer in _lora_layers(model).values():
+        if name in layer.adapters:
+            layer.multipliers[name] = float(multiplier)
+            layer._rebuild_weight()
+
+
+def merge_lora(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Fold adapters (default: all) into the base weights; their forward is then skipped."""
+    for layer in _lora_layers(model).values():
+        layer.merge(n for n in (layer.adapters if names is None else names) if n in layer.adapters)
+
+
+def unmerge_lora(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Undo merge_lora: the base weights become exactly what they were (less any adapters still merged)."""
+    for layer in _lora_layers(model).values():
+        layer.unmerge(list(layer.merged if names is None else names))
+
+
+def remove_lora(model: nn.Module, name: str | None = None) -> None:
+    """Remove the adapter named `name` (default: all). Merged adapters are unmerged first, so the base weights are
+    the original ones; to keep an adapter baked in, copy the merged weights out before removing (merge.py does)."""
+    for path, layer in _lora_layers(model).items():
+        doomed = list(layer.adapters) if name is None else [n for n in layer.adapters if n == name]
+        layer.unmerge(doomed)
+        for n in doomed:
+            del layer.adapters[n]
+            del layer.multipliers[n]
+        if not layer.adapters:
+            parent_name, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.base)

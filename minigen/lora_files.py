@@ -1,0 +1,280 @@
+"""LoRA files: kohya (written by default), diffusers/peft, and diffusers' older `lora.down/lora.up` form.
+
+Inside minigen a LoRA is {component: {module path: LoRATensors}}, components "unet", "te1", "te2", module paths in
+diffusers/transformers names (minigen's SDXL modules share them).
+
+- kohya (sd-scripts; what A1111, ComfyUI, Forge and diffusers all load): `lora_unet_<SGM path, dots as _>`,
+  `lora_te1_text_model_...`, `lora_te2_...`, each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`.
+  The UNet part is written with single-file (SGM) block names, e.g. `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+  made with `minigen.sdxl.convert`'s UNet name map; reading accepts SGM or diffusers block names.
+- diffusers/peft: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.`, `text_encoder_2.`. peft stores
+  no alpha: W' = W + B A, alpha == rank. minigen bakes scale = alpha/rank into lora_B when writing, so every reader
+  (with or without diffusers' `lora_adapter_metadata`) gets the same weights; it reads that metadata when present.
+- older diffusers: `...attn1.processor.to_q_lora.down.weight`, `...to_q.lora.down.weight`, `...lora_linear_layer.down`.
+Underscored kohya names are resolved by looking them up among the model's own module paths, never by guessing
+where the dots were; a name or shape that fits no module is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .io import CheckpointError, load_safetensors, save_safetensors
+from .lora import LoRATensors, add_lora_weights
+from .sdxl.convert import NameMap, unet_name_map
+
+COMPONENTS = ("unet", "te1", "te2")
+KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+KOHYA_READ_PREFIX = {**{p: c for c, p in KOHYA_PREFIX.items()}, "lora_te_": "te1"}  # lora_te_: SD 1.x's one encoder
+DIFFUSERS_PREFIX = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
+LoRA = dict[str, dict[str, LoRATensors]]  # {component: {module path: LoRATensors}}
+
+
+class LoRAFileError(CheckpointError):
+    """A LoRA file that does not fit the model: unknown module names, wrong shapes, or an unknown layout."""
+
+
+def _te_path(path: str) -> str:
+    """Text-encoder paths with the `text_model.` prefix real SDXL files carry (transformers 5's CLIPTextModel drops it)."""
+    return path if path.startswith("text_model.") else "text_model." + path
+
+
+# ----------------------------------------------------------------------------------------------------------- writing
+
+def save_lora(path: str | os.PathLike, lora: LoRA, format: str = "kohya", metadata: Mapping[str, str] | None = None,
+              unet_names: NameMap | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write `lora` ({component: {module path: LoRATensors}}) as a kohya or diffusers file (atomic).
+
+    unet_names: the UNet's diffusers <-> SGM name map, for kohya's UNet names (default: SDXL base's).
+    dtype: the tensors' dtype in the file (default: as they are, fp32 from training)."""
+    unknown = set(lora) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown LoRA components {sorted(unknown)}; expected some of {COMPONENTS}")
+    if format == "kohya":
+        tensors = kohya_state_dict(lora, unet_names or unet_name_map())
+    elif format == "diffusers":
+        tensors = diffusers_state_dict(lora)
+    else:
+        raise ValueError(f"unknown LoRA file format {format!r}: use 'kohya' or 'diffusers'")
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, dict(metadata or {}))
+
+
+def kohya_state_dict(lora: LoRA, unet_names: NameMap) -> dict[str, torch.Tensor]:
+    """kohya keys: `lora_unet_<SGM path>` / `lora_te1_text_model_...` with `.lora_down.weight`, `.lora_up.weight`,
+    `.alpha` (a 0-d tensor, as sd-scripts stores it)."""
+    out = {}
+    for component, modules in lora.items():
+        for path, t in modules.items():
+            if component == "unet":
+                path = unet_names.to_single_file(path)  # KeyError names a path the map lacks
+            else:
+                path = _te_path(path)
+            name = KOHYA_PREFIX[component] + path.replace(".", "_")
+            out[f"{name}.lora_down.weight"] = t.down
+            out[f"{name}.lora_up.weight"] = t.up
+            out[f"{name}.alpha"] = torch.tensor(float(t.alpha))
+    return out
+
+
+def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
+    """diffusers/peft keys: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.`, `text_encoder_2.`."""
+    out = {}
+    for component, modules in lora.items():
+        for path, t in modules.items():
+            name = DIFFUSERS_PREFIX[component] + (path if component == "unet" else _te_path(path))
+            out[f"{name}.lora_A.weight"] = t.down
+            # Patch: peft files carry no alpha (scale 1); baking alpha/rank into B keeps W + scale * B A in any reader.
+            out[f"{name}.lora_B.weight"] = t.up.float() * (t.alpha / t.rank)
+    return out
+
+
+def kohya_metadata(*, base_model: str = "", rank: int, alpha: float, resolution: tuple[int, int] = (1024, 1024),
+                   trigger_phrase: str = "", steps: int = 0, epoch: int = 0, title: str = "LoRA",
+                   date: str = "", extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The `ss_*` keys sd-scripts writes (A1111 and kohya's GUI show them) and the SAI `modelspec.*` keys (1.0.1)."""
+    w, h = resolution
+    meta = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": base_model, "ss_resolution": f"({w}, {h})",
+        "ss_steps": str(steps), "ss_epoch": str(epoch), "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title, "modelspec.resolution": f"{w}x{h}", "modelspec.prediction_type": "epsilon",
+    }
+    if trigger_phrase:
+        meta["modelspec.trigger_phrase"] = trigger_phrase
+    if date:
+        meta["modelspec.date"] = date
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+
+# Older diffusers names -> (module path, "down"|"up"), tried in order on the key with its component prefix removed.
+_OLD_FORMS = [
+    (re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v)_lora\.(down|up)\.weight$"), lambda m: f"{m[1]}.{m[2]}"),
+    (re.compile(r"^(.*)\.processor\.to_out_lora\.(down|up)\.weight$"), lambda m: f"{m[1]}.to_out.0"),
+    # text encoders in the attn-procs era: self_attn.to_q_lora means self_attn.q_proj
+    (re.compile(r"^(.*self_attn)\.(to_q|to_k|to_v)_lora\.(down|up)\.weight$"), lambda m: f"{m[1]}.{m[2][3]}_proj"),
+    (re.compile(r"^(.*self_attn)\.to_out_lora\.(down|up)\.weight$"), lambda m: f"{m[1]}.out_proj"),
+    (re.compile(r"^(.*)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$"), lambda m: m[1]),
+    (re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$"), lambda m: m[1]),
+]
+
+
+def _parse_diffusers_key(key: str) -> tuple[str, str] | None:
+    for pattern, module in _OLD_FORMS:
+        m = pattern.match(key)
+        if m:
+            role = m.groups()[-1]
+            return module(m), {"A": "down", "B": "up"}.get(role, role)
+    return None
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, dict]], str, dict[str, str]]:
+    """Parse a LoRA file into ({component: {name in the file: {"down", "up", "alpha"}}}, format, metadata).
+    Names are kohya's underscored names or dotted diffusers paths; `resolve_lora` matches them to a model."""
+    tensors, metadata = load_safetensors(path)
+    if not tensors:
+        raise LoRAFileError(f"{path}: no tensors")
+    kohya = all(k.startswith(tuple(KOHYA_READ_PREFIX)) for k in tensors)
+    parsed: dict[str, dict[str, dict]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        if kohya:
+            name, _, part = key.partition(".")
+            prefix = next(p for p in KOHYA_READ_PREFIX if name.startswith(p))
+            component, name = KOHYA_READ_PREFIX[prefix], name.removeprefix(prefix)
+            role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(part)
+        else:
+            component = next((c for c, p in sorted(DIFFUSERS_PREFIX.items(), key=lambda cp: -len(cp[1]))
+                              if key.startswith(p)), None)
+            rest = key[len(DIFFUSERS_PREFIX[component]):] if component else key
+            if rest.endswith(".alpha"):
+                name, role = rest.removesuffix(".alpha"), "alpha"
+            else:
+                name, role = _parse_diffusers_key(rest) or (rest, None)
+            component = component or "unet"  # unet-only files from `save_attn_procs` have no prefix
+        if role is None:
+            unknown.append(key)
+            continue
+        parsed.setdefault(component, {}).setdefault(name, {})[role] = value
+    if unknown:
+        raise LoRAFileError(f"{path}: {len(unknown)} keys are not LoRA weights of a known layout, "
+                            f"e.g. {unknown[:3]}")
+    fmt = "kohya" if kohya else "diffusers"
+    for component, entries in parsed.items():
+        for name, e in entries.items():
+            if "down" not in e or "up" not in e:
+                raise LoRAFileError(f"{path}: {component} module {name!r} lacks its "
+                                    f"{'up' if 'down' in e else 'down'} weight")
+    if kohya:  # sd-scripts' rule for a file without .alpha: alpha = rank
+        for entries in parsed.values():
+            for e in entries.values():
+                e.setdefault("alpha", e["down"].shape[0])
+    else:
+        _apply_peft_alphas(parsed, metadata)
+    return parsed, fmt, metadata
+
+
+def _apply_peft_alphas(parsed: dict[str, dict[str, dict]], metadata: Mapping[str, str]) -> None:
+    """diffusers >= 0.33 writes peft's LoraConfig per component in `lora_adapter_metadata` (`unet.lora_alpha`,
+    `unet.alpha_pattern`, ...). Without it and without `.alpha` keys, peft's rule holds: alpha = rank."""
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    for component, entries in parsed.items():
+        prefix = DIFFUSERS_PREFIX[component]
+        default_alpha = config.get(prefix + "lora_alpha")
+        pattern = config.get(prefix + "alpha_pattern") or {}
+        for name, e in entries.items():
+            if "alpha" in e:
+                continue
+            alpha = next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), default_alpha)
+            e["alpha"] = alpha if alpha is not None else e["down"].shape[0]
+
+
+def _module_lookup(model: nn.Module, component: str, unet_names: NameMap | None) -> dict[str, str]:
+    """Every name a file may use for a layer of `model` -> the layer's module path."""
+    lookup = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or ".adapters." in path:
+            continue
+        path = path.removesuffix(".base")  # a layer already wrapped by a LoRALayer
+        names = [path]
+        if component == "unet" and unet_names:
+            try:
+                names.append(unet_names.to_single_file(path))
+            except KeyError:  # a module outside the mapped blocks (none that LoRA targets)
+                pass
+        if component != "unet":  # with and without `text_model.` (transformers 5's CLIPTextModel has none)
+            names += [_te_path(path), path.removeprefix("text_model.")]
+        for n in names:
+            lookup[n] = lookup[n.replace(".", "_")] = path
+    return lookup
+
+
+def resolve_lora(parsed: dict[str, dict[str, dict]], models: Mapping[str, nn.Module],
+                 unet_names: NameMap | None = None, source: str = "LoRA file") -> LoRA:
+    """Match the parsed file's names to the models' module paths and check every shape; errors name the mismatch.
+    unet_names: the UNet's diffusers <-> SGM name map (default: built from `models["unet"].config`)."""
+    lora: LoRA = {}
+    for component, entries in parsed.items():
+        if component not in models:
+            raise LoRAFileError(f"{source} has {len(entries)} {component} layers, but no {component} model was "
+                                f"given (got {sorted(models)})")
+        model = models[component]
+        if component == "unet" and unet_names is None and hasattr(model, "config"):
+            unet_names = unet_name_map(dict(model.config))
+        lookup = _module_lookup(model, component, unet_names)
+        missing = [n for n in entries if n not in lookup]
+        if missing:
+            raise LoRAFileError(
+                f"{source}: {len(missing)} of {len(entries)} {component} layers match no module of this model, "
+                f"e.g. {missing[:3]} (a LoRA for another model?)")
+        lora[component] = {}
+        for name, e in entries.items():
+            path = lookup[name]
+            layer = model.get_submodule(path)
+            layer = getattr(layer, "base", layer)
+            w = layer.weight  # (out, in[, 1, 1])
+            down, up = e["down"], e["up"]
+            if down.dim() > 2 and tuple(down.shape[2:]) != (1, 1) or tuple(w.shape[2:]) not in ((), (1, 1)):
+                raise LoRAFileError(f"{source}: {component} layer {path} is a {tuple(w.shape[2:])} convolution and "
+                                    f"the file's down is {tuple(down.shape)}: LoRA on k x k convolutions (LoCon, "
+                                    f"LyCORIS) is not supported, only Linear and 1x1 layers")
+            if down.shape[1] != w.shape[1] or up.shape[0] != w.shape[0] or up.shape[1] != down.shape[0]:
+                raise LoRAFileError(
+                    f"{source}: {component} layer {path} has weight {tuple(w.shape)}, but the file's down is "
+                    f"{tuple(down.shape)} and up {tuple(up.shape)} (a LoRA for another model?)")
+            lora[component][path] = LoRATensors(down.float(), up.float(), float(e["alpha"]))
+    return lora
+
+
+def load_lora(path: str | os.PathLike, models: Mapping[str, nn.Module], name: str = "default",
+              multiplier: float = 1.0, unet_names: NameMap | None = None) -> dict[str, str]:
+    """Read a LoRA file of any supported layout and add it to `models` ({"unet", "te1", "te2"}: module) as the
+    adapter `name` with `multiplier`. Returns the file's metadata."""
+    parsed, _, metadata = read_lora(path)
+    lora = resolve_lora(parsed, models, unet_names, source=str(path))
+    for component, weights in lora.items():
+        add_lora_weights(models[component], weights, name, multiplier)
+    return metadata
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """`path[:multiplier]` as `sample.py --lora a.safetensors:0.8` takes it; no multiplier means 1."""
+    path, sep, multiplier = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(multiplier)
+        except ValueError:  # a colon that is part of the path
+            pass
+    return spec, 1.0

@@ -1,0 +1,183 @@
+"""SDXL configurations, as the config.json files of a diffusers folder hold them.
+
+`SDXL_BASE` is Stable Diffusion XL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0): its `unet/`, `vae/`,
+`text_encoder/`, `text_encoder_2/` and `scheduler/` configs. `TINY` keeps the same structure at toy widths, for
+tests and smoke runs: three resolution levels of which two use cross-attention, transformer depth 2 at the lowest
+level, head dim (16) different from every channel count, two text encoders of different widths, the second with 10
+layers (diffusers' single-file detection looks for `resblocks.9`), the real vocabulary size and 77 positions.
+
+Every function returns a fresh dict, so callers may change it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+_UNET_BASE = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],  # diffusers' name; it is the number of heads (head dim 64)
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,  # 768 (CLIP-L) + 1280 (bigG) hidden states, concatenated
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,  # 1280 (pooled bigG) + 6 time ids * 256
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+_VAE_BASE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,  # SDXL's VAE overflows in fp16
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+# transformers' CLIPTextConfig fields. The real files say eos_token_id 2 (a leftover of the original export); with
+# it transformers pools at the argmax token id, which is the end-of-text token 49407 for CLIP's vocabulary.
+_CLIP_TEXT_COMMON = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "pad_token_id": 1,
+    "vocab_size": 49408,
+}
+
+_TEXT_ENCODER_BASE = {  # OpenAI CLIP ViT-L/14 text tower
+    **_CLIP_TEXT_COMMON,
+    "architectures": ["CLIPTextModel"],
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
+
+_TEXT_ENCODER_2_BASE = {  # OpenCLIP ViT-bigG/14 text tower, with its projection
+    **_CLIP_TEXT_COMMON,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
+
+_SCHEDULER_BASE = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+SDXL_BASE = {
+    "unet": _UNET_BASE,
+    "vae": _VAE_BASE,
+    "text_encoder": _TEXT_ENCODER_BASE,
+    "text_encoder_2": _TEXT_ENCODER_2_BASE,
+    "scheduler": _SCHEDULER_BASE,
+}
+
+TINY = {
+    "unet": {
+        **_UNET_BASE,
+        "block_out_channels": [32, 64, 96],
+        "attention_head_dim": [2, 4, 6],  # heads; head dim 16 at every level
+        "transformer_layers_per_block": [1, 1, 2],
+        "layers_per_block": 2,
+        "cross_attention_dim": 32 + 64,  # text_encoder + text_encoder_2 widths
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 32 + 6 * 8,  # text_encoder_2 projection + 6 time ids * 8
+        "norm_num_groups": 32,
+        "sample_size": 16,
+    },
+    "vae": {
+        **_VAE_BASE,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1,
+        "sample_size": 32,
+    },
+    "text_encoder": {**_TEXT_ENCODER_BASE, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                     "num_hidden_layers": 3, "projection_dim": 32},
+    "text_encoder_2": {**_TEXT_ENCODER_2_BASE, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                       "num_hidden_layers": 10, "projection_dim": 32},
+    "scheduler": _SCHEDULER_BASE,
+}
+
+PRESETS = {"sdxl-base": SDXL_BASE, "tiny": TINY}
+
+
+def get_config(preset: str = "sdxl-base", part: str | None = None) -> dict:
+    """A fresh copy of a preset's configs ({"unet", "vae", "text_encoder", "text_encoder_2", "scheduler"}) or one part."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown SDXL preset {preset!r}; choose from {sorted(PRESETS)}")
+    configs = PRESETS[preset]
+    if part is not None and part not in configs:
+        raise KeyError(f"unknown part {part!r}; choose from {sorted(configs)}")
+    return copy.deepcopy(configs if part is None else configs[part])

@@ -1,0 +1,342 @@
+"""Key maps between diffusers names and the single-file (SGM/LDM) names of an SDXL checkpoint, both ways.
+
+A single file such as `sd_xl_base_1.0.safetensors` holds four models under four prefixes:
+
+    model.diffusion_model.                    UNet, SGM names      (input_blocks.4.1.transformer_blocks.0.attn1.to_q)
+    first_stage_model.                        VAE, LDM names       (encoder.down.0.block.1.nin_shortcut)
+    conditioner.embedders.0.transformer.      CLIP ViT-L, the HF layout (text_model.encoder.layers.0...)
+    conditioner.embedders.1.model.            OpenCLIP bigG layout (transformer.resblocks.0.attn.in_proj_weight)
+
+minigen's modules use diffusers' names, so a diffusers folder loads as it is and this file maps the rest:
+- the UNet and VAE by *module-path prefixes* built from their configs (`unet_name_map`, `vae_name_map`). A prefix
+  map renames any key or module path, so the LoRA code uses the same map to turn
+  `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` into kohya's
+  `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`;
+- the VAE's mid-block attention, stored as 1x1 convolutions in LDM files and as linear layers in diffusers;
+- bigG, whose attention stores q, k and v fused in one `in_proj_weight` and whose projection is stored transposed.
+
+Facts learned from diffusers' `loaders/single_file_utils.py`; the code is minigen's own.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from .clip import normalize_clip_keys
+from .configs import get_config
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+BIGG_PREFIX = "conditioner.embedders.1.model."
+SINGLE_FILE_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_L_PREFIX,
+                        "text_encoder_2": BIGG_PREFIX}
+
+# Keys real single files carry that no minigen/diffusers module holds: dropped when loading.
+IGNORED_SINGLE_FILE_KEYS = (
+    CLIP_L_PREFIX + "text_model.embeddings.position_ids",  # a buffer older transformers saved
+    BIGG_PREFIX + "logit_scale",  # CLIP's contrastive temperature, unused for text encoding
+)
+
+
+class NameMap:
+    """Renames dotted names (keys or module paths) by their longest mapped prefix, in either direction."""
+
+    def __init__(self, prefixes: Mapping[str, str], what: str):
+        self.forward_map = dict(prefixes)
+        self.backward_map = {v: k for k, v in prefixes.items()}
+        if len(self.backward_map) != len(self.forward_map):
+            raise ValueError(f"{what}: name map is not one-to-one")
+        self.what = what
+
+    @staticmethod
+    def _rename(name: str, table: Mapping[str, str], what: str) -> str:
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):
+            head = ".".join(parts[:n])
+            if head in table:
+                return ".".join([table[head], *parts[n:]])
+        raise KeyError(f"{what}: no mapping for {name!r}")
+
+    def to_single_file(self, name: str) -> str:
+        """diffusers name -> single-file (SGM/LDM) name, without the model's file prefix."""
+        return self._rename(name, self.forward_map, self.what)
+
+    def to_diffusers(self, name: str) -> str:
+        """single-file (SGM/LDM) name, without the model's file prefix -> diffusers name."""
+        return self._rename(name, self.backward_map, self.what)
+
+
+# ----------------------------------------------------------------------------------------------------------- UNet
+
+# diffusers ResnetBlock2D part -> SGM ResBlock part (in_layers = [norm, act, conv], out_layers = [norm, act, drop, conv])
+_UNET_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                      "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_name_map(config: Mapping | None = None) -> NameMap:
+    """The diffusers <-> SGM name map of a UNet2DConditionModel config (SDXL base if None)."""
+    config = config or get_config("sdxl-base", "unet")
+    prefixes = {
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+        "conv_norm_out": "out.0", "conv_out": "out.2",
+    }
+
+    def resnet(diffusers: str, sgm: str) -> None:
+        for d_part, s_part in _UNET_RESNET_PARTS.items():
+            prefixes[f"{diffusers}.{d_part}"] = f"{sgm}.{s_part}"
+
+    # SGM numbers every block of the down path in one list: conv_in, then per level `layers` (resnet, attention)
+    # pairs and one downsampler; the up path has `layers + 1` pairs per level, the upsampler joins the last pair.
+    layers = config["layers_per_block"]
+    down, up = config["down_block_types"], config["up_block_types"]
+    for i, block_type in enumerate(down):
+        for j in range(layers):
+            n = 1 + i * (layers + 1) + j
+            resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0")
+            if block_type.startswith("CrossAttn"):
+                prefixes[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
+        if i < len(down) - 1:
+            prefixes[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (layers + 1)}.0.op"
+    resnet("mid_block.resnets.0", "middle_block.0")
+    prefixes["mid_block.attentions.0"] = "middle_block.1"
+    resnet("mid_block.resnets.1", "middle_block.2")
+    for i, block_type in enumerate(up):
+        attention = block_type.startswith("CrossAttn")
+        for j in range(layers + 1):
+            n = i * (layers + 1) + j
+            resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{n}.0")
+            if attention:
+                prefixes[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{n}.1"
+        if i < len(up) - 1:
+            last = i * (layers + 1) + layers
+            prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{last}.{2 if attention else 1}.conv"
+    return NameMap(prefixes, "UNet")
+
+
+def unet_module_to_sgm(path: str, config: Mapping | None = None) -> str:
+    """A diffusers UNet module path or key -> its SGM name (no `model.diffusion_model.` prefix)."""
+    return unet_name_map(config).to_single_file(path)
+
+
+def unet_module_to_diffusers(path: str, config: Mapping | None = None) -> str:
+    """An SGM UNet module path or key (no `model.diffusion_model.` prefix) -> its diffusers name."""
+    return unet_name_map(config).to_diffusers(path)
+
+
+# ------------------------------------------------------------------------------------------------------------ VAE
+
+_VAE_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+                     "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_name_map(config: Mapping | None = None) -> NameMap:
+    """The diffusers <-> LDM name map of an AutoencoderKL config (SDXL's if None)."""
+    config = config or get_config("sdxl-base", "vae")
+    prefixes = {name: name for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
+                                        "quant_conv", "post_quant_conv")}
+    prefixes.update({"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"})
+
+    def resnet(diffusers: str, ldm: str) -> None:
+        for d_part, l_part in _VAE_RESNET_PARTS.items():
+            prefixes[f"{diffusers}.{d_part}"] = f"{ldm}.{l_part}"
+
+    levels, layers = len(config["block_out_channels"]), config["layers_per_block"]
+    for coder in ("encoder", "decoder"):
+        resnet(f"{coder}.mid_block.resnets.0", f"{coder}.mid.block_1")
+        resnet(f"{coder}.mid_block.resnets.1", f"{coder}.mid.block_2")
+        for d_part, l_part in _VAE_ATTENTION_PARTS.items():
+            prefixes[f"{coder}.mid_block.attentions.0.{d_part}"] = f"{coder}.mid.attn_1.{l_part}"
+    for i in range(levels):
+        for j in range(layers):
+            resnet(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}")
+        if i < levels - 1:
+            prefixes[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+    for i in range(levels):  # LDM numbers the decoder's levels from the lowest resolution up: reversed
+        ldm_level = levels - 1 - i
+        for j in range(layers + 1):
+            resnet(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{ldm_level}.block.{j}")
+        if i < levels - 1:
+            prefixes[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{ldm_level}.upsample.conv"
+    return NameMap(prefixes, "VAE")
+
+
+def _is_vae_attention_weight(diffusers_key: str) -> bool:
+    return ".mid_block.attentions.0." in diffusers_key and diffusers_key.endswith("weight") and \
+        "group_norm" not in diffusers_key
+
+
+# ------------------------------------------------------------------------------------------------ text encoders
+
+# diffusers CLIPTextModel(WithProjection) layer part -> OpenCLIP resblock part (q/k/v are fused, handled apart)
+_BIGG_LAYER_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_BIGG_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias"}
+
+
+def clip_l_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP ViT-L (diffusers `text_encoder`) -> `conditioner.embedders.0.transformer.*` (same HF layout)."""
+    return {CLIP_L_PREFIX + k: v for k, v in normalize_clip_keys(state_dict).items()}
+
+
+def clip_l_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`conditioner.embedders.0.transformer.*` (prefix already removed or not) -> diffusers `text_encoder` keys."""
+    return normalize_clip_keys({k.removeprefix(CLIP_L_PREFIX): v for k, v in state_dict.items()})
+
+
+def bigg_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP bigG (diffusers `text_encoder_2`) -> `conditioner.embedders.1.model.*`: fuse q/k/v, transpose the
+    projection."""
+    sd = normalize_clip_keys(state_dict)
+    out = {}
+    for key, value in sd.items():
+        if key in _BIGG_TOP:
+            out[_BIGG_TOP[key]] = value
+        elif key == "text_projection.weight":  # Linear (proj, hidden) -> OpenCLIP parameter (hidden, proj)
+            out["text_projection"] = value.t().contiguous()
+        elif key.startswith("text_model.encoder.layers."):
+            layer, part = key.removeprefix("text_model.encoder.layers.").split(".", 1)
+            block = f"transformer.resblocks.{layer}"
+            if part.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+                if part.startswith("self_attn.q_proj."):  # emit the fused tensor once, at q
+                    kind = part.rsplit(".", 1)[1]  # weight or bias
+                    pre = f"text_model.encoder.layers.{layer}.self_attn."
+                    out[f"{block}.attn.in_proj_{kind}"] = torch.cat(
+                        [sd[f"{pre}{p}_proj.{kind}"] for p in "qkv"], dim=0)
+                continue
+            module, kind = part.rsplit(".", 1)
+            out[f"{block}.{_BIGG_LAYER_PARTS[module]}.{kind}"] = value
+        else:
+            raise KeyError(f"text_encoder_2: no single-file name for {key!r}")
+    return {BIGG_PREFIX + k: v for k, v in out.items()}
+
+
+def bigg_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`conditioner.embedders.1.model.*` (prefix already removed or not) -> diffusers `text_encoder_2` keys."""
+    top = {v: k for k, v in _BIGG_TOP.items()}
+    parts = {v: k for k, v in _BIGG_LAYER_PARTS.items()}
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix(BIGG_PREFIX)
+        if key in top:
+            out[top[key]] = value
+        elif key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+        elif key.startswith("transformer.resblocks."):
+            layer, part = key.removeprefix("transformer.resblocks.").split(".", 1)
+            pre = f"text_model.encoder.layers.{layer}."
+            if part.startswith("attn.in_proj_"):
+                kind = part.removeprefix("attn.in_proj_")
+                for p, chunk in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{pre}self_attn.{p}_proj.{kind}"] = chunk.contiguous()
+            else:
+                module, kind = part.rsplit(".", 1)
+                out[pre + parts[module] + "." + kind] = value
+        elif BIGG_PREFIX + key not in IGNORED_SINGLE_FILE_KEYS:
+            raise KeyError(f"text_encoder_2: unknown single-file key {BIGG_PREFIX + key!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ whole checkpoints
+
+def unet_to_single_file(state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None) -> dict:
+    names = unet_name_map(config)
+    return {UNET_PREFIX + names.to_single_file(k): v for k, v in state_dict.items()}
+
+
+def unet_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None) -> dict:
+    names = unet_name_map(config)
+    return {names.to_diffusers(k.removeprefix(UNET_PREFIX)): v for k, v in state_dict.items()}
+
+
+def vae_to_single_file(state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None) -> dict:
+    names = vae_name_map(config)
+    out = {}
+    for key, value in state_dict.items():
+        if _is_vae_attention_weight(key) and value.ndim == 2:
+            value = value[:, :, None, None]  # linear (out, in) -> 1x1 conv (out, in, 1, 1)
+        out[VAE_PREFIX + names.to_single_file(key)] = value
+    return out
+
+
+def vae_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None) -> dict:
+    names = vae_name_map(config)
+    out = {}
+    for key, value in state_dict.items():
+        key = names.to_diffusers(key.removeprefix(VAE_PREFIX))
+        if _is_vae_attention_weight(key) and value.ndim == 4:
+            value = value[:, :, 0, 0]  # 1x1 conv -> linear
+        out[key] = value
+    return out
+
+
+def split_single_file(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict], list[str]]:
+    """Split a single-file state dict by model prefix: ({part: {key without prefix: tensor}}, unknown keys)."""
+    parts: dict[str, dict] = {part: {} for part in SINGLE_FILE_PREFIXES}
+    unknown = []
+    for key, value in state_dict.items():
+        if key in IGNORED_SINGLE_FILE_KEYS:
+            continue
+        for part, prefix in SINGLE_FILE_PREFIXES.items():
+            if key.startswith(prefix):
+                parts[part][key.removeprefix(prefix)] = value
+                break
+        else:
+            unknown.append(key)
+    return parts, unknown
+
+
+def to_single_file(unet: Mapping, vae: Mapping, text_encoder: Mapping, text_encoder_2: Mapping,
+                   unet_config: Mapping | None = None, vae_config: Mapping | None = None) -> dict:
+    """Four diffusers state dicts -> one single-file state dict (`sd_xl_base_1.0.safetensors` layout)."""
+    return {**unet_to_single_file(unet, unet_config), **vae_to_single_file(vae, vae_config),
+            **clip_l_to_single_file(text_encoder), **bigg_to_single_file(text_encoder_2)}
+
+
+def to_diffusers(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping | None = None,
+                 vae_config: Mapping | None = None) -> dict[str, dict]:
+    """One single-file state dict -> {"unet", "vae", "text_encoder", "text_encoder_2": diffusers state dict}.
+    Keys under none of the four prefixes are a KeyError (first few named)."""
+    parts, unknown = split_single_file(state_dict)
+    if unknown:
+        raise KeyError(f"{len(unknown)} keys belong to no SDXL part, e.g. {unknown[:5]}")
+    return {"unet": unet_to_diffusers(parts["unet"], unet_config),
+            "vae": vae_to_diffusers(parts["vae"], vae_config),
+            "text_encoder": clip_l_to_diffusers(parts["text_encoder"]),
+            "text_encoder_2": bigg_to_diffusers(parts["text_encoder_2"])}
+
+
+# ------------------------------------------------------------------------------------------------- detection
+
+MODEL_NAMES = {
+    "sdxl": "Stable Diffusion XL (base)",
+    "sdxl-refiner": "Stable Diffusion XL refiner",
+    "sd2": "Stable Diffusion 2.x",
+    "sd1": "Stable Diffusion 1.x",
+    "diffusers": "a diffusers-format state dict (not a single-file checkpoint)",
+    "unknown": "an unknown model",
+}
+
+
+def detect_model(keys: Iterable[str]) -> str:
+    """Name the model family of a checkpoint from its keys: one of MODEL_NAMES."""
+    keys = set(keys)
+    if any(k.startswith(BIGG_PREFIX) for k in keys) and any(k.startswith(UNET_PREFIX) for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl-refiner"  # the refiner has only the bigG encoder, at index 0
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"  # OpenCLIP ViT-H
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"  # OpenAI CLIP ViT-L alone
+    if any(k.startswith(("down_blocks.", "unet.down_blocks.")) for k in keys):
+        return "diffusers"
+    return "unknown"
