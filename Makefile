@@ -48,3 +48,22 @@ test-slow: $(TESTDEPS) ## run only the slow tests (full-size models; several GB 
 
 clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
 	rm -rf $(VENV) .pytest_cache minigen.egg-info
+
+# ---- DCGAN (issue 2) -------------------------------------------------------------------------------------------
+.PHONY: demo gan gan-sample bench-gan
+GAN_CONFIG ?= configs/gan_002_v3.conf
+GAN_ARGS   ?=
+GAN_RUN    ?= runs/gan_002_v3
+N          ?= 1000
+
+demo: $(RUNTIME) ## train a small DCGAN on 4,009 Twemoji at 64x64 on the CPU (~10 min on 2 cores); prints the grid's path
+	$(BIN)/python train_gan.py --config configs/demo.conf $(GAN_ARGS)
+
+gan: $(RUNTIME) ## train a DCGAN from a preset: GAN_CONFIG=configs/gan_000.conf GAN_ARGS="--data met --epochs 50"
+	$(BIN)/python train_gan.py --config $(GAN_CONFIG) $(GAN_ARGS)
+
+gan-sample: $(RUNTIME) ## write N=1000 PNGs from GAN_RUN's checkpoint into GAN_RUN/fake (for fid.py)
+	$(BIN)/python train_gan.py --sample $(N) --checkpoint $(GAN_RUN)/checkpoint.safetensors --out $(GAN_RUN)/fake
+
+bench-gan: $(RUNTIME) ## DCGAN training images/s and FLOP/s vs this machine's matmul peak (BENCH_ARGS="--device cuda")
+	$(BIN)/python bench/bench_gan.py $(BENCH_ARGS)

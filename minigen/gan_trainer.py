@@ -1,0 +1,388 @@
+"""Training a DCGAN: one step, the epoch loop with its pictures and log, checkpoints that resume exactly.
+
+Everything random during training (noise, soft labels, flips, hflips, the gradient penalty's mixing) draws from one
+CPU `torch.Generator`, and each epoch's shuffle from a generator seeded by (seed, epoch). Its state goes into every
+checkpoint with the weights and optimizer moments, so a resumed run repeats the uninterrupted one bit for bit on CPU.
+
+Outputs in `out/`: samples/epoch_0001.png (a grid from one fixed noise batch), log.jsonl (one line per iteration,
+one per epoch), curves.png (losses, D outputs, and any per-epoch metrics), checkpoint.safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from . import gan
+from .data import ImageFolder, resolve_dataset
+from .io import CheckpointError, atomic_write, load_safetensors, save_safetensors
+from .plot import Panel, plot_panels, save_grid
+
+CHECKPOINT_FORMAT = "minigen-dcgan/1"
+LOSSES = ("bce", "wgan-gp", "hinge")
+# Fields that fix the shapes of the saved tensors: a checkpoint resumes only with the same values.
+ARCHITECTURE_FIELDS = ("size", "nz", "ngf", "ndf", "g_act", "d_norm", "optimizer")
+
+
+@dataclass
+class GANConfig:
+    """Every knob of a run; `train_gan.py` has one flag per field (underscores become dashes)."""
+    data: str = "twemoji"            # built-in dataset name (twemoji, met) or a folder of images
+    size: tuple[int, int] = (64, 64)  # height, width
+    hflip: bool = False
+    nz: int = 100
+    ngf: int = 64
+    ndf: int = 64
+    g_act: str = "relu"               # relu or leaky (seed 002 v2)
+    d_norm: str = "auto"              # batch, layer, none; auto = batch, or layer for wgan-gp (the penalty is per sample)
+    loss: str = "bce"                 # bce, wgan-gp, hinge
+    real_label: tuple[float, float] = (1.0, 1.0)  # BCE targets drawn uniformly from these ranges (label smoothing)
+    fake_label: tuple[float, float] = (0.0, 0.0)
+    label_flip: float = 0.0           # probability of swapping a sample's real and fake targets (BCE)
+    gp_lambda: float = 10.0
+    n_critic: int = 1                 # discriminator steps per generator step
+    optimizer: str = "adam"           # adam or rmsprop
+    lr: float = 2e-4
+    lr_d: float | None = None         # discriminator learning rate; default: lr
+    betas: tuple[float, float] = (0.5, 0.999)
+    alpha: float = 0.99               # RMSprop's smoothing constant
+    eps: float = 1e-8
+    decay_steps: int = 0              # lr * decay_rate ** (step / decay_steps); 0 = constant lr
+    decay_rate: float = 1.0
+    batch: int = 128
+    epochs: int = 5
+    seed: int = 0
+    grid: int = 64                    # images in the per-epoch grid
+    save_every: int = 1               # epochs between checkpoints (the last epoch is always saved)
+    out: str = "runs/gan"
+    device: str = "cpu"
+    channels_last: bool = False
+
+    def __post_init__(self):
+        self.size, self.real_label, self.fake_label, self.betas = (
+            tuple(self.size), tuple(self.real_label), tuple(self.fake_label), tuple(self.betas))
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: choose {', '.join(LOSSES)}")
+        if self.optimizer not in ("adam", "rmsprop"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose adam or rmsprop")
+        if self.d_norm == "auto":
+            self.d_norm = "layer" if self.loss == "wgan-gp" else "batch"
+        if self.loss == "wgan-gp" and self.d_norm == "batch":
+            raise ValueError("wgan-gp needs --d-norm layer or none: the gradient penalty is per sample, "
+                             "and batch norm mixes the samples of a batch")
+        for name in ("real_label", "fake_label"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a range LOW HIGH within [0, 1], got {lo} {hi}")
+        gan.stages_for(*self.size)  # refuses unsupported sizes before any data is read
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last checkpoint written before it is kept."""
+
+
+class GANTrainer:
+    """Models, optimizers and the random state of one run; `step(real)` is one training iteration."""
+
+    def __init__(self, cfg: GANConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)  # the weight init
+        self.G = gan.Generator(cfg.size, cfg.nz, cfg.ngf, cfg.g_act).to(self.device)
+        self.D = gan.Discriminator(cfg.size, cfg.ndf, cfg.d_norm).to(self.device)
+        if cfg.channels_last:
+            self.G.to(memory_format=torch.channels_last)
+            self.D.to(memory_format=torch.channels_last)
+        self.opt_g = self.make_optimizer(self.G, cfg.lr)
+        self.opt_d = self.make_optimizer(self.D, cfg.lr_d or cfg.lr)
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.fixed_noise = torch.randn(cfg.grid, cfg.nz, generator=self.rng)  # (grid, nz), the same all run
+        self.iteration = 0  # discriminator updates so far
+        self.epoch, self.batch_index = 0, 0  # where the next iteration starts
+        self.last_g_loss = float("nan")
+
+    def make_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        cfg, fast = self.cfg, dict(foreach=True)  # foreach: one fused kernel per step for all tensors
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=lr, betas=cfg.betas, eps=cfg.eps, **fast)
+        return torch.optim.RMSprop(model.parameters(), lr=lr, alpha=cfg.alpha, eps=cfg.eps, **fast)
+
+    def set_learning_rates(self) -> None:
+        """Exponential decay by the step count, as Keras' ExponentialDecay (seed 000: every 1000 steps by 0.95)."""
+        cfg = self.cfg
+        factor = cfg.decay_rate ** (self.iteration / cfg.decay_steps) if cfg.decay_steps else 1.0
+        for opt, lr in ((self.opt_g, cfg.lr), (self.opt_d, cfg.lr_d or cfg.lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+
+    def step(self, real: torch.Tensor) -> dict[str, float]:
+        """One discriminator update, and a generator update every n_critic-th call. real: (B, 3, H, W) in [-1, 1]."""
+        cfg, b = self.cfg, real.shape[0]
+        if cfg.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        self.set_learning_rates()
+        z = torch.randn(b, cfg.nz, generator=self.rng).to(self.device)  # (B, nz)
+        fake = self.G(z)  # (B, 3, H, W)
+
+        real_score, fake_score = self.D(real), self.D(fake.detach())  # (B,) logits
+        if cfg.loss == "bce":
+            real_target = gan.soft_labels(b, *cfg.real_label, generator=self.rng)
+            fake_target = gan.soft_labels(b, *cfg.fake_label, generator=self.rng)
+            if cfg.label_flip > 0:
+                flip = torch.rand(b, generator=self.rng) < cfg.label_flip
+                real_target, fake_target = (torch.where(flip, fake_target, real_target),
+                                            torch.where(flip, real_target, fake_target))
+            loss_d = gan.bce_d_loss(real_score, fake_score, real_target.to(self.device), fake_target.to(self.device))
+        elif cfg.loss == "wgan-gp":
+            loss_d = (gan.wgan_d_loss(real_score, fake_score)
+                      + cfg.gp_lambda * gan.gradient_penalty(self.D, real, fake, generator=self.rng))
+        else:
+            loss_d = gan.hinge_d_loss(real_score, fake_score)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+
+        if (self.iteration + 1) % cfg.n_critic == 0:
+            # The same fakes, scored by the updated D, as in the DCGAN tutorial. D's weights need no gradient here.
+            self.D.requires_grad_(False)
+            score = self.D(fake)
+            loss_g = gan.bce_g_loss(score) if cfg.loss == "bce" else gan.wgan_g_loss(score)
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            self.opt_g.step()
+            self.D.requires_grad_(True)
+            self.last_g_loss = loss_g.item()
+        self.iteration += 1
+        # D(x) and D(G(z)): probabilities for BCE; raw critic scores for WGAN-GP and hinge.
+        shown = torch.sigmoid if cfg.loss == "bce" else (lambda s: s)
+        return {"loss_d": loss_d.item(), "loss_g": self.last_g_loss,
+                "d_real": shown(real_score.detach()).mean().item(), "d_fake": shown(fake_score.detach()).mean().item(),
+                "lr": self.opt_g.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] for noise (B, nz).
+
+        # Deviation from the eval-mode convention, as the PyTorch DCGAN tutorial does: sample with batch statistics;
+        a GAN generator's running averages lag behind its weights and give washed-out pictures.
+        """
+        return self.G(z.to(self.device)).float().cpu()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"G.{k}": v for k, v in self.G.state_dict().items()}
+        tensors |= {f"D.{k}": v for k, v in self.D.state_dict().items()}
+        metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg)),
+                    "iteration": str(self.iteration), "epoch": str(self.epoch), "batch_index": str(self.batch_index),
+                    "last_g_loss": repr(self.last_g_loss)}
+        for name, opt in (("opt_g", self.opt_g), ("opt_d", self.opt_d)):
+            opt_tensors, metadata[name] = optimizer_to_tensors(opt, name)
+            tensors |= opt_tensors
+        tensors["rng"] = self.rng.get_state()  # uint8
+        tensors["fixed_noise"] = self.fixed_noise
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
+
+    def load(self, path: str | Path) -> None:
+        tensors, metadata = load_checkpoint(path)
+        saved = json.loads(metadata["config"])
+        for name in ARCHITECTURE_FIELDS:
+            ours = getattr(self.cfg, name)
+            theirs = tuple(saved[name]) if isinstance(ours, tuple) else saved[name]
+            if ours != theirs:
+                raise CheckpointError(f"{path} was trained with {name}={theirs}, this run has {name}={ours}")
+        self.G.load_state_dict(section(tensors, "G."))
+        self.D.load_state_dict(section(tensors, "D."))
+        optimizer_from_tensors(self.opt_g, section(tensors, "opt_g."), metadata["opt_g"])
+        optimizer_from_tensors(self.opt_d, section(tensors, "opt_d."), metadata["opt_d"])
+        self.rng.set_state(tensors["rng"])
+        self.fixed_noise = tensors["fixed_noise"]
+        self.iteration, self.epoch = int(metadata["iteration"]), int(metadata["epoch"])
+        self.batch_index, self.last_g_loss = int(metadata["batch_index"]), float(metadata["last_g_loss"])
+
+
+def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], str]:
+    """An optimizer's state as tensors `prefix.<param index>.<name>`, and its settings and scalars as JSON."""
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], settings: str) -> None:
+    meta = json.loads(settings)
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a DCGAN checkpoint; a truncated file or another kind of file is a CheckpointError."""
+    tensors, metadata = load_safetensors(path)
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a minigen DCGAN checkpoint (format {metadata.get('format')!r}, "
+                              f"expected {CHECKPOINT_FORMAT!r})")
+    return tensors, metadata
+
+
+def load_generator(path: str | Path, device: str = "cpu") -> tuple[gan.Generator, GANConfig]:
+    """The generator of a checkpoint, ready to sample, and the config it was trained with."""
+    tensors, metadata = load_checkpoint(path)
+    cfg = GANConfig(**json.loads(metadata["config"]))
+    G = gan.Generator(cfg.size, cfg.nz, cfg.ngf, cfg.g_act)
+    G.load_state_dict(section(tensors, "G."))
+    return G.to(device), cfg
+
+
+# -- the epoch loop -------------------------------------------------------------------------------------------------
+
+# A per-epoch metric (FID during training, say): called with the trainer after each epoch's grid; its {name: value}
+# is written to log.jsonl and drawn in the third panel of curves.png.
+EpochHook = Callable[[GANTrainer], dict[str, float]]
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to stop after the current iteration; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        print("\nstopping after this iteration to save a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def read_log(path: Path, up_to_iteration: int) -> list[dict]:
+    """The log records of the iterations a resumed run keeps (later ones, from after the checkpoint, are dropped)."""
+    if not path.exists():
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["iteration"] <= up_to_iteration]
+
+
+def draw_curves(records: list[dict], path: Path, title: str) -> None:
+    steps = [r["iteration"] for r in records if "loss_d" in r]
+    column = {k: [r[k] for r in records if "loss_d" in r] for k in ("loss_d", "loss_g", "d_real", "d_fake")}
+    panels = [Panel({"D loss": (steps, column["loss_d"]), "G loss": (steps, column["loss_g"])}, "losses", smooth=0.9),
+              Panel({"D(x)": (steps, column["d_real"]), "D(G(z))": (steps, column["d_fake"])}, "discriminator output",
+                    smooth=0.9)]
+    epoch_records = [r for r in records if "metrics" in r]
+    names = sorted({n for r in epoch_records for n in r["metrics"]})
+    if names:
+        panels.append(Panel({n: ([r["epoch"] for r in epoch_records if n in r["metrics"]],
+                                 [r["metrics"][n] for r in epoch_records if n in r["metrics"]]) for n in names},
+                            "per-epoch metrics", xlabel="epoch"))
+    plot_panels(panels, path, title=title)
+
+
+def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterable[EpochHook] = (),
+          progress: bool = True) -> str:
+    """Run (or continue) training; return 'done' or 'interrupted'. A NaN loss raises TrainingDiverged."""
+    out = Path(cfg.out)
+    dataset = ImageFolder(resolve_dataset(cfg.data), cfg.size, cfg.hflip, progress=progress)
+    n_batches = len(dataset) // cfg.batch
+    if n_batches == 0:
+        raise ValueError(f"--batch {cfg.batch} is larger than the dataset ({len(dataset)} images in {cfg.data})")
+    trainer = GANTrainer(cfg)
+    checkpoint, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
+    if resume:
+        trainer.load(resume)
+    records = read_log(log_path, trainer.iteration) if resume else []
+    with atomic_write(log_path, "w") as f:  # the log as of the checkpoint (nothing, for a new run)
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    title = f"DCGAN {cfg.size[0]}x{cfg.size[1]} on {Path(cfg.data).name}, {cfg.loss}"
+    print(f"training on {len(dataset)} images, {n_batches} iterations per epoch, epochs {trainer.epoch + 1}.."
+          f"{cfg.epochs}; outputs in {out}", file=sys.stderr)
+
+    with open(log_path, "a") as log, StopRequest() as stop:
+        for epoch in range(trainer.epoch, cfg.epochs):
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            bar = tqdm(range(trainer.batch_index, n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not progress, leave=False, unit="it")
+            start = time.perf_counter()
+            for b in bar:
+                real = dataset.batch(order[b * cfg.batch:(b + 1) * cfg.batch], generator=trainer.rng)
+                stats = trainer.step(real.to(trainer.device))
+                g_updated = trainer.iteration >= cfg.n_critic  # before that, loss_g is NaN by design
+                if not math.isfinite(stats["loss_d"]) or (g_updated and not math.isfinite(stats["loss_g"])):
+                    kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint yet"
+                    raise TrainingDiverged(f"loss became {stats['loss_d']} (D) / {stats['loss_g']} (G) at iteration "
+                                           f"{trainer.iteration}, epoch {epoch + 1}; stopped; {kept}. Try a lower "
+                                           f"--lr, label smoothing, or --loss wgan-gp")
+                record = {"iteration": trainer.iteration, "epoch": epoch + 1, **stats}
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                trainer.epoch, trainer.batch_index = epoch, b + 1
+                bar.set_postfix(d=f"{stats['loss_d']:.3f}", g=f"{stats['loss_g']:.3f}", refresh=False)
+                if stop.requested:
+                    log.flush()
+                    trainer.save(checkpoint)
+                    print(f"interrupted at iteration {trainer.iteration}; saved {checkpoint}; continue with "
+                          f"--resume {checkpoint}", file=sys.stderr)
+                    return "interrupted"
+            trainer.epoch, trainer.batch_index = epoch + 1, 0
+            grid = out / "samples" / f"epoch_{epoch + 1:04d}.png"
+            save_grid(trainer.generate(trainer.fixed_noise), grid, nrow=int(math.sqrt(cfg.grid) + 0.5))
+            metrics = {}
+            for hook in epoch_hooks:
+                metrics |= hook(trainer)
+            if metrics:
+                record = {"iteration": trainer.iteration, "epoch": epoch + 1, "metrics": metrics}
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+            log.flush()
+            draw_curves(records, out / "curves.png", title)
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                trainer.save(checkpoint)
+            print(f"epoch {epoch + 1}/{cfg.epochs}: {time.perf_counter() - start:.1f} s, D loss "
+                  f"{records[-1 - bool(metrics)]['loss_d']:.3f}, grid {grid}", file=sys.stderr)
+    return "done"
+
+
+def sample_to_folder(checkpoint: str | Path, n: int, out: str | Path, batch: int = 64, seed: int = 0,
+                     device: str = "cpu") -> list[Path]:
+    """Write n generated images as PNGs 000000.png, 000001.png, ... into `out` (for FID and friends)."""
+    G, cfg = load_generator(checkpoint, device)
+    out = Path(out)
+    rng = torch.Generator().manual_seed(seed)
+    paths = []
+    for start in tqdm(range(0, n, batch), desc="sampling", unit="batch"):
+        z = torch.randn(min(batch, n - start), cfg.nz, generator=rng)  # (B, nz)
+        with torch.no_grad():
+            images = G(z.to(device)).cpu()  # batch statistics, as in GANTrainer.generate
+        for i, image in enumerate(images):
+            path = out / f"{start + i:06d}.png"
+            save_grid(image[None], path, nrow=1, padding=0)
+            paths.append(path)
+    return paths

@@ -1,0 +1,149 @@
+"""train_gan.py and minigen.gan_trainer on a tiny generated folder: outputs, exact resume (epoch boundary and
+Ctrl-C mid-epoch), NaN stop keeping the last checkpoint, bad checkpoints, sampling, presets."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_gan
+from minigen import gan
+from minigen.gan_trainer import GANConfig, TrainingDiverged, train
+from minigen.io import load_safetensors, read_header, save_safetensors
+
+TINY = ["--size", "32x32", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch", "4", "--grid", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """12 small random pictures: 3 iterations per epoch at batch 4."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return root
+
+
+def run(folder, out, *extra):
+    return train_gan.main(["--data", str(folder), "--out", str(out), *TINY, *extra])
+
+
+def log_lines(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert run(folder, out, "--epochs", "3") == 0
+    return out
+
+
+def test_two_epoch_run_leaves_grid_curve_log_checkpoint(folder, tmp_path):
+    hook_calls = []
+
+    def fake_metric(trainer):  # stands in for FID during training
+        hook_calls.append(trainer.epoch)
+        return {"fake_fid": 100.0 / trainer.epoch}
+
+    cfg = GANConfig(data=str(folder), size=(32, 32), ngf=4, ndf=4, nz=8, batch=4, grid=4, epochs=2, out=str(tmp_path))
+    assert train(cfg, epoch_hooks=[fake_metric], progress=False) == "done"
+    for epoch in (1, 2):
+        with Image.open(tmp_path / "samples" / f"epoch_{epoch:04d}.png") as grid:
+            assert grid.size == (2 + 2 * 34, 2 + 2 * 34)  # 4 images of 32x32 in 2 rows, 2 px apart
+    with Image.open(tmp_path / "curves.png") as curves:
+        assert curves.size[1] > 3 * 300  # losses, D outputs, and the per-epoch metrics panel
+    records = log_lines(tmp_path)
+    iterations = [r for r in records if "loss_d" in r]
+    assert [r["iteration"] for r in iterations] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < r["d_real"] < 1 and np.isfinite(r["loss_g"]) for r in iterations)
+    assert [r["metrics"] for r in records if "metrics" in r] == [{"fake_fid": 100.0}, {"fake_fid": 50.0}]
+    assert hook_calls == [1, 2]
+    tensors, meta = load_safetensors(tmp_path / "checkpoint.safetensors")
+    assert meta["epoch"] == "2" and meta["iteration"] == "6"
+    assert {"rng", "fixed_noise", "opt_g.0.exp_avg", "opt_d.0.step", "G.net.0.weight"} <= set(tensors)
+
+
+def test_resume_equals_uninterrupted(folder, tmp_path, uninterrupted):
+    assert run(folder, tmp_path, "--epochs", "2") == 0
+    assert train_gan.main(["--resume", str(tmp_path / "checkpoint.safetensors"), "--epochs", "3", "--quiet"]) == 0
+    assert log_lines(tmp_path) == log_lines(uninterrupted)  # every loss, D output and lr, bit for bit
+    ours, _ = load_safetensors(tmp_path / "checkpoint.safetensors")
+    theirs, _ = load_safetensors(uninterrupted / "checkpoint.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_ctrl_c_saves_then_resumes_exactly(folder, tmp_path, uninterrupted, monkeypatch):
+    calls = {"n": 0}
+    real_loss = gan.bce_d_loss
+
+    def interrupting_loss(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # iteration 5: the middle of epoch 2
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args)
+
+    monkeypatch.setattr(gan, "bce_d_loss", interrupting_loss)
+    assert run(folder, tmp_path, "--epochs", "3") == 130
+    _, meta = read_header(tmp_path / "checkpoint.safetensors")
+    assert (meta["iteration"], meta["epoch"], meta["batch_index"]) == ("5", "1", "2")  # epoch index 1 = second
+    monkeypatch.setattr(gan, "bce_d_loss", real_loss)
+    assert train_gan.main(["--resume", str(tmp_path / "checkpoint.safetensors"), "--quiet"]) == 0
+    assert log_lines(tmp_path) == log_lines(uninterrupted)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(folder, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = gan.bce_d_loss
+
+    def diverging_loss(*args):
+        calls["n"] += 1
+        return real_loss(*args) * (float("nan") if calls["n"] == 5 else 1.0)
+
+    monkeypatch.setattr(gan, "bce_d_loss", diverging_loss)
+    cfg = GANConfig(data=str(folder), size=(32, 32), ngf=4, ndf=4, nz=8, batch=4, grid=4, epochs=3, out=str(tmp_path))
+    with pytest.raises(TrainingDiverged, match="iteration 5.*last good checkpoint"):
+        train(cfg, progress=False)
+    _, meta = read_header(tmp_path / "checkpoint.safetensors")
+    assert meta["iteration"] == "3"  # written after epoch 1, untouched by the failed epoch 2
+
+
+def test_bad_checkpoints_are_named(folder, tmp_path, uninterrupted, capsys):
+    data = (uninterrupted / "checkpoint.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    assert train_gan.main(["--resume", str(tmp_path / "cut.safetensors")]) == 1
+    assert "truncated" in capsys.readouterr().err
+    save_safetensors({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    assert train_gan.main(["--resume", str(tmp_path / "other.safetensors")]) == 1
+    assert "not a minigen DCGAN checkpoint" in capsys.readouterr().err
+    assert run(folder, tmp_path / "x", "--size", "100x100") == 1
+    assert "not supported" in capsys.readouterr().err
+
+
+def test_sample_writes_pngs(tmp_path, uninterrupted):
+    ckpt = str(uninterrupted / "checkpoint.safetensors")
+    assert train_gan.main(["--sample", "5", "--checkpoint", ckpt, "--out", str(tmp_path)]) == 0
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+    with Image.open(files[0]) as img:
+        assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_presets_reproduce_the_seeds():
+    def preset(name, *extra):
+        return train_gan.parse(["--config", f"configs/{name}.conf", *extra])[1]
+
+    v1, v2, v3 = preset("gan_002_v1"), preset("gan_002_v2"), preset("gan_002_v3")
+    for cfg in (v1, v2, v3):
+        assert (cfg.size, cfg.batch, cfg.lr, cfg.betas[0], cfg.optimizer, cfg.loss) == ((64, 64), 128, 5e-4, 0.5,
+                                                                                          "adam", "bce")
+    assert (v1.epochs, v1.g_act, v1.real_label) == (300, "relu", (1.0, 1.0))
+    assert (v2.epochs, v2.g_act, v2.real_label, v2.fake_label) == (100, "leaky", (0.7, 1.0), (0.0, 0.3))
+    assert (v3.epochs, v3.g_act, v3.real_label, v3.fake_label) == (400, "relu", (0.7, 1.0), (0.0, 0.3))
+    s0 = preset("gan_000")
+    assert (s0.size, s0.optimizer, s0.lr, s0.batch, s0.decay_steps, s0.decay_rate, s0.eps, s0.epochs) == (
+        (320, 480), "rmsprop", 1e-4, 16, 1000, 0.95, 1e-7, 500)
+    assert preset("gan_002_v3", "--epochs", "7", "--lr", "1e-3").epochs == 7  # the command line wins

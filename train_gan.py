@@ -1,0 +1,111 @@
+"""Train a DCGAN, continue a run, or sample from a checkpoint.
+
+    python train_gan.py --config configs/gan_002_v3.conf --epochs 50          # a preset, one flag overridden
+    python train_gan.py --data met --size 320x480 --loss wgan-gp --out runs/met
+    python train_gan.py --resume runs/gan/checkpoint.safetensors              # continues with the saved settings
+    python train_gan.py --sample 1000 --checkpoint runs/gan/checkpoint.safetensors --out runs/gan/fake
+
+A preset (configs/*.conf) is a file of the same flags, one per line, `#` comments allowed; flags given on the command
+line after it win. With --resume the run's saved settings come first, then the preset, then the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from minigen.data import parse_size
+from minigen.gan_trainer import GANConfig, TrainingDiverged, load_checkpoint, sample_to_folder, train
+from minigen.io import CheckpointError
+
+HELP = {
+    "data": "built-in dataset (twemoji, met) or a folder of images",
+    "size": "image size HxW or one number (64 = 64x64); see minigen.gan.stages_for for the sizes that work",
+    "hflip": "mirror training images at random",
+    "nz": "latent size", "ngf": "generator width", "ndf": "discriminator width",
+    "g_act": "generator activation: relu or leaky", "d_norm": "discriminator norm: auto, batch, layer, none",
+    "loss": "bce, wgan-gp or hinge", "real_label": "BCE target range for reals, e.g. 0.7 1 (label smoothing)",
+    "fake_label": "BCE target range for fakes, e.g. 0 0.3", "label_flip": "probability of swapping targets",
+    "gp_lambda": "WGAN-GP penalty weight", "n_critic": "discriminator steps per generator step",
+    "optimizer": "adam or rmsprop", "lr": "learning rate", "lr_d": "discriminator learning rate (default: --lr)",
+    "betas": "Adam betas", "alpha": "RMSprop smoothing constant", "eps": "optimizer epsilon",
+    "decay_steps": "exponential lr decay: lr * rate ** (step / steps); 0 = off", "decay_rate": "decay rate",
+    "batch": "batch size", "epochs": "total epochs (a resumed run stops at the same total)", "seed": "random seed",
+    "grid": "images in each epoch's grid", "save_every": "epochs between checkpoints", "out": "output folder",
+    "device": "cpu, cuda, cuda:1, ...", "channels_last": "use the channels-last memory layout (faster on GPUs)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: only the flags actually given appear, so a preset or a checkpoint's settings fill in the rest.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a preset: a file of flags (configs/*.conf)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
+    p.add_argument("--sample", type=int, metavar="N", help="write N PNGs from --checkpoint into --out, then exit")
+    p.add_argument("--checkpoint", help="checkpoint to sample from")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for field in dataclasses.fields(GANConfig):
+        flag, default = "--" + field.name.replace("_", "-"), field.default
+        text = f"{HELP[field.name]} (default: {default})"
+        if field.name == "size":
+            p.add_argument(flag, type=parse_size, help=text)
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=float, nargs=2, metavar=("A", "B"), help=text)
+        elif field.name == "lr_d":
+            p.add_argument(flag, type=float, help=text)
+        else:
+            p.add_argument(flag, type=type(default), help=text)
+    return p
+
+
+def read_preset(path: str) -> list[str]:
+    """The flags in a preset file: shell-style words, `#` starts a comment."""
+    try:
+        return shlex.split(Path(path).read_text(), comments=True)
+    except OSError as e:
+        raise SystemExit(f"cannot read preset {path}: {e}") from None
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, GANConfig]:
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    preset = vars(parser.parse_args(read_preset(given["config"]))) if "config" in given else {}
+    settings = {}
+    if "resume" in given:
+        _, metadata = load_checkpoint(given["resume"])
+        settings = json.loads(metadata["config"])
+    fields = {f.name for f in dataclasses.fields(GANConfig)}
+    settings |= {k: v for k, v in preset.items() if k in fields}
+    settings |= {k: v for k, v in given.items() if k in fields}
+    return argparse.Namespace(**given), GANConfig(**settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, cfg = parse(argv)
+        if "sample" in args:
+            if "checkpoint" not in args or "out" not in args:
+                raise SystemExit("--sample N needs --checkpoint FILE and --out DIR")
+            paths = sample_to_folder(args.checkpoint, args.sample, args.out, seed=cfg.seed, device=cfg.device)
+            print(f"wrote {len(paths)} images to {args.out}")
+            return 0
+        status = train(cfg, resume=getattr(args, "resume", None), progress=not getattr(args, "quiet", False))
+    except (CheckpointError, TrainingDiverged, ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = Path(cfg.out)
+    print(f"grid:   {out / 'samples' / f'epoch_{cfg.epochs:04d}.png'}" if status == "done" else "")
+    print(f"curves: {out / 'curves.png'}\ncheckpoint: {out / 'checkpoint.safetensors'}")
+    return 130 if status == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
