@@ -5,9 +5,11 @@ UTF-8 bytes of each word as printable characters -> BPE merges (the last symbol 
 then <|startoftext|> ... <|endoftext|>, truncated and padded to 77.
 
 SDXL's two tokenizers share the vocabulary and differ only in padding: `tokenizer` (CLIP-L) pads with <|endoftext|>
-(49407), `tokenizer_2` (bigG) pads with "!" (id 0), as open_clip did when bigG was trained. A "!" inside a prompt
-stays an ordinary token (256) for both, as in open_clip and the original CLIP; diffusers' tokenizer_2 config makes "!" a special
-token, so there every "!" in a prompt becomes id 0 too. (`clean_text` names two rarer differences from transformers.)
+(49407), `tokenizer_2` (bigG) pads with "!" (id 0), as open_clip did when bigG was trained. As in transformers, a pad
+token other than <|endoftext|> is a special token: diffusers' tokenizer_2 config makes "!" one, so every "!" in a
+prompt becomes id 0 too, and minigen does the same so that its images equal diffusers'. (open_clip, which bigG was
+trained with, differs here: it reads a "!" inside a prompt as the ordinary token 256.) `clean_text` names two rarer
+differences from transformers.
 
 The vocabulary comes from a diffusers `tokenizer/` folder (vocab.json + merges.txt, or tokenizer.json) or from CLIP's
 `bpe_simple_vocab_16e6.txt.gz` bundled in `minigen/assets/` (from open_clip_torch, MIT; see LICENSE-open_clip.txt).
@@ -223,7 +225,21 @@ class CLIPTokenizer:
         return symbols
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without <|startoftext|>/<|endoftext|>, not truncated."""
+        """Token ids of `text`, without <|startoftext|>/<|endoftext|>, not truncated.
+
+        A special pad token ("!" for tokenizer_2) is matched in the raw text first and each piece between is
+        tokenized on its own, as transformers' added tokens are. Deliberate difference from open_clip (where "!" in a
+        prompt is 256): diffusers' SDXL pipeline encodes prompts this way, and minigen gives the same images.
+        """
+        if self.pad_token in (BOS, EOS):  # already whole words of CLIP's pattern
+            return self._encode_words(text)
+        ids = []
+        for n, piece in enumerate(text.split(self.pad_token)):
+            ids.extend(([self.pad_id] if n else []) + self._encode_words(piece))
+        return ids
+
+    def _encode_words(self, text: str) -> list[int]:
+        """Token ids of text with no special pad token in it: clean, split into words, BPE."""
         ids = []
         for word in split_words(clean_text(text)):
             if word not in self._cache:

@@ -1,0 +1,181 @@
+"""SDXL text-to-image: prompts -> two text encoders -> the sampling loop over the UNet -> VAE decode -> images.
+
+Every step is the one diffusers' StableDiffusionXLPipeline takes, in the same order, so that for the same model,
+settings and `torch.Generator` the images are the same:
+
+    pipe = SDXLPipeline.from_pretrained("stable-diffusion-xl-base-1.0/", dtype=torch.bfloat16, device="cuda")
+    images = pipe("a photo of an astronaut riding a horse on mars", steps=30, guidance_scale=5.0,
+                  generator=torch.Generator("cpu").manual_seed(0))        # (B, H, W, 3) uint8
+    save_images(images, "out/", "astronaut")
+
+1. Prompt: each encoder's penultimate hidden state, concatenated (B, 77, 768 + 1280); the pooled prompt is the second
+   encoder's projected end-of-text state (B, 1280). With no negative prompt, the negative embeddings are zeros
+   (`force_zeros_for_empty_prompt`, SDXL's default), not the encoding of "".
+2. Micro-conditioning ("SDXL", Podell et al. 2023, sec. 2.2): the UNet also sees (original height, width, crop top,
+   left, target height, width); by default the generated size with no crop.
+3. Latents: unit noise from the generator, (B, 4, H/8, W/8), scaled by the sampler; then the sampler's loop
+   (`minigen.diffusion.sample`) with classifier-free guidance over the batch [negative, positive].
+4. Decode: latents / scaling_factor through the VAE in fp32, (x + 1) / 2 clamped, *255 rounded, uint8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..diffusion import SAMPLERS, NoiseSchedule, guided, sample
+from ..io import atomic_write
+from .model import SDXL, load_sdxl
+
+SDXL_VAE_SCALE = 8  # pixels per latent in each direction: SDXL's VAE halves the size three times
+
+
+def check_settings(sampler: str, steps: int, height: int, width: int, num_images: int = 1,
+                   vae_scale: int = SDXL_VAE_SCALE) -> None:
+    """Refuse settings that cannot make an image, naming what is wrong, before any model runs."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    for name, size in (("height", height), ("width", width)):
+        if not isinstance(size, int) or size < vae_scale or size % vae_scale:
+            raise ValueError(f"{name} must be a positive multiple of {vae_scale} (the VAE's scale), got {size!r}")
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"the number of images must be >= 1, got {num_images!r}")
+
+
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+             target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), as floats (6,)."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+@torch.no_grad()
+def encode_prompt(sdxl: SDXL, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts through both encoders: context (B, 77, 2048) and pooled (B, 1280), in the text encoders' dtype.
+
+    Text past 75 tokens is cut off with a warning naming it, as diffusers warns. (diffusers warns only for the
+    prompt; minigen also warns for the negative prompt, whose cut-off text is dropped just the same.)
+    """
+    contexts = []
+    for tokenizer, encoder in ((sdxl.tokenizer, sdxl.text_encoder), (sdxl.tokenizer_2, sdxl.text_encoder_2)):
+        tokens = tokenizer(list(prompts))
+        for cut in filter(None, tokens.truncated):
+            warnings.warn("The following part of your input was truncated because CLIP can only handle sequences "
+                          f"up to {tokenizer.max_length} tokens: {cut}", stacklevel=3)
+        out = encoder(tokens.input_ids.to(encoder.text_model.embeddings.token_embedding.weight.device))
+        contexts.append(out.hidden_states[-2])  # (B, 77, D_i): the penultimate layer, not final-normed
+    return torch.cat(contexts, dim=-1), out.text_embeds  # (B, 77, 768 + 1280), (B, 1280) from encoder 2
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded as diffusers' image processor does."""
+    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str) -> list[Path]:
+    """Write (B, H, W, 3) uint8 images as `<stem>-<i>.png`, each atomically; returns the paths."""
+    from PIL import Image
+
+    paths = []
+    for i, image in enumerate(images):
+        path = Path(folder) / f"{stem}-{i:03d}.png"
+        with atomic_write(path) as f:
+            Image.fromarray(image.numpy()).save(f, format="PNG")
+        paths.append(path)
+    return paths
+
+
+class SDXLPipeline:
+    """Text to image with an `SDXL` model (see `minigen.sdxl.model.load_sdxl`)."""
+
+    def __init__(self, sdxl: SDXL, force_zeros_for_empty_prompt: bool = True):
+        self.sdxl = sdxl
+        self.schedule = NoiseSchedule.from_config(sdxl.scheduler_config)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", **load_kwargs) -> "SDXLPipeline":
+        """A diffusers folder or a single-file SDXL checkpoint; errors name a missing path or a non-SDXL model.
+        A folder's model_index.json may turn off `force_zeros_for_empty_prompt` (SDXL base keeps it on)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model path does not exist: {path}")
+        force_zeros = True
+        if (path / "model_index.json").is_file():
+            index = json.loads((path / "model_index.json").read_text())
+            if "text_encoder_2" not in index or "unet" not in index:
+                raise ValueError(f"{path} is a diffusers folder of {index.get('_class_name', 'another model')}, "
+                                 "not SDXL (it lacks text_encoder_2 or unet)")
+            force_zeros = index.get("force_zeros_for_empty_prompt", True)
+        return cls(load_sdxl(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent: the VAE halves the size once per level but the last (8 for SDXL)."""
+        return 2 ** (len(self.sdxl.vae.config["block_out_channels"]) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sdxl.unet.conv_in.weight.device
+
+    def conditioning(self, prompt: str, negative_prompt: str | None, num_images: int,
+                     guidance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context (N, 77, 2048) and pooled (N, 1280) for the UNet: N = num_images, or 2 * num_images ordered
+        [negative..., positive...] when guiding, as diffusers batches them."""
+        context, pooled = encode_prompt(self.sdxl, [prompt])  # (1, 77, 2048), (1, 1280)
+        if guidance:
+            if negative_prompt is None and self.force_zeros_for_empty_prompt:
+                negative = torch.zeros_like(context), torch.zeros_like(pooled)
+            else:
+                negative = encode_prompt(self.sdxl, [negative_prompt or ""])
+            context, pooled = torch.cat([negative[0], context]), torch.cat([negative[1], pooled])
+        # (G, ...) -> (G * num_images, ...): each of the G prompts repeated num_images times
+        return context.repeat_interleave(num_images, 0), pooled.repeat_interleave(num_images, 0)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, negative_prompt: str | None = None, *, steps: int = 30,
+                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, sampler: str = "euler",
+                 karras: bool = False, eta: float = 0.0, height: int = 1024, width: int = 1024, num_images: int = 1,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None, output: str = "uint8",
+                 progress: bool = False) -> torch.Tensor:
+        """Generate `num_images` images of `prompt`: (num_images, height, width, 3) uint8 on the CPU, or with
+        output="float" (num_images, 3, height, width) fp32 in [0, 1] (diffusers' output_type="pt").
+
+        guidance_scale > 1 turns on classifier-free guidance (as in diffusers); guidance_rescale in [0, 1] pulls the
+        guided prediction towards the conditional one's std. eta is DDIM's. One generator draws the whole batch's
+        noise, as diffusers does; a list gives one generator per image.
+        """
+        scale = self.vae_scale
+        check_settings(sampler, steps, height, width, num_images, scale)
+        if output not in ("uint8", "float"):
+            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+        unet, vae = self.sdxl.unet, self.sdxl.vae
+        guidance = guidance_scale > 1
+        context, pooled = self.conditioning(prompt, negative_prompt, num_images, guidance)
+        dtype, device = unet.conv_in.weight.dtype, self.device
+        context, pooled = context.to(device, dtype), pooled.to(device, dtype)
+        ids = time_ids(original_size or (height, width), crop_top_left, target_size or (height, width))
+        ids = ids.to(device, dtype).expand(context.shape[0], -1)  # (N, 6): the same for negative and positive
+
+        def unet_fn(x, t):  # x (N, 4, h, w) -> predicted noise; latents stay fp32 between steps
+            return unet(x.to(dtype), t, context, pooled, ids).float()
+
+        model_fn = guided(unet_fn, guidance_scale, guidance_rescale) if guidance else unet_fn
+        shape = (num_images, unet.config["in_channels"], height // scale, width // scale)
+        latents = sample(model_fn, shape, self.schedule, sampler, steps, karras=karras, eta=eta,
+                         generator=generator, device=device, progress=progress)  # (B, 4, h, w) fp32
+        # Patch: decoded in the VAE's own dtype, fp32 by default (diffusers keeps an fp16/bf16 VAE's dtype unless
+        # force_upcast); SDXL's VAE overflows in fp16, and its cost is small next to the UNet's.
+        vae_param = vae.post_quant_conv.weight
+        images = vae.decode((latents / vae.scaling_factor).to(vae_param.device, vae_param.dtype))  # (B, 3, H, W)
+        images = (images.float() * 0.5 + 0.5).clamp(0, 1).cpu()
+        return to_uint8(images) if output == "uint8" else images

@@ -1,0 +1,162 @@
+"""minigen's SDXL pipeline against diffusers' StableDiffusionXLPipeline on the same tiny random model.
+
+The proof of issue 5: for each sampler, with and without guidance, square and non-square, minigen's images equal
+diffusers' for `generator=torch.Generator("cpu").manual_seed(seed)` and the same settings.
+"""
+
+import json
+import warnings
+
+import diffusers
+import pytest
+import torch
+from sdxl_tiny import tiny_folder, tiny_pipeline
+
+from minigen.io import CheckpointError, save_safetensors
+from minigen.sdxl.pipeline import SDXLPipeline, check_settings, encode_prompt, time_ids
+
+# fp32 on both sides; the models differ only in operation order (SDPA vs diffusers' attention processors, fused vs
+# separate ops), ~1e-6 per forward. Images are in [0, 1]; a few steps compound this to ~1e-5, so 1e-4 is tight
+# enough to catch any wrong constant, order or generator use (those change images by > 1e-2).
+IMAGE_TOL = 1e-4
+EMBED_TOL = 1e-5  # relative to the embeddings' scale: one text-encoder forward
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads spin-wait: a tiny UNet
+    forward measured 5-13 s with 2 threads against 0.15 s with 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return SDXLPipeline.from_pretrained(tiny_folder())
+
+
+def assert_close(a, b, tol):
+    scale = max(b.abs().max().item(), 1.0)
+    assert (a - b).abs().max().item() <= tol * scale, (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("negative", [None, "", "blurry, low quality!!"])
+def test_encode_prompt_matches_diffusers(ours, reference, negative):
+    """Penultimate states of both encoders concatenated, pooled from encoder 2, negative zeros when not given, and a
+    "!" in a prompt read as diffusers' tokenizer_2 reads it (id 0)."""
+    prompt = "a photo of an astronaut riding a horse on mars! highly detailed"
+    context, pooled = ours.conditioning(prompt, negative, num_images=2, guidance=True)
+    ref = reference.encode_prompt(prompt, device="cpu", num_images_per_prompt=2, do_classifier_free_guidance=True,
+                                  negative_prompt=negative)
+    ref_context, ref_pooled = torch.cat([ref[1], ref[0]]), torch.cat([ref[3], ref[2]])  # [negative, positive]
+    assert context.shape == (4, 77, 32 + 64) and pooled.shape == (4, 32)
+    assert_close(context, ref_context, EMBED_TOL)
+    assert_close(pooled, ref_pooled, EMBED_TOL)
+    assert (context[:2].abs().sum() == 0) == (negative is None)  # zeros only for a missing negative prompt
+
+
+def test_long_prompt_is_truncated_with_a_warning(ours, reference):
+    prompt = " ".join(f"word{i}" for i in range(80))
+    with pytest.warns(UserWarning, match="truncated because CLIP can only handle sequences up to 77 tokens"):
+        context, pooled = encode_prompt(ours.sdxl, [prompt])
+    ref_context, _, ref_pooled, _ = reference.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    assert_close(context, ref_context, EMBED_TOL)
+    assert_close(pooled, ref_pooled, EMBED_TOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_prompt(ours.sdxl, ["a short prompt"])
+
+
+def test_time_ids_are_original_crop_target():
+    assert time_ids((1024, 768), (0, 16), (512, 384)).tolist() == [1024, 768, 0, 16, 512, 384]
+
+
+# sampler, karras, diffusers scheduler and its extra settings
+SAMPLERS = [
+    ("ddpm", False, diffusers.DDPMScheduler, {}),
+    ("ddim", False, diffusers.DDIMScheduler, {}),
+    ("euler", False, diffusers.EulerDiscreteScheduler, {}),
+    ("euler", True, diffusers.EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    ("euler_a", False, diffusers.EulerAncestralDiscreteScheduler, {}),
+    ("dpmpp_2m", False, diffusers.DPMSolverMultistepScheduler, {}),
+    ("dpmpp_2m", True, diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+]
+
+
+def reference_images(reference, scheduler_class, scheduler_args, **kwargs):
+    """diffusers' images as float (B, 3, H, W) in [0, 1], with the scheduler swapped in for this run."""
+    default = reference.scheduler
+    reference.scheduler = scheduler_class.from_config(default.config, **scheduler_args)
+    try:
+        return reference(output_type="pt", **kwargs).images
+    finally:
+        reference.scheduler = default
+
+
+@pytest.mark.parametrize("sampler,karras,scheduler_class,scheduler_args", SAMPLERS,
+                         ids=[s + ("-karras" if k else "") for s, k, _, _ in SAMPLERS])
+@pytest.mark.parametrize("cfg,height,width", [(1.0, 16, 16), (4.0, 16, 16), (4.0, 24, 16)],
+                         ids=["no-guidance-square", "guidance-square", "guidance-non-square"])
+def test_images_equal_diffusers(ours, reference, sampler, karras, scheduler_class, scheduler_args, cfg, height,
+                                width):
+    settings = dict(height=height, width=width, guidance_scale=cfg)
+    prompt, seed, steps = "a red cube on a table", 7, 3
+    ref = reference_images(reference, scheduler_class, scheduler_args, prompt=prompt, num_inference_steps=steps,
+                           generator=torch.Generator("cpu").manual_seed(seed), **settings)
+    images = ours(prompt, steps=steps, sampler=sampler, karras=karras, output="float",
+                  generator=torch.Generator("cpu").manual_seed(seed), **settings)
+    assert images.shape == ref.shape == (1, 3, height, width)
+    assert_close(images, ref, IMAGE_TOL)
+
+
+def test_batch_negative_prompt_and_guidance_rescale_equal_diffusers(ours, reference):
+    """Two images from one generator, a negative prompt, guidance rescale, an ancestral sampler (fresh noise each
+    step), and micro-conditioning that differs from the generated size."""
+    settings = dict(height=16, width=24, guidance_scale=6.0, guidance_rescale=0.7, original_size=(96, 64),
+                    crop_top_left=(8, 0), target_size=(16, 24))
+    ref = reference_images(reference, diffusers.EulerAncestralDiscreteScheduler, {}, prompt="a cat",
+                           negative_prompt="a dog", num_inference_steps=4, num_images_per_prompt=2,
+                           crops_coords_top_left=settings.pop("crop_top_left"),
+                           generator=torch.Generator("cpu").manual_seed(3), **settings)
+    images = ours("a cat", "a dog", steps=4, sampler="euler_a", num_images=2, crop_top_left=(8, 0), output="float",
+                  generator=torch.Generator("cpu").manual_seed(3), **settings)
+    assert images.shape == (2, 3, 16, 24)
+    assert_close(images, ref, IMAGE_TOL)
+    assert (images[0] - images[1]).abs().max() > 1e-2  # the batch's images differ: each has its own noise
+    uint8 = ours("a cat", steps=1, height=16, width=16, generator=torch.Generator("cpu").manual_seed(0))
+    assert uint8.dtype == torch.uint8 and uint8.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(sampler="plms"), "unknown sampler 'plms'"),
+    (dict(steps=0), "steps must be a whole number >= 1, got 0"),
+    (dict(height=500), "height must be a positive multiple of 8"),
+    (dict(width=0), "width must be a positive multiple of 8"),
+    (dict(num_images=0), "number of images must be >= 1"),
+])
+def test_bad_settings_are_refused(kwargs, message):
+    settings = dict(sampler="euler", steps=30, height=1024, width=1024, num_images=1) | kwargs
+    with pytest.raises(ValueError, match=message):
+        check_settings(**settings)
+
+
+def test_bad_model_paths_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SDXLPipeline.from_pretrained(tmp_path / "missing")
+    sd15 = tmp_path / "sd15"
+    sd15.mkdir()
+    (sd15 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": [],
+                                                       "text_encoder": []}))
+    with pytest.raises(ValueError, match="StableDiffusionPipeline, not SDXL"):
+        SDXLPipeline.from_pretrained(sd15)
+    not_a_model = tmp_path / "weights.safetensors"
+    save_safetensors({"conv.weight": torch.zeros(2, 2)}, not_a_model)
+    with pytest.raises(CheckpointError, match="only SDXL is supported"):
+        SDXLPipeline.from_pretrained(not_a_model)
