@@ -1,0 +1,214 @@
+"""LoRA training: captions, buckets and crop conditioning, a tiny run that learns, exact resume, and bad input.
+
+Runs use a random tiny SDXL (`minigen.sdxl.configs.TINY`, VAE scale 2) on 16x16 images with 16 px bucket steps, so
+each step is a few milliseconds of model time; the real settings differ only in sizes.
+"""
+
+import codecs
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minigen.buckets import make_buckets, nearest_bucket, prepare_image
+from minigen.captions import captioned_images, dreambooth_images, read_caption
+from minigen.io import CheckpointError
+from minigen.lora_files import LoRAFileError, load_lora
+from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged, random_sdxl
+from minigen.sdxl.configs import get_config
+from minigen.sdxl.model import SDXL, build_model
+
+
+# -- captions ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    codecs.BOM_UTF8 + "Café au lait".encode(),
+    codecs.BOM_UTF16_LE + "Café au lait".encode("utf-16-le"),
+    codecs.BOM_UTF16_BE + "Café au lait".encode("utf-16-be"),
+    "Café au lait\r\n".encode(),
+])
+def test_caption_encodings(tmp_path, raw):
+    (tmp_path / "a.txt").write_bytes(raw)
+    assert read_caption(tmp_path / "a.txt") == "Café au lait"
+
+
+def test_caption_latin1_fallback_warns(tmp_path):
+    (tmp_path / "a.txt").write_bytes("Café\n au lait".encode("latin-1"))
+    with pytest.warns(UserWarning, match="not UTF-8; read as latin-1"):
+        assert read_caption(tmp_path / "a.txt") == "Café au lait"
+
+
+def _image(path, size=(32, 32), colour=(200, 30, 30)):
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_captions_sidecar_jsonl_prefix_and_missing(tmp_path):
+    for name in "abc":
+        _image(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a red square")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "a red tile"}) + "\n")
+    with pytest.warns(UserWarning, match=r"1 of 3 images .* have no caption .*'c.png'"):
+        items = captioned_images(tmp_path, prefix="Still from the Anime, ", fallback="a painting")
+    assert [i.caption for i in items] == ["Still from the Anime, a red square", "Still from the Anime, a red tile",
+                                          "Still from the Anime, a painting"]
+    (tmp_path / "metadata.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="metadata.jsonl line 1"):
+        captioned_images(tmp_path)
+
+
+def test_dreambooth_instance_and_class_images(tmp_path):
+    (tmp_path / "dog").mkdir(), (tmp_path / "dogs").mkdir()
+    _image(tmp_path / "dog" / "1.png"), _image(tmp_path / "dogs" / "1.png"), _image(tmp_path / "dogs" / "2.png")
+    items = dreambooth_images(tmp_path / "dog", "a photo of sks dog", tmp_path / "dogs", "a photo of a dog")
+    assert [(i.caption, i.is_class_image) for i in items] == [
+        ("a photo of sks dog", False), ("a photo of a dog", True), ("a photo of a dog", True)]
+    with pytest.raises(ValueError, match="class prompt"):
+        dreambooth_images(tmp_path / "dog", "a photo of sks dog", tmp_path / "dogs")
+
+
+# -- buckets and crop conditioning -------------------------------------------------------------------------------
+
+def test_buckets_seed_000():
+    buckets = make_buckets(400 * 600)
+    assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 400 * 600 for h, w in buckets)
+    assert nearest_bucket(400, 600, buckets) == (384, 576)  # seed 000's 600x400 paintings keep their 3:2 shape
+    assert nearest_bucket(600, 400, buckets) == (576, 384)
+    assert nearest_bucket(1024, 1024, make_buckets(1024 * 1024)) == (1024, 1024)
+
+
+def test_crop_conditioning_and_flip():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 100, 3), dtype=np.uint8)  # (H, W, 3): 100 wide, 60 high
+    img = Image.fromarray(pixels)
+    centre = prepare_image(img, (60, 64))  # same height: no resize, 36 spare columns
+    assert centre.original_size == (60, 100) and centre.crop_top_left == (0, 18)
+    expected = torch.from_numpy(pixels[:, 18:82].astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(centre.pixels, expected)
+    g = torch.Generator().manual_seed(3)
+    crop = prepare_image(img, (60, 64), random_crop=True, generator=g)
+    flipped = prepare_image(img, (60, 64), random_crop=True, flip=True, generator=torch.Generator().manual_seed(3))
+    top, left = crop.crop_top_left
+    assert flipped.crop_top_left == (top, 36 - left)  # the same crop, measured in the mirrored image
+    torch.testing.assert_close(flipped.pixels, crop.pixels.flip(-1))
+    small = prepare_image(Image.fromarray(pixels[:20, :30]), (64, 64))  # smaller than its bucket: scaled up
+    assert small.pixels.shape == (3, 64, 64) and small.original_size == (20, 30)
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def data(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    colours = [(220, 40, 40), (40, 200, 60), (30, 60, 220), (230, 220, 40)]
+    for i, colour in enumerate(colours):
+        rng = np.random.default_rng(i)
+        pixels = np.clip(np.array(colour) + rng.normal(0, 20, (24, 32 if i % 2 else 16, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a square of colour {i}")
+    return folder
+
+
+def tiny_config(data, out, **kw) -> LoRATrainConfig:
+    settings = dict(sdxl="random:tiny", data=str(data), resolution="16x16", bucket_step=16, rank=4, lr=1e-2,
+                    batch=2, epochs=1, out=str(out), validation_steps=2, validation_size="16x16")
+    return LoRATrainConfig(**(settings | kw))
+
+
+def test_training_lowers_loss_writes_files_and_the_lora_reloads(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "run", epochs=6, validation_prompts=["a red square", "a blue square"])
+    trainer = LoRATrainer(cfg, progress=False)
+    assert {e.bucket for e in trainer.examples} == {(16, 16)} | {(16, 16)}  # 16 px steps, 256 px area: square
+    batch = [0, 1]
+    before = trainer.fixed_batch_loss(batch)
+    trainer.train()
+    after = trainer.fixed_batch_loss(batch)
+    assert after < 0.9 * before, (before, after)
+    run = tmp_path / "run"
+    for name in ("lora.safetensors", "lora-epoch-0001.safetensors", "checkpoint.safetensors", "loss.png",
+                 "log.jsonl", "samples/epoch_0000.png", "samples/epoch_0006.png", "samples/progress.png"):
+        assert (run / name).is_file(), name
+    assert len((run / "log.jsonl").read_text().splitlines()) == 12  # 2 batches x 6 epochs
+    assert Image.open(run / "samples/progress.png").size[1] == 7 * Image.open(run / "samples/epoch_0000.png").size[1]
+    # the file reloads into a fresh copy of the base model and reproduces the trained model's output
+    fresh = random_sdxl("tiny")
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    context, pooled, ids = torch.randn(1, 77, 96), torch.randn(1, 32), torch.tensor([[16., 16, 0, 0, 16, 16]])
+    with torch.no_grad():
+        base = fresh.unet(x, t, context, pooled, ids)
+        metadata = load_lora(run / "lora.safetensors", {"unet": fresh.unet})
+        loaded = fresh.unet(x, t, context, pooled, ids)
+        trained = trainer.sdxl.unet.eval()(x, t, context, pooled, ids)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_steps"] == "12"
+    assert (loaded - base).abs().max() > 1e-3  # the LoRA changes the output...
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)  # ...exactly as training left it
+
+
+def final_weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.trainable().items()}
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    # every random part on: crops, flips, caption dropout, noise offset, min-SNR, LoRA dropout, warm-up + cosine,
+    # gradient accumulation, a text-encoder LoRA with its own rate
+    kw = dict(epochs=2, batch=1, grad_accum=2, random_crop=True, flip=True, cache_latents="off", caption_dropout=0.3,
+              noise_offset=0.1, min_snr_gamma=5.0, lora_dropout=0.1, warmup_steps=2, lr_scheduler="cosine",
+              train_text_encoder=True, text_encoder_lr=5e-3, prediction_type="v_prediction")
+    whole = LoRATrainer(tiny_config(data, tmp_path / "whole", **kw), progress=False)
+    whole.train()
+    first = LoRATrainer(tiny_config(data, tmp_path / "parts", **kw), progress=False)
+    assert first.train(stop_after_steps=3) == "stopped"  # mid-way through epoch 2
+    second = LoRATrainer(tiny_config(data, tmp_path / "parts", **kw), progress=False)
+    second.load_checkpoint(tmp_path / "parts" / "checkpoint.safetensors")
+    assert second.step == 3 and second.epoch == 1
+    second.train()
+    a, b = final_weights(whole), final_weights(second)
+    assert a.keys() == b.keys() and any(k.startswith("te2.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (tmp_path / "parts" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    with pytest.raises(CheckpointError, match="LoRA tensors"):  # a run with other settings refuses it
+        LoRATrainer(tiny_config(data, tmp_path / "x"), progress=False).load_checkpoint(
+            tmp_path / "parts" / "checkpoint.safetensors")
+
+
+def test_mixed_precision_keeps_lora_weights_fp32(data, tmp_path):
+    trainer = LoRATrainer(tiny_config(data, tmp_path / "bf16", mixed_precision="bf16"), progress=False)
+    trainer.train()
+    assert trainer.sdxl.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.trainable().values())
+    assert trainer.step == 2 and torch.isfinite(torch.tensor(trainer.records[-1]["loss"]))
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(data, tmp_path):
+    trainer = LoRATrainer(tiny_config(data, tmp_path / "nan", epochs=2), progress=False)
+    trainer.train(stop_after_steps=1)
+    checkpoint = (tmp_path / "nan" / "checkpoint.safetensors").read_bytes()
+    with torch.no_grad():
+        next(iter(trainer.trainable().values())).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+        trainer.train()
+    assert (tmp_path / "nan" / "checkpoint.safetensors").read_bytes() == checkpoint
+
+
+def test_bad_input(data, tmp_path):
+    with pytest.raises(ValueError, match="--random-crop .* --cache-latents off"):
+        tiny_config(data, tmp_path, random_crop=True)
+    with pytest.raises(ValueError, match="--optimizer must be one of"):
+        tiny_config(data, tmp_path, optimizer="adam")
+    _image(data / "tiny.png", size=(8, 8))
+    with pytest.raises(ValueError, match=r"tiny.png is 8x8, smaller than one 16 px bucket step"):
+        LoRATrainer(tiny_config(data, tmp_path / "small"), progress=False)
+
+
+def test_lora_for_another_model_names_the_mismatch(data, tmp_path):
+    trainer = LoRATrainer(tiny_config(data, tmp_path / "run"), progress=False)
+    trainer.save_lora(tmp_path / "lora.safetensors")
+    config = get_config("tiny", "unet") | {"block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 8]}
+    other = build_model("unet", config)
+    with pytest.raises(LoRAFileError, match=r"has weight \(128, 128\).*a LoRA for another model"):
+        load_lora(tmp_path / "lora.safetensors", {"unet": other})
