@@ -67,3 +67,18 @@ gan-sample: $(RUNTIME) ## write N=1000 PNGs from GAN_RUN's checkpoint into GAN_R
 
 bench-gan: $(RUNTIME) ## DCGAN training images/s and FLOP/s vs this machine's matmul peak (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_gan.py $(BENCH_ARGS)
+
+# ---- LoRA training (issue 6) -------------------------------------------------------------------------------------
+.PHONY: lora lora-smoke bench-lora
+LORA_CONFIG ?= configs/lora_000.conf
+LORA_ARGS   ?=
+
+lora: $(RUNTIME) ## train an SDXL LoRA on a GPU: make lora SDXL=sd_xl_base_1.0.safetensors DATA=folder [LORA_CONFIG=configs/lora_001.conf]
+	@test -n "$(SDXL)" -a -n "$(DATA)" || { echo "usage: make lora SDXL=path DATA=path [LORA_CONFIG=...] [LORA_ARGS=...]"; exit 2; }
+	$(BIN)/python train_lora.py --config $(LORA_CONFIG) --sdxl $(SDXL) --data $(DATA) --device cuda $(LORA_ARGS)
+
+lora-smoke: $(RUNTIME) ## the whole LoRA loop on CPU in minutes: random tiny SDXL, the Met paintings; writes runs/lora-smoke
+	$(BIN)/python scripts/lora_smoke.py runs/lora-smoke
+
+bench-lora: $(TESTDEPS) ## one LoRA training step, minigen vs diffusers+peft (BENCH_ARGS="--device cuda --full")
+	$(BIN)/python bench/bench_lora.py $(BENCH_ARGS)
