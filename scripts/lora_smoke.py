@@ -18,8 +18,8 @@ OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lora-smoke")
 
 def main() -> int:
     torch.set_num_threads(1)  # a tiny model: thread hand-offs cost more than they gain (30x on a busy 2-core box)
-    cfg = LoRATrainConfig(sdxl="random:tiny", data="met", max_images=8, resolution="64x96", rank=8, lr=3e-2,
-                          targets="kohya", batch=4, epochs=3, caption_prefix="a Met painting, ", out=str(OUT),
+    cfg = LoRATrainConfig(sdxl="random:tiny", data="met", max_images=16, resolution="64x96", rank=8, lr=3e-2,
+                          targets="kohya", batch=4, epochs=5, caption_prefix="a Met painting, ", out=str(OUT),
                           validation_prompts=["a Met painting, a harbour at dusk", "a Met painting, a portrait"],
                           validation_steps=4, validation_size="64x64")
     trainer = LoRATrainer(cfg)
