@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import sys
 import typing
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from minigen.io import CheckpointError
 from minigen.lora_files import LoRAFileError
 from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged, load_checkpoint
+from train_gan import read_preset  # the same preset files: flags, one per line, # comments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,21 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_preset(path: str) -> list[str]:
-    try:
-        return shlex.split(Path(path).read_text(), comments=True)
-    except OSError as e:
-        raise SystemExit(f"cannot read preset {path}: {e}") from None
-
-
 def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
     parser = build_parser()
     given = vars(parser.parse_args(argv))
     preset = vars(parser.parse_args(read_preset(given["config"]))) if "config" in given else {}
-    settings = json.loads(load_checkpoint(given["resume"])[1]["config"]) if "resume" in given else {}
+    saved = json.loads(load_checkpoint(given["resume"])[1]["config"]) if "resume" in given else {}
     fields = {f.name for f in dataclasses.fields(LoRATrainConfig)}
-    settings |= {k: v for k, v in preset.items() if k in fields}
-    settings |= {k: v for k, v in given.items() if k in fields}
+    settings = saved | {k: v for source in (preset, given) for k, v in source.items() if k in fields}
     return argparse.Namespace(**given), LoRATrainConfig(**settings)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -64,7 +65,7 @@ def build(kind: str, config: dict, state: dict, rank: int, dtype, device, checkp
         unet = UNet2DConditionModel(config)
         unet.load_state_dict(state)
         unet.to(device, dtype)
-        add_lora(unet, [rf"\.{t.replace('.', r'\.')}$" for t in TARGETS], rank, rank, init="gaussian")
+        add_lora(unet, [r"\." + re.escape(t) + "$" for t in TARGETS], rank, rank, init="gaussian")
         unet.set_gradient_checkpointing(checkpointing)
         return unet, lora_parameters(unet)
     import diffusers
@@ -87,8 +88,14 @@ def step_fn(kind: str, unet, params, inputs, dtype, device):
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     x, t, context, pooled, ids, target = inputs
 
-    def step():
-        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+    def step(saved: dict | None = None):
+        """One training step; with `saved`, also record the storage of every tensor kept for the backward pass."""
+        def pack(t):
+            if saved is not None:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
             if kind == "minigen":
                 pred = unet(x, t, context, pooled, ids)
             else:
@@ -99,8 +106,11 @@ def step_fn(kind: str, unet, params, inputs, dtype, device):
     return step
 
 
-def measure(step, device, repeats: int) -> tuple[float, float, int]:
-    step()  # warm-up: allocations, optimizer state
+def measure(step, device, repeats: int) -> tuple[float, float, int, int]:
+    """Median wall and CPU seconds per step, peak memory growth during the steps (CUDA: allocated bytes; CPU: the
+    resident set, which the allocator's caching blurs), and the bytes of activations saved for backward."""
+    saved: dict[int, int] = {}
+    step(saved)  # warm-up (allocations, optimizer state), counting the saved activations
     baseline = current_bytes(device)
     reset_peak(device)
     walls, cpus = [], []
@@ -113,7 +123,7 @@ def measure(step, device, repeats: int) -> tuple[float, float, int]:
             torch.cuda.synchronize(device)
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus), peak_bytes(device, baseline)
+    return statistics.median(walls), statistics.median(cpus), peak_bytes(device, baseline), sum(saved.values())
 
 
 def main() -> None:
@@ -152,11 +162,12 @@ def main() -> None:
             del unet, params
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            wall, cpu_s, peak = results[kind]
+            wall, cpu_s, peak, acts = results[kind]
             print(f"  {kind:9s} ckpt={checkpointing!s:5s}  {wall:7.3f} s/step wall  {cpu_s:7.3f} s/step CPU  "
-                  f"peak +{peak / 2**30:6.3f} GiB")
-        (mw, mc, mp), (dw, dc, dp) = results["minigen"], results["diffusers"]
-        print(f"  ratio minigen/diffusers: wall {mw / dw:.2f}  CPU {mc / dc:.2f}  peak memory {mp / max(dp, 1):.2f}")
+                  f"peak +{peak / 2**30:6.3f} GiB  saved activations {acts / 2**30:6.3f} GiB")
+        (mw, mc, mp, ma), (dw, dc, dp, da) = results["minigen"], results["diffusers"]
+        print(f"  ratio minigen/diffusers: wall {mw / dw:.2f}  CPU {mc / dc:.2f}  peak memory {mp / max(dp, 1):.2f}  "
+              f"saved activations {ma / max(da, 1):.2f}")
 
 
 if __name__ == "__main__":

@@ -223,3 +223,20 @@ def test_lora_for_another_model_names_the_mismatch(data, tmp_path):
     other = build_model("unet", config)
     with pytest.raises(LoRAFileError, match=r"has weight \(128, 128\).*a LoRA for another model"):
         load_lora(tmp_path / "lora.safetensors", {"unet": other})
+
+
+def test_presets_reproduce_the_seeds_and_the_cli_reports_errors(tmp_path, capsys):
+    import train_lora
+
+    _, c000 = train_lora.parse(["--config", "configs/lora_000.conf"])
+    assert (c000.optimizer, c000.lr, c000.rank, c000.batch, c000.epochs, c000.resolution) == \
+        ("adafactor", 1e-3, 128, 20, 12, "400x600")
+    _, c001 = train_lora.parse(["--config", "configs/lora_001.conf", "--epochs", "2"])  # the command line wins
+    assert (c001.rank, c001.lr, c001.mixed_precision, c001.batch, c001.grad_accum, c001.warmup_steps,
+            c001.train_text_encoder, c001.resolution, c001.epochs, c001.save_every_steps, c001.caption_prefix) == \
+        (16, 1e-5, "bf16", 1, 8, 500, True, "1024", 2, 1000, "Still from the Anime, ")
+    _, c004 = train_lora.parse(["--config", "configs/lora_004.conf"])
+    assert c004.instance_prompt and c004.epochs == 40
+    (tmp_path / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    assert train_lora.main(["--resume", str(tmp_path / "other.safetensors")]) == 1
+    assert "not a minigen LoRA training checkpoint" in capsys.readouterr().err
