@@ -187,10 +187,12 @@ def test_resume_equals_uninterrupted(data, tmp_path):
             tmp_path / "parts" / "checkpoint.safetensors")
 
 
-def test_mixed_precision_keeps_lora_weights_fp32(data, tmp_path):
-    trainer = LoRATrainer(tiny_config(data, tmp_path / "bf16", mixed_precision="bf16"), progress=False)
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_keeps_lora_weights_fp32(data, tmp_path, precision, dtype):
+    trainer = LoRATrainer(tiny_config(data, tmp_path / precision, mixed_precision=precision), progress=False)
     trainer.train()
-    assert trainer.sdxl.unet.conv_in.weight.dtype == torch.bfloat16
+    assert trainer.scaler.is_enabled() == (precision == "fp16")  # fp16 needs loss scaling; bf16's range does not
+    assert trainer.sdxl.unet.conv_in.weight.dtype == dtype
     assert all(p.dtype == torch.float32 for p in trainer.trainable().values())
     assert trainer.step == 2 and torch.isfinite(torch.tensor(trainer.records[-1]["loss"]))
 
