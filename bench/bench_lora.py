@@ -134,7 +134,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--latent", type=int, default=0, help="latent side (default: 128 with --full, else 32)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     config = get_config("sdxl-base", "unet") if args.full else medium_config()
     dtype = torch.bfloat16 if args.full else torch.float32
