@@ -242,3 +242,25 @@ def test_presets_reproduce_the_seeds_and_the_cli_reports_errors(tmp_path, capsys
     (tmp_path / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     assert train_lora.main(["--resume", str(tmp_path / "other.safetensors")]) == 1
     assert "not a minigen LoRA training checkpoint" in capsys.readouterr().err
+
+
+def test_disk_latent_cache_is_reused(data, tmp_path):
+    first = LoRATrainer(tiny_config(data, tmp_path / "run", cache_latents="disk"), progress=False)
+    cache = tmp_path / "run" / "cache" / "latents.safetensors"
+    assert cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    second = LoRATrainer(tiny_config(data, tmp_path / "run", cache_latents="disk", seed=0), progress=False)
+    assert cache.stat().st_mtime_ns == stamp  # read, not rewritten
+    for a, b in zip(first.examples, second.examples):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.time_ids, b.time_ids)
+
+
+def test_dreambooth_prior_preservation_weights_class_images(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "db", instance_prompt="a photo of sks square", class_data=str(data),
+                      class_prompt="a photo of a square", prior_loss_weight=0.0, batch=1)
+    trainer = LoRATrainer(cfg, progress=False)
+    flags = [e.item.is_class_image for e in trainer.examples]
+    assert flags == [False] * 4 + [True] * 4
+    assert {e.item.caption for e in trainer.examples} == {"a photo of sks square", "a photo of a square"}
+    assert trainer.fixed_batch_loss([5]) == 0.0  # a class image with weight 0 adds nothing
+    assert trainer.fixed_batch_loss([1]) > 0
