@@ -264,3 +264,19 @@ def test_dreambooth_prior_preservation_weights_class_images(data, tmp_path):
     assert {e.item.caption for e in trainer.examples} == {"a photo of sks square", "a photo of a square"}
     assert trainer.fixed_batch_loss([5]) == 0.0  # a class image with weight 0 adds nothing
     assert trainer.fixed_batch_loss([1]) > 0
+
+
+def test_cli_trains_and_resumes_with_the_saved_settings(data, tmp_path, capsys):
+    import train_lora
+
+    out = tmp_path / "cli"
+    flags = ["--sdxl", "random:tiny", "--data", str(data), "--resolution", "16x16", "--bucket-step", "16",
+             "--batch", "2", "--out", str(out), "--quiet", "--validation-prompts", "a red square",
+             "--validation-steps", "1", "--validation-size", "16x16"]
+    assert train_lora.main(flags) == 0
+    assert "lora.safetensors" in capsys.readouterr().out
+    # --resume takes every setting from the checkpoint; only --epochs changes: one more epoch of 2 steps
+    assert train_lora.main(["--resume", str(out / "checkpoint.safetensors"), "--epochs", "2", "--quiet"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in log] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert (out / "samples" / "epoch_0002.png").is_file() and (out / "lora-epoch-0002.safetensors").is_file()
