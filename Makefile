@@ -82,3 +82,11 @@ lora-smoke: $(RUNTIME) ## the whole LoRA loop on CPU in minutes: random tiny SDX
 
 bench-lora: $(TESTDEPS) ## one LoRA training step, minigen vs diffusers+peft (BENCH_ARGS="--device cuda --full")
 	$(BIN)/python bench/bench_lora.py $(BENCH_ARGS)
+
+# ---- SDXL models (minigen/sdxl/) ----
+.PHONY: test-sdxl bench-unet
+test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
+
+bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)

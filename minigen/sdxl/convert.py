@@ -119,7 +119,8 @@ def unet_name_map(config: Mapping | None = None) -> NameMap:
 
 
 def unet_module_to_sgm(path: str, config: Mapping | None = None) -> str:
-    """A diffusers UNet module path or key -> its SGM name (no `model.diffusion_model.` prefix)."""
+    """A diffusers UNet module path or key -> its SGM name (no `model.diffusion_model.` prefix).
+    For many names, build `unet_name_map(config)` once and call its `to_single_file`."""
     return unet_name_map(config).to_single_file(path)
 
 

@@ -91,7 +91,7 @@ class SDXL:
 
     def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write one safetensors file in the `sd_xl_base_1.0.safetensors` layout (A1111, ComfyUI, diffusers'
-        `from_single_file`). The VAE is written in fp32 unless `dtype` says otherwise for everything."""
+        `from_single_file`). `dtype` casts every floating-point tensor; by default each keeps its own."""
         state = {part: model.state_dict() for part, model in self.models().items()}
         tensors = convert.to_single_file(state["unet"], state["vae"], state["text_encoder"], state["text_encoder_2"],
                                          self.configs["unet"], self.configs["vae"])
