@@ -90,3 +90,8 @@ test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
 
 bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)
+
+# --- sampling (minigen/diffusion.py) ---
+.PHONY: bench-sample
+bench-sample: $(TESTDEPS) ## time the samplers' own per-step work against diffusers' scheduler loops (CPU)
+	$(BIN)/python bench/bench_sample.py

@@ -81,16 +81,16 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leadi
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {steps}")
     T, n = num_train_timesteps, points or steps
+    if spacing == "trailing":  # always `steps` intervals, the first ending at T - 1
+        return (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, n)
-        ts = ts.round() if round_linspace else ts.astype(np.float32)
-    elif spacing == "leading":
+        if not round_linspace:
+            return ts[::-1][:steps].astype(np.float32)
+        ts = ts.round()
+    else:  # leading
         ts = np.arange(0, n) * (T // n) + steps_offset
-    else:  # trailing: always `steps` intervals ending at T - 1
-        ts = np.round(np.arange(T, 0, -T / steps)) - 1
-        return ts.astype(np.int64)
-    ts = ts[::-1][:steps].copy()
-    return ts.astype(np.int64) if round_linspace or spacing != "linspace" else ts
+    return ts[::-1][:steps].astype(np.int64)
 
 
 @dataclass
@@ -225,11 +225,14 @@ class Plan:
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def __getitem__(self, s: slice) -> "Plan":
-        """The plan from step s.start on (img2img starts part-way)."""
-        cut = lambda v: None if v is None else v[s]  # noqa: E731
-        return Plan(self.timesteps[s], self.sigmas[s.start:], self.alpha[s], self.sigma[s],
-                    cut(self.alphas_cumprod), cut(self.alphas_cumprod_prev), self.init_noise_sigma)
+    def from_step(self, start: int) -> "Plan":
+        """The rest of the run from step `start` on (img2img starts part-way)."""
+
+        def rest(v):
+            return None if v is None else v[start:]
+
+        return Plan(rest(self.timesteps), rest(self.sigmas), rest(self.alpha), rest(self.sigma),
+                    rest(self.alphas_cumprod), rest(self.alphas_cumprod_prev), self.init_noise_sigma)
 
 
 def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -371,12 +374,14 @@ def sample(model_fn, x_or_shape, schedule: NoiseSchedule, sampler: str = "euler"
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's; the {sampler!r} sampler does not take it")
     plan = schedule.plan(sampler, steps, karras)
     if init is not None:  # img2img: diffusers' get_timesteps
         start = steps - min(int(steps * strength), steps)
         if start >= steps:
             raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
-        plan = plan[start:]
+        plan = plan.from_step(start)
         device = device or init.device
         noise = randn(init.shape, generator, device, dtype)
         if sampler in ("euler", "euler_a"):

@@ -14,7 +14,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler)
 from diffusers.training_utils import compute_snr
 
-from minigen.diffusion import NoiseSchedule, guided, sample
+from minigen.diffusion import NoiseSchedule, guided, randn, sample
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
               "euler_a": EulerAncestralDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
@@ -144,6 +144,28 @@ def test_guidance_matches_sdxl_pipeline_formula():
     torch.testing.assert_close(out, expected)
 
 
+def test_noise_is_drawn_as_diffusers_randn_tensor():
+    """One generator for the batch, or one per image (per-image seeds), drawn on the generator's device."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (3, 4, 5, 6)
+    for seeds in ([11], [11, 12, 13]):
+        ours = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        theirs = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        one = len(seeds) == 1
+        assert torch.equal(randn(shape, ours[0] if one else ours), randn_tensor(shape, theirs[0] if one else theirs))
+
+
+def test_progress_bar_and_given_noise(capsys):
+    """x_or_shape may be the unit starting noise itself (diffusers' `latents=`): scaled by init_noise_sigma."""
+    schedule = NoiseSchedule()
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    from_noise = sample(fake_model([]), noise, schedule, "euler", 5, progress=True)
+    from_seed = sample(fake_model([]), noise.shape, schedule, "euler", 5, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(from_noise, from_seed)
+    assert "5/5" in capsys.readouterr().err
+
+
 def test_bad_input_is_refused():
     schedule = NoiseSchedule()
     model_fn = fake_model([])
@@ -153,6 +175,8 @@ def test_bad_input_is_refused():
         sample(model_fn, (1, 4, 8, 8), schedule, steps=0)
     with pytest.raises(ValueError, match="strength"):
         sample(model_fn, None, schedule, init=torch.zeros(1, 4, 8, 8), strength=0.0)
+    with pytest.raises(ValueError, match="eta"):
+        sample(model_fn, (1, 4, 8, 8), schedule, sampler="euler", eta=0.5)
     with pytest.raises(ValueError, match="Karras"):
         schedule.plan("ddpm", 10, karras=True)
     with pytest.raises(ValueError, match="clip_sample"):
