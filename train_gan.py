@@ -101,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TrainingDiverged, ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if status == "interrupted":
+        return 130
     out = Path(cfg.out)
-    print(f"grid:   {out / 'samples' / f'epoch_{cfg.epochs:04d}.png'}" if status == "done" else "")
-    print(f"curves: {out / 'curves.png'}\ncheckpoint: {out / 'checkpoint.safetensors'}")
-    return 130 if status == "interrupted" else 0
+    print(f"grid:       {out / 'samples' / f'epoch_{cfg.epochs:04d}.png'}\ncurves:     {out / 'curves.png'}\n"
+          f"checkpoint: {out / 'checkpoint.safetensors'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -365,8 +365,9 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
             draw_curves(records, out / "curves.png", title)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 trainer.save(checkpoint)
-            print(f"epoch {epoch + 1}/{cfg.epochs}: {time.perf_counter() - start:.1f} s, D loss "
-                  f"{records[-1 - bool(metrics)]['loss_d']:.3f}, grid {grid}", file=sys.stderr)
+            last = next(r for r in reversed(records) if "loss_d" in r)
+            print(f"epoch {epoch + 1}/{cfg.epochs}: {time.perf_counter() - start:.1f} s, D loss {last['loss_d']:.3f}, "
+                  f"G loss {last['loss_g']:.3f}, grid {grid}", file=sys.stderr)
     return "done"
 
 

@@ -76,20 +76,22 @@ def test_resume_equals_uninterrupted(folder, tmp_path, uninterrupted):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-def test_ctrl_c_saves_then_resumes_exactly(folder, tmp_path, uninterrupted, monkeypatch):
+# Iteration 5 is in the middle of epoch 2; iteration 3 is the last of epoch 1, before its grid and checkpoint.
+@pytest.mark.parametrize("at, position", [(5, ("5", "1", "2")), (3, ("3", "0", "3"))])
+def test_ctrl_c_saves_then_resumes_exactly(folder, tmp_path, uninterrupted, monkeypatch, at, position):
     calls = {"n": 0}
     real_loss = gan.bce_d_loss
 
     def interrupting_loss(*args):
         calls["n"] += 1
-        if calls["n"] == 5:  # iteration 5: the middle of epoch 2
+        if calls["n"] == at:
             signal.raise_signal(signal.SIGINT)
         return real_loss(*args)
 
     monkeypatch.setattr(gan, "bce_d_loss", interrupting_loss)
     assert run(folder, tmp_path, "--epochs", "3") == 130
     _, meta = read_header(tmp_path / "checkpoint.safetensors")
-    assert (meta["iteration"], meta["epoch"], meta["batch_index"]) == ("5", "1", "2")  # epoch index 1 = second
+    assert (meta["iteration"], meta["epoch"], meta["batch_index"]) == position  # epoch counts from 0 here
     monkeypatch.setattr(gan, "bce_d_loss", real_loss)
     assert train_gan.main(["--resume", str(tmp_path / "checkpoint.safetensors"), "--quiet"]) == 0
     assert log_lines(tmp_path) == log_lines(uninterrupted)
