@@ -95,3 +95,12 @@ bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen v
 .PHONY: bench-sample
 bench-sample: $(TESTDEPS) ## time the samplers' own per-step work against diffusers' scheduler loops (CPU)
 	$(BIN)/python bench/bench_sample.py
+
+# ---- sampling (sample.py) ----
+.PHONY: sample
+MODEL ?=
+PROMPT ?= a photo of an astronaut riding a horse on mars
+SAMPLE_ARGS ?=
+sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..." SAMPLE_ARGS="--steps 30 --seed 0"
+	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
+	$(BIN)/python sample.py --model "$(MODEL)" --prompt "$(PROMPT)" $(SAMPLE_ARGS)

@@ -5,12 +5,22 @@ model that costs almost nothing, so the time is the sampler's own arithmetic and
 the ratio minigen / diffusers (below 1: minigen is faster).
 
     python bench/bench_sample.py [--device cpu] [--steps 30] [--size 128] [--batch 1] [--repeat 10] [--threads 1]
+
+Part 2, `--pipeline`: seconds per image of the whole text-to-image pipeline, minigen's SDXLPipeline vs diffusers'
+StableDiffusionXLPipeline on the same weights and settings, split into the UNet's time and the time beyond it (text
+encoders, sampler, guidance, VAE decode, image conversion). By default the tiny random SDXL on CPU; with
+`--device cuda --full`, full-size SDXL (random weights) at 1024x1024, 30 Euler steps, bf16, guidance 5.
+
+    python bench/bench_sample.py --pipeline [--repeat 5]
+    python bench/bench_sample.py --pipeline --device cuda --full [--repeat 3]
 """
 
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,8 +87,12 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: the per-step work is small, and on a shared machine a second "
                              "thread mostly measures the neighbours)")
+    parser.add_argument("--pipeline", action="store_true", help="part 2: the whole SDXL pipeline, per image")
+    parser.add_argument("--full", action="store_true", help="with --pipeline: full-size SDXL, 1024x1024, bf16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.pipeline:
+        return pipeline_bench(args)
     shape = (args.batch, 4, args.size, args.size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
           f", device {args.device}, latents {shape}, {args.steps} steps, best of {args.repeat}")
@@ -91,6 +105,112 @@ def main():
                                   args.repeat, args.device)
         name = sampler + (" karras" if karras else "")
         print(f"{name:16s} {1000 * ours / args.steps:16.3f} {1000 * theirs / args.steps:18.3f} {ours / theirs:7.2f}")
+
+
+
+# ------------------------------------------------------------------------------------------ part 2: the pipeline
+class UNetTimer:
+    """Wraps a UNet's forward and adds up the time spent in it (synchronising CUDA so the time is the UNet's)."""
+
+    def __init__(self, unet, device):
+        self.total, self.device, self.forward = 0.0, device, unet.forward
+        unet.forward = self
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.forward(*args, **kwargs)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.total += time.perf_counter() - start
+        return out
+
+
+def tiny_pipelines():
+    """The tests' tiny random SDXL as a diffusers pipeline and, loaded from its saved folder, as minigen's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from sdxl_tiny import tiny_folder, tiny_pipeline
+
+    from minigen.sdxl.pipeline import SDXLPipeline
+
+    return tiny_pipeline(), SDXLPipeline.from_pretrained(tiny_folder())
+
+
+def full_pipelines(device):
+    """Full-size SDXL with random weights in bf16 on `device` (VAE fp32 in both), the same tensors in both."""
+    import diffusers
+    import transformers
+
+    from minigen.sdxl.configs import get_config
+    from minigen.sdxl.model import SDXL, build_model
+    from minigen.sdxl.pipeline import SDXLPipeline
+    from minigen.sdxl.tokenizer import sdxl_tokenizers
+
+    configs, plain = get_config("sdxl-base"), lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
+    dtypes = {"unet": torch.bfloat16, "vae": torch.float32, "text_encoder": torch.bfloat16,
+              "text_encoder_2": torch.bfloat16}
+    theirs = {"unet": diffusers.UNet2DConditionModel(**plain(configs["unet"])),
+              "vae": diffusers.AutoencoderKL(**plain(configs["vae"])),
+              "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"])),
+              "text_encoder_2": transformers.CLIPTextModelWithProjection(
+                  transformers.CLIPTextConfig(**configs["text_encoder_2"]))}
+    ours = {}
+    for part, model in theirs.items():
+        model.to(device, dtypes[part]).eval()
+        with torch.device("meta"):
+            ours[part] = build_model(part, configs[part])
+        ours[part].load_state_dict(model.state_dict(), assign=True)
+        ours[part] = ours[part].to(device, dtypes[part]).eval()
+    tokenizers = sdxl_tokenizers()
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / "minigen-bench-tokenizers"
+    tokenizers[0].save(folder / "tokenizer")
+    tokenizers[1].save(folder / "tokenizer_2")
+    reference = diffusers.StableDiffusionXLPipeline(
+        **theirs, tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(configs["scheduler"]))
+    sdxl = SDXL(**ours, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], configs=configs)
+    return reference, SDXLPipeline(sdxl)
+
+
+def pipeline_bench(args):
+    if args.full:
+        reference, ours = full_pipelines(args.device)
+        size, steps = 1024, 30
+    else:
+        if args.device != "cpu":
+            raise SystemExit("the tiny pipeline runs on the CPU; use --full for a GPU")
+        reference, ours = tiny_pipelines()
+        size, steps = 64, args.steps
+    reference.set_progress_bar_config(disable=True)
+    prompt, cfg = "a photo of an astronaut riding a horse on mars", 5.0
+    timers = [UNetTimer(ours.sdxl.unet, args.device), UNetTimer(reference.unet, args.device)]
+    runs = [lambda: ours(prompt, steps=steps, guidance_scale=cfg, height=size, width=size,
+                         generator=torch.Generator("cpu").manual_seed(0)),
+            lambda: reference(prompt, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size,
+                              generator=torch.Generator("cpu").manual_seed(0)).images]
+    with torch.no_grad():
+        for run in runs:  # warm-up: first-call allocations, kernel selection
+            run()
+        best = [[float("inf"), 0.0] for _ in runs]  # per pipeline: best total, its UNet time
+        for _ in range(args.repeat):
+            for k, run in enumerate(runs):
+                timers[k].total = 0.0
+                start = time.perf_counter()
+                run()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                total = time.perf_counter() - start
+                if total < best[k][0]:
+                    best[k] = [total, timers[k].total]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+          f", device {args.device}, {'full-size SDXL bf16' if args.full else 'tiny SDXL fp32'}, {size}x{size}, "
+          f"{steps} euler steps, guidance {cfg}, best of {args.repeat}")
+    print(f"{'':10s} {'s/image':>9s} {'UNet s':>9s} {'beyond UNet s':>14s}")
+    for name, (total, unet) in zip(("minigen", "diffusers"), best):
+        print(f"{name:10s} {total:9.4f} {unet:9.4f} {total - unet:14.4f}")
+    (ours_total, ours_unet), (ref_total, ref_unet) = best
+    print(f"ratio minigen/diffusers: per image {ours_total / ref_total:.2f}, "
+          f"beyond the UNet {(ours_total - ours_unet) / (ref_total - ref_unet):.2f}")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,18 @@ import json
 import warnings
 
 import diffusers
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sdxl_tiny import tiny_folder, tiny_pipeline
 
+import sample as sample_cli
 from minigen.io import CheckpointError, save_safetensors
+from minigen.lora import add_lora, lora_parameters, lora_weights
+from minigen.lora_files import save_lora
+from minigen.sdxl.convert import unet_name_map
+from minigen.sdxl.model import load_sdxl
 from minigen.sdxl.pipeline import SDXLPipeline, check_settings, encode_prompt, time_ids
 
 # fp32 on both sides; the models differ only in operation order (SDPA vs diffusers' attention processors, fused vs
@@ -160,3 +167,56 @@ def test_bad_model_paths_are_refused(tmp_path):
     save_safetensors({"conv.weight": torch.zeros(2, 2)}, not_a_model)
     with pytest.raises(CheckpointError, match="only SDXL is supported"):
         SDXLPipeline.from_pretrained(not_a_model)
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """A kohya LoRA on the tiny UNet's attention and on text encoder 2, with random (non-zero) up and down."""
+    sdxl = load_sdxl(tiny_folder())
+    add_lora(sdxl.unet, "attention", rank=2, alpha=1.0)
+    add_lora(sdxl.text_encoder_2, "text", rank=2, alpha=1.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(sdxl.unet) + lora_parameters(sdxl.text_encoder_2):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
+    save_lora(path, {"unet": lora_weights(sdxl.unet), "te2": lora_weights(sdxl.text_encoder_2)}, "kohya",
+              unet_names=unet_name_map(sdxl.unet.config))
+    return path
+
+
+def run_cli(tmp_path, *extra):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_folder()), "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "24",
+            "--num", "2", "--seed", "5", "--sampler", "dpmpp_2m", "--out", str(out), "--device", "cpu", *extra]
+    assert sample_cli.main(args) == 0
+    return [np.asarray(Image.open(p)) for p in sorted(out.glob("5-*.png"))]
+
+
+def test_cli_writes_the_pipelines_images_and_applies_loras(ours, tmp_path, lora_file):
+    images = run_cli(tmp_path / "plain")
+    expected = ours("a cat", steps=2, height=16, width=24, num_images=2, sampler="dpmpp_2m",
+                    generator=torch.Generator("cpu").manual_seed(5))
+    assert len(images) == 2 and all((i == e.numpy()).all() for i, e in zip(images, expected))
+    with_lora = run_cli(tmp_path / "lora", "--lora", f"{lora_file}:0.9")
+    assert np.abs(with_lora[0].astype(int) - images[0]).max() > 10  # the LoRA changes the image
+    lora_pipe = SDXLPipeline.from_pretrained(tiny_folder())
+    lora_pipe.add_lora(lora_file, 0.9)
+    expected = lora_pipe("a cat", steps=2, height=16, width=24, num_images=2, sampler="dpmpp_2m",
+                         generator=torch.Generator("cpu").manual_seed(5))
+    assert all((i == e.numpy()).all() for i, e in zip(with_lora, expected))
+    # A multiplier of 0 leaves the image as it was without the LoRA.
+    assert all((i == e).all() for i, e in zip(run_cli(tmp_path / "zero", "--lora", f"{lora_file}:0"), images))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sampler", "heun"], "unknown sampler 'heun'"),
+    (["--steps", "0"], "steps must be a whole number >= 1"),
+    (["--height", "20"], "height must be a positive multiple of 8"),
+    (["--model", "/no/such/model"], "does not exist"),
+])
+def test_cli_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
+    args = ["--model", str(tiny_folder()), "--prompt", "x", "--out", str(tmp_path), *extra]
+    assert sample_cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))

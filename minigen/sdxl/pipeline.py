@@ -30,6 +30,8 @@ import torch
 
 from ..diffusion import SAMPLERS, NoiseSchedule, guided, sample
 from ..io import atomic_write
+from ..lora_files import load_lora
+from .convert import unet_name_map
 from .model import SDXL, load_sdxl
 
 SDXL_VAE_SCALE = 8  # pixels per latent in each direction: SDXL's VAE halves the size three times
@@ -98,6 +100,7 @@ class SDXLPipeline:
         self.sdxl = sdxl
         self.schedule = NoiseSchedule.from_config(sdxl.scheduler_config)
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.loras = 0  # adapters added so far, each named lora1, lora2, ...
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -115,6 +118,14 @@ class SDXLPipeline:
                                  "not SDXL (it lacks text_encoder_2 or unet)")
             force_zeros = index.get("force_zeros_for_empty_prompt", True)
         return cls(load_sdxl(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
+
+    def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0) -> None:
+        """Apply a LoRA file (kohya or diffusers/peft layout; UNet and/or text encoders) on top of the model, as
+        its own adapter scaled by `multiplier`; several stack, as `sample.py --lora a:0.8 --lora b:0.5` does."""
+        models = {"unet": self.sdxl.unet, "te1": self.sdxl.text_encoder, "te2": self.sdxl.text_encoder_2}
+        self.loras += 1
+        load_lora(path, models, name=f"lora{self.loras}", multiplier=multiplier,
+                  unet_names=unet_name_map(self.sdxl.unet.config))
 
     @property
     def vae_scale(self) -> int:

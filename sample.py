@@ -1,0 +1,73 @@
+"""Text to image with an SDXL checkpoint: the same images diffusers' StableDiffusionXLPipeline gives for a seed.
+
+    python sample.py --model sd_xl_base_1.0.safetensors --prompt "a photo of an astronaut riding a horse on mars" \
+        --steps 30 --cfg 5 --sampler dpmpp_2m --karras --seed 0 --num 4 --lora style.safetensors:0.8 --out outputs/
+
+--model: a diffusers folder or a single-file checkpoint. One `--seed` draws the noise of the whole batch (as
+diffusers' `generator=torch.Generator("cpu").manual_seed(seed)` with `num_images_per_prompt`); with no seed a random
+one is chosen and printed. Images are written as <out>/<seed>-<i>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+import torch
+
+from minigen.diffusion import SAMPLERS
+from minigen.io import CheckpointError
+from minigen.lora_files import parse_lora_spec
+from minigen.sdxl.pipeline import SDXLPipeline, check_settings, save_images
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="SDXL diffusers folder or single .safetensors file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default=None, help="negative prompt (default: none, i.e. zero embeddings as SDXL)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--rescale", type=float, default=0.0, help="guidance rescale in [0, 1] (Lin et al. 2023)")
+    p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, dpmpp_2m)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--num", type=int, default=1, help="images in the batch")
+    p.add_argument("--out", default="outputs")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA file and its multiplier (default 1); repeat to stack several")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_settings(args.sampler, args.steps, args.height, args.width, args.num)  # before loading gigabytes
+        dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+        pipe = SDXLPipeline.from_pretrained(args.model, dtype=dtype, device=args.device)
+        for spec in args.lora:
+            pipe.add_lora(*parse_lora_spec(spec))
+        seed = args.seed if args.seed is not None else random.randrange(2**32)
+        images = pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg,
+                      guidance_rescale=args.rescale, sampler=args.sampler, karras=args.karras, eta=args.eta,
+                      height=args.height, width=args.width, num_images=args.num,
+                      generator=torch.Generator("cpu").manual_seed(seed), progress=True)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    for path in save_images(images, args.out, str(seed)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
