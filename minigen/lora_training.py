@@ -1,0 +1,543 @@
+"""LoRA fine-tuning of SDXL: freeze the model, train low-rank adapters on a captioned image folder (`train_lora.py`).
+
+One training step (diffusers' train_text_to_image_lora_sdxl.py and kohya's sdxl_train_network.py do the same):
+
+    latents  = VAE(image) * scaling_factor                    # cached once when possible, (B, 4, H/8, W/8)
+    noise    = N(0, 1) + noise_offset * N(0, 1) per channel   # the offset lets the model shift overall brightness
+    t        ~ U{0, ..., 999};  x_t = sqrt(a_t) latents + sqrt(1 - a_t) noise
+    loss     = w(t) * || UNet(x_t, t, text, pooled, time ids) - target ||^2     target: noise (epsilon) or v
+               w(t) = min-SNR-gamma weight (Hang et al. 2023), times prior_loss_weight for DreamBooth class images
+
+Everything random in the loop (batch order, noise, timesteps, caption dropout, random crops) draws from generators
+saved in each checkpoint, so `--resume` continues exactly where an uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .buckets import make_buckets, nearest_bucket, prepare_image
+from .captions import CaptionedImage, captioned_images, dreambooth_images, drop_captions
+from .data import open_rgb, parse_size, resolve_dataset
+from .diffusion import NoiseSchedule
+from .gan_trainer import optimizer_from_tensors, optimizer_to_tensors
+from .io import CheckpointError, atomic_write, load_safetensors, save_safetensors
+from .lora import add_lora, lora_weights
+from .lora_files import kohya_metadata, save_lora
+from .plot import plot_curves, save_grid, save_png
+from .sdxl.configs import get_config
+from .sdxl.convert import unet_name_map
+from .sdxl.model import PARTS, SDXL, build_model, load_sdxl
+from .sdxl.pipeline import SDXLPipeline, time_ids
+from .sdxl.tokenizer import sdxl_tokenizers
+
+CHECKPOINT_FORMAT = "minigen-lora-train-1"
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LORA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}  # file component -> SDXL part
+
+
+@dataclass
+class LoRATrainConfig:
+    # model and data
+    sdxl: str = ""  # a diffusers folder or single file; "random:tiny" builds a random tiny SDXL (tests, smoke)
+    data: str = ""  # a folder of images with captions, or a built-in dataset ("met")
+    caption_prefix: str = ""  # e.g. a trigger word, or seed 001's "Still from the Anime, "
+    caption_fallback: str = ""  # caption of images without one
+    caption_dropout: float = 0.0
+    instance_prompt: str = ""  # DreamBooth: one prompt for every image of --data
+    class_data: str = ""  # DreamBooth prior preservation: class images and their prompt
+    class_prompt: str = ""
+    prior_loss_weight: float = 1.0
+    max_images: int = 0  # 0: all; else the first N (quick trials, the smoke run)
+    resolution: str = "1024"  # HxW (or one number): buckets hold about this many pixels
+    bucket_step: int = 64
+    random_crop: bool = False
+    flip: bool = False
+    cache_latents: str = "memory"  # memory, disk (out/cache), off (encode every step: needed for random crops)
+    # LoRA
+    rank: int = 4
+    alpha: float = 0.0  # 0: alpha = rank (scale 1)
+    targets: str = "attention"  # attention (to_q/k/v/out.0, as the seeds), kohya (also proj_in/out, feed-forward)
+    lora_dropout: float = 0.0
+    train_text_encoder: bool = False
+    text_encoder_lr: float = 0.0  # 0: same as lr
+    # objective
+    prediction_type: str = "epsilon"  # epsilon or v_prediction
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0  # 0: off
+    # optimisation
+    optimizer: str = "adamw"  # adamw, adafactor, sgd
+    lr: float = 1e-4
+    weight_decay: float = 1e-2  # AdamW's (diffusers' default); Adafactor and SGD take none
+    lr_scheduler: str = "constant"  # constant, cosine, linear (after warm-up)
+    warmup_steps: int = 0
+    batch: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0: no clipping
+    mixed_precision: str = "no"  # no, bf16, fp16 (frozen weights in that dtype, LoRA weights fp32)
+    gradient_checkpointing: bool = False
+    epochs: int = 1
+    seed: int = 0
+    # output
+    out: str = "runs/lora"
+    save_every_epochs: int = 1
+    save_every_steps: int = 0  # 0: only at epoch ends
+    format: str = "kohya"  # kohya or diffusers
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 20
+    validation_size: str = ""  # HxW; empty: the resolution
+    validation_seed: int = 0
+    guidance_scale: float = 5.0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        choices = {"optimizer": ("adamw", "adafactor", "sgd"), "lr_scheduler": ("constant", "cosine", "linear"),
+                   "mixed_precision": tuple(DTYPES), "prediction_type": ("epsilon", "v_prediction"),
+                   "cache_latents": ("memory", "disk", "off"), "format": ("kohya", "diffusers")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("batch", "grad_accum", "epochs", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.random_crop and self.cache_latents != "off":
+            raise ValueError("--random-crop draws a new crop every epoch, so latents cannot be cached: "
+                             "add --cache-latents off")
+        self.validation_prompts = list(self.validation_prompts)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint on disk is left as it was."""
+
+
+# -- the model --------------------------------------------------------------------------------------------------
+
+def random_sdxl(preset: str = "tiny", seed: int = 0) -> SDXL:
+    """An SDXL with random weights at a preset's sizes (the tiny one for tests and `make lora-smoke`)."""
+    configs = get_config(preset)
+    torch.manual_seed(seed)
+    models = {part: build_model(part, configs[part]) for part in PARTS}
+    tokenizer, tokenizer_2 = sdxl_tokenizers()
+    return SDXL(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2, configs=configs)
+
+
+def load_model(spec: str, dtype: torch.dtype, device: str) -> SDXL:
+    """`--sdxl`: a checkpoint path, or random:<preset> for a random model."""
+    if spec.startswith("random:"):
+        sdxl = random_sdxl(spec.removeprefix("random:"))
+        for part in ("unet", "text_encoder", "text_encoder_2"):
+            getattr(sdxl, part).to(device, dtype)
+        sdxl.vae.to(device)  # fp32, as load_sdxl keeps it: SDXL's VAE overflows in fp16
+        return sdxl
+    if not spec:
+        raise ValueError("--sdxl is required: a diffusers folder or an sd_xl_base_1.0.safetensors-style file")
+    return load_sdxl(spec, dtype=dtype, device=device)
+
+
+def encode_text(sdxl: SDXL, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> context (B, 77, D1 + D2) and pooled (B, P), as `pipeline.encode_prompt` but keeping gradients
+    (the text-encoder LoRA trains through it); text past 75 tokens is cut off silently, as in diffusers' trainer."""
+    contexts = []
+    for tokenizer, encoder in ((sdxl.tokenizer, sdxl.text_encoder), (sdxl.tokenizer_2, sdxl.text_encoder_2)):
+        ids = tokenizer(captions).input_ids.to(encoder.text_model.embeddings.token_embedding.weight.device)
+        out = encoder(ids)
+        contexts.append(out.hidden_states[-2])  # (B, 77, D_i): penultimate layer, as SDXL was trained
+    return torch.cat(contexts, dim=-1), out.text_embeds
+
+
+# -- the data ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    """One training image ready for the loop: its latents (cached) or pixels' recipe, caption, time ids, weight."""
+    item: CaptionedImage
+    bucket: tuple[int, int]
+    latents: torch.Tensor | None = None  # (4, H/8, W/8) scaled, when cached
+    time_ids: torch.Tensor | None = None  # (6,) for the cached crop
+
+
+def load_examples(cfg: LoRATrainConfig) -> list[CaptionedImage]:
+    root = resolve_dataset(cfg.data)
+    if cfg.instance_prompt:
+        class_root = resolve_dataset(cfg.class_data) if cfg.class_data else None
+        return dreambooth_images(root, cfg.caption_prefix + cfg.instance_prompt, class_root, cfg.class_prompt)
+    return captioned_images(root, cfg.caption_prefix, cfg.caption_fallback)
+
+
+def make_batches(buckets: list[tuple[int, int]], batch: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's batches: indices grouped by bucket (a batch is one size), shuffled within and across buckets."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in torch.randperm(len(buckets), generator=generator).tolist():
+        groups.setdefault(buckets[i], []).append(i)
+    batches = [g[k:k + batch] for g in groups.values() for k in range(0, len(g), batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+# -- learning-rate schedules -------------------------------------------------------------------------------------
+
+def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
+    """The multiplier of the base learning rate at optimizer step `step` (diffusers' get_scheduler shapes):
+    linear warm-up from 0 over `warmup` steps, then constant, cosine to 0, or linear to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+# -- the trainer ------------------------------------------------------------------------------------------------
+
+class LoRATrainer:
+    def __init__(self, cfg: LoRATrainConfig, sdxl: SDXL | None = None, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.device = torch.device(cfg.device)
+        self.dtype = DTYPES[cfg.mixed_precision]
+        self.out = Path(cfg.out)
+        self.sdxl = sdxl or load_model(cfg.sdxl, self.dtype, cfg.device)
+        self.schedule = NoiseSchedule.from_config({**self.sdxl.scheduler_config,
+                                                   "prediction_type": cfg.prediction_type})
+        self.rng = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, caption dropout, crops (CPU: portable)
+        torch.manual_seed(cfg.seed)  # LoRA init and dropout
+        self.models = {"unet": self.sdxl.unet}
+        if cfg.train_text_encoder:
+            self.models |= {"te1": self.sdxl.text_encoder, "te2": self.sdxl.text_encoder_2}
+        alpha = cfg.alpha or None
+        for name, model in self.sdxl.models().items():
+            model.requires_grad_(False)
+        add_lora(self.sdxl.unet, cfg.targets, cfg.rank, alpha, dropout=cfg.lora_dropout)
+        for component in ("te1", "te2"):
+            if component in self.models:
+                add_lora(self.models[component], "text", cfg.rank, alpha, dropout=cfg.lora_dropout)
+        if cfg.gradient_checkpointing:
+            for model in self.models.values():
+                model.set_gradient_checkpointing(True)
+        unet_params = [p for p in self.sdxl.unet.parameters() if p.requires_grad]
+        te_params = [p for c in ("te1", "te2") if c in self.models for p in self.models[c].parameters()
+                     if p.requires_grad]
+        groups = [{"params": unet_params, "lr": cfg.lr}]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
+        self.optimizer = self.make_optimizer(groups)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.examples = self.prepare_data()
+        self.steps_per_epoch = math.ceil(len(self.epoch_batches(0)) / cfg.grad_accum)
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg.lr_scheduler, s, cfg.warmup_steps, total))
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adafactor":  # seed 000: memory-light second moments, fixed lr
+            return torch.optim.Adafactor(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{c}.{n}": p for c, m in self.models.items() for n, p in m.named_parameters() if p.requires_grad}
+
+    # -- data ----------------------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> list[Example]:
+        cfg = self.cfg
+        items = load_examples(cfg)[: cfg.max_images or None]
+        h, w = parse_size(cfg.resolution)
+        self.buckets = make_buckets(h * w, cfg.bucket_step, min_side=min(256, h, w))
+        examples, upscaled = [], []
+        for item in items:
+            img = open_rgb(item.path)
+            if img is None:
+                continue
+            if min(img.size) < cfg.bucket_step:
+                raise ValueError(f"{item.path} is {img.width}x{img.height}, smaller than one {cfg.bucket_step} px "
+                                 "bucket step; remove it or lower --bucket-step")
+            bucket = nearest_bucket(img.height, img.width, self.buckets)
+            if img.height < bucket[0] or img.width < bucket[1]:
+                upscaled.append(item.path.name)
+            examples.append(Example(item, bucket))
+        if not examples:
+            raise ValueError(f"no readable images in {cfg.data}")
+        if upscaled:
+            warnings.warn(f"{len(upscaled)} of {len(examples)} images are smaller than their bucket at "
+                          f"--resolution {cfg.resolution} and are scaled up (blurrier), e.g. {upscaled[:3]}",
+                          stacklevel=2)
+        if cfg.cache_latents != "off":
+            self.cache(examples)
+        self.text_cache = None if cfg.train_text_encoder else self.cache_text(examples)
+        return examples
+
+    def encode_images(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open, crop and VAE-encode a batch of one bucket: scaled latents (B, 4, h, w) and time ids (B, 6)."""
+        cfg, vae = self.cfg, self.sdxl.vae
+        prepared = []
+        for e in examples:
+            flip = cfg.flip and bool(torch.rand((), generator=self.rng) < 0.5)
+            prepared.append(prepare_image(open_rgb(e.item.path), e.bucket, cfg.random_crop, flip, self.rng))
+        pixels = torch.stack([p.pixels for p in prepared]).to(self.device, vae.post_quant_conv.weight.dtype)
+        with torch.no_grad():
+            latents = vae.encode(pixels).sample(self.rng) * vae.scaling_factor  # (B, 4, h, w)
+        ids = torch.stack([time_ids(p.original_size, p.crop_top_left, e.bucket) for p, e in zip(prepared, examples)])
+        return latents.float(), ids
+
+    def cache(self, examples: list[Example]) -> None:
+        """Encode every image once (its crop and flip then fixed); with cache_latents=disk, reuse out/cache."""
+        path = self.out / "cache" / "latents.safetensors"
+        key = json.dumps([[str(e.item.path), e.bucket] for e in examples] + [self.cfg.seed, self.cfg.flip])
+        if self.cfg.cache_latents == "disk" and path.is_file():
+            tensors, meta = load_safetensors(path)
+            if meta.get("key") == key:
+                for i, e in enumerate(examples):
+                    e.latents, e.time_ids = tensors[f"{i}.latents"], tensors[f"{i}.time_ids"]
+                return
+        for e in tqdm(examples, desc="caching latents", unit="img", disable=not self.progress, leave=False):
+            latents, ids = self.encode_images([e])
+            e.latents, e.time_ids = latents[0].cpu(), ids[0]
+        if self.cfg.cache_latents == "disk":
+            tensors = {f"{i}.{k}": getattr(e, k) for i, e in enumerate(examples) for k in ("latents", "time_ids")}
+            save_safetensors(tensors, path, {"key": key})
+
+    @torch.no_grad()
+    def cache_text(self, examples: list[Example]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each distinct caption (and "" for caption dropout) through the frozen text encoders once."""
+        captions = sorted({e.item.caption for e in examples} | ({""} if self.cfg.caption_dropout else set()))
+        cache = {}
+        for k in range(0, len(captions), 16):
+            chunk = captions[k:k + 16]
+            context, pooled = encode_text(self.sdxl, chunk)
+            cache |= {c: (context[i].cpu(), pooled[i].cpu()) for i, c in enumerate(chunk)}
+        return cache
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch`, from a generator of its own: a resumed run rebuilds the same order."""
+        order = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return make_batches([e.bucket for e in self.examples], self.cfg.batch, order)
+
+    # -- one micro-batch -----------------------------------------------------------------------------------------
+
+    def loss(self, batch: list[int]) -> torch.Tensor:
+        cfg, unet = self.cfg, self.sdxl.unet
+        examples = [self.examples[i] for i in batch]
+        if examples[0].latents is not None:
+            latents = torch.stack([e.latents for e in examples]).to(self.device)  # (B, 4, h, w)
+            ids = torch.stack([e.time_ids for e in examples])
+        else:
+            latents, ids = self.encode_images(examples)
+        captions = drop_captions([e.item.caption for e in examples], cfg.caption_dropout, self.rng)
+        B = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=self.rng)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn(B, latents.shape[1], 1, 1, generator=self.rng)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=self.rng)
+        noise, t = noise.to(self.device), t.to(self.device)
+        noisy = self.schedule.add_noise(latents, noise, t)
+        target = self.schedule.target(latents, noise, t)
+        with torch.autocast(self.device.type, self.dtype, enabled=cfg.mixed_precision != "no"):
+            if self.text_cache is not None:
+                context = torch.stack([self.text_cache[c][0] for c in captions]).to(self.device)
+                pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(self.device)
+            else:
+                context, pooled = encode_text(self.sdxl, captions)
+            w = unet.conv_in.weight.dtype
+            pred = unet(noisy.to(w), t, context.to(w), pooled.to(w), ids.to(self.device, w))
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        weight = torch.tensor([cfg.prior_loss_weight if e.item.is_class_image else 1.0 for e in examples],
+                              device=self.device)
+        if cfg.min_snr_gamma:
+            weight = weight * self.schedule.min_snr_weight(t, cfg.min_snr_gamma).to(self.device)
+        return (per_sample * weight).mean()
+
+    def fixed_batch_loss(self, batch: list[int], seed: int = 0) -> float:
+        """The loss on `batch` with noise and timesteps from `seed`: comparable before and after training."""
+        saved, self.rng = self.rng, torch.Generator().manual_seed(seed)
+        try:
+            with torch.no_grad():
+                return self.loss(batch).item()
+        finally:
+            self.rng = saved
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def optimizer_step(self) -> None:
+        params = list(self.trainable().values())
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def train(self, stop_after_steps: int | None = None) -> str:
+        """Run to cfg.epochs (or stop after `stop_after_steps` more optimizer steps, saving a checkpoint: used to
+        test resuming). Returns "done" or "stopped"."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = self.out / "log.jsonl"
+        self.records = self.read_log(log)
+        if self.epoch == 0 and self.batch_in_epoch == 0:
+            self.validate()
+        start = self.step
+        bar = tqdm(total=self.steps_per_epoch * cfg.epochs, initial=self.step, desc="lora", unit="step",
+                   disable=not self.progress)
+        for model in self.models.values():
+            model.train()
+        while self.epoch < cfg.epochs:
+            batches = self.epoch_batches(self.epoch)
+            window: list[float] = []
+            while self.batch_in_epoch < len(batches):
+                loss = self.loss(batches[self.batch_in_epoch])
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"the loss became {loss.item()} at step {self.step} (epoch "
+                                           f"{self.epoch + 1}); the last checkpoint in {self.out} is left as it was")
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+                window.append(loss.item())
+                self.batch_in_epoch += 1
+                if len(window) == cfg.grad_accum or self.batch_in_epoch == len(batches):
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.optimizer_step()
+                    record = {"step": self.step, "epoch": self.epoch + 1, "loss": sum(window) / len(window),
+                              "lr": lr, "time": time.time()}
+                    self.write_log(log, record)
+                    window = []
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=self.epoch + 1)
+                    if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                        self.save_checkpoint()
+                    if stop_after_steps is not None and self.step - start >= stop_after_steps:
+                        self.save_checkpoint()
+                        bar.close()
+                        return "stopped"
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs:
+                self.save_lora(self.out / f"lora-epoch-{self.epoch:04d}.safetensors")
+                self.save_checkpoint()
+            self.validate()
+            plot_curves({"loss": ([r["step"] for r in self.records], [r["loss"] for r in self.records])},
+                        self.out / "loss.png", title="LoRA training loss", smooth=0.9)
+        bar.close()
+        self.save_lora(self.out / "lora.safetensors")
+        return "done"
+
+    def read_log(self, path: Path) -> list[dict]:
+        """The log's records up to this run's step (a resumed run drops those written after its checkpoint)."""
+        if not path.exists():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r["step"] <= self.step]
+        with atomic_write(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        return kept
+
+    def write_log(self, path: Path, record: dict) -> None:
+        self.records.append(record)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """The validation prompts from the same starting noise every epoch: samples/epoch_NNNN.png (one image per
+        prompt) and samples/progress.png (one row per epoch so far, epoch 0 = the model before training)."""
+        cfg = self.cfg
+        if not cfg.validation_prompts:
+            return
+        h, w = parse_size(cfg.validation_size or cfg.resolution)
+        for model in self.models.values():
+            model.eval()
+        pipe = SDXLPipeline(self.sdxl)
+        images = [pipe(p, steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale, height=h, width=w,
+                       generator=torch.Generator().manual_seed(cfg.validation_seed), output="float")[0]
+                  for p in cfg.validation_prompts]  # each (3, H, W) in [0, 1]
+        for model in self.models.values():
+            model.train()
+        folder = self.out / "samples"
+        save_grid(torch.stack(images) * 2 - 1, folder / f"epoch_{self.epoch:04d}.png", nrow=len(images))
+        self.draw_progress(folder)
+
+    @staticmethod
+    def draw_progress(folder: Path) -> None:
+        from PIL import Image
+
+        rows = [Image.open(p).convert("RGB") for p in sorted(folder.glob("epoch_*.png"))]
+        sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+        for k, row in enumerate(rows):
+            sheet.paste(row, (0, sum(r.height for r in rows[:k])))
+        save_png(sheet, folder / "progress.png")
+
+    def lora_file_contents(self) -> dict:
+        return {c: lora_weights(self.models[c]) for c in self.models}
+
+    def save_lora(self, path: Path) -> None:
+        cfg = self.cfg
+        h, w = parse_size(cfg.resolution)
+        metadata = kohya_metadata(base_model=Path(cfg.sdxl).name, rank=cfg.rank, alpha=cfg.alpha or cfg.rank,
+                                  resolution=(w, h), trigger_phrase=cfg.caption_prefix.strip(" ,") or
+                                  cfg.instance_prompt, steps=self.step, epoch=self.epoch,
+                                  title=self.out.name, extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer})
+        save_lora(path, self.lora_file_contents(), cfg.format, metadata,
+                  unet_names=unet_name_map(dict(self.sdxl.unet.config)))
+
+    def save_checkpoint(self) -> Path:
+        """out/checkpoint.safetensors: LoRA weights, optimizer, scheduler, grad scaler and RNG states (atomic)."""
+        tensors = {f"lora.{k}": p.detach() for k, p in self.trainable().items()}
+        opt_tensors, opt_settings = optimizer_to_tensors(self.optimizer, "optimizer")
+        tensors |= opt_tensors
+        tensors["rng"] = self.rng.get_state()
+        tensors["torch_rng"] = torch.get_rng_state()
+        metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg)),
+                    "step": str(self.step), "epoch": str(self.epoch), "batch_in_epoch": str(self.batch_in_epoch),
+                    "optimizer": opt_settings, "scheduler": json.dumps(self.scheduler.state_dict()),
+                    "scaler": json.dumps(self.scaler.state_dict())}
+        path = self.out / "checkpoint.safetensors"
+        save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        tensors, metadata = load_checkpoint(path)
+        ours = self.trainable()
+        theirs = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
+        if ours.keys() != theirs.keys():
+            raise CheckpointError(f"{path} holds {len(theirs)} LoRA tensors, this run has {len(ours)} "
+                                  "(different targets, text-encoder training or model?)")
+        with torch.no_grad():
+            for k, p in ours.items():
+                if p.shape != theirs[k].shape:
+                    raise CheckpointError(f"{path}: {k} is {tuple(theirs[k].shape)}, this run has {tuple(p.shape)}")
+                p.copy_(theirs[k])
+        optimizer_from_tensors(self.optimizer, {k.removeprefix("optimizer."): v for k, v in tensors.items()
+                                                if k.startswith("optimizer.")}, metadata["optimizer"])
+        self.scheduler.load_state_dict(json.loads(metadata["scheduler"]))
+        if metadata.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(json.loads(metadata["scaler"]))
+        self.rng.set_state(tensors["rng"])
+        torch.set_rng_state(tensors["torch_rng"])
+        self.step, self.epoch = int(metadata["step"]), int(metadata["epoch"])
+        self.batch_in_epoch = int(metadata["batch_in_epoch"])
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA training checkpoint's tensors and metadata; another kind of file is a CheckpointError."""
+    tensors, metadata = load_safetensors(path)
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a minigen LoRA training checkpoint (format "
+                              f"{metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    return tensors, metadata

@@ -1,0 +1,78 @@
+"""Train a LoRA for SDXL on a captioned image folder, or continue a run.
+
+    python train_lora.py --config configs/lora_001.conf --sdxl sd_xl_base_1.0.safetensors --data conan/
+    python train_lora.py --sdxl sdxl-base/ --data met --rank 16 --lr 1e-4 --validation-prompts "a harbour at dusk"
+    python train_lora.py --resume runs/lora/checkpoint.safetensors          # continues with the saved settings
+
+A preset (configs/lora_*.conf) is a file of the same flags, one per line, `#` comments allowed; flags given on the
+command line after it win. With --resume the run's saved settings come first, then the preset, then the command line.
+Outputs in --out: lora-epoch-NNNN.safetensors (each epoch), lora.safetensors (the last), checkpoint.safetensors,
+samples/epoch_NNNN.png and samples/progress.png (validation from the same noise), loss.png, log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from minigen.io import CheckpointError
+from minigen.lora_files import LoRAFileError
+from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged, load_checkpoint
+from train_gan import read_preset  # the same preset files: flags, one per line, # comments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: only the flags actually given appear, so a preset or a checkpoint's settings fill in the rest.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a preset: a file of flags (configs/lora_*.conf)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    hints = typing.get_type_hints(LoRATrainConfig)
+    for f in dataclasses.fields(LoRATrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"(default: {default!r})"
+        if hints[f.name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(default, list):
+            p.add_argument(flag, nargs="*", metavar="PROMPT", help=text)
+        else:
+            p.add_argument(flag, type=hints[f.name], help=text)
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    preset = vars(parser.parse_args(read_preset(given["config"]))) if "config" in given else {}
+    saved = json.loads(load_checkpoint(given["resume"])[1]["config"]) if "resume" in given else {}
+    fields = {f.name for f in dataclasses.fields(LoRATrainConfig)}
+    settings = saved | {k: v for source in (preset, given) for k, v in source.items() if k in fields}
+    return argparse.Namespace(**given), LoRATrainConfig(**settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, cfg = parse(argv)
+        trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False))
+        if "resume" in args:
+            trainer.load_checkpoint(args.resume)
+        trainer.train()
+    except (CheckpointError, LoRAFileError, TrainingDiverged, ValueError, FileNotFoundError,
+            NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = Path(cfg.out)
+    print(f"lora:       {out / 'lora.safetensors'}\nsamples:    {out / 'samples' / 'progress.png'}\n"
+          f"loss curve: {out / 'loss.png'}\ncheckpoint: {out / 'checkpoint.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
