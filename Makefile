@@ -56,7 +56,7 @@ GAN_ARGS   ?=
 GAN_RUN    ?= runs/gan_002_v3
 N          ?= 1000
 
-demo: $(RUNTIME) ## train a small DCGAN on 4,009 Twemoji at 64x64 on the CPU (~6 CPU-minutes); prints the grid and curve paths
+demo: $(RUNTIME) ## train a small DCGAN on 4,009 Twemoji at 64x64 on the CPU (about 6 minutes on 2 cores); prints the grid and curve paths
 	$(BIN)/python train_gan.py --config configs/demo.conf $(GAN_ARGS)
 
 gan: $(RUNTIME) ## train a DCGAN from a preset: GAN_CONFIG=configs/gan_000.conf GAN_ARGS="--data met --epochs 50"
