@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -42,10 +43,41 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     open() would give: mkstemp makes it owner-only, which would leave every saved file unreadable to others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, 0o666 & ~_umask())
     return fd, tmp
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    return umask
+
+
+def temp_folder_beside(path: Path) -> Path:
+    """A new empty folder in `path`'s parent, to be renamed to `path` with `replace_folder` once complete; with the
+    permissions a plain mkdir would give (mkdtemp makes it owner-only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` to `path`. A folder already at `path` is moved aside first and deleted only
+    once the new one is in place (a folder cannot be renamed over a non-empty one)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    try:
+        os.replace(path, aside / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(aside / path.name, path)
+            raise
+    finally:
+        shutil.rmtree(aside)
 
 
 @contextlib.contextmanager
