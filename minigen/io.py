@@ -164,7 +164,27 @@ def load_weights(path: str | os.PathLike, allow_pickle: bool = False, device: st
     return load_safetensors(path, device)
 
 
-class SafetensorsWriter:
+class AtomicWriter:
+    """The context-manager protocol of the streaming writers: `close()` (finish and put in place) on success,
+    `abort()` (delete what was written) on an exception."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(AtomicWriter):
     """Write a safetensors file tensor by tensor, in the order of the `specs` given up front.
 
     specs: {name: (shape, dtype)}. The header is written first; then `write(name, tensor)` must be called for every
@@ -236,15 +256,6 @@ class SafetensorsWriter:
         self.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def open_safetensors(path: str | os.PathLike):

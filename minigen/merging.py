@@ -36,8 +36,8 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from minigen.io import (DTYPES, CheckpointError, SafetensorsWriter, read_header, replace_folder, save_safetensors,
-                        temp_folder_beside)
+from minigen.io import (DTYPES, AtomicWriter, CheckpointError, SafetensorsWriter, read_header, replace_folder,
+                        save_safetensors, temp_folder_beside)
 from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
 from minigen.sdxl import convert
 from minigen.sdxl.configs import get_config
@@ -198,7 +198,7 @@ def open_checkpoint(path: str | os.PathLike) -> TensorFile | DiffusersFolder:
     return DiffusersFolder(path) if Path(path).is_dir() else TensorFile(path)
 
 
-class DiffusersFolderWriter:
+class DiffusersFolderWriter(AtomicWriter):
     """`SafetensorsWriter`'s interface (tensors written by single-file name, in the order of `specs`) writing an SDXL
     diffusers folder instead: each tensor goes through `convert.to_diffusers` (renamed; bigG's fused q/k/v split in
     three, its projection transposed; the VAE attention's 1x1 convolutions made linear) into its part's file, which
@@ -215,7 +215,8 @@ class DiffusersFolderWriter:
         self.configs = configs
         kind = convert.detect_model(specs)
         if kind != "sdxl":
-            raise CheckpointError(f"a diffusers folder is written for SDXL only; this checkpoint is {MODEL_NAMES[kind]}")
+            raise CheckpointError(f"a diffusers folder is written for SDXL only; this checkpoint is "
+                                  f"{MODEL_NAMES[kind]}")
         if self.path.exists() and not (self.path.is_dir() and (not any(self.path.iterdir())
                                                                or (self.path / "model_index.json").is_file())):
             raise FileExistsError(f"{self.path} exists and is not a diffusers folder; refusing to replace it")
@@ -267,15 +268,6 @@ class DiffusersFolderWriter:
         for writer in self.writers.values():
             writer.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self) -> "DiffusersFolderWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 OUTPUT_FORMATS = ("single_file", "diffusers")
