@@ -4,6 +4,7 @@
     python merge.py A.safetensors B.safetensors --c C.safetensors --method add_difference -o out.safetensors
     python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0.2,0.5,0.8 --dtype fp16
     python merge.py A.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.5 -o baked.safetensors
+    python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out (SDXL)
     python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
     python merge.py --lora style.safetensors:0.7 --lora detail.safetensors:0.3 --rank 32 -o merged_lora.safetensors
 """
@@ -14,18 +15,26 @@ import argparse
 import sys
 
 from minigen.io import CheckpointError
-from minigen.merging import (METHODS, OUTPUT_DTYPES, MergeRecipe, bake_loras, extract_lora, merge_checkpoints,
-                             merge_loras)
+from minigen.merging import (METHODS, OUTPUT_DTYPES, OUTPUT_FORMATS, MergeRecipe, bake_loras, extract_lora,
+                             merge_checkpoints, merge_loras)
+from minigen.sdxl.configs import PRESETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", nargs="?", help="checkpoint A (single-file .safetensors or an SDXL diffusers folder); its keys "
-                                        "and order are the output's (a single file). With --rank: the base model")
+                                        "and order are the output's. With --rank: the base model")
     p.add_argument("b", nargs="?", help="checkpoint B (file or diffusers folder). With --rank: the fine-tuned model to "
                                         "extract a LoRA from")
     p.add_argument("--c", help="checkpoint C, for add_difference: A + alpha * (B - C)")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors (must not be an input)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output: a .safetensors file, or an SDXL diffusers folder for any other name (must not be an "
+                        "input; an existing diffusers folder there is replaced once the new one is complete)")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS,
+                   help="override the format guessed from -o (single_file for a .safetensors name, else diffusers)")
+    p.add_argument("--configs", choices=sorted(PRESETS), default="sdxl-base",
+                   help="model configs a diffusers folder written from a single-file A gets (default sdxl-base; "
+                        "a folder A gives its own)")
     p.add_argument("--method", choices=sorted(METHODS), default="weighted_sum",
                    help="weighted_sum: (1 - alpha) * A + alpha * B; add_difference: A + alpha * (B - C)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of B (default 0.5)")
@@ -59,9 +68,11 @@ def main(argv=None) -> int:
     given = (args.a is not None, args.b is not None, bool(loras), args.rank is not None)
     try:
         if given == (True, True, False, False):
-            report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict)
+            report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
+                                       output_format=args.output_format, configs=args.configs)
         elif given == (True, False, True, False):
-            report = bake_loras(args.a, loras, args.output, dtype=args.dtype)
+            report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
+                                configs=args.configs)
         elif given == (True, True, False, True):
             n = extract_lora(args.a, args.b, args.output, args.rank, args.clamp_quantile)
             print(f"{args.output}: LoRA of rank {args.rank} on {n} layers")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -42,10 +43,41 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     open() would give: mkstemp makes it owner-only, which would leave every saved file unreadable to others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, 0o666 & ~_umask())
     return fd, tmp
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    return umask
+
+
+def temp_folder_beside(path: Path) -> Path:
+    """A new empty folder in `path`'s parent, to be renamed to `path` with `replace_folder` once complete; with the
+    permissions a plain mkdir would give (mkdtemp makes it owner-only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` to `path`. A folder already at `path` is moved aside first and deleted only
+    once the new one is in place (a folder cannot be renamed over a non-empty one)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    try:
+        os.replace(path, aside / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(aside / path.name, path)
+            raise
+    finally:
+        shutil.rmtree(aside)
 
 
 @contextlib.contextmanager
@@ -132,7 +164,27 @@ def load_weights(path: str | os.PathLike, allow_pickle: bool = False, device: st
     return load_safetensors(path, device)
 
 
-class SafetensorsWriter:
+class AtomicWriter:
+    """The context-manager protocol of the streaming writers: `close()` (finish and put in place) on success,
+    `abort()` (delete what was written) on an exception."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(AtomicWriter):
     """Write a safetensors file tensor by tensor, in the order of the `specs` given up front.
 
     specs: {name: (shape, dtype)}. The header is written first; then `write(name, tensor)` must be called for every
@@ -204,15 +256,6 @@ class SafetensorsWriter:
         self.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def open_safetensors(path: str | os.PathLike):

@@ -10,11 +10,12 @@ Components are told apart by the single-file key prefixes: `first_stage_model.` 
 default, as seed 004 does: merged VAEs make anime models worse), `conditioner.embedders.` / `cond_stage_model.` are the
 text encoders (merged unless skipped), `model.diffusion_model.` is the UNet (optionally with one alpha per input,
 middle and output blocks). Everything else (EMA copies, schedule buffers, integer position ids) is copied from A.
-SDXL diffusers folders are read through the same single-file names (`DiffusersFolder`).
+SDXL diffusers folders are read through the same single-file names (`DiffusersFolder`), and written from them
+(`DiffusersFolderWriter`, still tensor by tensor) when the output is not a `.safetensors` name.
 
 The whole plan is made from the inputs' headers before a byte is written, so every bad input (truncated file, shape
 mismatch under `strict`, other architecture, output over an input, too little disk) fails before there is an output;
-the output itself appears only when it is complete (`SafetensorsWriter` writes a temporary file and renames it).
+the output itself appears only when it is complete (written as a temporary file or folder, then renamed).
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from minigen.io import DTYPES, CheckpointError, SafetensorsWriter, read_header, save_safetensors
+from minigen.io import (DTYPES, AtomicWriter, CheckpointError, SafetensorsWriter, read_header, replace_folder,
+                        save_safetensors, temp_folder_beside)
 from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
 from minigen.sdxl import convert
+from minigen.sdxl.configs import get_config
+from minigen.sdxl.model import PARTS, check_weights, read_diffusers_configs, save_diffusers_files
+from minigen.sdxl.tokenizer import CLIPTokenizer, sdxl_tokenizers
 from minigen.sdxl.convert import (_BIGG_LAYER_PARTS, BIGG_PREFIX, CLIP_L_PREFIX, MODEL_NAMES, UNET_PREFIX, VAE_PREFIX,
                                   detect_model)
 
@@ -193,6 +198,105 @@ def open_checkpoint(path: str | os.PathLike) -> TensorFile | DiffusersFolder:
     return DiffusersFolder(path) if Path(path).is_dir() else TensorFile(path)
 
 
+class DiffusersFolderWriter(AtomicWriter):
+    """`SafetensorsWriter`'s interface (tensors written by single-file name, in the order of `specs`) writing an SDXL
+    diffusers folder instead: each tensor goes through `convert.to_diffusers` (renamed; bigG's fused q/k/v split in
+    three, its projection transposed; the VAE attention's 1x1 convolutions made linear) into its part's file, which
+    one `SafetensorsWriter` per part streams. Keys no diffusers model holds (`convert.IGNORED_SINGLE_FILE_KEYS`) are
+    left out.
+
+    Names, shapes and the configs' agreement with them are settled from meta tensors before anything is written. The
+    folder is built in a temporary folder beside `path`, renamed to `path` by `close()`; an older diffusers folder
+    there is replaced then, and `abort()` deletes everything."""
+
+    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str], configs: dict[str, dict], tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]):
+        self.path = Path(path)
+        self.configs = configs
+        kind = convert.detect_model(specs)
+        if kind != "sdxl":
+            raise CheckpointError(f"a diffusers folder is written for SDXL only; this checkpoint is "
+                                  f"{MODEL_NAMES[kind]}")
+        if self.path.exists() and not (self.path.is_dir() and (not any(self.path.iterdir())
+                                                               or (self.path / "model_index.json").is_file())):
+            raise FileExistsError(f"{self.path} exists and is not a diffusers folder; refusing to replace it")
+        part_specs: dict[str, dict] = {part: {} for part in PARTS}  # part -> {diffusers key: (shape, dtype)}
+        for key, (shape, dtype) in specs.items():
+            for part, tensors in self._to_diffusers(key, torch.empty(shape, dtype=dtype, device="meta")).items():
+                part_specs[part] |= {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+        for part in PARTS:
+            check_weights(part, configs[part], {k: torch.empty(shape, device="meta")
+                                                for k, (shape, _) in part_specs[part].items()}, str(self.path))
+        metadata = {**metadata, "format": "pt"}  # transformers refuses a safetensors file whose metadata lacks it
+        self.tmp = temp_folder_beside(self.path)
+        self.writers: dict[str, SafetensorsWriter] = {}
+        try:
+            save_diffusers_files(self.tmp, configs, tokenizers)
+            for part, rel in DIFFUSERS_FILES.items():
+                self.writers[part] = SafetensorsWriter(self.tmp / rel, part_specs[part], metadata)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _to_diffusers(self, key: str, tensor: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """{part: {diffusers key: tensor}} of one single-file tensor (empty for an ignored key)."""
+        try:
+            parts = convert.to_diffusers({key: tensor}, self.configs["unet"], self.configs["vae"])
+        except KeyError as e:
+            raise CheckpointError(f"cannot write {self.path} as a diffusers folder: {e.args[0]}") from None
+        return {part: tensors for part, tensors in parts.items() if tensors}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        for part, tensors in self._to_diffusers(name, tensor).items():
+            for key, t in tensors.items():
+                self.writers[part].write(key, t)
+
+    def rewrite_metadata(self, metadata: dict[str, str]) -> None:
+        for writer in self.writers.values():
+            writer.rewrite_metadata({**metadata, "format": "pt"})
+
+    def close(self) -> None:
+        try:
+            for writer in self.writers.values():
+                writer.close()
+            replace_folder(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+OUTPUT_FORMATS = ("single_file", "diffusers")
+
+
+def output_format_of(out: str | os.PathLike, output_format: str | None = None) -> str:
+    """The format asked for; by default a diffusers folder for an existing folder or a name not ending in
+    .safetensors, else a single file."""
+    out = Path(out)
+    if output_format is None:
+        return "diffusers" if out.is_dir() or out.suffix.lower() != ".safetensors" else "single_file"
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; choose from {list(OUTPUT_FORMATS)}")
+    return output_format
+
+
+def _output_opener(out: Path, output_format: str | None, a: TensorFile | DiffusersFolder, configs: str) -> Callable:
+    """open(specs, metadata) -> the writer of `out`. A folder takes A's configs, scheduler and tokenizers when A is a
+    diffusers folder; a single file has none inside, so then they are the `configs` preset's and the bundled ones."""
+    if output_format_of(out, output_format) == "single_file":
+        return lambda specs, metadata: SafetensorsWriter(out, specs, metadata)
+    if isinstance(a, DiffusersFolder):
+        part_configs = read_diffusers_configs(a.path)
+        tokenizers = sdxl_tokenizers(a.path if (a.path / "tokenizer").is_dir() else None)
+    else:
+        part_configs, tokenizers = get_config(configs), sdxl_tokenizers()
+    return lambda specs, metadata: DiffusersFolderWriter(out, specs, metadata, part_configs, tokenizers)
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
     """SHA-256 of a whole file, read in 16 MB pieces (the hash A1111 and civitai show for a model). For a diffusers
     folder, of its four weight files' bytes one after the other (in DIFFUSERS_FILES order)."""
@@ -305,6 +409,8 @@ def _check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
     for p in inputs:
         if out.resolve() == p.resolve() or (out.exists() and os.path.samefile(out, p)):
             raise ValueError(f"output {out} is one of the inputs; refusing to overwrite it")
+        if p.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"input {p} is inside the output folder {out}; refusing to replace that folder")
     existing = out.parent
     while not existing.exists():
         existing = existing.parent
@@ -334,11 +440,15 @@ def _merge_tensor(step: _Step, method: Method, out_dtype: torch.dtype) -> torch.
 
 def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike,
                       recipe: MergeRecipe | None = None, c: str | os.PathLike | None = None,
-                      strict: bool = False, progress: bool = True) -> MergeReport:
-    """Merge single-file safetensors checkpoints A and B (and C for add difference) into `out`, streaming.
+                      strict: bool = False, progress: bool = True, output_format: str | None = None,
+                      configs: str = "sdxl-base") -> MergeReport:
+    """Merge checkpoints A and B (and C for add difference), single files or SDXL diffusers folders, into `out`,
+    streaming.
 
     The output has A's keys in A's order. Keys of A missing in another input, or of another shape there, keep A's
     tensor (a MergeWarning counts them; `strict` makes a shape mismatch an error). Returns what was done.
+    output_format: "single_file" or "diffusers" (an SDXL folder); by default a folder unless `out` ends in
+    .safetensors. A folder written from a single-file A takes the configs of the `configs` preset (`get_config`).
     """
     recipe = recipe or MergeRecipe()
     if recipe.method not in METHODS:
@@ -378,34 +488,37 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
             report.merged += 1
             return _merge_tensor(step, method, dtype)
 
-        report.output_bytes = _stream_out(out, inputs, files[0].metadata, {"type": "minigen", **asdict(recipe)},
-                                          specs, steps, produce, progress)
+        report.output_bytes = _stream_out(out, _output_opener(out, output_format, files[0], configs), inputs,
+                                          files[0].metadata, {"type": "minigen", **asdict(recipe)}, specs, steps,
+                                          produce, progress)
         return report
     finally:
         for f in files + ([vae_file] if vae_file else []):
             f.close()
 
 
-def _stream_out(out: Path, inputs: dict[str, Path], base_metadata: dict[str, str], recipe: dict,
-                specs: dict[str, tuple[tuple[int, ...], torch.dtype]], steps: list, produce, progress: bool) -> int:
-    """Write `out` with tensors produce(step, dtype), one step per key of `specs`; returns the bytes written.
+def _stream_out(out: Path, open_writer: Callable, inputs: dict[str, Path], base_metadata: dict[str, str],
+                recipe: dict, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], steps: list, produce,
+                progress: bool) -> int:
+    """Write `out` with tensors produce(step, dtype), one step per key of `specs`, through
+    open_writer(specs, metadata) (a single file's or a diffusers folder's writer); returns the bytes written.
 
     Checks the output path and free disk first. The header, metadata included, is written first, but a digest needs
     a full read of its file: the inputs are hashed in background threads while writing, and the digests filled in
     over placeholders of their length at the end."""
     nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs.values())
     _check_output(out, list(inputs.values()), nbytes + (1 << 20))  # + room for the header
+    placeholders = {role: str(i).zfill(64) for i, role in enumerate(inputs)}  # distinct: digests are keys
     bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc=recipe["method"], disable=not progress)
-    with ThreadPoolExecutor(len(inputs)) as pool:
+    with open_writer(specs, _metadata(base_metadata, recipe, inputs, placeholders)) as writer, \
+            ThreadPoolExecutor(len(inputs)) as pool:
         digests = {role: pool.submit(sha256_file, p) for role, p in inputs.items()}
-        placeholders = {role: str(i).zfill(64) for i, role in enumerate(inputs)}  # distinct: digests are keys
-        with SafetensorsWriter(out, specs, _metadata(base_metadata, recipe, inputs, placeholders)) as writer:
-            for key, step in zip(specs, steps):
-                tensor = produce(step, specs[key][1])
-                writer.write(key, tensor)
-                bar.update(tensor.numel() * tensor.element_size())
-            digests = {role: d.result() for role, d in digests.items()}
-            writer.rewrite_metadata(_metadata(base_metadata, recipe, inputs, digests))
+        for key, step in zip(specs, steps):
+            tensor = produce(step, specs[key][1])
+            writer.write(key, tensor)
+            bar.update(tensor.numel() * tensor.element_size())
+        digests = {role: d.result() for role, d in digests.items()}
+        writer.rewrite_metadata(_metadata(base_metadata, recipe, inputs, digests))
     bar.close()
     return nbytes
 
@@ -494,10 +607,12 @@ def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: lis
 
 
 def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
-               out: str | os.PathLike, dtype: str | None = None, progress: bool = True) -> MergeReport:
+               out: str | os.PathLike, dtype: str | None = None, progress: bool = True,
+               output_format: str | None = None, configs: str = "sdxl-base") -> MergeReport:
     """Write `checkpoint` with LoRAs folded in: W + sum of ratio * alpha / rank * up @ down, tensor by tensor.
 
     loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.lora_files`).
+    output_format, configs: as for `merge_checkpoints`.
     """
     loras = [(Path(p), float(r)) for p, r in loras]
     if dtype is not None and dtype not in OUTPUT_DTYPES:
@@ -523,7 +638,9 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
 
         inputs = {"A": Path(checkpoint)} | {f"LoRA{i}": p for i, (p, _) in enumerate(loras)}
         recipe = {"type": "minigen", "method": "bake_lora", "loras": [[p.name, r] for p, r in loras], "dtype": dtype}
-        report.output_bytes = _stream_out(Path(out), inputs, base.metadata, recipe, specs, steps, produce, progress)
+        out = Path(out)
+        report.output_bytes = _stream_out(out, _output_opener(out, output_format, base, configs), inputs,
+                                          base.metadata, recipe, specs, steps, produce, progress)
         return report
     finally:
         base.close()

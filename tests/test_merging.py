@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 from collections import namedtuple
 
 import pytest
@@ -406,21 +407,21 @@ def test_merge_loras_refactorises_their_sum(tmp_path):
 
 # ------------------------------------------------------------------------------------ diffusers folders as inputs
 
-def test_diffusers_folder_input_merges_like_its_single_file(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    """Two tiny random SDXL models (minigen's, seeds 0 and 1, fp16) as single files a and b, and b as a diffusers
+    folder holding weights and configs (no tokenizers, no scheduler: a reader must manage without). Read-only."""
+    tmp_path = tmp_path_factory.mktemp("tiny-sdxl")
     from minigen.sdxl import get_config
-    from minigen.sdxl.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from minigen.sdxl.convert import to_single_file
-    from minigen.sdxl.unet import UNet2DConditionModel
-    from minigen.sdxl.vae import AutoencoderKL
+    from minigen.sdxl.model import PARTS, build_model
 
     config = get_config("tiny")
     states = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models = {"unet": UNet2DConditionModel(config["unet"]), "vae": AutoencoderKL(config["vae"]),
-                  "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(config["text_encoder"])),
-                  "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config["text_encoder_2"]))}
-        states.append({part: {k: v.half() for k, v in m.state_dict().items()} for part, m in models.items()})
+        states.append({part: {k: v.half() for k, v in build_model(part, config[part]).state_dict().items()}
+                       for part in PARTS})
     single = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     for path, sd in zip(single, states):
         save_safetensors(to_single_file(sd["unet"], sd["vae"], sd["text_encoder"], sd["text_encoder_2"],
@@ -428,8 +429,12 @@ def test_diffusers_folder_input_merges_like_its_single_file(tmp_path):
     folder = tmp_path / "b_diffusers"
     for part, rel in merging.DIFFUSERS_FILES.items():
         save_safetensors(states[1][part], folder / rel)
-        (folder / part / "config.json").write_text(json.dumps(config.get(part, {})))
+        (folder / part / "config.json").write_text(json.dumps(config[part]))
+    return single, folder
 
+
+def test_diffusers_folder_input_merges_like_its_single_file(tiny_sdxl, tmp_path):
+    single, folder = tiny_sdxl
     recipe = MergeRecipe(alpha=0.3, vae="merge")
     merge(single[0], single[1], tmp_path / "from_file.safetensors", recipe)
     merge(single[0], folder, tmp_path / "from_folder.safetensors", recipe)  # mixed: a file and a folder
@@ -437,3 +442,137 @@ def test_diffusers_folder_input_merges_like_its_single_file(tmp_path):
     assert list(got) == list(want)
     for k in want:  # bigG's fused q/k/v, its transposed projection and the VAE's 1x1 attention included
         assert torch.equal(got[k], want[k]), k
+
+
+# ------------------------------------------------------------------------------------- diffusers folders as output
+
+def test_merge_to_diffusers_folder_equals_the_single_file_merge(tiny_sdxl, tmp_path):
+    import diffusers
+
+    from minigen.io import read_header
+    from minigen.sdxl import load_sdxl
+    from minigen.sdxl.convert import normalize_clip_keys
+
+    (pa, pb), _ = tiny_sdxl
+    recipe = MergeRecipe(alpha=0.3, vae="merge", dtype="fp16")  # VAE merged: its attention's reshape is exercised
+    merge(pa, pb, tmp_path / "merged.safetensors", recipe)
+    # the CLI: -o without .safetensors is a folder; tiny configs, as a single file has none inside
+    assert merge_cli.main([str(pa), str(pb), "-o", str(tmp_path / "merged"), "--alpha", "0.3", "--vae", "merge",
+                           "--dtype", "fp16", "--configs", "tiny"]) == 0
+    folder = tmp_path / "merged"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.safetensors"]  # no temporary folder
+    header, metadata = read_header(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v["dtype"] for v in header.values()} == {"F16"}  # streamed at the output dtype
+    assert metadata["format"] == "pt" and json.loads(metadata["sd_merge_recipe"])["alpha"] == 0.3
+    assert len(json.loads(metadata["sd_merge_models"])) == 2  # both inputs' digests filled in
+
+    from_file, from_folder = load_sdxl(tmp_path / "merged.safetensors", configs="tiny"), load_sdxl(folder)
+    for part, model in from_file.models().items():
+        want, got = model.state_dict(), from_folder.models()[part].state_dict()
+        assert list(got) == list(want)
+        for k in want:  # bigG's split q/k/v and transposed projection, the VAE's linear attention included
+            assert torch.equal(got[k], want[k]), (part, k)
+    assert from_folder.configs == from_file.configs
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    for part, model in from_folder.models().items():
+        theirs = getattr(pipe, part).state_dict()
+        theirs = normalize_clip_keys(theirs) if part.startswith("text_encoder") else theirs
+        for k, v in model.state_dict().items():
+            assert torch.equal(theirs[k].float(), v), (part, k)
+
+
+def test_folder_output_from_a_folder_keeps_its_configs_and_tokenizers(tiny_sdxl, tmp_path):
+    from minigen.sdxl.tokenizer import sdxl_tokenizers
+
+    (pa, _), shared = tiny_sdxl
+    folder = tmp_path / "a_diffusers"
+    shutil.copytree(shared, folder)
+    scheduler = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 999}  # not SDXL's: copied, not made
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    first, second = sdxl_tokenizers()
+    first.save(folder / "tokenizer")
+    second.with_pad_token("<|startoftext|>").save(folder / "tokenizer_2")  # not SDXL's "!" either
+    out = tmp_path / "out.safetensors"  # a .safetensors name, but a folder is asked for
+    merge(folder, pa, out, MergeRecipe(alpha=0.5), output_format="diffusers")
+    assert out.is_dir()
+    for rel in ("unet/config.json", "text_encoder_2/config.json", "scheduler/scheduler_config.json"):
+        assert json.loads((out / rel).read_text()) == json.loads((folder / rel).read_text()), rel
+    assert sdxl_tokenizers(out)[1].pad_token == "<|startoftext|>"
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_folder_output_failures_leave_nothing(tiny_sdxl, tmp_path, monkeypatch):
+    (pa, pb), _ = tiny_sdxl
+    out = tmp_path / "out"
+    # configs that do not fit the weights: found from meta tensors, before anything is written
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        merge(pa, pb, out)  # the default sdxl-base configs for a tiny model
+    calls = []
+
+    def failing(a, b, alpha, out=None):  # interrupted on the third merged tensor, with all four files half-written
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return merging.weighted_sum(a, b, alpha, out)
+
+    with monkeypatch.context() as m:
+        m.setitem(merging.METHODS, "weighted_sum", merging.Method(failing, 2, True))
+        with pytest.raises(KeyboardInterrupt):
+            merge(pa, pb, out, configs="tiny")
+    assert list(tmp_path.iterdir()) == []
+
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a diffusers folder"):
+        merge(pa, pb, out, configs="tiny")
+    (out / "b.safetensors").write_bytes(pb.read_bytes())
+    with pytest.raises(ValueError, match="inside the output folder"):
+        merge(pa, out / "b.safetensors", out, configs="tiny")
+    assert sorted(p.name for p in out.iterdir()) == ["b.safetensors", "notes.txt"]
+
+    # an existing diffusers folder is replaced
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model_index.json").write_text("{}")
+    merge(pa, pb, old, MergeRecipe(alpha=1.0), configs="tiny")
+    key = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(load_file(str(old / "text_encoder" / "model.safetensors"))[key],
+                       load_file(str(pb))["conditioner.embedders.0.transformer." + key])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "out"]  # nothing left aside
+
+
+def test_replace_folder_keeps_the_old_folder_if_the_rename_fails(tmp_path, monkeypatch):
+    from minigen import io
+
+    old, new = tmp_path / "model", tmp_path / "new"
+    for folder, text in ((old, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "model_index.json").write_text(text)
+    real_replace, calls = io.os.replace, []
+
+    def replace(src, dst):  # moving the old folder aside works; renaming the new one into place fails
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        io.replace_folder(new, old)
+    monkeypatch.undo()
+    assert (old / "model_index.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]  # the aside folder removed
+    io.replace_folder(new, old)
+    assert (old / "model_index.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_folder_output_refused_for_sd1(tmp_path):
+    sd1 = {"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+           "model.diffusion_model.out.2.weight": torch.ones(4)}
+    save_safetensors(sd1, tmp_path / "a.safetensors")
+    save_safetensors(sd1, tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointError, match="SDXL only.*Stable Diffusion 1"):
+        merge(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]

@@ -20,7 +20,9 @@ Facts learned from diffusers' `loaders/single_file_utils.py`; the code is minige
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import functools
+import json
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -76,9 +78,23 @@ _UNET_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_
                       "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_name_map(prefixes_of: Callable[[dict], dict], config_json: str, what: str) -> NameMap:
+    return NameMap(prefixes_of(json.loads(config_json)), what)
+
+
+def _name_map(prefixes_of: Callable[[dict], dict], config: Mapping, what: str) -> NameMap:
+    """NameMap(prefixes_of(config)), built once per distinct config: converting key by key (the streaming merger)
+    asks for the same map thousands of times."""
+    return _cached_name_map(prefixes_of, json.dumps(config, sort_keys=True, default=str), what)
+
+
 def unet_name_map(config: Mapping | None = None) -> NameMap:
     """The diffusers <-> SGM name map of a UNet2DConditionModel config (SDXL base if None)."""
-    config = config or get_config("sdxl-base", "unet")
+    return _name_map(_unet_prefixes, config or get_config("sdxl-base", "unet"), "UNet")
+
+
+def _unet_prefixes(config: dict) -> dict[str, str]:
     prefixes = {
         "conv_in": "input_blocks.0.0",
         "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -115,7 +131,7 @@ def unet_name_map(config: Mapping | None = None) -> NameMap:
         if i < len(up) - 1:
             last = i * (layers + 1) + layers
             prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{last}.{2 if attention else 1}.conv"
-    return NameMap(prefixes, "UNet")
+    return prefixes
 
 
 def unet_module_to_sgm(path: str, config: Mapping | None = None) -> str:
@@ -138,7 +154,10 @@ _VAE_ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": 
 
 def vae_name_map(config: Mapping | None = None) -> NameMap:
     """The diffusers <-> LDM name map of an AutoencoderKL config (SDXL's if None)."""
-    config = config or get_config("sdxl-base", "vae")
+    return _name_map(_vae_prefixes, config or get_config("sdxl-base", "vae"), "VAE")
+
+
+def _vae_prefixes(config: dict) -> dict[str, str]:
     prefixes = {name: name for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
                                         "quant_conv", "post_quant_conv")}
     prefixes.update({"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"})
@@ -164,7 +183,7 @@ def vae_name_map(config: Mapping | None = None) -> NameMap:
             resnet(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{ldm_level}.block.{j}")
         if i < levels - 1:
             prefixes[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{ldm_level}.upsample.conv"
-    return NameMap(prefixes, "VAE")
+    return prefixes
 
 
 def _is_vae_attention_weight(diffusers_key: str) -> bool:

@@ -81,13 +81,9 @@ class SDXL:
     def save_diffusers(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write a diffusers folder (what `StableDiffusionXLPipeline.from_pretrained` and `load_sdxl` read)."""
         folder = Path(folder)
+        save_diffusers_files(folder, self.configs, (self.tokenizer, self.tokenizer_2))
         for part, model in self.models().items():
-            _write_json(folder / part / "config.json", self.configs[part])
             _save_tensors(model.state_dict(), folder / part / f"{WEIGHTS_NAME[part]}.safetensors", dtype)
-        self.tokenizer.save(folder / "tokenizer")
-        self.tokenizer_2.save(folder / "tokenizer_2")
-        _write_json(folder / "scheduler" / "scheduler_config.json", self.configs["scheduler"])
-        _write_json(folder / "model_index.json", MODEL_INDEX)
 
     def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write one safetensors file in the `sd_xl_base_1.0.safetensors` layout (A1111, ComfyUI, diffusers'
@@ -96,6 +92,27 @@ class SDXL:
         tensors = convert.to_single_file(state["unet"], state["vae"], state["text_encoder"], state["text_encoder_2"],
                                          self.configs["unet"], self.configs["vae"])
         _save_tensors(tensors, path, dtype)
+
+
+def save_diffusers_files(folder: Path, configs: Mapping[str, Mapping],
+                         tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]) -> None:
+    """Everything of a diffusers folder but the weights: each part's config.json, the scheduler's config, the two
+    tokenizer folders and model_index.json."""
+    for part in PARTS:
+        _write_json(folder / part / "config.json", configs[part])
+    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), tokenizers):
+        tokenizer.save(folder / name)
+    _write_json(folder / "scheduler" / "scheduler_config.json", configs["scheduler"])
+    _write_json(folder / "model_index.json", MODEL_INDEX)
+
+
+def read_diffusers_configs(folder: Path) -> dict[str, dict]:
+    """The config dicts of a diffusers folder's parts, and its scheduler's (SDXL base's if it has none)."""
+    configs = {part: _read_config(folder / part) for part in PARTS}
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    configs["scheduler"] = json.loads(scheduler.read_text()) if scheduler.is_file() \
+        else get_config("sdxl-base", "scheduler")
+    return configs
 
 
 def _write_json(path: Path, obj) -> None:
@@ -124,10 +141,22 @@ def assemble(part: str, config: Mapping, state_dict: dict[str, torch.Tensor], dt
 
     The dict is emptied as it goes, so no tensor exists twice for longer than its own conversion.
     """
-    with torch.device("meta"):
-        model = build_model(part, config)
     if part.startswith("text_encoder"):
         state_dict = convert.normalize_clip_keys(state_dict)
+    model = check_weights(part, config, state_dict, source)
+    tensors = {}
+    for key in list(state_dict):
+        t = state_dict.pop(key)
+        tensors[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    model.load_state_dict(tensors, assign=True)
+    return model
+
+
+def check_weights(part: str, config: Mapping, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """`part` built on the meta device, once `state_dict` (diffusers names; meta tensors will do) is known to hold
+    exactly its keys at its shapes; else a CheckpointError naming the missing, unexpected and misshapen keys."""
+    with torch.device("meta"):
+        model = build_model(part, config)
     expected = model.state_dict()
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
     problems = []
@@ -141,11 +170,6 @@ def assemble(part: str, config: Mapping, state_dict: dict[str, torch.Tensor], dt
         problems.append(f"wrong shapes: {_first(wrong, 3)}")
     if problems:
         raise CheckpointError(f"{source}: {part} does not match its config: " + "; ".join(problems))
-    tensors = {}
-    for key in list(state_dict):
-        t = state_dict.pop(key)
-        tensors[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    model.load_state_dict(tensors, assign=True)
     return model
 
 
@@ -198,9 +222,7 @@ def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     if not path.exists():
         raise FileNotFoundError(f"no such SDXL checkpoint: {path}")
     if path.is_dir():
-        configs = {part: _read_config(path / part) for part in PARTS}
-        configs["scheduler"] = json.loads((path / "scheduler" / "scheduler_config.json").read_text()) \
-            if (path / "scheduler" / "scheduler_config.json").is_file() else get_config("sdxl-base", "scheduler")
+        configs = read_diffusers_configs(path)
         states = {part: _read_folder_weights(path / part, WEIGHTS_NAME[part], allow_pickle) for part in PARTS}
         tokenizers = sdxl_tokenizers(path if (path / "tokenizer").is_dir() else None)
     else:
