@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from minigen.data import parse_size
 from minigen.gan_fid import fid_hook
 from minigen.gan_trainer import GANConfig, TrainingDiverged, load_checkpoint, sample_to_folder, train
 from minigen.io import CheckpointError
+from minigen.presets import read_preset
 
 HELP = {
     "data": "built-in dataset (twemoji, met) or a folder of images",
@@ -69,14 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, type=type(default), help=text)
     return p
-
-
-def read_preset(path: str) -> list[str]:
-    """The flags in a preset file: shell-style words, `#` starts a comment."""
-    try:
-        return shlex.split(Path(path).read_text(), comments=True)
-    except OSError as e:
-        raise SystemExit(f"cannot read preset {path}: {e}") from None
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, GANConfig]:

@@ -20,9 +20,9 @@ import typing
 from pathlib import Path
 
 from minigen.io import CheckpointError
+from minigen.presets import read_preset
 from minigen.lora_files import LoRAFileError
 from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged, load_checkpoint
-from train_gan import read_preset  # the same preset files: flags, one per line, # comments
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from . import gan
 from .data import ImageFolder, resolve_dataset
-from .io import CheckpointError, atomic_write, load_safetensors, save_safetensors
+from .io import (CheckpointError, atomic_write, load_safetensors, optimizer_from_tensors, optimizer_to_tensors,
+                 save_safetensors)
 from .plot import Panel, plot_panels, save_grid
 
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
@@ -217,28 +218,6 @@ class GANTrainer:
 
 def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], str]:
-    """An optimizer's state as tensors `prefix.<param index>.<name>`, and its settings and scalars as JSON."""
-    state = opt.state_dict()
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{prefix}.{index}.{name}"] = value
-            else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
-
-
-def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], settings: str) -> None:
-    meta = json.loads(settings)
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

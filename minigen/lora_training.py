@@ -31,8 +31,8 @@ from .buckets import make_buckets, nearest_bucket, prepare_image
 from .captions import CaptionedImage, captioned_images, dreambooth_images, drop_captions
 from .data import open_rgb, parse_size, resolve_dataset
 from .diffusion import NoiseSchedule
-from .gan_trainer import optimizer_from_tensors, optimizer_to_tensors
-from .io import CheckpointError, atomic_write, load_safetensors, save_safetensors
+from .io import (CheckpointError, atomic_write, load_safetensors, optimizer_from_tensors, optimizer_to_tensors,
+                 save_safetensors)
 from .lora import add_lora, lora_weights
 from .lora_files import kohya_metadata, save_lora
 from .plot import plot_curves, save_grid, save_png
