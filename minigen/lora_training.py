@@ -39,7 +39,7 @@ from .plot import plot_curves, save_grid, save_png
 from .sdxl.configs import get_config
 from .sdxl.convert import unet_name_map
 from .sdxl.model import PARTS, SDXL, build_model, load_sdxl
-from .sdxl.pipeline import SDXLPipeline, time_ids
+from .sdxl.pipeline import SDXLPipeline, encode_prompt, time_ids
 from .sdxl.tokenizer import sdxl_tokenizers
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"
@@ -146,17 +146,6 @@ def load_model(spec: str, dtype: torch.dtype, device: str) -> SDXL:
     if not spec:
         raise ValueError("--sdxl is required: a diffusers folder or an sd_xl_base_1.0.safetensors-style file")
     return load_sdxl(spec, dtype=dtype, device=device)
-
-
-def encode_text(sdxl: SDXL, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> context (B, 77, D1 + D2) and pooled (B, P), as `pipeline.encode_prompt` but keeping gradients
-    (the text-encoder LoRA trains through it); text past 75 tokens is cut off silently, as in diffusers' trainer."""
-    contexts = []
-    for tokenizer, encoder in ((sdxl.tokenizer, sdxl.text_encoder), (sdxl.tokenizer_2, sdxl.text_encoder_2)):
-        ids = tokenizer(captions).input_ids.to(encoder.text_model.embeddings.token_embedding.weight.device)
-        out = encoder(ids)
-        contexts.append(out.hidden_states[-2])  # (B, 77, D_i): penultimate layer, as SDXL was trained
-    return torch.cat(contexts, dim=-1), out.text_embeds
 
 
 # -- the data ---------------------------------------------------------------------------------------------------
@@ -321,7 +310,7 @@ class LoRATrainer:
         cache = {}
         for k in range(0, len(captions), 16):
             chunk = captions[k:k + 16]
-            context, pooled = encode_text(self.sdxl, chunk)
+            context, pooled = encode_prompt(self.sdxl, chunk, warn_truncated=False, keep_grad=True)
             cache |= {c: (context[i].cpu(), pooled[i].cpu()) for i, c in enumerate(chunk)}
         return cache
 
@@ -354,7 +343,7 @@ class LoRATrainer:
                 context = torch.stack([self.text_cache[c][0] for c in captions]).to(self.device)
                 pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(self.device)
             else:
-                context, pooled = encode_text(self.sdxl, captions)
+                context, pooled = encode_prompt(self.sdxl, captions, warn_truncated=False, keep_grad=True)
             w = unet.conv_in.weight.dtype
             pred = unet(noisy.to(w), t, context.to(w), pooled.to(w), ids.to(self.device, w))
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)

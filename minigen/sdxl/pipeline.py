@@ -20,6 +20,7 @@ settings and `torch.Generator` the images are the same:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -57,21 +58,24 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
 
 
-@torch.no_grad()
-def encode_prompt(sdxl: SDXL, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt(sdxl: SDXL, prompts: Sequence[str], *, warn_truncated: bool = True,
+                  keep_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts through both encoders: context (B, 77, 2048) and pooled (B, 1280), in the text encoders' dtype.
 
     Text past 75 tokens is cut off with a warning naming it, as diffusers warns. (diffusers warns only for the
-    prompt; minigen also warns for the negative prompt, whose cut-off text is dropped just the same.)
+    prompt; minigen also warns for the negative prompt, whose cut-off text is dropped just the same.) LoRA training
+    passes `warn_truncated=False` (diffusers' trainer cuts captions silently) and `keep_grad=True` (a text-encoder
+    LoRA trains through this); sampling runs without gradients.
     """
     contexts = []
-    for tokenizer, encoder in ((sdxl.tokenizer, sdxl.text_encoder), (sdxl.tokenizer_2, sdxl.text_encoder_2)):
-        tokens = tokenizer(list(prompts))
-        for cut in filter(None, tokens.truncated):
-            warnings.warn("The following part of your input was truncated because CLIP can only handle sequences "
-                          f"up to {tokenizer.max_length} tokens: {cut}", stacklevel=3)
-        out = encoder(tokens.input_ids.to(encoder.text_model.embeddings.token_embedding.weight.device))
-        contexts.append(out.hidden_states[-2])  # (B, 77, D_i): the penultimate layer, not final-normed
+    with contextlib.nullcontext() if keep_grad else torch.no_grad():
+        for tokenizer, encoder in ((sdxl.tokenizer, sdxl.text_encoder), (sdxl.tokenizer_2, sdxl.text_encoder_2)):
+            tokens = tokenizer(list(prompts))
+            for cut in filter(None, tokens.truncated) if warn_truncated else ():
+                warnings.warn("The following part of your input was truncated because CLIP can only handle "
+                              f"sequences up to {tokenizer.max_length} tokens: {cut}", stacklevel=3)
+            out = encoder(tokens.input_ids.to(encoder.text_model.embeddings.token_embedding.weight.device))
+            contexts.append(out.hidden_states[-2])  # (B, 77, D_i): the penultimate layer, not final-normed
     return torch.cat(contexts, dim=-1), out.text_embeds  # (B, 77, 768 + 1280), (B, 1280) from encoder 2
 
 
