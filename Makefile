@@ -7,35 +7,37 @@ BIN    := $(VENV)/bin
 # The torch to install. The default is the CPU wheel these machines carry; with a CUDA torch already in the
 # environment, run e.g. `make test TORCH=` to keep it.
 TORCH  ?= torch==2.13.0
-# Test-only oracles installed without their dependencies: their metadata would otherwise pull a CUDA torch.
-ORACLES_NODEPS := torchvision==0.28.0 pytorch-fid==0.3.0 torch-fidelity==0.4.0 open_clip_torch==3.3.0
+PIP    := pip==26.3
+# Every test-only package at an exact version, all in one list (see requirements/test.in for why each is there).
+TEST_LOCK := requirements/test.txt
 
 RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 CONSTRAINTS := $(VENV)/constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow demo gan clean
+.PHONY: help install test test-slow test-upgrade test-lock demo gan clean
 
 help: ## list every target with one line
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(PIP)"
 
 # Pin the torch that ends up installed, so no later install can swap it for another build.
 $(CONSTRAINTS): | $(BIN)/python
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $@
+	$(BIN)/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $@
 
 $(RUNTIME): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(TESTDEPS): pyproject.toml $(RUNTIME)
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
-	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps $(ORACLES_NODEPS)
+# The lock is complete, so it installs with --no-deps: exactly its versions, nothing resolved to "newest", and no
+# oracle's metadata can pull another torch. A changed lock re-installs (the stamp is older than it).
+$(TESTDEPS): $(TEST_LOCK) $(RUNTIME)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps -r $(TEST_LOCK)
 	touch $@
 
 install: $(RUNTIME) ## create .venv with torch and minigen (runtime dependencies only)
@@ -46,8 +48,14 @@ test: $(TESTDEPS) ## install the test oracles (diffusers, transformers, peft, py
 test-slow: $(TESTDEPS) ## run only the slow tests (full-size models; several GB of memory)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
 
+test-upgrade: ## try the newest test oracles in a scratch venv (.venv-upgrade): prints version changes and what breaks
+	bash scripts/test_upgrade.sh
+
+test-lock: ## as test-upgrade, and when the suite passes, write those versions to requirements/test.txt (commit it alone)
+	bash scripts/test_upgrade.sh --lock
+
 clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
-	rm -rf $(VENV) .pytest_cache minigen.egg-info
+	rm -rf $(VENV) .venv-upgrade .pytest_cache minigen.egg-info
 
 # ---- DCGAN ----
 .PHONY: demo gan gan-sample bench-gan
