@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minigen import cli
 from minigen.diffusion import SAMPLERS
 from minigen.evaluate import Settings, evaluate, markdown_table
 from minigen.inception import FEATURE_DIMS
-from minigen.io import CheckpointError
-from sample import add_device_args, chosen_dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="SDXL diffusers folder or single .safetensors file")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE] or RUN_FOLDER",
                    help="a LoRA file and its multiplier, or a run folder of epoch checkpoints; repeatable")
@@ -46,21 +45,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (needs that many images)")
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts (rows) shown in each grid")
     p.add_argument("--out", default="outputs/eval")
-    add_device_args(p)
+    cli.add_device_args(p)
     return p.parse_args(argv)
 
 
+@cli.entry("eval.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.apply_threads(args.threads)
+    cli.check_device(args.device)
     settings = Settings(args.steps, args.cfg, args.sampler, args.karras, args.height, args.width, args.negative)
-    try:
-        report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
-                          seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
-                          grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
-                          is_splits=args.is_splits, device=args.device, dtype=chosen_dtype(args))
-    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
+    report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
+                      seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
+                      grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
+                      is_splits=args.is_splits, device=args.device, dtype=cli.chosen_dtype(args))
     print(markdown_table(report["rows"]), end="")
     print(f"wrote {args.out}/results.md, results.json, {len(report['grids'])} grid(s)"
           + (", fid_per_epoch.png" if report["fid_per_epoch"] else ""))

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from minigen import inception, metrics
+from minigen import cli, inception, metrics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fid.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", help="two image folders or .npz statistics (with --save-stats: folder, .npz)")
     p.add_argument("--dims", type=int, default=2048, choices=inception.FEATURE_DIMS,
                    help="Inception features to use (default 2048, the pool3 features of published FIDs)")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=cli.number(int, 1), default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads")
+    p.add_argument("--workers", type=cli.number(int, 1), default=min(8, os.cpu_count() or 1), help="image decoding threads")
     p.add_argument("--mode", choices=metrics.MODES, default="pytorch-fid",
                    help="preprocessing: pytorch-fid's bilinear resize (default) or clean-fid's PIL bicubic")
     p.add_argument("--weights", help="Inception weights (.safetensors, or pytorch-fid's .pth)")
@@ -50,10 +50,10 @@ def measure(path: str, get_model, args) -> dict:
     """Statistics (and KID features / IS logits when asked) of one folder or .npz."""
     if path.endswith(".npz"):
         if args.kid or args.inception_score:
-            raise SystemExit(f"error: {path}: KID and IS need images, not .npz statistics")
+            raise ValueError(f"{path}: KID and IS need images, not .npz statistics")
         mu, sigma = metrics.load_stats(path)
         if len(mu) != args.dims:
-            raise SystemExit(f"error: {path} holds {len(mu)}-d statistics but --dims is {args.dims}")
+            raise ValueError(f"{path} holds {len(mu)}-d statistics but --dims is {args.dims}")
         return {"mu": mu, "sigma": sigma}
     outputs = (str(args.dims),) + (("logits_unbiased",) if args.inception_score else ())
     feats = metrics.extract_features(get_model(), path, outputs, args.batch_size, args.workers, args.mode)
@@ -66,28 +66,26 @@ def measure(path: str, get_model, args) -> dict:
 
 
 def run(args) -> dict:
+    cli.check_device(args.device)
     if args.fetch_weights:
         path = inception.fetch_weights()
         print(f"wrote {path}")
         return {"weights": str(path)}
     for path in args.paths[: 1 if args.save_stats else 2]:
         if not Path(path).exists():
-            raise SystemExit(f"error: no such folder or file: {path}")
+            raise FileNotFoundError(2, "no such folder or file", path)
     results: dict = {}
     models = []
 
     def get_model():  # loaded on first use: two .npz files need no Inception at all
         if not models:
-            try:
-                models.append(inception.load_inception(args.weights, args.device, args.inception_score))
-            except FileNotFoundError as e:
-                raise SystemExit(f"error: {e}") from None
+            models.append(inception.load_inception(args.weights, args.device, args.inception_score))
         return models[0]
 
     if not args.no_fid:
         if args.save_stats:
             if Path(args.paths[1]).exists():
-                raise SystemExit(f"error: {args.paths[1]} exists; not overwriting it")
+                raise FileExistsError(17, "exists; not overwriting it", args.paths[1])
             a = measure(args.paths[0], get_model, args)
             metrics.save_stats(args.paths[1], a["mu"], a["sigma"])
             return {"images": a.get("images"), "skipped": a.get("skipped"), "stats": args.paths[1]}
@@ -113,12 +111,18 @@ def print_table(results: dict) -> None:
         print(f"{key:>10}  {shown}")
 
 
-def main(argv=None) -> dict:
-    results = run(parse_args(argv))
+def compute(argv: list[str]) -> dict:
+    """The numbers `fid.py ARGV` prints, as a dict (errors raised, not printed)."""
+    return run(parse_args(argv))
+
+
+@cli.entry("fid.py")
+def main(argv=None) -> int:
+    results = compute(sys.argv[1:] if argv is None else argv)
     print_table(results)
     print(json.dumps(results))
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

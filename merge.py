@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigen.io import CheckpointError
+from minigen import cli
+from minigen.lora_files import parse_lora_spec
 from minigen.merging import (METHODS, OUTPUT_DTYPES, OUTPUT_FORMATS, MergeRecipe, bake_loras, extract_lora,
                              merge_checkpoints, merge_loras)
 from minigen.sdxl.configs import PRESETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="merge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", nargs="?", help="checkpoint A (single-file .safetensors or an SDXL diffusers folder); its keys "
                                         "and order are the output's. With --rank: the base model")
     p.add_argument("b", nargs="?", help="checkpoint B (file or diffusers folder). With --rank: the fine-tuned model to "
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a folder A gives its own)")
     p.add_argument("--method", choices=sorted(METHODS), default="weighted_sum",
                    help="weighted_sum: (1 - alpha) * A + alpha * B; add_difference: A + alpha * (B - C)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of B (default 0.5)")
+    p.add_argument("--alpha", type=cli.number(float), default=0.5, help="weight of B (default 0.5)")
     p.add_argument("--block-alphas", metavar="IN,MID,OUT",
                    help="alphas for the UNet's input, middle and output blocks (other keys use --alpha)")
     p.add_argument("--vae", default="copy", help="'copy' (from A, the default), 'merge', or a VAE .safetensors to put in")
@@ -45,47 +46,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype of float tensors (default: as in A)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:RATIO]",
                    help="bake this LoRA (kohya or peft file) into A at RATIO (default 1); repeatable")
-    p.add_argument("--rank", type=int, help="write a LoRA of this rank: extracted from B - A, or merged from --lora files")
-    p.add_argument("--clamp-quantile", type=float, default=0.99,
+    p.add_argument("--rank", type=cli.number(int, 1), help="write a LoRA of this rank: extracted from B - A, or merged from --lora files")
+    p.add_argument("--clamp-quantile", type=cli.number(float, 0, 1), default=0.99,
                    help="with --rank: clamp the factors at this quantile of their magnitudes (kohya's default 0.99)")
     p.add_argument("--strict", action="store_true", help="a shape mismatch is an error instead of keeping A's tensor")
+    p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
     return p.parse_args(argv)
 
 
+def parse_block_alphas(text: str | None) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        alphas = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        alphas = ()
+    if len(alphas) != 3:
+        raise ValueError(f"--block-alphas needs three numbers (input, middle, output), got {text!r}")
+    for alpha in alphas:
+        cli.check_number("--block-alphas", alpha)
+    return alphas
+
+
+@cli.entry("merge.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    block_alphas = None
-    if args.block_alphas:
-        block_alphas = tuple(float(x) for x in args.block_alphas.split(","))
-        if len(block_alphas) != 3:
-            sys.exit(f"--block-alphas needs three numbers (input, middle, output), got {args.block_alphas!r}")
-    recipe = MergeRecipe(method=args.method, alpha=args.alpha, block_alphas=block_alphas, vae=args.vae,
-                         merge_text_encoders=not args.skip_text_encoders, dtype=args.dtype)
-    loras = []
-    for spec in args.lora:
-        path, _, ratio = spec.rpartition(":") if ":" in spec else (spec, "", "1")
-        loras.append((path, float(ratio)))
-    given = (args.a is not None, args.b is not None, bool(loras), args.rank is not None)
-    try:
-        if given == (True, True, False, False):
-            report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
-                                       output_format=args.output_format, configs=args.configs)
-        elif given == (True, False, True, False):
-            report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
-                                configs=args.configs)
-        elif given == (True, True, False, True):
+    cli.apply_threads(args.threads)
+    recipe = MergeRecipe(method=args.method, alpha=args.alpha, block_alphas=parse_block_alphas(args.block_alphas),
+                         vae=args.vae, merge_text_encoders=not args.skip_text_encoders, dtype=args.dtype)
+    loras = [parse_lora_spec(spec) for spec in args.lora]
+    if args.rank is not None:  # write a LoRA
+        if args.a and args.b and not loras:
             n = extract_lora(args.a, args.b, args.output, args.rank, args.clamp_quantile)
-            print(f"{args.output}: LoRA of rank {args.rank} on {n} layers")
-            return 0
-        elif given == (False, False, True, True):
+        elif loras and not (args.a or args.b):
             n = merge_loras(loras, args.output, args.rank, args.clamp_quantile)
-            print(f"{args.output}: LoRA of rank {args.rank} on {n} layers")
-            return 0
         else:
-            sys.exit("merge.py: give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
-                     "or --lora FILE --lora FILE --rank R (merge LoRAs)")
-    except (CheckpointError, ValueError, OSError) as e:
-        sys.exit(f"merge.py: {e}")
+            raise ValueError("--rank R takes A B (extract a LoRA from B - A) or --lora FILE --lora FILE (merge LoRAs)")
+        print(f"{args.output}: LoRA of rank {args.rank} on {n} layers")
+        return 0
+    if args.a and args.b and not loras:
+        report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
+                                   output_format=args.output_format, configs=args.configs)
+    elif args.a and loras and not args.b:
+        report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
+                            configs=args.configs)
+    else:
+        raise ValueError("give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
+                         "or --lora FILE --lora FILE --rank R (merge LoRAs)")
     print(f"{args.output}: {report.merged} tensors merged, {report.copied} copied, "
           f"{report.output_bytes / 1e9:.2f} GB")
     return 0

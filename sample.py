@@ -16,16 +16,14 @@ import sys
 
 import torch
 
+from minigen import cli
 from minigen.diffusion import SAMPLERS
-from minigen.io import CheckpointError
 from minigen.lora_files import parse_lora_spec
 from minigen.sdxl.pipeline import SDXLPipeline, check_settings, save_images
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="SDXL diffusers folder or single .safetensors file")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default=None, help="negative prompt (default: none, i.e. zero embeddings as SDXL)")
@@ -42,36 +40,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA file and its multiplier (default 1); repeat to stack several")
-    add_device_args(p)
+    cli.add_device_args(p)
     return p.parse_args(argv)
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    """--device and --dtype, shared with eval.py; `chosen_dtype(args)` resolves the default."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
-
-
-def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
-    return DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
-
-
+@cli.entry("sample.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        check_settings(args.sampler, args.steps, args.height, args.width, args.num)  # before loading gigabytes
-        pipe = SDXLPipeline.from_pretrained(args.model, dtype=chosen_dtype(args), device=args.device)
-        for spec in args.lora:
-            pipe.add_lora(*parse_lora_spec(spec))
-        seed = args.seed if args.seed is not None else random.randrange(2**32)
-        images = pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg,
-                      guidance_rescale=args.rescale, sampler=args.sampler, karras=args.karras, eta=args.eta,
-                      height=args.height, width=args.width, num_images=args.num,
-                      generator=torch.Generator("cpu").manual_seed(seed), progress=True)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
+    cli.apply_threads(args.threads)
+    cli.check_device(args.device)
+    check_settings(args.sampler, args.steps, args.height, args.width, args.num)  # before loading gigabytes
+    pipe = SDXLPipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device)
+    for spec in args.lora:
+        pipe.add_lora(*parse_lora_spec(spec))
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    images = pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg,
+                  guidance_rescale=args.rescale, sampler=args.sampler, karras=args.karras, eta=args.eta,
+                  height=args.height, width=args.width, num_images=args.num,
+                  generator=torch.Generator("cpu").manual_seed(seed), progress=True)
     for path in save_images(images, args.out, str(seed)):
         print(path)
     return 0

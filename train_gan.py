@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
+from minigen import cli
+from minigen.training import run_settings
 from minigen.data import parse_size
 from minigen.gan_fid import fid_hook
-from minigen.gan_trainer import GANConfig, TrainingDiverged, load_checkpoint, sample_to_folder, train
-from minigen.io import CheckpointError
-from minigen.presets import read_preset
+from minigen.gan_trainer import GANConfig, load_checkpoint, sample_to_folder, train
 
 HELP = {
     "data": "built-in dataset (twemoji, met) or a folder of images",
@@ -48,13 +47,15 @@ HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: only the flags actually given appear, so a preset or a checkpoint's settings fill in the rest.
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog="train_gan.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="a preset: a file of flags (configs/*.conf)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
-    p.add_argument("--sample", type=int, metavar="N", help="write N PNGs from --checkpoint into --out, then exit")
+    p.add_argument("--sample", type=cli.number(int, 1), metavar="N",
+                   help="write N PNGs from --checkpoint into --out, then exit")
     p.add_argument("--checkpoint", help="checkpoint to sample from")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
     for field in dataclasses.fields(GANConfig):
         flag, default = "--" + field.name.replace("_", "-"), field.default
         text = f"{HELP[field.name]} (default: {default})"
@@ -71,37 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def saved_settings(checkpoint: str) -> dict:
+    return run_settings(load_checkpoint(checkpoint)[1], checkpoint)
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, GANConfig]:
-    parser = build_parser()
-    given = vars(parser.parse_args(argv))
-    preset = vars(parser.parse_args(read_preset(given["config"]))) if "config" in given else {}
-    settings = {}
-    if "resume" in given:
-        _, metadata = load_checkpoint(given["resume"])
-        settings = json.loads(metadata["config"])
     fields = {f.name for f in dataclasses.fields(GANConfig)}
-    settings |= {k: v for k, v in preset.items() if k in fields}
-    settings |= {k: v for k, v in given.items() if k in fields}
-    return argparse.Namespace(**given), GANConfig(**settings)
+    args, settings = cli.layered_settings(build_parser(), argv, fields, saved_settings)
+    return args, GANConfig(**settings)
 
 
+@cli.entry("train_gan.py")
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args, cfg = parse(argv)
-        if "sample" in args:
-            if "checkpoint" not in args or "out" not in args:
-                raise SystemExit("--sample N needs --checkpoint FILE and --out DIR")
-            paths = sample_to_folder(args.checkpoint, args.sample, args.out, seed=cfg.seed, device=cfg.device)
-            print(f"wrote {len(paths)} images to {args.out}")
-            return 0
-        progress = not getattr(args, "quiet", False)
-        # Built before training: missing Inception weights stop the run now, not after the first epoch.
-        hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every else []
-        status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress)
-    except (CheckpointError, TrainingDiverged, ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args, cfg = parse(sys.argv[1:] if argv is None else argv)
+    cli.apply_threads(getattr(args, "threads", None))
+    if "sample" in args:
+        if "checkpoint" not in args or "out" not in args:
+            raise ValueError("--sample N needs --checkpoint FILE and --out DIR")
+        paths = sample_to_folder(args.checkpoint, args.sample, args.out, seed=cfg.seed, device=cfg.device)
+        print(f"wrote {len(paths)} images to {args.out}")
+        return 0
+    progress = not getattr(args, "quiet", False)
+    # Built before training: missing Inception weights stop the run now, not after the first epoch.
+    hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every else []
+    status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress)
     if status == "interrupted":
         return 130
     out = Path(cfg.out)

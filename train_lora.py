@@ -14,24 +14,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
 
-from minigen.io import CheckpointError
-from minigen.presets import read_preset
-from minigen.lora_files import LoRAFileError
-from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged, load_checkpoint
+from minigen import cli
+from minigen.training import run_settings
+from minigen.lora_training import LoRATrainConfig, LoRATrainer, load_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: only the flags actually given appear, so a preset or a checkpoint's settings fill in the rest.
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog="train_lora.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="a preset: a file of flags (configs/lora_*.conf)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
     hints = typing.get_type_hints(LoRATrainConfig)
     for f in dataclasses.fields(LoRATrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -46,28 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def saved_settings(checkpoint: str) -> dict:
+    return run_settings(load_checkpoint(checkpoint)[1], checkpoint)
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
-    parser = build_parser()
-    given = vars(parser.parse_args(argv))
-    preset = vars(parser.parse_args(read_preset(given["config"]))) if "config" in given else {}
-    saved = json.loads(load_checkpoint(given["resume"])[1]["config"]) if "resume" in given else {}
     fields = {f.name for f in dataclasses.fields(LoRATrainConfig)}
-    settings = saved | {k: v for source in (preset, given) for k, v in source.items() if k in fields}
-    return argparse.Namespace(**given), LoRATrainConfig(**settings)
+    args, settings = cli.layered_settings(build_parser(), argv, fields, saved_settings)
+    return args, LoRATrainConfig(**settings)
 
 
+@cli.entry("train_lora.py")
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args, cfg = parse(argv)
-        trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False))
-        if "resume" in args:
-            trainer.load_checkpoint(args.resume)
-        trainer.train()
-    except (CheckpointError, LoRAFileError, TrainingDiverged, ValueError, FileNotFoundError,
-            NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args, cfg = parse(sys.argv[1:] if argv is None else argv)
+    cli.apply_threads(getattr(args, "threads", None))
+    trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False))
+    if "resume" in args:
+        trainer.load_checkpoint(args.resume)
+    trainer.train()
     out = Path(cfg.out)
     print(f"lora:       {out / 'lora.safetensors'}\nsamples:    {out / 'samples' / 'progress.png'}\n"
           f"loss curve: {out / 'loss.png'}\ncheckpoint: {out / 'checkpoint.safetensors'}")

@@ -28,6 +28,7 @@ from .data import ImageFolder, resolve_dataset
 from .io import (CheckpointError, atomic_write, load_safetensors, optimizer_from_tensors, optimizer_to_tensors,
                  save_safetensors)
 from .plot import Panel, plot_panels, save_grid
+from .training import TrainingDiverged
 
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
 LOSSES = ("bce", "wgan-gp", "hinge")
@@ -90,10 +91,6 @@ class GANConfig:
             if not 0 <= lo <= hi <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a range LOW HIGH within [0, 1], got {lo} {hi}")
         gan.stages_for(*self.size)  # refuses unsupported sizes before any data is read
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the last checkpoint written before it is kept."""
 
 
 class GANTrainer:

@@ -18,8 +18,10 @@ where the dots were; a name or shape that fits no module is an error naming it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -270,11 +272,19 @@ def load_lora(path: str | os.PathLike, models: Mapping[str, nn.Module], name: st
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """`path[:multiplier]` as `sample.py --lora a.safetensors:0.8` takes it; no multiplier means 1."""
-    path, sep, multiplier = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(multiplier)
-        except ValueError:  # a colon that is part of the path
-            pass
-    return spec, 1.0
+    """`path[:multiplier]` as `sample.py --lora a.safetensors:0.8` takes it; no multiplier means 1.
+
+    Only a trailing `:<number>` is a multiplier, so `C:\\x.safetensors` or `C:/x.safetensors` stay paths; a tail that
+    is neither a number nor a path (`a.safetensors:abc`) or a non-finite multiplier is a ValueError."""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or not path or Path(spec).exists():
+        return spec, 1.0
+    try:
+        multiplier = float(tail)
+    except ValueError:
+        if any(c in tail for c in "/\\."):  # a colon that is part of the path
+            return spec, 1.0
+        raise ValueError(f"{spec}: the multiplier after ':' must be a number, got {tail!r}") from None
+    if not math.isfinite(multiplier):
+        raise ValueError(f"{spec}: the multiplier must be a finite number, got {tail}")
+    return path, multiplier

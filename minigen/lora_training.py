@@ -40,6 +40,7 @@ from .sdxl.configs import get_config
 from .sdxl.convert import unet_name_map
 from .sdxl.model import PARTS, SDXL, build_model, load_sdxl
 from .sdxl.pipeline import SDXLPipeline, encode_prompt, time_ids
+from .training import TrainingDiverged
 from .sdxl.tokenizer import sdxl_tokenizers
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"
@@ -118,10 +119,6 @@ class LoRATrainConfig:
             raise ValueError("--random-crop draws a new crop every epoch, so latents cannot be cached: "
                              "add --cache-latents off")
         self.validation_prompts = list(self.validation_prompts)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint on disk is left as it was."""
 
 
 # -- the model --------------------------------------------------------------------------------------------------

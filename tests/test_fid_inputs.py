@@ -52,16 +52,16 @@ def test_cli_rejects_stats_of_other_dims_and_kid_on_stats(tmp_path):
     weights = tmp_path / "w.safetensors"  # a classifier-less checkpoint; .npz inputs never load it
     save_safetensors({k: v for k, v in FIDInceptionV3(classifier=False).state_dict().items()
                       if not k.endswith("num_batches_tracked")}, weights)
-    with pytest.raises(SystemExit, match="64-d statistics but --dims is 2048"):
-        fid_cli.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(weights)])
-    with pytest.raises(SystemExit, match="KID and IS need images"):
-        fid_cli.main([str(tmp_path / "b.npz"), str(tmp_path / "b.npz"), "--weights", str(weights), "--kid"])
-    with pytest.raises(SystemExit, match="no such folder"):
-        fid_cli.main([str(tmp_path / "missing"), str(tmp_path / "b.npz"), "--weights", str(weights)])
-    with pytest.raises(SystemExit, match="no 1008-class classifier"):
-        fid_cli.main([str(tmp_path), str(tmp_path), "--weights", str(weights), "--is"])
+    with pytest.raises(ValueError, match="64-d statistics but --dims is 2048"):
+        fid_cli.compute([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(weights)])
+    with pytest.raises(ValueError, match="KID and IS need images"):
+        fid_cli.compute([str(tmp_path / "b.npz"), str(tmp_path / "b.npz"), "--weights", str(weights), "--kid"])
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        fid_cli.compute([str(tmp_path / "missing"), str(tmp_path / "b.npz"), "--weights", str(weights)])
+    with pytest.raises(FileNotFoundError, match="no 1008-class classifier"):
+        fid_cli.compute([str(tmp_path), str(tmp_path), "--weights", str(weights), "--is"])
     # Same dims from .npz only: FID of identical statistics is 0 (no images, no Inception forward).
-    assert fid_cli.main([str(tmp_path / "a.npz")] * 2 + ["--weights", str(weights), "--dims", "64"])["fid"] \
+    assert fid_cli.compute([str(tmp_path / "a.npz")] * 2 + ["--weights", str(weights), "--dims", "64"])["fid"] \
         == pytest.approx(0, abs=1e-9)
 
 

@@ -90,7 +90,7 @@ def test_converted_network_reproduces_torchscript_features(weights, fid_helper_p
 @pytest.mark.parametrize("dims", [768, pytest.param(2048, marks=pytest.mark.slow)])
 def test_fid_cli_agrees_with_pytorch_fid_on_real_images(weights, met, monkeypatch, capsys, dims):
     a, b = map(str, met)
-    results = fid_cli.main([a, b, "--weights", str(weights), "--batch-size", "3", "--workers", "2",
+    results = fid_cli.compute([a, b, "--weights", str(weights), "--batch-size", "3", "--workers", "2",
                             "--dims", str(dims)])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"] == results["fid"]
     assert results["images"] == [MET_IMAGES // 2] * 2 and results["skipped"] == [0, 0]
@@ -114,8 +114,8 @@ def test_find_weights_order_and_missing_weights_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FileNotFoundError, match="make fid-weights"):
         inception.find_weights()
-    with pytest.raises(SystemExit, match="make fid-weights"):
-        fid_cli.main([str(tmp_path), str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="make fid-weights"):
+        fid_cli.compute([str(tmp_path), str(tmp_path)])
     hub = tmp_path / "torch" / "hub" / "checkpoints" / inception.PYTORCH_FID_NAME
     hub.parent.mkdir(parents=True)
     hub.write_bytes(b"")

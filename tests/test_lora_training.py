@@ -240,7 +240,7 @@ def test_presets_reproduce_the_seeds_and_the_cli_reports_errors(tmp_path, capsys
     _, c004 = train_lora.parse(["--config", "configs/lora_004.conf"])
     assert c004.instance_prompt and c004.epochs == 40
     (tmp_path / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    assert train_lora.main(["--resume", str(tmp_path / "other.safetensors")]) == 1
+    assert train_lora.main(["--resume", str(tmp_path / "other.safetensors")]) == 2
     assert "not a minigen LoRA training checkpoint" in capsys.readouterr().err
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import merge as merge_cli  # merge.py at the repository root (pytest's pythonpath)
+from cli_errors import assert_clean_error
 from minigen import merging
 from minigen.io import CheckpointError, save_safetensors
 from minigen.merging import MergeRecipe, MergeWarning, merge_checkpoints
@@ -236,10 +237,9 @@ def test_cli(abc, tmp_path, capsys):
     assert "6 tensors merged, 3 copied" in capsys.readouterr().out
     got = load_file(str(out))
     assert torch.equal(got[UNET_IN], a[UNET_IN].float()) and torch.equal(got[UNET_OUT], b[UNET_OUT].float())
-    with pytest.raises(SystemExit, match="is one of the inputs"):
-        merge_cli.main([str(pa), str(pb), "-o", str(pa)])
-    with pytest.raises(SystemExit, match="give A B"):  # B and --lora together: which job is meant is unclear
-        merge_cli.main([str(pa), str(pb), "--lora", str(pb), "-o", str(out)])
+    assert_clean_error(merge_cli.main, [str(pa), str(pb), "-o", str(pa)], capsys, "is one of the inputs")
+    # B and --lora together: which job is meant is unclear
+    assert_clean_error(merge_cli.main, [str(pa), str(pb), "--lora", str(pb), "-o", str(out)], capsys, "give A B")
 
 
 def test_writer_rewrites_metadata_only_at_the_same_length(tmp_path):

@@ -116,12 +116,12 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(folder, tmp_path, monkeypatch)
 def test_bad_checkpoints_are_named(folder, tmp_path, uninterrupted, capsys):
     data = (uninterrupted / "checkpoint.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
-    assert train_gan.main(["--resume", str(tmp_path / "cut.safetensors")]) == 1
+    assert train_gan.main(["--resume", str(tmp_path / "cut.safetensors")]) == 2
     assert "truncated" in capsys.readouterr().err
     save_safetensors({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    assert train_gan.main(["--resume", str(tmp_path / "other.safetensors")]) == 1
+    assert train_gan.main(["--resume", str(tmp_path / "other.safetensors")]) == 2
     assert "not a minigen DCGAN checkpoint" in capsys.readouterr().err
-    assert run(folder, tmp_path / "x", "--size", "100x100") == 1
+    assert run(folder, tmp_path / "x", "--size", "100x100") == 2
     assert "not supported" in capsys.readouterr().err
 
 

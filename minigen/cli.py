@@ -1,0 +1,147 @@
+"""What every command-line program shares: one error convention, checked numbers, device flags, presets.
+
+The convention is argparse's own, kept for every failure a user can cause: a bad flag, a bad or missing file, a full
+disk, a non-finite number end the program with one line `prog: error: <what, which file>` on stderr and exit code 2.
+A traceback is only ever a bug in minigen. The library raises ordinary exceptions (ValueError and its subclasses
+such as CheckpointError, OSError, TrainingDiverged); only `entry` below turns them into that line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .training import TrainingDiverged
+
+# Failures of input or environment, reported in one line. Everything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, TrainingDiverged, MemoryError)
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def describe(error: BaseException) -> str:
+    """One line naming the problem (and the file, for OS errors)."""
+    if isinstance(error, OSError) and error.filename is not None:
+        text = f"{error.filename}: {error.strerror or error}"
+        if error.filename2 is not None:
+            text += f" (-> {error.filename2})"
+    elif isinstance(error, MemoryError):
+        text = f"out of memory {error}".strip()
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def entry(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a CLI's `main(argv)`: expected failures print `prog: error: ...` and return 2."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except EXPECTED_ERRORS as e:
+                return fail(prog, describe(e))
+        return run
+    return wrap
+
+
+# ---- numbers: argparse `type=` functions that refuse what cannot work, naming the allowed range ----
+
+def check_number(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    """Raise ValueError unless `value` is finite and within [lo, hi] (either bound may be None)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        allowed = (f"between {lo} and {hi}" if lo is not None and hi is not None
+                   else f">= {lo}" if lo is not None else f"<= {hi}")
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def number(kind: type = float, lo: float | None = None, hi: float | None = None) -> Callable[[str], float]:
+    """An argparse type: `kind` (int or float), finite, within [lo, hi]."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            check_number("it", value, lo, hi)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("it ")) from None
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+seed_number = number(int, *SEED_RANGE)
+
+
+# ---- device, dtype and threads ----
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --threads; `chosen_dtype(args)` resolves the dtype's default, `apply_threads` the threads."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=TORCH_DTYPES, default=None,
+                   help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads for torch (default: torch's choice; on a busy machine fewer is often faster)")
+
+
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    return TORCH_DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this torch cannot use, before any work (torch's own message is a traceback later)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device (use --device cpu)")
+
+
+# ---- presets and saved settings under the command line ----
+
+def read_preset(path: str) -> list[str]:
+    """The flags in a preset file (`configs/*.conf`: flags, one or more a line, `#` comments), split as a shell does."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"preset {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return shlex.split(text, comments=True)
+    except ValueError as e:
+        raise ValueError(f"preset {path}: {e}") from None
+
+
+def layered_settings(parser: argparse.ArgumentParser, argv: list[str], fields: set[str],
+                     saved: Callable[[str], dict]) -> tuple[argparse.Namespace, dict]:
+    """Parse `argv` with a parser built with `argument_default=SUPPRESS`; return (the flags given, the settings).
+
+    Settings are layered, later wins: a resumed run's saved settings (`saved(resume_path)`), the preset
+    (`--config`), the command line. Only names in `fields` are settings."""
+    given = vars(parser.parse_args(argv))
+    preset = vars(parser.parse_args(read_preset(given["config"]))) if "config" in given else {}
+    settings = saved(given["resume"]) if "resume" in given else {}
+    settings |= {k: v for source in (preset, given) for k, v in source.items() if k in fields}
+    return argparse.Namespace(**given), settings
