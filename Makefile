@@ -36,8 +36,12 @@ $(RUNTIME): pyproject.toml $(CONSTRAINTS)
 
 # The lock is complete, so it installs with --no-deps: exactly its versions, nothing resolved to "newest", and no
 # oracle's metadata can pull another torch. A changed lock re-installs (the stamp is older than it).
-$(TESTDEPS): $(TEST_LOCK) $(RUNTIME)
+# The shim lets the registry's (CUDA) torchvision import beside CPU torch in every process of .venv (see the file).
+SITE = $(shell $(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+$(TESTDEPS): $(TEST_LOCK) requirements/torchvision_cpu_shim.py $(RUNTIME)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps -r $(TEST_LOCK)
+	cp requirements/torchvision_cpu_shim.py $(SITE)/
+	echo "import torchvision_cpu_shim" > $(SITE)/torchvision_cpu_shim.pth
 	touch $@
 
 install: $(RUNTIME) ## create .venv with torch and minigen (runtime dependencies only)

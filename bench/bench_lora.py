@@ -15,19 +15,15 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import conftest  # noqa: E402,F401  (defines the torchvision ops that diffusers' import needs on CPU torch)
-
-from minigen.lora import add_lora, lora_parameters  # noqa: E402
-from minigen.sdxl.configs import get_config  # noqa: E402
-from minigen.sdxl.unet import UNet2DConditionModel  # noqa: E402
+from minigen.lora import add_lora, lora_parameters
+from minigen.sdxl.configs import get_config
+from minigen.sdxl.unet import UNet2DConditionModel
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' example; minigen's "attention" preset is the same set
 

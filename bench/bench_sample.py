@@ -25,12 +25,6 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-try:  # the CUDA-build torchvision of the oracle set needs these ops defined on CPU torch (see tests/conftest.py)
-    _tv = torch.library.Library("torchvision", "DEF")
-    _tv.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _tv.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
-except RuntimeError:
-    pass
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
@@ -105,7 +99,6 @@ def main():
                                   args.repeat, args.device)
         name = sampler + (" karras" if karras else "")
         print(f"{name:16s} {1000 * ours / args.steps:16.3f} {1000 * theirs / args.steps:18.3f} {ours / theirs:7.2f}")
-
 
 
 # ------------------------------------------------------------------------------------------ part 2: the pipeline

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import subprocess
 import sys
@@ -25,14 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The registry's torchvision is a CUDA build that fails to import on CPU torch; diffusers imports it.
-# Defining its two op schemas first lets it import (tests/conftest.py does the same).
-try:
-    _tv = torch.library.Library("torchvision", "DEF")
-    _tv.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _tv.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
-except RuntimeError:
-    pass
 
 import diffusers  # noqa: E402
 
