@@ -90,21 +90,21 @@ fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fak
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make fid A=folder_or_npz B=folder_or_npz [FID_ARGS=...]"; exit 2; }
 	$(BIN)/python fid.py "$(A)" "$(B)" $(FID_ARGS)
 
-bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing
-	$(BIN)/python bench/bench_fid.py
+bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing (BENCH_ARGS="--device cuda")
+	$(BIN)/python bench/bench_fid.py $(BENCH_ARGS)
 
 # ---- SDXL models (minigen/sdxl/) ----
 .PHONY: test-sdxl bench-unet
 test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
 
-bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (add ARGS="--device cuda --full")
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(ARGS)
+bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (BENCH_ARGS="--device cuda --full")
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(BENCH_ARGS)
 
 # ---- sampling (minigen/diffusion.py) ----
 .PHONY: bench-sample
-bench-sample: $(TESTDEPS) ## time the samplers' own per-step work against diffusers' scheduler loops (CPU)
-	$(BIN)/python bench/bench_sample.py
+bench-sample: $(TESTDEPS) ## the samplers' own per-step work vs diffusers' scheduler loops (BENCH_ARGS="--pipeline")
+	$(BIN)/python bench/bench_sample.py $(BENCH_ARGS)
 
 # ---- sampling (sample.py) ----
 .PHONY: sample
@@ -120,9 +120,9 @@ sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..."
 LORA_CONFIG ?= configs/lora_000.conf
 LORA_ARGS   ?=
 
-lora: $(RUNTIME) ## train an SDXL LoRA on a GPU: make lora SDXL=sd_xl_base_1.0.safetensors DATA=folder [LORA_CONFIG=configs/lora_001.conf]
+lora: $(RUNTIME) ## train an SDXL LoRA (on a GPU: LORA_ARGS="--device cuda"): make lora SDXL=sd_xl_base_1.0.safetensors DATA=folder [LORA_CONFIG=configs/lora_001.conf]
 	@test -n "$(SDXL)" -a -n "$(DATA)" || { echo "usage: make lora SDXL=path DATA=path [LORA_CONFIG=...] [LORA_ARGS=...]"; exit 2; }
-	$(BIN)/python train_lora.py --config $(LORA_CONFIG) --sdxl $(SDXL) --data $(DATA) --device cuda $(LORA_ARGS)
+	$(BIN)/python train_lora.py --config $(LORA_CONFIG) --sdxl $(SDXL) --data $(DATA) $(LORA_ARGS)
 
 lora-smoke: $(RUNTIME) ## the whole LoRA loop on CPU in minutes: random tiny SDXL, the Met paintings; writes runs/lora-smoke
 	$(BIN)/python scripts/lora_smoke.py runs/lora-smoke
@@ -131,10 +131,14 @@ bench-lora: $(TESTDEPS) ## one LoRA training step, minigen vs diffusers+peft (BE
 	$(BIN)/python bench/bench_lora.py $(BENCH_ARGS)
 
 # ---- merging (merge.py) ----
-.PHONY: merge
-merge: $(RUNTIME) ## merge checkpoints in little memory: make merge A=a.safetensors B=b.safetensors OUT=m.safetensors [ALPHA=0.5] [ARGS="--dtype fp16"]
-	@test -n "$(A)" -a -n "$(B)" -a -n "$(OUT)" || { echo "usage: make merge A=a.safetensors B=b.safetensors OUT=out.safetensors [ALPHA=0.5] [ARGS=...] (python merge.py --help lists ARGS)"; exit 2; }
-	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
+.PHONY: merge bench-merge
+MERGE_ARGS ?=
+merge: $(RUNTIME) ## merge checkpoints in little memory: make merge A=a.safetensors B=b.safetensors OUT=m.safetensors [ALPHA=0.5] [MERGE_ARGS="--dtype fp16"]
+	@test -n "$(A)" -a -n "$(B)" -a -n "$(OUT)" || { echo "usage: make merge A=a.safetensors B=b.safetensors OUT=out.safetensors [ALPHA=0.5] [MERGE_ARGS=...] (python merge.py --help lists them)"; exit 2; }
+	$(BIN)/python merge.py "$(A)" "$(B)" -o "$(OUT)" $(if $(ALPHA),--alpha $(ALPHA)) $(MERGE_ARGS)
+
+bench-merge: $(RUNTIME) ## peak memory and time of each merge method on an SDXL-sized checkpoint (BENCH_ARGS="--scale 0.25")
+	$(BIN)/python bench/bench_merge.py $(BENCH_ARGS)
 
 # ---- evaluation (eval.py) ----
 .PHONY: eval
