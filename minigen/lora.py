@@ -53,17 +53,18 @@ class LoRAAdapter(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        # fp32 adapters on any base dtype: training keeps LoRA weights in fp32 under bf16/fp16 autocast. Made in
+        # place on the base's device (also the meta device or fake tensors of a memory plan), never moved there.
+        where = {"device": base.weight.device, "dtype": torch.float32, "bias": False}
         if isinstance(base, nn.Conv2d):
-            self.down = nn.Conv2d(base.in_channels, rank, 1, bias=False)
-            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+            self.down = nn.Conv2d(base.in_channels, rank, 1, **where)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, **where)
         else:
-            self.down = nn.Linear(base.in_features, rank, bias=False)
-            self.up = nn.Linear(rank, base.out_features, bias=False)
+            self.down = nn.Linear(base.in_features, rank, **where)
+            self.up = nn.Linear(rank, base.out_features, **where)
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # fp32 adapters on any base dtype: training keeps LoRA weights in fp32 under bf16/fp16 autocast.
-        self.to(device=base.weight.device, dtype=torch.float32)
         self.reset_parameters(init)
 
     @property

@@ -1,0 +1,215 @@
+"""How much memory one LoRA training step needs, known before any weight is loaded.
+
+The plan builds the real model from its configs under PyTorch's FakeTensorMode (tensors with shapes and dtypes but
+no data, so a 2.6B-parameter UNet costs nothing), adds the run's LoRA, optimizer and gradient checkpointing, and
+runs two real training steps through the same modules the trainer uses. `LiveStorage` watches every tensor storage
+those steps create and free and keeps the peak of the bytes alive at once, split by what they hold:
+
+    weights       the frozen model (UNet, text encoders, VAE: the trainer keeps them all on the device)
+    lora + optim  the adapters, their gradients and the optimizer's state
+    activations   what the forward pass saves for the backward pass, and the backward pass's temporaries
+
+This counts tensors only, as `torch.cuda.max_memory_allocated` does; the CUDA context (~0.3-0.5 GB) and the
+caching allocator's slack come on top of it on a GPU. The step is traced on the CPU: kernels chosen for a GPU
+(flash attention, cuBLAS) allocate alike for the model's own tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+PARTS = ("weights", "lora + optim", "activations")
+GB = 1e9
+
+
+class LiveStorage(TorchDispatchMode):
+    """Bytes of tensor storage alive, by part, and their peak. `part` names what new tensors are counted as."""
+
+    def __init__(self):
+        super().__init__()
+        self.part = "activations"
+        self.parts_of: dict[int, str] = {}  # id(storage) -> part
+        self.nbytes: dict[int, int] = {}
+        self.alive = dict.fromkeys(PARTS, 0)
+        self.peak, self.at_peak = 0, dict(self.alive)
+
+    def count(self, tensor: torch.Tensor, part: str | None = None) -> None:
+        """Count `tensor`'s storage under `part` (moving it there if it is counted already)."""
+        storage = tensor.untyped_storage()
+        key, part = id(storage), part or self.part
+        if key in self.parts_of:
+            self.alive[self.parts_of[key]] -= self.nbytes[key]
+        else:
+            self.nbytes[key] = storage.nbytes()
+            weakref.finalize(storage, self._free, key)
+        self.parts_of[key] = part
+        self.alive[part] += self.nbytes[key]
+        total = sum(self.alive.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, dict(self.alive)
+
+    def _free(self, key: int) -> None:
+        self.alive[self.parts_of.pop(key)] -= self.nbytes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.count(t)
+        return out
+
+
+@dataclass
+class MemoryPlan:
+    peak: int  # bytes of tensors alive at the peak
+    parts: dict[str, int]  # the peak, by part
+    seconds: float  # how long planning took
+    setting: str  # what was planned, in words
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {self.parts[name] / GB:.2f}" for name in PARTS)
+        return (f"memory plan ({self.setting}): peak {self.peak / GB:.2f} GB of tensors = {parts} GB "
+                f"(planned in {self.seconds:.0f} s)")
+
+    def advice(self, cfg) -> list[str]:
+        """Switches that lower the peak, most effective first, for a run that does not fit."""
+        tips = []
+        if not cfg.gradient_checkpointing:
+            tips.append("--gradient-checkpointing (recomputes activations: the largest saving)")
+        if cfg.mixed_precision == "no":
+            tips.append("--mixed-precision bf16 (halves the frozen weights and activations)")
+        if cfg.batch > 1:
+            tips.append(f"--batch {max(1, cfg.batch // 2)} --grad-accum {cfg.grad_accum * 2} (same global batch)")
+        if cfg.train_text_encoder:
+            tips.append("--no-train-text-encoder (text embeddings cached once instead)")
+        if cfg.optimizer == "adamw":
+            tips.append("--optimizer adafactor (factored second moments)")
+        tips.append("a lower --resolution")
+        return tips
+
+
+def model_configs(spec: str) -> dict[str, dict]:
+    """The configs of `--sdxl` without reading a weight: random:<preset>, a diffusers folder's own, or SDXL base's
+    for a single file."""
+    from .sdxl.configs import get_config
+    from .sdxl.model import read_diffusers_configs
+
+    if spec.startswith("random:"):
+        return get_config(spec.removeprefix("random:"))
+    if Path(spec).is_dir():
+        return read_diffusers_configs(Path(spec))
+    return get_config("sdxl-base")
+
+
+def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = True) -> MemoryPlan:
+    """Peak memory of a LoRA training step with `cfg`'s settings (a LoRATrainConfig). `fake=False` runs the same
+    steps on real tensors: what the tests compare the plan against."""
+    from .data import parse_size
+
+    start = time.perf_counter()
+    configs = configs or model_configs(cfg.sdxl)
+    h, w = parse_size(cfg.resolution)
+    h, w = max(cfg.bucket_step, h // cfg.bucket_step * cfg.bucket_step), max(cfg.bucket_step,
+                                                                            w // cfg.bucket_step * cfg.bucket_step)
+    tracker = LiveStorage()
+    with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext(), tracker:
+        _two_steps(cfg, configs, h, w, tracker)
+    setting = (f"{h}x{w}, batch {cfg.batch}, rank {cfg.rank}, {cfg.mixed_precision}, {cfg.optimizer}"
+               + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
+               + (", text encoders trained" if cfg.train_text_encoder else "")
+               + (", latents encoded each step" if cfg.cache_latents == "off" else ""))
+    return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting)
+
+
+def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStorage) -> None:
+    """What LoRATrainer does for one optimizer step, twice (the optimizer's state appears in the first)."""
+    from .lora import add_lora
+    from .lora_training import DTYPES
+    from .sdxl.model import PARTS as MODEL_PARTS, build_model
+
+    dtype = DTYPES[cfg.mixed_precision]
+    tracker.part = "weights"
+    models = {}
+    for part in MODEL_PARTS:  # made in their dtype: converting fake tensors with .to() is not supported
+        with default_dtype(torch.float32 if part == "vae" else dtype):  # the VAE stays fp32, as load_sdxl keeps it
+            models[part] = build_model(part, configs[part]).requires_grad_(False)
+    for model in models.values():
+        for t in (*model.parameters(), *model.buffers()):
+            tracker.count(t, "weights")
+    tracker.part = "lora + optim"
+    trained = {"unet": models["unet"]}
+    add_lora(models["unet"], cfg.targets, cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
+    if cfg.train_text_encoder:
+        for part in ("text_encoder", "text_encoder_2"):
+            add_lora(models[part], "text", cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
+            trained[part] = models[part]
+    if cfg.gradient_checkpointing:
+        for model in trained.values():
+            model.set_gradient_checkpointing(True)
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    optimizer = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor, "sgd": torch.optim.SGD}[cfg.optimizer](
+        params, lr=cfg.lr)
+    for _ in range(2):
+        tracker.part = "activations"
+        loss = _loss(cfg, models, h, w, dtype)
+        loss.backward()
+        for p in params:
+            if p.grad is not None:
+                tracker.count(p.grad, "lora + optim")
+        del loss
+        tracker.part = "lora + optim"
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """One micro-batch's loss as LoRATrainer.loss computes it, on random inputs of the run's shapes."""
+    unet, B = models["unet"], cfg.batch
+    if cfg.cache_latents == "off":  # encoded every step, without gradients
+        with torch.no_grad():
+            vae = models["vae"]
+            latents = vae.encode(torch.randn(B, 3, h, w)).sample() * vae.scaling_factor  # (B, 4, h/f, w/f)
+    else:
+        factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
+        latents = torch.randn(B, 4, h // factor, w // factor)
+    with torch.autocast("cpu", dtype, enabled=cfg.mixed_precision != "no"):
+        if cfg.train_text_encoder:
+            ids = torch.zeros(B, 77, dtype=torch.long)
+            contexts = []
+            for part in ("text_encoder", "text_encoder_2"):
+                out = models[part](ids)
+                contexts.append(out.hidden_states[-2])
+            context, pooled = torch.cat(contexts, dim=-1), out.text_embeds
+        else:  # cached: read from memory, moved to the device per batch
+            width = sum(models[p].config.hidden_size for p in ("text_encoder", "text_encoder_2"))
+            context = torch.randn(B, 77, width)
+            pooled = torch.randn(B, models["text_encoder_2"].config.projection_dim)
+        weight_dtype = unet.conv_in.weight.dtype
+        time_ids = torch.zeros(B, 6)
+        t = torch.randint(0, 1000, (B,))
+        noise = torch.randn_like(latents)
+        pred = unet(latents.to(weight_dtype), t, context.to(weight_dtype), pooled.to(weight_dtype),
+                    time_ids.to(weight_dtype))
+    return F.mse_loss(pred.float(), noise)
