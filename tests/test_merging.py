@@ -543,13 +543,32 @@ def test_folder_output_failures_leave_nothing(tiny_sdxl, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "out"]  # nothing left aside
 
 
-def test_replace_folder_keeps_the_old_folder_if_the_rename_fails(tmp_path, monkeypatch):
-    from minigen import io
-
+def make_folders(tmp_path):
     old, new = tmp_path / "model", tmp_path / "new"
     for folder, text in ((old, "old"), (new, "new")):
         folder.mkdir()
         (folder / "model_index.json").write_text(text)
+    return old, new
+
+
+def test_replace_folder_swaps_atomically(tmp_path, monkeypatch):
+    from minigen import io
+
+    old, new = make_folders(tmp_path)
+
+    def no_replace(src, dst):  # the swap never renames the old folder away (that leaves the path empty)
+        raise AssertionError(f"os.replace({src}, {dst})")
+
+    monkeypatch.setattr(io.os, "replace", no_replace)
+    io.replace_folder(new, old)
+    assert (old / "model_index.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_replace_folder_fallback_keeps_the_old_folder_if_the_rename_fails(tmp_path, monkeypatch):
+    from minigen import io
+
+    old, new = make_folders(tmp_path)
+    monkeypatch.setattr(io, "_exchange_paths", lambda a, b: False)  # a system without an atomic swap
     real_replace, calls = io.os.replace, []
 
     def replace(src, dst):  # moving the old folder aside works; renaming the new one into place fails
@@ -558,10 +577,10 @@ def test_replace_folder_keeps_the_old_folder_if_the_rename_fails(tmp_path, monke
             raise OSError("disk gone")
         real_replace(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", replace)
-    with pytest.raises(OSError, match="disk gone"):
-        io.replace_folder(new, old)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "replace", replace)
+        with pytest.raises(OSError, match="disk gone"):
+            io.replace_folder(new, old)
     assert (old / "model_index.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]  # the aside folder removed
     io.replace_folder(new, old)
