@@ -346,7 +346,8 @@ def svd_tail(delta, rank):
 
 
 def test_extract_then_bake_reproduces_the_difference_to_the_svd_error(tmp_path):
-    from minigen.merging import bake_loras, extract_lora
+    from minigen.lora_extract import extract_lora
+    from minigen.merging import bake_loras
 
     g = torch.Generator().manual_seed(0)
     base = {LORA_Q: torch.randn(8, 8, generator=g), TE2_QKV: torch.randn(12, 4, generator=g),
@@ -374,7 +375,7 @@ def test_extract_then_bake_reproduces_the_difference_to_the_svd_error(tmp_path):
 
 
 def test_low_rank_clamps_at_the_quantile():
-    from minigen.merging import low_rank
+    from minigen.lora_extract import low_rank
 
     delta = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
     delta[0, 0] = 100.0  # an outlier
