@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 from collections import namedtuple
 
@@ -443,6 +444,36 @@ def test_diffusers_folder_input_merges_like_its_single_file(tiny_sdxl, tmp_path)
     assert list(got) == list(want)
     for k in want:  # bigG's fused q/k/v, its transposed projection and the VAE's 1x1 attention included
         assert torch.equal(got[k], want[k]), k
+
+
+ATTENTION = re.compile(r"\.(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|attn\.out_proj)\.weight$")
+BIGG_QKV = re.compile(r"\.attn\.in_proj_weight$")
+
+
+def test_extracted_lora_baked_into_a_reproduces_b_attention_to_the_svd_error(tiny_sdxl, tmp_path):
+    """`merge.py A B --rank R` on SDXL's real layout (norms and biases inside the attention blocks, bigG's fused
+    q/k/v), baked back with `merge.py A --lora`: every attention weight is B's up to the rank-R SVD's own error."""
+    (pa, pb), _ = tiny_sdxl
+    rank = 3
+    lora, baked = tmp_path / "lora.safetensors", tmp_path / "baked.safetensors"
+    assert merge_cli.main([str(pa), str(pb), "--rank", str(rank), "--clamp-quantile", "1", "-o", str(lora)]) == 0
+    assert merge_cli.main([str(pa), "--lora", str(lora), "--dtype", "fp32", "-o", str(baked)]) == 0
+    a, b, got = load_file(str(pa)), load_file(str(pb)), load_file(str(baked))
+    assert all(t.dim() in (0, 2) for t in load_file(str(lora)).values())  # no norm or bias was factored
+    attention = [k for k in a if ATTENTION.search(k)]
+    fused = [k for k in a if BIGG_QKV.search(k)]
+    assert len(attention) > 20 and len(fused) > 0
+    for key in attention:
+        delta = b[key].float() - a[key].float()
+        err = (got[key] - b[key].float()).norm().item()
+        assert err == pytest.approx(svd_tail(delta, rank), rel=1e-3, abs=1e-5), key
+    for key in fused:  # q, k and v are three layers of the LoRA, each with its own SVD error
+        for rows_a, rows_b, rows_got in zip(*(t.float().chunk(3) for t in (a[key], b[key], got[key]))):
+            err = (rows_got - rows_b).norm().item()
+            assert err == pytest.approx(svd_tail(rows_b - rows_a, rank), rel=1e-3, abs=1e-5), key
+    for key in a:  # norms, biases, embeddings, the VAE: no LoRA holds them, they stay A's
+        if key.endswith(".bias") or "norm" in key or key.startswith("first_stage_model."):
+            assert torch.equal(got[key], a[key].float()), key
 
 
 # ------------------------------------------------------------------------------------- diffusers folders as output
