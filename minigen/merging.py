@@ -567,9 +567,9 @@ def _stream_out(out: Path, open_writer: Callable, inputs: dict[str, Path], base_
     nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs.values())
     check_output(out, list(inputs.values()), nbytes + (1 << 20))  # + room for the header
     placeholders = {role: str(i).zfill(64) for i, role in enumerate(inputs)}  # distinct: digests are keys
-    bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc=recipe["method"], disable=not progress)
-    with open_writer(specs, _metadata(base_metadata, recipe, inputs, placeholders)) as writer, \
-            ThreadPoolExecutor(len(inputs)) as pool:
+    with tqdm(total=nbytes, unit="B", unit_scale=True, desc=recipe["method"], disable=not progress) as bar, \
+            open_writer(specs, _metadata(base_metadata, recipe, inputs, placeholders)) as writer, \
+            ThreadPoolExecutor(len(inputs)) as pool:  # the bar closes last: an error message comes after it
         digests = {role: pool.submit(sha256_file, p) for role, p in inputs.items()}
         for key, step in zip(specs, steps):
             tensor = produce(step, specs[key][1])
@@ -580,7 +580,6 @@ def _stream_out(out: Path, open_writer: Callable, inputs: dict[str, Path], base_
             bar.update(tensor.numel() * tensor.element_size())
         digests = {role: d.result() for role, d in digests.items()}
         writer.rewrite_metadata(_metadata(base_metadata, recipe, inputs, digests))
-    bar.close()
     return nbytes
 
 
