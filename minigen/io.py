@@ -1,7 +1,10 @@
 """Reading and writing weights and other files safely.
 
 - Every write goes to a temporary file in the same folder, is flushed to disk, then renamed over the target,
-  so an interrupted save never leaves a broken file.
+  so an interrupted save never leaves a broken file. Folders are swapped in atomically (`replace_folder`).
+  Temporary names carry the writer's PID; the leftovers of killed writers are removed by the next writer.
+- Every safetensors reader goes through one header validator (`validate_header`): a corrupt or hostile header is a
+  CheckpointError naming the file and the tensor, never a KeyError or a silently wrong tensor.
 - safetensors is the only format read by default; pickles (.ckpt/.pt/.pth/.bin) can run code when loaded, so they
   are refused unless the caller allows them, and then loaded with `weights_only=True`.
 - `SafetensorsWriter` streams: it writes the header from known shapes and dtypes first, then each tensor's bytes,
