@@ -15,9 +15,9 @@ import argparse
 import sys
 
 from minigen import cli
+from minigen.lora_extract import extract_lora, merge_loras
 from minigen.lora_files import parse_lora_spec
-from minigen.merging import (METHODS, OUTPUT_DTYPES, OUTPUT_FORMATS, MergeRecipe, bake_loras, extract_lora,
-                             merge_checkpoints, merge_loras)
+from minigen.merging import METHODS, OUTPUT_DTYPES, OUTPUT_FORMATS, MergeRecipe, bake_loras, merge_checkpoints
 from minigen.sdxl.configs import PRESETS
 
 
@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clamp-quantile", type=cli.number(float, 0, 1), default=0.99,
                    help="with --rank: clamp the factors at this quantile of their magnitudes (kohya's default 0.99)")
     p.add_argument("--strict", action="store_true", help="a shape mismatch is an error instead of keeping A's tensor")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled checkpoints (.ckpt, .pt, .pth, .bin): they can run code when loaded, so only "
+                        "from a source you trust (loaded with weights_only=True, whole into memory)")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
     return p.parse_args(argv)
 
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
     loras = [parse_lora_spec(spec) for spec in args.lora]
     if args.rank is not None:  # write a LoRA
         if args.a and args.b and not loras:
-            n = extract_lora(args.a, args.b, args.output, args.rank, args.clamp_quantile)
+            n = extract_lora(args.a, args.b, args.output, args.rank, args.clamp_quantile,
+                             allow_pickle=args.allow_pickle)
         elif loras and not (args.a or args.b):
             n = merge_loras(loras, args.output, args.rank, args.clamp_quantile)
         else:
@@ -86,10 +90,11 @@ def main(argv=None) -> int:
         return 0
     if args.a and args.b and not loras:
         report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
-                                   output_format=args.output_format, configs=args.configs)
+                                   output_format=args.output_format, configs=args.configs,
+                                   allow_pickle=args.allow_pickle)
     elif args.a and loras and not args.b:
         report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
-                            configs=args.configs)
+                            configs=args.configs, allow_pickle=args.allow_pickle)
     else:
         raise ValueError("give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
                          "or --lora FILE --lora FILE --rank R (merge LoRAs)")

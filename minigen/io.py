@@ -1,7 +1,10 @@
 """Reading and writing weights and other files safely.
 
 - Every write goes to a temporary file in the same folder, is flushed to disk, then renamed over the target,
-  so an interrupted save never leaves a broken file.
+  so an interrupted save never leaves a broken file. Folders are swapped in atomically (`replace_folder`).
+  Temporary names carry the writer's PID; the leftovers of killed writers are removed by the next writer.
+- Every safetensors reader goes through one header validator (`validate_header`): a corrupt or hostile header is a
+  CheckpointError naming the file and the tensor, never a KeyError or a silently wrong tensor.
 - safetensors is the only format read by default; pickles (.ckpt/.pt/.pth/.bin) can run code when loaded, so they
   are refused unless the caller allows them, and then loaded with `weights_only=True`.
 - `SafetensorsWriter` streams: it writes the header from known shapes and dtypes first, then each tensor's bytes,
@@ -11,10 +14,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
+import math
 import os
+import re
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -38,11 +47,56 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used: truncated, corrupt, pickled without permission, or of the wrong model."""
 
 
+def _temp_prefix(path: Path) -> str:
+    """Hidden temporary names beside `path` carry the writer's PID: `.{name}.{pid}.{random}.tmp`, so a later writer
+    can tell the leftovers of a killed one (`remove_stale_temps`)."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _stale_temp_pattern(path: Path) -> re.Pattern:
+    return re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[a-z0-9_]{8}\.tmp")  # mkstemp/mkdtemp's 8 characters
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete minigen's temporary files and folders beside `path` whose writing process no longer exists (a save
+    killed before its rename). Other files, and temporaries of live processes, are left alone."""
+    pattern = _stale_temp_pattern(path)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(path.parent):
+            m = pattern.fullmatch(entry.name)
+            if m and not _process_alive(int(m[1])):
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # no such process; a number no PID can be
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _naming_the_target(path: Path) -> Iterator[None]:
+    """OS errors while making a temporary beside `path` name `path` itself, not the hidden temporary name."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write here ({e.strerror})", str(path)) from None
+
+
 def _temp_beside(path: Path) -> tuple[int, str]:
     """A new temporary file in `path`'s folder (so the final rename is atomic), with the permissions a plain
     open() would give: mkstemp makes it owner-only, which would leave every saved file unreadable to others."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with _naming_the_target(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.fchmod(fd, 0o666 & ~_umask())
     return fd, tmp
 
@@ -56,19 +110,48 @@ def _umask() -> int:
 def temp_folder_beside(path: Path) -> Path:
     """A new empty folder in `path`'s parent, to be renamed to `path` with `replace_folder` once complete; with the
     permissions a plain mkdir would give (mkdtemp makes it owner-only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    with _naming_the_target(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
 
+def _exchange_paths(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable
+    (another OS, an old kernel or C library, a filesystem without it)."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b), None, str(a))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def replace_folder(tmp: Path, path: Path) -> None:
-    """Rename the finished folder `tmp` to `path`. A folder already at `path` is moved aside first and deleted only
-    once the new one is in place (a folder cannot be renamed over a non-empty one)."""
+    """Rename the finished folder `tmp` to `path`. At every instant `path` holds either the old complete folder or
+    the new one: a folder already there is swapped with `tmp` atomically (Linux's RENAME_EXCHANGE), then deleted
+    from `tmp`'s hidden name (if this process dies first, the next writer beside `path` removes it).
+
+    Fallback where no atomic swap exists: the old folder is renamed aside, then the new one in (a folder cannot be
+    renamed over a non-empty one); a crash between those two renames leaves `path` empty, the old folder aside."""
     if not path.exists():
         os.replace(tmp, path)
         return
-    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    if _exchange_paths(tmp, path):
+        shutil.rmtree(tmp)  # now the old folder
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     try:
         os.replace(path, aside / path.name)
         try:
@@ -106,8 +189,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
             writer.write(name, t)
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
-    """Return ({name: {"dtype", "shape", "data_offsets"}}, metadata) of a safetensors file, reading only its header."""
+    """Return ({name: {"dtype", "shape", "data_offsets"}}, metadata) of a safetensors file, reading only its header,
+    which `validate_header` checks; every problem is a CheckpointError naming the file (and the tensor)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -115,19 +202,76 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         if len(raw) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
+        if n > size - 8 or n > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path}: truncated or not a safetensors file "
                                   f"(header says {n} bytes, file has {size})")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = json.loads(f.read(n), object_pairs_hook=_refuse_duplicate_names)
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, "
-                              f"file has {size}")
-    return header, metadata
+    return validate_header(path, header, size - 8 - n)
+
+
+def _refuse_duplicate_names(pairs: list[tuple[str, object]]) -> dict:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a name appears twice: {next(n for n in names if names.count(n) > 1)!r}")
+    return dict(pairs)
+
+
+def validate_header(path: Path, header: object, data_bytes: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Check a parsed safetensors header against the format: a JSON object of tensors, each with a known dtype, a
+    shape of non-negative integers and `data_offsets` [begin, end] inside the `data_bytes` after the header, holding
+    exactly shape x dtype size bytes, no two tensors overlapping; `__metadata__` an object of strings.
+    Returns (tensors, metadata)."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    tensors = dict(header)
+    metadata = tensors.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    for name, entry in tensors.items():
+        problem = _entry_problem(entry, data_bytes)
+        if problem:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} {problem}")
+    spans = sorted((entry["data_offsets"], name) for name, entry in tensors.items())
+    for ((_, end), first), ((begin, _), second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {first!r} and {second!r} "
+                                  f"overlap (bytes {begin} to {end})")
+    return tensors, metadata
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(entry: object, data_bytes: int) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return f"is a JSON {type(entry).__name__}, not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        return f"has dtype {dtype!r}, not one of {sorted(DTYPES)}"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"has shape {shape!r}, not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
+    if offsets[1] > data_bytes:
+        return f"ends at byte {offsets[1]} of the data, but the file holds {data_bytes} (truncated?)"
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        return f"of shape {shape} and dtype {dtype} needs {nbytes} bytes, its offsets span {offsets[1] - offsets[0]}"
+    return None
+
+
+def check_finite(tensor: torch.Tensor, path: str | os.PathLike, name: str) -> None:
+    """Refuse a float tensor holding NaN or infinity: merged or baked in, it would poison the result silently."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or infinite values")
 
 
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
@@ -209,25 +353,33 @@ class SafetensorsWriter(AtomicWriter):
         self.total_bytes = offset
         self.header = header
         raw = self._header_bytes()
+        self.header_length = len(raw)
         fd, self.tmp = _temp_beside(self.path)
         self.file = os.fdopen(fd, "wb")
         self.file.write(raw)
         self.next = 0
 
-    def _header_bytes(self) -> bytes:
+    def _header_bytes(self, length: int | None = None) -> bytes:
+        """The length field and the JSON header, padded with spaces (the format's rule) to a multiple of 8 bytes, or
+        to `length` bytes in all."""
         raw = json.dumps(self.header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+        pad = -len(raw) % 8 if length is None else length - 8 - len(raw)
+        raw += b" " * max(pad, 0)
         return struct.pack("<Q", len(raw)) + raw
 
     def rewrite_metadata(self, metadata: dict[str, str]) -> None:
-        """Replace the metadata of the header already written, before `close()`. The new header must have the same
-        length (e.g. digests filled in over placeholders of their size), because the tensors' bytes follow it."""
-        old = self._header_bytes()
+        """Replace the metadata of the header already written, before `close()`. The new header may not be longer
+        (e.g. digests filled in over placeholders of their size), because the tensors' bytes follow it; a shorter
+        one is padded with spaces to the written length."""
+        old = self.header.get("__metadata__")
         self.header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        raw = self._header_bytes()
-        if len(raw) != len(old):
-            self.header = json.loads(old[8:])
-            raise ValueError(f"SafetensorsWriter: new metadata changes the header length ({len(old)} -> {len(raw)})")
+        raw = self._header_bytes(self.header_length)
+        if len(raw) != self.header_length:
+            self.header.pop("__metadata__")
+            if old is not None:
+                self.header["__metadata__"] = old
+            raise ValueError(f"SafetensorsWriter: new metadata changes the header length ({self.header_length} -> "
+                             f"{len(raw)} bytes; it may only shrink)")
         end = self.file.tell()
         self.file.seek(0)
         self.file.write(raw)

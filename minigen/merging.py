@@ -4,7 +4,7 @@ Methods (per tensor; fp32 arithmetic with one rounding to the output dtype):
     weighted sum     theta = (1 - alpha) * A + alpha * B          (seed 004)
     add difference   theta = A + alpha * (B - C)                 (moves A by the change that turned C into B)
     bake LoRAs       theta = A + sum of ratio * alpha / rank * up @ down
-and, writing LoRA files: `extract_lora` (truncated SVD of tuned - base per layer) and `merge_loras` (SVD of a sum).
+(writing LoRA files, by extraction from two checkpoints or by merging LoRAs, is `minigen.lora_extract`'s).
 
 Components are told apart by the single-file key prefixes: `first_stage_model.` is the VAE (copied from A by
 default, as seed 004 does: merged VAEs make anime models worse), `conditioner.embedders.` / `cond_stage_model.` are the
@@ -13,9 +13,11 @@ middle and output blocks). Everything else (EMA copies, schedule buffers, intege
 SDXL diffusers folders are read through the same single-file names (`DiffusersFolder`), and written from them
 (`DiffusersFolderWriter`, still tensor by tensor) when the output is not a `.safetensors` name.
 
-The whole plan is made from the inputs' headers before a byte is written, so every bad input (truncated file, shape
-mismatch under `strict`, other architecture, output over an input, too little disk) fails before there is an output;
-the output itself appears only when it is complete (written as a temporary file or folder, then renamed).
+The whole plan is made from the inputs' headers before a byte is written, so every bad input (corrupt header, not a
+Stable Diffusion checkpoint, shape mismatch under `strict`, other architecture, output over an input, too little disk)
+fails before there is an output; the output itself appears only when it is complete (written as a temporary file or
+folder, then renamed). NaN or infinite values, in an input or in a result, are refused as they are met: the output is
+never silently NaN. Pickled inputs (.ckpt) are read whole, only when allowed (`open_checkpoint`).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from minigen.io import (DTYPES, AtomicWriter, CheckpointError, SafetensorsWriter, read_header, replace_folder,
-                        save_safetensors, temp_folder_beside)
-from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
+from minigen.io import (DTYPE_NAMES, DTYPES, PICKLE_SUFFIXES, AtomicWriter, CheckpointError, SafetensorsWriter,
+                        check_finite, load_weights, read_header, replace_folder, temp_folder_beside)
+from minigen.lora_files import LoRAFileError, read_lora
 from minigen.sdxl import convert
 from minigen.sdxl.configs import get_config
 from minigen.sdxl.model import PARTS, check_weights, read_diffusers_configs, save_diffusers_files
@@ -118,6 +120,7 @@ class TensorFile:
         self.file.seek(self.data_start + first + start * size)
         if self.file.readinto(out.view(torch.uint8).numpy()) != out.numel() * size:
             raise CheckpointError(f"{self.path}: truncated while reading {key}")
+        check_finite(out, self.path, key)
         return out
 
     def close(self) -> None:
@@ -193,9 +196,48 @@ class DiffusersFolder:
             f.close()
 
 
-def open_checkpoint(path: str | os.PathLike) -> TensorFile | DiffusersFolder:
-    """A single .safetensors file, or an SDXL diffusers folder seen through single-file names."""
-    return DiffusersFolder(path) if Path(path).is_dir() else TensorFile(path)
+class LoadedCheckpoint:
+    """A pickled checkpoint (.ckpt, .pt, ...) behind TensorFile's interface. A pickle cannot be read tensor by tensor:
+    it is loaded whole by `io.load_weights` (weights_only=True), so it takes its size in memory."""
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool):
+        self.path = Path(path)
+        self.header, self.metadata = load_weights(self.path, allow_pickle)  # name -> tensor
+        for key, tensor in self.header.items():
+            if tensor.dtype not in DTYPE_NAMES:
+                raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {tensor.dtype}, which safetensors "
+                                      f"cannot hold")
+            check_finite(tensor, self.path, key)
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.header[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.header[key]
+
+    def get_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.header[key].reshape(-1)[start:stop]
+
+    def close(self) -> None:
+        pass
+
+
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
+                    ) -> TensorFile | DiffusersFolder | LoadedCheckpoint:
+    """A single .safetensors file, an SDXL diffusers folder seen through single-file names, or a pickle (refused
+    unless `allow_pickle`)."""
+    path = Path(path)
+    if path.is_dir():
+        return DiffusersFolder(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return LoadedCheckpoint(path, allow_pickle)
+    return TensorFile(path)
 
 
 class DiffusersFolderWriter(AtomicWriter):
@@ -396,8 +438,16 @@ def _plan(files: list[TensorFile], vae_file: TensorFile | None, recipe: MergeRec
     return steps
 
 
-def _check_same_model(files: list[TensorFile]) -> None:
-    """SDXL and SD 1.x share some key names; merged key by key they would make a broken hybrid, so refuse."""
+def check_same_model(files: list[TensorFile]) -> None:
+    """Refuse a file that is no Stable Diffusion checkpoint (a LoRA, a diffusers part, a GAN: merged key by key it
+    would be copied or mixed blindly). SDXL and SD 1.x share some key names; merged key by key they would make a
+    broken hybrid, so refuse that too."""
+    for f in files:
+        if not any(component(k) != "other" for k in f.keys()):
+            raise CheckpointError(
+                f"{f.path} is not a Stable Diffusion single-file checkpoint: none of its {len(f.keys())} tensors "
+                f"(e.g. {f.keys()[:2]}) is under {UNET_PREFIX}, {VAE_PREFIX} or a text encoder's "
+                f"{' / '.join(TEXT_PREFIXES)}")
     kinds = [detect_model(f.keys()) for f in files]
     for f, kind in zip(files[1:], kinds[1:]):
         if kind != kinds[0]:
@@ -405,7 +455,9 @@ def _check_same_model(files: list[TensorFile]) -> None:
                                   f"{f.path} is {MODEL_NAMES[kind]}")
 
 
-def _check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
+def check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
+    """Refuse an output that is an input (same path, other spelling, symlink or hard link) or holds one, or that the
+    disk has no room for."""
     for p in inputs:
         if out.resolve() == p.resolve() or (out.exists() and os.path.samefile(out, p)):
             raise ValueError(f"output {out} is one of the inputs; refusing to overwrite it")
@@ -441,7 +493,7 @@ def _merge_tensor(step: _Step, method: Method, out_dtype: torch.dtype) -> torch.
 def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike,
                       recipe: MergeRecipe | None = None, c: str | os.PathLike | None = None,
                       strict: bool = False, progress: bool = True, output_format: str | None = None,
-                      configs: str = "sdxl-base") -> MergeReport:
+                      configs: str = "sdxl-base", allow_pickle: bool = False) -> MergeReport:
     """Merge checkpoints A and B (and C for add difference), single files or SDXL diffusers folders, into `out`,
     streaming.
 
@@ -449,6 +501,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
     tensor (a MergeWarning counts them; `strict` makes a shape mismatch an error). Returns what was done.
     output_format: "single_file" or "diffusers" (an SDXL folder); by default a folder unless `out` ends in
     .safetensors. A folder written from a single-file A takes the configs of the `configs` preset (`get_config`).
+    allow_pickle: read .ckpt/.pt inputs (whole, with weights_only=True).
     """
     recipe = recipe or MergeRecipe()
     if recipe.method not in METHODS:
@@ -461,6 +514,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
     if recipe.dtype is not None and recipe.dtype not in OUTPUT_DTYPES:
         raise ValueError(f"unknown output dtype {recipe.dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
     for value in (recipe.alpha, *(recipe.block_alphas or ())):
+        if not math.isfinite(value):
+            raise ValueError(f"alpha must be a finite number, got {value}")
         if not 0 <= value <= 1:
             warnings.warn(f"alpha {value} is outside [0, 1]: the merge extrapolates beyond its inputs",
                           MergeWarning, stacklevel=2)
@@ -468,10 +523,13 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
     vae_path = None if recipe.vae in ("copy", "merge") else Path(recipe.vae)
     inputs = dict(zip(["A", "B", "C"], paths)) | ({"VAE": vae_path} if vae_path else {})  # role -> path
 
-    files = [open_checkpoint(p) for p in paths]
-    vae_file = TensorFile(vae_path) if vae_path is not None else None
+    files: list = []
+    vae_file = None
     try:
-        _check_same_model(files)
+        for p in paths:
+            files.append(open_checkpoint(p, allow_pickle))
+        vae_file = open_checkpoint(vae_path, allow_pickle) if vae_path is not None else None
+        check_same_model(files)
         report = MergeReport()
         steps = _plan(files, vae_file, recipe, strict, report)
         if vae_file is not None and not any(s.sources[0][0] is vae_file for s in steps):
@@ -507,19 +565,21 @@ def _stream_out(out: Path, open_writer: Callable, inputs: dict[str, Path], base_
     a full read of its file: the inputs are hashed in background threads while writing, and the digests filled in
     over placeholders of their length at the end."""
     nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs.values())
-    _check_output(out, list(inputs.values()), nbytes + (1 << 20))  # + room for the header
+    check_output(out, list(inputs.values()), nbytes + (1 << 20))  # + room for the header
     placeholders = {role: str(i).zfill(64) for i, role in enumerate(inputs)}  # distinct: digests are keys
-    bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc=recipe["method"], disable=not progress)
-    with open_writer(specs, _metadata(base_metadata, recipe, inputs, placeholders)) as writer, \
-            ThreadPoolExecutor(len(inputs)) as pool:
+    with tqdm(total=nbytes, unit="B", unit_scale=True, desc=recipe["method"], disable=not progress) as bar, \
+            open_writer(specs, _metadata(base_metadata, recipe, inputs, placeholders)) as writer, \
+            ThreadPoolExecutor(len(inputs)) as pool:  # the bar closes last: an error message comes after it
         digests = {role: pool.submit(sha256_file, p) for role, p in inputs.items()}
         for key, step in zip(specs, steps):
             tensor = produce(step, specs[key][1])
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{out}: the result for {key} holds NaN or infinite values (the arithmetic overflows "
+                                 f"{specs[key][1]}: alpha too far outside [0, 1], or a LoRA ratio too large?)")
             writer.write(key, tensor)
             bar.update(tensor.numel() * tensor.element_size())
         digests = {role: d.result() for role, d in digests.items()}
         writer.rewrite_metadata(_metadata(base_metadata, recipe, inputs, digests))
-    bar.close()
     return nbytes
 
 
@@ -537,11 +597,13 @@ def _output_specs(steps: list[_Step], dtype_name: str | None) -> dict[str, tuple
 
 def _metadata(base: dict[str, str], recipe: dict, inputs: dict[str, Path], digests: dict[str, str]) -> dict[str, str]:
     """The base's metadata plus the recipe. A1111's merger writes these two keys too, so its UI shows the sources."""
-    metadata = dict(base)
-    metadata["sd_merge_recipe"] = json.dumps(recipe)
-    metadata["sd_merge_models"] = json.dumps(
-        {digests[role]: {"name": p.name, "role": role} for role, p in inputs.items()})
-    return metadata
+    models: dict[str, dict[str, str]] = {}
+    for role, p in inputs.items():
+        if digests[role] in models:  # the same model twice (merged with itself): one entry with both roles
+            models[digests[role]]["role"] += "," + role
+        else:
+            models[digests[role]] = {"name": p.name, "role": role}
+    return {**base, "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
 
 
 def _warn_about(report: MergeReport) -> None:
@@ -583,13 +645,31 @@ def lora_target_keys(keys: list[str]) -> dict[tuple[str, str], tuple[str, int | 
     return targets
 
 
+def read_checked_lora(path: Path) -> tuple[dict[str, dict[str, dict]], str]:
+    """`read_lora`'s (layers, format), refusing what would crash or poison a bake or a LoRA merge: NaN or infinite
+    values, an alpha that is not one finite number, up and down that do not share a rank."""
+    parsed, fmt, _ = read_lora(path)
+    for component, entries in parsed.items():
+        for name, e in entries.items():
+            layer = f"{component} layer {name}"
+            up, down, alpha = e["up"], e["down"], torch.as_tensor(e["alpha"])
+            check_finite(up, path, f"{layer} up")
+            check_finite(down, path, f"{layer} down")
+            if alpha.numel() != 1 or not torch.isfinite(alpha.float()).all():
+                raise LoRAFileError(f"{path}: {layer} has alpha {alpha.tolist()}, not one finite number")
+            if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
+                raise LoRAFileError(f"{path}: {layer} has up {tuple(up.shape)} and down {tuple(down.shape)}: they "
+                                    f"must be (out, rank) and (rank, in) of one rank")
+    return parsed, fmt
+
+
 def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: list[tuple[Path, float]]
                  ) -> dict[str, list[tuple[int | None, float, torch.Tensor, torch.Tensor]]]:
     """{checkpoint key: [(third, ratio * alpha / rank, up (out, r), down (r, in...))]} from the LoRA files."""
     targets = lora_target_keys(keys)
     deltas: dict[str, list] = {}
     for path, ratio in loras:
-        parsed, _, _ = read_lora(path)
+        parsed, _ = read_checked_lora(path)
         unmatched = [f"{c}:{n}" for c, entries in parsed.items() for n in entries if (c, n) not in targets]
         if unmatched:
             raise LoRAFileError(f"{path}: {len(unmatched)} layers match no tensor of the checkpoint, e.g. "
@@ -608,17 +688,22 @@ def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: lis
 
 def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                out: str | os.PathLike, dtype: str | None = None, progress: bool = True,
-               output_format: str | None = None, configs: str = "sdxl-base") -> MergeReport:
+               output_format: str | None = None, configs: str = "sdxl-base",
+               allow_pickle: bool = False) -> MergeReport:
     """Write `checkpoint` with LoRAs folded in: W + sum of ratio * alpha / rank * up @ down, tensor by tensor.
 
     loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.lora_files`).
-    output_format, configs: as for `merge_checkpoints`.
+    output_format, configs, allow_pickle: as for `merge_checkpoints`.
     """
     loras = [(Path(p), float(r)) for p, r in loras]
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise ValueError(f"unknown output dtype {dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
-    base = TensorFile(checkpoint)
+    for path, ratio in loras:
+        if not math.isfinite(ratio):
+            raise ValueError(f"{path}: the LoRA's ratio must be a finite number, got {ratio}")
+    base = open_checkpoint(checkpoint, allow_pickle)
     try:
+        check_same_model([base])
         deltas = _lora_deltas(base.keys(), {k: base.shape(k) for k in base.keys()}, loras)
         steps = [_Step(k, [(base, k)]) for k in base.keys()]
         specs = _output_specs(steps, dtype)
@@ -644,92 +729,3 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
         return report
     finally:
         base.close()
-
-
-# ------------------------------------------------------------------------------------ LoRA extraction and merging
-
-def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
-    """up (out, r[, 1, 1]), down (r, in[, kh, kw]) with up @ down ~ delta (out, in[, kh, kw]): truncated SVD (Eckart-Young).
-
-    As kohya's sd-scripts do, the singular values go into up, and both factors are clamped at the `clamp_quantile`
-    of their entries' magnitudes: a few outliers otherwise dominate fp16 files, at the cost of a little accuracy
-    (1.0 keeps the plain truncated SVD)."""
-    matrix = delta.float().flatten(1)  # (out, in * kh * kw)
-    rank = min(rank, *matrix.shape)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    up, down = u[:, :rank] * s[:rank], vh[:rank]  # (out, r), (r, in')
-    if clamp_quantile < 1:
-        hi = torch.quantile(torch.cat([up.flatten(), down.flatten()]).abs(), clamp_quantile)
-        up, down = up.clamp(-hi, hi), down.clamp(-hi, hi)
-    up = up.reshape(-1, rank, *[1] * (delta.ndim - 2))  # convolutions store up as (out, r, 1, 1)
-    return up.contiguous(), down.reshape(rank, *delta.shape[1:]).contiguous()
-
-
-def _is_lora_layer(component: str, name: str) -> bool:
-    """The layers kohya's LoRA wraps: the UNet's transformer blocks (attention, feed-forward, proj_in/out) and the
-    text encoders' attention and MLP."""
-    if component == "unet":
-        return "transformer_blocks." in name or name.endswith((".proj_in", ".proj_out"))
-    return ".encoder.layers." in name
-
-
-def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, rank: int = 32,
-                 clamp_quantile: float = 0.99, min_diff: float = 0.0, progress: bool = True) -> int:
-    """Write a kohya LoRA of `rank` approximating tuned - base layer by layer; returns the number of layers.
-
-    Layers whose largest |difference| is at most `min_diff` are left out. alpha = rank (scale 1)."""
-    a, b = TensorFile(base), TensorFile(tuned)
-    try:
-        _check_same_model([a, b])
-        targets = {(c, n): kt for (c, n), kt in lora_target_keys(a.keys()).items()
-                   if "." in n and _is_lora_layer(c, n)}  # dotted names only: each layer once
-        tensors = {}
-        for (component, name), (key, third) in tqdm(targets.items(), desc="extract", disable=not progress):
-            if key not in b.header or b.shape(key) != a.shape(key):
-                raise CheckpointError(f"{tuned} has no tensor {key} of shape {a.shape(key)}: not a fine-tune of {base}")
-            diff = b.get(key).float() - a.get(key).float()
-            if third is not None:
-                diff = diff.view(3, -1, *diff.shape[1:])[third]
-            if diff.abs().max() <= min_diff:
-                continue
-            up, down = low_rank(diff, rank, clamp_quantile)
-            prefix = KOHYA_PREFIX[component] + name.replace(".", "_")
-            tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
-                        f"{prefix}.alpha": torch.tensor(float(down.shape[0]))}
-        save_safetensors(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                        "ss_network_alpha": str(rank), "minigen.extracted_from":
-                                        json.dumps({"base": Path(base).name, "tuned": Path(tuned).name})})
-        return len(tensors) // 3
-    finally:
-        a.close()
-        b.close()
-
-
-def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike, rank: int,
-                clamp_quantile: float = 0.99) -> int:
-    """Write one kohya LoRA of `rank` from the sum of ratio * alpha / rank * up @ down of several, layer by layer
-    (re-factorised by SVD); returns the number of layers. The files must name layers the same way."""
-    deltas: dict[tuple[str, str], torch.Tensor] = {}
-    for path, ratio in loras:
-        parsed, fmt, _ = read_lora(path)
-        if fmt != "kohya":
-            raise LoRAFileError(f"{path}: merging LoRAs needs kohya files (got {fmt})")
-        for component, entries in parsed.items():
-            for name, e in entries.items():
-                down = e["down"].float()  # (r, in[, kh, kw])
-                delta = (e["up"].float().flatten(1) @ down.flatten(1)).view(-1, *down.shape[1:])
-                delta *= float(ratio) * float(e["alpha"]) / down.shape[0]
-                if (component, name) in deltas and deltas[(component, name)].shape != delta.shape:
-                    raise LoRAFileError(f"{path}: layer {name} is {tuple(delta.shape)} here, "
-                                        f"{tuple(deltas[(component, name)].shape)} in an earlier LoRA")
-                deltas[(component, name)] = deltas.get((component, name), 0) + delta
-    tensors = {}
-    for (component, name), delta in deltas.items():
-        up, down = low_rank(delta, rank, clamp_quantile)
-        prefix = KOHYA_PREFIX[component] + name
-        tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
-                    f"{prefix}.alpha": torch.tensor(float(down.shape[0]))}
-    save_safetensors(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                    "ss_network_alpha": str(rank), "minigen.merged_loras":
-                                    json.dumps([[Path(p).name, r] for p, r in loras])})
-    return len(deltas)

@@ -88,3 +88,20 @@ def test_saved_files_have_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0o600
+
+
+@pytest.mark.parametrize("header", [[], {"x": 1}, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+                                    {"__metadata__": {"k": 1}}],
+                         ids=["a-list", "entry-not-an-object", "bytes-not-shape-x-dtype", "metadata-not-strings"])
+def test_every_reader_validates_the_header(tmp_path, header):
+    import json
+    import struct
+
+    from minigen.io import open_safetensors
+
+    path = tmp_path / "bad.safetensors"
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    for read in (read_header, load_safetensors, open_safetensors, load_weights):
+        with pytest.raises(CheckpointError, match="bad.safetensors"):
+            read(path)

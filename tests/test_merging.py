@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 from collections import namedtuple
 
@@ -346,7 +347,8 @@ def svd_tail(delta, rank):
 
 
 def test_extract_then_bake_reproduces_the_difference_to_the_svd_error(tmp_path):
-    from minigen.merging import bake_loras, extract_lora
+    from minigen.lora_extract import extract_lora
+    from minigen.merging import bake_loras
 
     g = torch.Generator().manual_seed(0)
     base = {LORA_Q: torch.randn(8, 8, generator=g), TE2_QKV: torch.randn(12, 4, generator=g),
@@ -374,7 +376,7 @@ def test_extract_then_bake_reproduces_the_difference_to_the_svd_error(tmp_path):
 
 
 def test_low_rank_clamps_at_the_quantile():
-    from minigen.merging import low_rank
+    from minigen.lora_extract import low_rank
 
     delta = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
     delta[0, 0] = 100.0  # an outlier
@@ -442,6 +444,36 @@ def test_diffusers_folder_input_merges_like_its_single_file(tiny_sdxl, tmp_path)
     assert list(got) == list(want)
     for k in want:  # bigG's fused q/k/v, its transposed projection and the VAE's 1x1 attention included
         assert torch.equal(got[k], want[k]), k
+
+
+ATTENTION = re.compile(r"\.(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|attn\.out_proj)\.weight$")
+BIGG_QKV = re.compile(r"\.attn\.in_proj_weight$")
+
+
+def test_extracted_lora_baked_into_a_reproduces_b_attention_to_the_svd_error(tiny_sdxl, tmp_path):
+    """`merge.py A B --rank R` on SDXL's real layout (norms and biases inside the attention blocks, bigG's fused
+    q/k/v), baked back with `merge.py A --lora`: every attention weight is B's up to the rank-R SVD's own error."""
+    (pa, pb), _ = tiny_sdxl
+    rank = 3
+    lora, baked = tmp_path / "lora.safetensors", tmp_path / "baked.safetensors"
+    assert merge_cli.main([str(pa), str(pb), "--rank", str(rank), "--clamp-quantile", "1", "-o", str(lora)]) == 0
+    assert merge_cli.main([str(pa), "--lora", str(lora), "--dtype", "fp32", "-o", str(baked)]) == 0
+    a, b, got = load_file(str(pa)), load_file(str(pb)), load_file(str(baked))
+    assert all(t.dim() in (0, 2) for t in load_file(str(lora)).values())  # no norm or bias was factored
+    attention = [k for k in a if ATTENTION.search(k)]
+    fused = [k for k in a if BIGG_QKV.search(k)]
+    assert len(attention) > 20 and len(fused) > 0
+    for key in attention:
+        delta = b[key].float() - a[key].float()
+        err = (got[key] - b[key].float()).norm().item()
+        assert err == pytest.approx(svd_tail(delta, rank), rel=1e-3, abs=1e-5), key
+    for key in fused:  # q, k and v are three layers of the LoRA, each with its own SVD error
+        for rows_a, rows_b, rows_got in zip(*(t.float().chunk(3) for t in (a[key], b[key], got[key]))):
+            err = (rows_got - rows_b).norm().item()
+            assert err == pytest.approx(svd_tail(rows_b - rows_a, rank), rel=1e-3, abs=1e-5), key
+    for key in a:  # norms, biases, embeddings, the VAE: no LoRA holds them, they stay A's
+        if key.endswith(".bias") or "norm" in key or key.startswith("first_stage_model."):
+            assert torch.equal(got[key], a[key].float()), key
 
 
 # ------------------------------------------------------------------------------------- diffusers folders as output
@@ -543,13 +575,32 @@ def test_folder_output_failures_leave_nothing(tiny_sdxl, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "out"]  # nothing left aside
 
 
-def test_replace_folder_keeps_the_old_folder_if_the_rename_fails(tmp_path, monkeypatch):
-    from minigen import io
-
+def make_folders(tmp_path):
     old, new = tmp_path / "model", tmp_path / "new"
     for folder, text in ((old, "old"), (new, "new")):
         folder.mkdir()
         (folder / "model_index.json").write_text(text)
+    return old, new
+
+
+def test_replace_folder_swaps_atomically(tmp_path, monkeypatch):
+    from minigen import io
+
+    old, new = make_folders(tmp_path)
+
+    def no_replace(src, dst):  # the swap never renames the old folder away (that leaves the path empty)
+        raise AssertionError(f"os.replace({src}, {dst})")
+
+    monkeypatch.setattr(io.os, "replace", no_replace)
+    io.replace_folder(new, old)
+    assert (old / "model_index.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_replace_folder_fallback_keeps_the_old_folder_if_the_rename_fails(tmp_path, monkeypatch):
+    from minigen import io
+
+    old, new = make_folders(tmp_path)
+    monkeypatch.setattr(io, "_exchange_paths", lambda a, b: False)  # a system without an atomic swap
     real_replace, calls = io.os.replace, []
 
     def replace(src, dst):  # moving the old folder aside works; renaming the new one into place fails
@@ -558,10 +609,10 @@ def test_replace_folder_keeps_the_old_folder_if_the_rename_fails(tmp_path, monke
             raise OSError("disk gone")
         real_replace(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", replace)
-    with pytest.raises(OSError, match="disk gone"):
-        io.replace_folder(new, old)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "replace", replace)
+        with pytest.raises(OSError, match="disk gone"):
+            io.replace_folder(new, old)
     assert (old / "model_index.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]  # the aside folder removed
     io.replace_folder(new, old)
