@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def saved_settings(checkpoint: str) -> dict:
-    return run_settings(load_checkpoint(checkpoint)[1], checkpoint)
+    return run_settings(load_checkpoint(checkpoint)[1], checkpoint, LoRATrainConfig)
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
