@@ -451,8 +451,8 @@ class LoRATrainer:
                         return "stopped"
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs:
+                self.save_checkpoint()  # first: it checks everything (LoRA weights too) for NaN before any write
                 self.save_lora(self.out / f"lora-epoch-{self.epoch:04d}.safetensors")
-                self.save_checkpoint()
             self.validate()
             plot_curves({"loss": ([r["step"] for r in self.records], [r["loss"] for r in self.records])},
                         self.out / "loss.png", title="LoRA training loss", smooth=0.9)
