@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def saved_settings(checkpoint: str) -> dict:
-    return run_settings(load_checkpoint(checkpoint)[1], checkpoint)
+    return run_settings(load_checkpoint(checkpoint)[1], checkpoint, GANConfig)
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, GANConfig]:
@@ -86,6 +86,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, GANConfig]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     cli.apply_threads(getattr(args, "threads", None))
+    cli.check_device(cfg.device)
     if "sample" in args:
         if "checkpoint" not in args or "out" not in args:
             raise ValueError("--sample N needs --checkpoint FILE and --out DIR")

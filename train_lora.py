@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept a pickled --sdxl checkpoint (.ckpt, .bin) you trust; loaded with weights_only=True")
     hints = typing.get_type_hints(LoRATrainConfig)
     for f in dataclasses.fields(LoRATrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def saved_settings(checkpoint: str) -> dict:
-    return run_settings(load_checkpoint(checkpoint)[1], checkpoint)
+    return run_settings(load_checkpoint(checkpoint)[1], checkpoint, LoRATrainConfig)
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
@@ -59,14 +61,23 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     cli.apply_threads(getattr(args, "threads", None))
-    trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False))
+    cli.check_device(cfg.device)
+    trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
+                          allow_pickle=getattr(args, "allow_pickle", False))
     if "resume" in args:
         trainer.load_checkpoint(args.resume)
     trainer.train()
-    out = Path(cfg.out)
-    print(f"lora:       {out / 'lora.safetensors'}\nsamples:    {out / 'samples' / 'progress.png'}\n"
-          f"loss curve: {out / 'loss.png'}\ncheckpoint: {out / 'checkpoint.safetensors'}")
+    print_outputs(Path(cfg.out))
     return 0
+
+
+def print_outputs(out: Path) -> None:
+    """The run's main files, only those it wrote (no samples without --validation-prompts)."""
+    outputs = {"lora": "lora.safetensors", "samples": "samples/progress.png", "loss curve": "loss.png",
+               "checkpoint": "checkpoint.safetensors"}
+    for label, name in outputs.items():
+        if (out / name).is_file():
+            print(f"{label + ':':12}{out / name}")
 
 
 if __name__ == "__main__":

@@ -30,19 +30,26 @@ class CaptionedImage:
     is_class_image: bool = False  # DreamBooth prior-preservation image: its loss is weighted by prior_loss_weight
 
 
-def read_caption(path: str | os.PathLike) -> str:
-    """A caption file's text, stripped. UTF-16 and UTF-8 byte-order marks are honoured; bytes that are not UTF-8
-    are read as latin-1 (every byte is a latin-1 character, so this never fails) with a warning naming the file."""
+def read_text(path: str | os.PathLike) -> str:
+    """A text file written anywhere (a caption, metadata.jsonl). UTF-16 and UTF-8 byte-order marks are honoured;
+    bytes that are not UTF-8 are read as latin-1 (every byte is a latin-1 character, so this never fails) with a
+    warning naming the file."""
     raw = Path(path).read_bytes()
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        text = raw.decode("utf-16")  # the BOM says which byte order
-    else:
         try:
-            text = raw.decode("utf-8-sig")  # plain UTF-8, with or without Notepad's BOM
-        except UnicodeDecodeError:
-            warnings.warn(f"caption {path} is not UTF-8; read as latin-1", stacklevel=2)
-            text = raw.decode("latin-1")
-    return " ".join(text.split())  # newlines and runs of spaces -> one space, as one prompt
+            return raw.decode("utf-16")  # the BOM says which byte order
+        except UnicodeDecodeError as e:  # an odd number of bytes, a lone surrogate
+            raise ValueError(f"{path}: broken UTF-16 text ({e.reason} at byte {e.start})") from None
+    try:
+        return raw.decode("utf-8-sig")  # plain UTF-8, with or without Notepad's BOM
+    except UnicodeDecodeError:
+        warnings.warn(f"{path} is not UTF-8; read as latin-1", stacklevel=3)
+        return raw.decode("latin-1")
+
+
+def read_caption(path: str | os.PathLike) -> str:
+    """A caption file's text (see read_text), stripped."""
+    return " ".join(read_text(path).split())  # newlines and runs of spaces -> one space, as one prompt
 
 
 def read_metadata_jsonl(root: Path) -> dict[str, str]:
@@ -50,7 +57,7 @@ def read_metadata_jsonl(root: Path) -> dict[str, str]:
     `text` or `caption` column); a malformed line is an error naming its number."""
     captions = {}
     path = root / "metadata.jsonl"
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -9,8 +9,12 @@ such as CheckpointError, OSError, TrainingDiverged); only `entry` below turns th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import errno
 import functools
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -61,13 +65,41 @@ def entry(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
 # ---- numbers: argparse `type=` functions that refuse what cannot work, naming the allowed range ----
 
 def check_number(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    """Raise ValueError unless `value` is finite and within [lo, hi] (either bound may be None)."""
+    """Raise ValueError unless `value` is a finite number within [lo, hi] (either bound may be None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         allowed = (f"between {lo} and {hi}" if lo is not None and hi is not None
                    else f">= {lo}" if lo is not None else f"<= {hi}")
         raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise ValueError unless `value` is a finite number above 0 (a learning rate, say)."""
+    check_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+# A config field's allowed values, for `check_fields`: (lo, hi) inclusive (either may be None), or POSITIVE.
+POSITIVE = "positive"
+
+
+def check_fields(config, ranges: dict[str, tuple[float | None, float | None] | str]) -> None:
+    """Check the numeric fields of a config dataclass, each named as its flag (`batch_size` -> --batch-size): an
+    int field must hold an integer, every field a finite number in its range. Saved settings and presets pass here
+    too, not only the command line."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, allowed in ranges.items():
+        flag, value = "--" + name.replace("_", "-"), getattr(config, name)
+        if isinstance(defaults[name], int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{flag} must be an integer, got {value!r}")
+        if allowed == POSITIVE:
+            check_positive(flag, value)
+        else:
+            check_number(flag, value, *allowed)
 
 
 def number(kind: type = float, lo: float | None = None, hi: float | None = None) -> Callable[[str], float]:
@@ -118,6 +150,34 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch has no CUDA device (use --device cpu)")
+
+
+# ---- output paths ----
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse an output folder that could never be made, before any work: a file in its place or above it, or a
+    name longer than the file system allows. Creates nothing."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, f"{flag} {path} needs a folder here, but this is a file",
+                                 str(existing))
+    longest = os.pathconf(existing, "PC_NAME_MAX")
+    for part in path.relative_to(existing).parts:
+        if len(os.fsencode(part)) > longest:
+            raise OSError(errno.ENAMETOOLONG, f"{flag}: a name is longer than {longest} bytes", part[:40] + "...")
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+    """Give an OSError raised inside without a file name (a full disk during write or fsync) the name of `path`,
+    so the one-line message says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 # ---- presets and saved settings under the command line ----

@@ -23,17 +23,25 @@ from typing import Callable, Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from . import gan
+from . import cli, gan
 from .data import ImageFolder, resolve_dataset
 from .io import (CheckpointError, atomic_write, load_safetensors, optimizer_from_tensors, optimizer_to_tensors,
                  save_safetensors)
 from .plot import Panel, plot_panels, save_grid
-from .training import TrainingDiverged
+from .training import (TrainingDiverged, check_finite_before_saving, epoch_seed, refuse_non_finite,
+                       run_settings)
 
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
 LOSSES = ("bce", "wgan-gp", "hinge")
 # Fields that fix the shapes of the saved tensors: a checkpoint resumes only with the same values.
 ARCHITECTURE_FIELDS = ("size", "nz", "ngf", "ndf", "g_act", "d_norm", "optimizer")
+# The allowed values of GANConfig's numbers (see cli.check_fields); betas, lr_d and the label ranges are checked apart.
+NUMBER_RANGES = {
+    "nz": (1, None), "ngf": (1, None), "ndf": (1, None), "label_flip": (0, 1), "gp_lambda": (0, None),
+    "n_critic": (1, None), "lr": cli.POSITIVE, "alpha": (0, 1), "eps": (0, None), "decay_steps": (0, None),
+    "decay_rate": cli.POSITIVE, "batch": (1, None), "epochs": (1, None), "seed": cli.SEED_RANGE, "grid": (1, None),
+    "save_every": (1, None), "fid_every": (0, None), "fid_samples": (2, None),
+}
 
 
 @dataclass
@@ -86,6 +94,11 @@ class GANConfig:
         if self.loss == "wgan-gp" and self.d_norm == "batch":
             raise ValueError("wgan-gp needs --d-norm layer or none: the gradient penalty is per sample, "
                              "and batch norm mixes the samples of a batch")
+        cli.check_fields(self, NUMBER_RANGES)
+        if self.lr_d is not None:
+            cli.check_positive("--lr-d", self.lr_d)
+        for beta in self.betas:
+            cli.check_number("--betas", beta, 0, 1)
         for name in ("real_label", "fake_label"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi <= 1:
@@ -183,6 +196,8 @@ class GANTrainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
+        """Write the checkpoint atomically; a NaN or infinity anywhere in it (a BatchNorm running variance, an Adam
+        moment) raises TrainingDiverged instead, leaving the file at `path` as it was."""
         tensors = {f"G.{k}": v for k, v in self.G.state_dict().items()}
         tensors |= {f"D.{k}": v for k, v in self.D.state_dict().items()}
         metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg)),
@@ -193,24 +208,31 @@ class GANTrainer:
             tensors |= opt_tensors
         tensors["rng"] = self.rng.get_state()  # uint8
         tensors["fixed_noise"] = self.fixed_noise
-        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
+        check_finite_before_saving(tensors, path, f"by iteration {self.iteration}")
+        with cli.naming(path):
+            save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
     def load(self, path: str | Path) -> None:
         tensors, metadata = load_checkpoint(path)
-        saved = json.loads(metadata["config"])
+        refuse_non_finite(tensors, path)
+        saved = run_settings(metadata, str(path), GANConfig)
         for name in ARCHITECTURE_FIELDS:
             ours = getattr(self.cfg, name)
             theirs = tuple(saved[name]) if isinstance(ours, tuple) else saved[name]
             if ours != theirs:
                 raise CheckpointError(f"{path} was trained with {name}={theirs}, this run has {name}={ours}")
-        self.G.load_state_dict(section(tensors, "G."))
-        self.D.load_state_dict(section(tensors, "D."))
-        optimizer_from_tensors(self.opt_g, section(tensors, "opt_g."), metadata["opt_g"])
-        optimizer_from_tensors(self.opt_d, section(tensors, "opt_d."), metadata["opt_d"])
-        self.rng.set_state(tensors["rng"])
-        self.fixed_noise = tensors["fixed_noise"]
-        self.iteration, self.epoch = int(metadata["iteration"]), int(metadata["epoch"])
-        self.batch_index, self.last_g_loss = int(metadata["batch_index"]), float(metadata["last_g_loss"])
+        try:
+            self.G.load_state_dict(section(tensors, "G."))
+            self.D.load_state_dict(section(tensors, "D."))
+            optimizer_from_tensors(self.opt_g, section(tensors, "opt_g."), metadata["opt_g"])
+            optimizer_from_tensors(self.opt_d, section(tensors, "opt_d."), metadata["opt_d"])
+            self.rng.set_state(tensors["rng"])
+            self.fixed_noise = tensors["fixed_noise"]
+            self.iteration, self.epoch = int(metadata["iteration"]), int(metadata["epoch"])
+            self.batch_index, self.last_g_loss = int(metadata["batch_index"]), float(metadata["last_g_loss"])
+        except (KeyError, ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing keys, shapes
+            raise CheckpointError(f"{path}: an incomplete or inconsistent DCGAN checkpoint ({type(e).__name__}: "
+                                  f"{e})") from None
 
 
 def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -227,11 +249,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def load_generator(path: str | Path, device: str = "cpu") -> tuple[gan.Generator, GANConfig]:
-    """The generator of a checkpoint, ready to sample, and the config it was trained with."""
+    """The generator of a checkpoint, ready to sample, and the config it was trained with. NaN or infinite weights
+    (a run saved after it diverged) are refused: they would give black images."""
     tensors, metadata = load_checkpoint(path)
-    cfg = GANConfig(**json.loads(metadata["config"]))
+    cfg = GANConfig(**run_settings(metadata, str(path), GANConfig))
+    weights = section(tensors, "G.")
+    refuse_non_finite({f"G.{k}": v for k, v in weights.items()}, path)
     G = gan.Generator(cfg.size, cfg.nz, cfg.ngf, cfg.g_act)
-    G.load_state_dict(section(tensors, "G."))
+    try:
+        G.load_state_dict(weights)
+    except RuntimeError as e:  # missing keys or other shapes than its own settings say
+        raise CheckpointError(f"{path}: its generator does not match its settings ({e})") from None
     return G.to(device), cfg
 
 
@@ -290,6 +318,7 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
           progress: bool = True) -> str:
     """Run (or continue) training; return 'done' or 'interrupted'. A NaN loss raises TrainingDiverged."""
     out = Path(cfg.out)
+    cli.check_output_folder(out)
     dataset = ImageFolder(resolve_dataset(cfg.data), cfg.size, cfg.hflip, progress=progress)
     n_batches = len(dataset) // cfg.batch
     if n_batches == 0:
@@ -307,7 +336,7 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
 
     with open(log_path, "a") as log, StopRequest() as stop:
         for epoch in range(trainer.epoch, cfg.epochs):
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
             bar = tqdm(range(trainer.batch_index, n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not progress, leave=False, unit="it")
             start = time.perf_counter()
@@ -354,8 +383,9 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
 def sample_to_folder(checkpoint: str | Path, n: int, out: str | Path, batch: int = 64, seed: int = 0,
                      device: str = "cpu") -> list[Path]:
     """Write n generated images as PNGs 000000.png, 000001.png, ... into `out` (for FID and friends)."""
-    G, cfg = load_generator(checkpoint, device)
     out = Path(out)
+    cli.check_output_folder(out)
+    G, cfg = load_generator(checkpoint, device)
     paths = []
     for z in tqdm(noise_batches(n, cfg.nz, batch, seed), total=math.ceil(n / batch), desc="sampling", unit="batch"):
         with torch.no_grad():

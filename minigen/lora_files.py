@@ -27,9 +27,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .io import CheckpointError, load_safetensors, save_safetensors
+from .io import CheckpointError, load_weights, save_safetensors
 from .lora import LoRATensors, add_lora_weights
 from .sdxl.convert import NameMap, unet_name_map
+from .training import first_non_finite
 
 COMPONENTS = ("unet", "te1", "te2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
@@ -142,12 +143,18 @@ def _parse_diffusers_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, dict]], str, dict[str, str]]:
+def read_lora(path: str | os.PathLike, allow_pickle: bool = False
+              ) -> tuple[dict[str, dict[str, dict]], str, dict[str, str]]:
     """Parse a LoRA file into ({component: {name in the file: {"down", "up", "alpha"}}}, format, metadata).
-    Names are kohya's underscored names or dotted diffusers paths; `resolve_lora` matches them to a model."""
-    tensors, metadata = load_safetensors(path)
+    Names are kohya's underscored names or dotted diffusers paths; `resolve_lora` matches them to a model.
+    A pickled file (.pt, .bin) only with `allow_pickle` (loaded with weights_only=True). NaN or infinite values
+    are refused: they would turn every image black."""
+    tensors, metadata = load_weights(path, allow_pickle=allow_pickle)
     if not tensors:
         raise LoRAFileError(f"{path}: no tensors")
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise LoRAFileError(f"{path}: tensor {bad} holds NaN or infinite values")
     kohya = all(k.startswith(tuple(KOHYA_READ_PREFIX)) for k in tensors)
     parsed: dict[str, dict[str, dict]] = {}
     unknown = []
@@ -261,10 +268,11 @@ def resolve_lora(parsed: dict[str, dict[str, dict]], models: Mapping[str, nn.Mod
 
 
 def load_lora(path: str | os.PathLike, models: Mapping[str, nn.Module], name: str = "default",
-              multiplier: float = 1.0, unet_names: NameMap | None = None) -> dict[str, str]:
+              multiplier: float = 1.0, unet_names: NameMap | None = None, allow_pickle: bool = False
+              ) -> dict[str, str]:
     """Read a LoRA file of any supported layout and add it to `models` ({"unet", "te1", "te2"}: module) as the
-    adapter `name` with `multiplier`. Returns the file's metadata."""
-    parsed, _, metadata = read_lora(path)
+    adapter `name` with `multiplier`. Returns the file's metadata. allow_pickle: see read_lora."""
+    parsed, _, metadata = read_lora(path, allow_pickle)
     lora = resolve_lora(parsed, models, unet_names, source=str(path))
     for component, weights in lora.items():
         add_lora_weights(models[component], weights, name, multiplier)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import cli
 from .buckets import make_buckets, nearest_bucket, prepare_image
 from .captions import CaptionedImage, captioned_images, dreambooth_images, drop_captions
 from .data import open_rgb, parse_size, resolve_dataset
@@ -40,12 +41,21 @@ from .sdxl.configs import get_config
 from .sdxl.convert import unet_name_map
 from .sdxl.model import PARTS, SDXL, build_model, load_sdxl
 from .sdxl.pipeline import SDXLPipeline, encode_prompt, time_ids
-from .training import TrainingDiverged
+from .training import TrainingDiverged, check_finite_before_saving, epoch_seed, refuse_non_finite
 from .sdxl.tokenizer import sdxl_tokenizers
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}  # file component -> SDXL part
+# The allowed values of LoRATrainConfig's numbers (see cli.check_fields); caption_dropout is checked apart.
+NUMBER_RANGES = {
+    "prior_loss_weight": (0, None), "max_images": (0, None), "bucket_step": (8, None), "rank": (1, None),
+    "alpha": (0, None), "lora_dropout": (0, 1), "text_encoder_lr": (0, None), "noise_offset": (0, None),
+    "min_snr_gamma": (0, None), "lr": cli.POSITIVE, "weight_decay": (0, None), "warmup_steps": (0, None),
+    "batch": (1, None), "grad_accum": (1, None), "max_grad_norm": (0, None), "epochs": (1, None),
+    "seed": cli.SEED_RANGE, "save_every_epochs": (1, None), "save_every_steps": (0, None),
+    "validation_steps": (1, None), "validation_seed": cli.SEED_RANGE, "guidance_scale": (0, None),
+}
 
 
 @dataclass
@@ -110,9 +120,13 @@ class LoRATrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
-        for name in ("batch", "grad_accum", "epochs", "rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        cli.check_fields(self, NUMBER_RANGES)
+        for name in ("resolution", "validation_size"):
+            if getattr(self, name):
+                try:
+                    parse_size(getattr(self, name))
+                except ValueError as e:
+                    raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if self.random_crop and self.cache_latents != "off":
@@ -132,8 +146,8 @@ def random_sdxl(preset: str = "tiny", seed: int = 0) -> SDXL:
     return SDXL(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2, configs=configs)
 
 
-def load_model(spec: str, dtype: torch.dtype, device: str) -> SDXL:
-    """`--sdxl`: a checkpoint path, or random:<preset> for a random model."""
+def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False) -> SDXL:
+    """`--sdxl`: a checkpoint path, or random:<preset> for a random model. `allow_pickle`: see load_sdxl."""
     if spec.startswith("random:"):
         sdxl = random_sdxl(spec.removeprefix("random:"))
         for part in ("unet", "text_encoder", "text_encoder_2"):
@@ -142,7 +156,26 @@ def load_model(spec: str, dtype: torch.dtype, device: str) -> SDXL:
         return sdxl
     if not spec:
         raise ValueError("--sdxl is required: a diffusers folder or an sd_xl_base_1.0.safetensors-style file")
-    return load_sdxl(spec, dtype=dtype, device=device)
+    return load_sdxl(spec, dtype=dtype, device=device, allow_pickle=allow_pickle)
+
+
+def size_multiple(sdxl: SDXL) -> int:
+    """Image sides this model can take are multiples of this: the VAE's downsampling times the UNet's (32 for SDXL);
+    other sides fail deep in the UNet, where its skip connections no longer fit."""
+    vae_levels = len(sdxl.vae.config["block_out_channels"]) - 1
+    unet_levels = len(sdxl.unet.config["block_out_channels"]) - 1
+    return 2 ** (vae_levels + unet_levels)
+
+
+def check_sizes(cfg: LoRATrainConfig, sdxl: SDXL) -> None:
+    """--bucket-step and --validation-size must fit the model (see size_multiple)."""
+    multiple = size_multiple(sdxl)
+    if cfg.bucket_step % multiple:
+        raise ValueError(f"--bucket-step must be a multiple of {multiple} for this model, got {cfg.bucket_step}")
+    h, w = parse_size(cfg.validation_size or cfg.resolution)
+    if cfg.validation_prompts and (h % multiple or w % multiple):
+        raise ValueError(f"--validation-size (default: --resolution) must be a multiple of {multiple} for this "
+                         f"model, got {h}x{w}")
 
 
 # -- the data ---------------------------------------------------------------------------------------------------
@@ -191,12 +224,17 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 # -- the trainer ------------------------------------------------------------------------------------------------
 
 class LoRATrainer:
-    def __init__(self, cfg: LoRATrainConfig, sdxl: SDXL | None = None, progress: bool = True):
+    def __init__(self, cfg: LoRATrainConfig, sdxl: SDXL | None = None, progress: bool = True,
+                 allow_pickle: bool = False):
+        """allow_pickle: accept a pickled --sdxl checkpoint (loaded with weights_only=True)."""
         self.cfg, self.progress = cfg, progress
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.mixed_precision]
         self.out = Path(cfg.out)
-        self.sdxl = sdxl or load_model(cfg.sdxl, self.dtype, cfg.device)
+        cli.check_output_folder(self.out)
+        items = load_examples(cfg)[: cfg.max_images or None]  # bad data stops the run before the model loads
+        self.sdxl = sdxl or load_model(cfg.sdxl, self.dtype, cfg.device, allow_pickle)
+        check_sizes(cfg, self.sdxl)
         self.schedule = NoiseSchedule.from_config({**self.sdxl.scheduler_config,
                                                    "prediction_type": cfg.prediction_type})
         self.rng = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, caption dropout, crops (CPU: portable)
@@ -223,7 +261,7 @@ class LoRATrainer:
         self.optimizer = self.make_optimizer(groups)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.examples = self.prepare_data()
+        self.examples = self.prepare_data(items)
         self.steps_per_epoch = math.ceil(len(self.epoch_batches(0)) / cfg.grad_accum)
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -242,9 +280,8 @@ class LoRATrainer:
 
     # -- data ----------------------------------------------------------------------------------------------------
 
-    def prepare_data(self) -> list[Example]:
+    def prepare_data(self, items: list[CaptionedImage]) -> list[Example]:
         cfg = self.cfg
-        items = load_examples(cfg)[: cfg.max_images or None]
         h, w = parse_size(cfg.resolution)
         self.buckets = make_buckets(h * w, cfg.bucket_step, min_side=min(256, h, w))
         examples, upscaled = [], []
@@ -313,7 +350,7 @@ class LoRATrainer:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The batches of `epoch`, from a generator of its own: a resumed run rebuilds the same order."""
-        order = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        order = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch))
         return make_batches([e.bucket for e in self.examples], self.cfg.batch, order)
 
     # -- one micro-batch -----------------------------------------------------------------------------------------
@@ -414,8 +451,8 @@ class LoRATrainer:
                         return "stopped"
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs:
+                self.save_checkpoint()  # first: it checks everything (LoRA weights too) for NaN before any write
                 self.save_lora(self.out / f"lora-epoch-{self.epoch:04d}.safetensors")
-                self.save_checkpoint()
             self.validate()
             plot_curves({"loss": ([r["step"] for r in self.records], [r["loss"] for r in self.records])},
                         self.out / "loss.png", title="LoRA training loss", smooth=0.9)
@@ -473,17 +510,21 @@ class LoRATrainer:
         return {c: lora_weights(self.models[c]) for c in self.models}
 
     def save_lora(self, path: Path) -> None:
+        """Write the LoRA file (atomically); NaN or infinite weights raise TrainingDiverged and write nothing."""
+        check_finite_before_saving(self.trainable(), path, f"at step {self.step}")
         cfg = self.cfg
         h, w = parse_size(cfg.resolution)
         metadata = kohya_metadata(base_model=Path(cfg.sdxl).name, rank=cfg.rank, alpha=cfg.alpha or cfg.rank,
                                   resolution=(w, h), trigger_phrase=cfg.caption_prefix.strip(" ,") or
                                   cfg.instance_prompt, steps=self.step, epoch=self.epoch,
                                   title=self.out.name, extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer})
-        save_lora(path, self.lora_file_contents(), cfg.format, metadata,
-                  unet_names=unet_name_map(dict(self.sdxl.unet.config)))
+        with cli.naming(path):
+            save_lora(path, self.lora_file_contents(), cfg.format, metadata,
+                      unet_names=unet_name_map(dict(self.sdxl.unet.config)))
 
     def save_checkpoint(self) -> Path:
-        """out/checkpoint.safetensors: LoRA weights, optimizer, scheduler, grad scaler and RNG states (atomic)."""
+        """out/checkpoint.safetensors: LoRA weights, optimizer, scheduler, grad scaler and RNG states (atomic).
+        A NaN or infinity in any of them raises TrainingDiverged and leaves the previous checkpoint as it was."""
         tensors = {f"lora.{k}": p.detach() for k, p in self.trainable().items()}
         opt_tensors, opt_settings = optimizer_to_tensors(self.optimizer, "optimizer")
         tensors |= opt_tensors
@@ -494,11 +535,14 @@ class LoRATrainer:
                     "optimizer": opt_settings, "scheduler": json.dumps(self.scheduler.state_dict()),
                     "scaler": json.dumps(self.scaler.state_dict())}
         path = self.out / "checkpoint.safetensors"
-        save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata)
+        check_finite_before_saving(tensors, path, f"at step {self.step}")
+        with cli.naming(path):
+            save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata)
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         tensors, metadata = load_checkpoint(path)
+        refuse_non_finite(tensors, path)
         ours = self.trainable()
         theirs = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
         if ours.keys() != theirs.keys():
@@ -509,15 +553,19 @@ class LoRATrainer:
                 if p.shape != theirs[k].shape:
                     raise CheckpointError(f"{path}: {k} is {tuple(theirs[k].shape)}, this run has {tuple(p.shape)}")
                 p.copy_(theirs[k])
-        optimizer_from_tensors(self.optimizer, {k.removeprefix("optimizer."): v for k, v in tensors.items()
-                                                if k.startswith("optimizer.")}, metadata["optimizer"])
-        self.scheduler.load_state_dict(json.loads(metadata["scheduler"]))
-        if metadata.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(json.loads(metadata["scaler"]))
-        self.rng.set_state(tensors["rng"])
-        torch.set_rng_state(tensors["torch_rng"])
-        self.step, self.epoch = int(metadata["step"]), int(metadata["epoch"])
-        self.batch_in_epoch = int(metadata["batch_in_epoch"])
+        try:
+            optimizer_from_tensors(self.optimizer, {k.removeprefix("optimizer."): v for k, v in tensors.items()
+                                                    if k.startswith("optimizer.")}, metadata["optimizer"])
+            self.scheduler.load_state_dict(json.loads(metadata["scheduler"]))
+            if metadata.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(json.loads(metadata["scaler"]))
+            self.rng.set_state(tensors["rng"])
+            torch.set_rng_state(tensors["torch_rng"])
+            self.step, self.epoch = int(metadata["step"]), int(metadata["epoch"])
+            self.batch_in_epoch = int(metadata["batch_in_epoch"])
+        except (KeyError, ValueError, RuntimeError) as e:  # ValueError includes a JSONDecodeError
+            raise CheckpointError(f"{path}: an incomplete or inconsistent LoRA training checkpoint "
+                                  f"({type(e).__name__}: {e})") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
 
 from .io import CheckpointError
+
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
 
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the last checkpoint written before it is kept as it was."""
 
 
-def run_settings(metadata: dict[str, str], path: str) -> dict:
-    """The settings a trainer checkpoint saved (its `config` metadata), for a resumed run to start from."""
+def run_settings(metadata: dict[str, str], path: str, config_type: type) -> dict:
+    """The settings a trainer checkpoint saved (its `config` metadata), for a resumed run to start from; checked by
+    building a `config_type` from them, so a bad saved setting is an error naming the file."""
     try:
         settings = json.loads(metadata["config"])
     except (KeyError, json.JSONDecodeError) as e:
@@ -20,4 +28,38 @@ def run_settings(metadata: dict[str, str], path: str) -> dict:
             from None
     if not isinstance(settings, dict):
         raise CheckpointError(f"{path}: its saved settings are not a JSON object")
+    try:
+        config_type(**settings)
+    except (TypeError, ValueError) as e:  # TypeError: an unknown name, or a value of the wrong kind
+        raise CheckpointError(f"{path}: its saved settings are not valid ({e})") from None
     return settings
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None if all are finite."""
+    return next((name for name, t in tensors.items()
+                 if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], path: object) -> None:
+    """A checkpoint or weights file read from `path` must hold only finite numbers: NaN weights give black images."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or infinite values (the run had diverged when it "
+                              "was saved?)")
+
+
+def check_finite_before_saving(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, when: str) -> None:
+    """Everything a checkpoint is about to hold (weights, buffers, optimizer state) must be finite, or the run has
+    diverged even if its loss has not shown it yet: raise TrainingDiverged and leave the file at `path` as it is."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        kept = f"the last good checkpoint is {path}" if Path(path).exists() else "no checkpoint was written"
+        raise TrainingDiverged(f"{bad} became NaN or infinite {when}; stopped without saving it; {kept}. "
+                               "Try a lower learning rate")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's batch order: one generator per (seed, epoch), so a resumed run rebuilds the same order.
+    Wrapped into the generator's range so every allowed seed works (no seed in use before the wrap changes)."""
+    return (seed * 100_003 + epoch) % SEED_LIMIT

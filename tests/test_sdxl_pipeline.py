@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from cli_errors import assert_clean_error
 from sdxl_tiny import tiny_folder, tiny_pipeline
 
 import sample as sample_cli
@@ -211,12 +212,11 @@ def test_cli_writes_the_pipelines_images_and_applies_loras(ours, tmp_path, lora_
 
 @pytest.mark.parametrize("extra,message", [
     (["--sampler", "heun"], "unknown sampler 'heun'"),
-    (["--steps", "0"], "steps must be a whole number >= 1"),
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
     (["--height", "20"], "height must be a positive multiple of 8"),
     (["--model", "/no/such/model"], "does not exist"),
 ])
 def test_cli_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
     args = ["--model", str(tiny_folder()), "--prompt", "x", "--out", str(tmp_path), *extra]
-    assert sample_cli.main(args) == 2
-    assert message in capsys.readouterr().err
+    assert_clean_error(sample_cli.main, args, capsys, message)
     assert not list(tmp_path.glob("*.png"))

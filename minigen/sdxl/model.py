@@ -110,9 +110,20 @@ def read_diffusers_configs(folder: Path) -> dict[str, dict]:
     """The config dicts of a diffusers folder's parts, and its scheduler's (SDXL base's if it has none)."""
     configs = {part: _read_config(folder / part) for part in PARTS}
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    configs["scheduler"] = json.loads(scheduler.read_text()) if scheduler.is_file() \
+    configs["scheduler"] = read_json(scheduler) if scheduler.is_file() \
         else get_config("sdxl-base", "scheduler")
     return configs
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file of a diffusers folder; a file that is not one is an error naming it."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
 
 
 def _write_json(path: Path, obj) -> None:
@@ -181,7 +192,7 @@ def _read_folder_weights(folder: Path, stem: str, allow_pickle: bool) -> dict[st
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         tensors = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
             tensors.update(load_weights(folder / shard, allow_pickle=allow_pickle)[0])
         return tensors
     raise FileNotFoundError(f"{folder}: no weights file ({stem}.safetensors or a variant)")
@@ -191,7 +202,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (is this a diffusers SDXL folder?)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _read_vae(path: Path, config: Mapping, allow_pickle: bool) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -21,7 +21,6 @@ settings and `torch.Generator` the images are the same:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -29,11 +28,12 @@ from typing import Sequence
 
 import torch
 
+from ..cli import naming
 from ..diffusion import SAMPLERS, NoiseSchedule, guided, sample
 from ..io import atomic_write
 from ..lora_files import load_lora
 from .convert import unet_name_map
-from .model import SDXL, load_sdxl
+from .model import SDXL, load_sdxl, read_json
 
 SDXL_VAE_SCALE = 8  # pixels per latent in each direction: SDXL's VAE halves the size three times
 
@@ -91,7 +91,7 @@ def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str) -> l
     paths = []
     for i, image in enumerate(images):
         path = Path(folder) / f"{stem}-{i:03d}.png"
-        with atomic_write(path) as f:
+        with naming(path), atomic_write(path) as f:
             Image.fromarray(image.numpy()).save(f, format="PNG")
         paths.append(path)
     return paths
@@ -116,20 +116,21 @@ class SDXLPipeline:
             raise FileNotFoundError(f"model path does not exist: {path}")
         force_zeros = True
         if (path / "model_index.json").is_file():
-            index = json.loads((path / "model_index.json").read_text())
+            index = read_json(path / "model_index.json")
             if "text_encoder_2" not in index or "unet" not in index:
                 raise ValueError(f"{path} is a diffusers folder of {index.get('_class_name', 'another model')}, "
                                  "not SDXL (it lacks text_encoder_2 or unet)")
             force_zeros = index.get("force_zeros_for_empty_prompt", True)
         return cls(load_sdxl(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
 
-    def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0) -> None:
+    def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> None:
         """Apply a LoRA file (kohya or diffusers/peft layout; UNet and/or text encoders) on top of the model, as
-        its own adapter scaled by `multiplier`; several stack, as `sample.py --lora a:0.8 --lora b:0.5` does."""
+        its own adapter scaled by `multiplier`; several stack, as `sample.py --lora a:0.8 --lora b:0.5` does.
+        allow_pickle: accept a pickled file (.pt, .bin), loaded with weights_only=True."""
         models = {"unet": self.sdxl.unet, "te1": self.sdxl.text_encoder, "te2": self.sdxl.text_encoder_2}
         self.loras += 1
         load_lora(path, models, name=f"lora{self.loras}", multiplier=multiplier,
-                  unet_names=unet_name_map(self.sdxl.unet.config))
+                  unet_names=unet_name_map(self.sdxl.unet.config), allow_pickle=allow_pickle)
 
     @property
     def vae_scale(self) -> int:

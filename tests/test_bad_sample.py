@@ -1,0 +1,144 @@
+"""sample.py on bad input: a corpus of bad flags, bad model and LoRA files and faults built here. Each case must end
+with exit code 2 and one line naming the flag or file, leave its inputs byte-identical and write no image. The model
+is minigen's random tiny SDXL saved as a diffusers folder (no diffusers import needed)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+from cli_errors import assert_clean_error
+from corpus import snapshot, temp_files
+
+import sample as sample_cli
+from minigen.io import load_safetensors, save_safetensors
+from minigen.lora import add_lora, lora_parameters, lora_weights
+from minigen.lora_files import save_lora
+from minigen.lora_training import random_sdxl
+from minigen.sdxl.convert import unet_name_map
+
+LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The tiny model, a LoRA for it (safetensors and pickled), and bad files."""
+    root = tmp_path_factory.mktemp("corpus")
+    sdxl = random_sdxl("tiny")
+    sdxl.save_diffusers(root / "model")
+    add_lora(sdxl.unet, "attention", rank=2, alpha=1.0)
+    with torch.no_grad():
+        for p in lora_parameters(sdxl.unet):
+            p.normal_(0, 0.3)
+    save_lora(root / "lora.safetensors", {"unet": lora_weights(sdxl.unet)}, unet_names=unet_name_map(sdxl.unet.config))
+    tensors, _ = load_safetensors(root / "lora.safetensors")
+    torch.save(tensors, root / "lora.pt")
+    first = next(k for k in tensors if k.endswith("lora_up.weight"))
+    save_safetensors(tensors | {first: torch.full_like(tensors[first], float("nan"))}, root / "nan-lora.safetensors")
+    (root / "bad-index").mkdir()
+    (root / "bad-index" / "model_index.json").write_bytes(b"{\"unet\": [\xe9")
+    (root / "index-only").mkdir()
+    (root / "index-only" / "model_index.json").write_text('{"unet": [], "text_encoder_2": []}')
+    (root / "empty.safetensors").write_bytes(b"")
+    (root / "a-folder.safetensors").mkdir()
+    (root / "file").write_text("a regular file")
+    (root / "model.ckpt").write_bytes(b"not a pickle at all")
+    return root
+
+
+def argv(corpus, out, *extra):
+    return ["--model", str(corpus / "model"), "--prompt", "a cat", "--steps", "1", "--height", "16", "--width", "16",
+            "--seed", "1", "--out", str(out), "--device", "cpu", *extra]
+
+
+# Refused while parsing, before the model loads. (flags, words the message must hold)
+FLAG_CASES = {
+    "cfg-nan": (["--cfg", "nan"], "--cfg", "finite"),
+    "cfg-inf": (["--cfg", "inf"], "--cfg", "finite"),
+    "cfg-negative": (["--cfg=-2"], "--cfg", ">= 0"),
+    "eta-nan": (["--eta", "nan"], "--eta", "finite"),
+    "eta-2": (["--eta", "2"], "--eta", "between 0 and 1"),
+    "rescale-above-1": (["--rescale", "1.5"], "--rescale", "between 0 and 1"),
+    "rescale-nan": (["--rescale", "nan"], "--rescale"),
+    "steps-0": (["--steps", "0"], "--steps", ">= 1"),
+    "steps-negative": (["--steps=-3"], "--steps"),
+    "num-0": (["--num", "0"], "--num", ">= 1"),
+    "seed-negative": (["--seed=-1"], "--seed", "between 0"),
+    "seed-too-big": (["--seed", str(2**64)], "--seed", str(2**64 - 1)),
+    "seed-text": (["--seed", "lucky"], "--seed", "integer"),
+    "height-not-a-multiple-of-8": (["--height", "20"], "height", "multiple of 8"),
+    "width-0": (["--width", "0"], "--width", ">= 8"),
+    "height-text": (["--height", "tall"], "--height"),
+    "threads-0": (["--threads", "0"], "--threads"),
+    "sampler-unknown": (["--sampler", "heun"], "unknown sampler"),
+    "lora-multiplier-nan": (["--lora", "x.safetensors:nan"], "x.safetensors", "finite"),
+    "lora-multiplier-text": (["--lora", "x.safetensors:abc"], "x.safetensors", "number"),
+}
+if not torch.cuda.is_available():
+    FLAG_CASES["device-cuda-without-cuda"] = (["--device", "cuda"], "--device cuda", "no CUDA")
+
+
+@pytest.mark.parametrize("flags, mentions", [pytest.param(c[0], c[1:], id=k) for k, c in FLAG_CASES.items()])
+def test_bad_numbers_and_flags(corpus, tmp_path, capsys, flags, mentions):
+    before = snapshot(corpus)
+    out = tmp_path / "out"
+    assert_clean_error(sample_cli.main, argv(corpus, out, *flags), capsys, *mentions)
+    assert not out.exists()
+    assert snapshot(corpus) == before
+
+
+# Bad model and LoRA files and output paths. (extra flags from the corpus, words the message must hold)
+FILE_CASES = {
+    "model-missing": (lambda c: ["--model", str(c / "missing")], "missing"),
+    "model-a-text-file": (lambda c: ["--model", str(c / "file")], "file"),
+    "model-empty-file": (lambda c: ["--model", str(c / "empty.safetensors")], "empty.safetensors"),
+    "model-pickle-refused": (lambda c: ["--model", str(c / "model.ckpt")], "model.ckpt", "--allow-pickle"),
+    "model-pickle-allowed-but-broken": (lambda c: ["--model", str(c / "model.ckpt"), "--allow-pickle"], "model.ckpt",
+                                        "weights_only"),
+    "model-index-not-json": (lambda c: ["--model", str(c / "bad-index")], "model_index.json"),
+    "model-folder-without-parts": (lambda c: ["--model", str(c / "index-only")], "index-only"),
+    "out-under-a-file": (lambda c: ["--out", str(c / "file" / "images")], "--out", "file"),
+    "out-name-too-long": (lambda c: ["--out", str(c / LONG_NAME)], "--out", "longer than"),
+    # these load the model first
+    "lora-nan": (lambda c: ["--lora", str(c / "nan-lora.safetensors")], "nan-lora.safetensors", "lora_up.weight"),
+    "lora-missing": (lambda c: ["--lora", str(c / "missing.safetensors")], "missing.safetensors"),
+    "lora-a-folder": (lambda c: ["--lora", str(c / "a-folder.safetensors")], "a-folder.safetensors"),
+    "lora-empty-file": (lambda c: ["--lora", str(c / "empty.safetensors")], "empty.safetensors"),
+    "lora-pickle-refused": (lambda c: ["--lora", str(c / "lora.pt")], "lora.pt", "--allow-pickle"),
+}
+
+
+@pytest.mark.parametrize("extra, mentions", [pytest.param(c[0], c[1:], id=k) for k, c in FILE_CASES.items()])
+def test_bad_files(corpus, tmp_path, capsys, extra, mentions):
+    before = snapshot(corpus)
+    out = tmp_path / "out"
+    assert_clean_error(sample_cli.main, argv(corpus, out, *extra(corpus)), capsys, *mentions)
+    assert not out.exists()
+    assert snapshot(corpus) == before
+
+
+def test_allow_pickle_loads_a_pickled_lora(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sample_cli.main(argv(corpus, out, "--lora", str(corpus / "lora.pt"), "--allow-pickle")) == 0
+    assert [p.name for p in out.iterdir()] == ["1-000.png"]
+
+
+def test_full_disk_while_writing_an_image(corpus, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert_clean_error(sample_cli.main, argv(corpus, out), capsys, "1-000.png", "No space left")
+    assert not list(out.glob("*.png")) and temp_files(out) == []
