@@ -18,9 +18,12 @@ import sys
 import typing
 from pathlib import Path
 
+import torch
+
 from minigen import cli
 from minigen.training import run_settings
 from minigen.lora_training import LoRATrainConfig, LoRATrainer, load_checkpoint
+from minigen.memory_plan import check_fits, plan_lora_step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan of one training step (no weights loaded, no GPU needed), then exit")
+    p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickled --sdxl checkpoint (.ckpt, .bin) you trust; loaded with weights_only=True")
     hints = typing.get_type_hints(LoRATrainConfig)
@@ -62,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     cli.apply_threads(getattr(args, "threads", None))
     cli.check_device(cfg.device)
+    if "plan" in args or cfg.device.startswith("cuda"):
+        plan = plan_lora_step(cfg)
+        print(plan.describe())
+        if "plan" in args:
+            return 0
+        check_fits(plan, cfg, torch.device(cfg.device), force="force" in args)
     trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
                           allow_pickle=getattr(args, "allow_pickle", False))
     if "resume" in args:

@@ -26,10 +26,9 @@ from tqdm import tqdm
 from . import cli, gan
 from .data import ImageFolder, resolve_dataset
 from .io import (CheckpointError, atomic_write, load_safetensors, optimizer_from_tensors, optimizer_to_tensors,
-                 save_safetensors)
+                 refuse_non_finite, save_safetensors)
 from .plot import Panel, plot_panels, save_grid
-from .training import (TrainingDiverged, check_finite_before_saving, epoch_seed, refuse_non_finite,
-                       run_settings)
+from .training import TrainingDiverged, check_finite_before_saving, epoch_seed, run_settings
 
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
 LOSSES = ("bce", "wgan-gp", "hinge")

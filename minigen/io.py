@@ -26,7 +26,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -268,10 +268,22 @@ def _entry_problem(entry: object, data_bytes: int) -> str | None:
 
 
 def check_finite(tensor: torch.Tensor, path: str | os.PathLike, name: str) -> None:
-    """Refuse a float tensor holding NaN or infinity: merged or baked in, it would poison the result silently."""
+    """Refuse a float tensor holding NaN or infinity: merged, baked in or sampled from, it would poison the result
+    silently (NaN weights give black images)."""
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or infinite values")
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """`check_finite` for every tensor of a file read from `path`."""
+    for name, tensor in tensors.items():
+        check_finite(tensor, path, name)
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None if all are finite."""
+    return next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"

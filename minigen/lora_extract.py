@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from minigen.io import CheckpointError, save_safetensors
-from minigen.lora_files import KOHYA_PREFIX, LoRAFileError
-from minigen.merging import check_output, check_same_model, lora_target_keys, open_checkpoint, read_checked_lora
+from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
+from minigen.merging import check_output, check_same_model, lora_target_keys, open_checkpoint
 
 
 def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +110,7 @@ def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.Path
     for path, ratio in loras:
         if not math.isfinite(ratio):
             raise ValueError(f"{path}: the LoRA's ratio must be a finite number, got {ratio}")
-        parsed, fmt = read_checked_lora(path)
+        parsed, fmt = read_lora(path)[:2]
         if fmt != "kohya":
             raise LoRAFileError(f"{path}: merging LoRAs needs kohya files (got {fmt})")
         for component, entries in parsed.items():

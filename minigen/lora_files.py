@@ -27,10 +27,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .io import CheckpointError, load_weights, save_safetensors
+from .io import CheckpointError, first_non_finite, load_weights, save_safetensors
 from .lora import LoRATensors, add_lora_weights
 from .sdxl.convert import NameMap, unet_name_map
-from .training import first_non_finite
 
 COMPONENTS = ("unet", "te1", "te2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
@@ -183,9 +182,7 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False
     fmt = "kohya" if kohya else "diffusers"
     for component, entries in parsed.items():
         for name, e in entries.items():
-            if "down" not in e or "up" not in e:
-                raise LoRAFileError(f"{path}: {component} module {name!r} lacks its "
-                                    f"{'up' if 'down' in e else 'down'} weight")
+            _check_layer(e, path, f"{component} module {name!r}")
     if kohya:  # sd-scripts' rule for a file without .alpha: alpha = rank
         for entries in parsed.values():
             for e in entries.values():
@@ -193,6 +190,18 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False
     else:
         _apply_peft_alphas(parsed, metadata)
     return parsed, fmt, metadata
+
+
+def _check_layer(e: dict, path: str | os.PathLike, layer: str) -> None:
+    """What applying a layer needs: both factors, of one rank, (out, rank) and (rank, in, ...); one alpha."""
+    if "down" not in e or "up" not in e:
+        raise LoRAFileError(f"{path}: {layer} lacks its {'up' if 'down' in e else 'down'} weight")
+    up, down = e["up"], e["down"]
+    if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
+        raise LoRAFileError(f"{path}: {layer} has up {tuple(up.shape)} and down {tuple(down.shape)}: they must be "
+                            "(out, rank) and (rank, in) of one rank")
+    if "alpha" in e and torch.as_tensor(e["alpha"]).numel() != 1:
+        raise LoRAFileError(f"{path}: {layer} has {torch.as_tensor(e['alpha']).numel()} alphas, not one")
 
 
 def _apply_peft_alphas(parsed: dict[str, dict[str, dict]], metadata: Mapping[str, str]) -> None:

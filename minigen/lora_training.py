@@ -33,7 +33,7 @@ from .captions import CaptionedImage, captioned_images, dreambooth_images, drop_
 from .data import open_rgb, parse_size, resolve_dataset
 from .diffusion import NoiseSchedule
 from .io import (CheckpointError, atomic_write, load_safetensors, optimizer_from_tensors, optimizer_to_tensors,
-                 save_safetensors)
+                 refuse_non_finite, save_safetensors)
 from .lora import add_lora, lora_weights
 from .lora_files import kohya_metadata, save_lora
 from .plot import plot_curves, save_grid, save_png
@@ -41,7 +41,7 @@ from .sdxl.configs import get_config
 from .sdxl.convert import unet_name_map
 from .sdxl.model import PARTS, SDXL, build_model, load_sdxl
 from .sdxl.pipeline import SDXLPipeline, encode_prompt, time_ids
-from .training import TrainingDiverged, check_finite_before_saving, epoch_seed, refuse_non_finite
+from .training import TrainingDiverged, check_finite_before_saving, epoch_seed
 from .sdxl.tokenizer import sdxl_tokenizers
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"

@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from .io import CheckpointError
+from .io import CheckpointError, first_non_finite
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
 
@@ -33,20 +33,6 @@ def run_settings(metadata: dict[str, str], path: str, config_type: type) -> dict
     except (TypeError, ValueError) as e:  # TypeError: an unknown name, or a value of the wrong kind
         raise CheckpointError(f"{path}: its saved settings are not valid ({e})") from None
     return settings
-
-
-def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, or None if all are finite."""
-    return next((name for name, t in tensors.items()
-                 if t.is_floating_point() and not torch.isfinite(t).all()), None)
-
-
-def refuse_non_finite(tensors: Mapping[str, torch.Tensor], path: object) -> None:
-    """A checkpoint or weights file read from `path` must hold only finite numbers: NaN weights give black images."""
-    bad = first_non_finite(tensors)
-    if bad is not None:
-        raise CheckpointError(f"{path}: tensor {bad} holds NaN or infinite values (the run had diverged when it "
-                              "was saved?)")
 
 
 def check_finite_before_saving(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, when: str) -> None:
