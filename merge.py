@@ -17,7 +17,8 @@ import sys
 from minigen import cli
 from minigen.lora_extract import extract_lora, merge_loras
 from minigen.lora_files import parse_lora_spec
-from minigen.merging import METHODS, OUTPUT_DTYPES, OUTPUT_FORMATS, MergeRecipe, bake_loras, merge_checkpoints
+from minigen.checkpoint_files import OUTPUT_FORMATS
+from minigen.merging import METHODS, OUTPUT_DTYPES, MergeRecipe, bake_loras, merge_checkpoints
 from minigen.sdxl.configs import PRESETS
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minigen.io import CheckpointError, save_safetensors
-from minigen.lora_files import KOHYA_PREFIX, LoRAFileError, read_lora
-from minigen.merging import check_output, check_same_model, lora_target_keys, open_checkpoint
+from .io import CheckpointError, save_safetensors
+from .lora_files import KOHYA_MODEL_VERSIONS, LoRAFileError, kohya_layer, kohya_metadata, read_lora
+from .checkpoint_files import check_output, open_checkpoint
+from .merging import check_same_model
+from .sdxl.convert import detect_model, lora_targets
 
 
 def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +56,9 @@ def _lora_bytes(shapes: list[tuple[int, ...]], rank: int) -> int:
     return sum(4 * (rank * (shape[0] + math.prod(shape[1:])) + 1) for shape in shapes) + (1 << 20)
 
 
-def _kohya_tensors(component: str, name: str, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+def _layer(component: str, name: str, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
     """One layer's kohya keys; alpha = rank (scale 1)."""
-    prefix = KOHYA_PREFIX[component] + name.replace(".", "_")
-    return {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
-            f"{prefix}.alpha": torch.tensor(float(down.shape[0]))}
+    return kohya_layer(component, name, up, down, alpha=down.shape[0])
 
 
 def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, rank: int = 32,
@@ -76,7 +76,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
         raise
     try:
         check_same_model([a, b])
-        targets = {(c, n): (key, third) for (c, n), (key, third) in lora_target_keys(a.keys()).items()
+        targets = {(c, n): (key, third) for (c, n), (key, third) in lora_targets(a.keys()).items()
                    if "." in n and is_lora_layer(c, n, a.shape(key))}  # dotted names only: each layer once
         check_output(out, [Path(base), Path(tuned)], _lora_bytes([a.shape(k) for k, _ in targets.values()], rank))
         tensors = {}
@@ -87,13 +87,13 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
             if third is not None:
                 diff = diff.view(3, -1, *diff.shape[1:])[third]  # bigG's q, k or v rows of the fused in_proj
             if diff.abs().max() > min_diff:
-                tensors |= _kohya_tensors(component, name, *low_rank(diff, rank, clamp_quantile))
+                tensors |= _layer(component, name, *low_rank(diff, rank, clamp_quantile))
         if not tensors:
             raise ValueError(f"{base} and {tuned} do not differ on any LoRA layer (by more than {min_diff}): "
                              f"there is no LoRA to extract")
-        save_safetensors(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                        "ss_network_alpha": str(rank), "minigen.extracted_from":
-                                        json.dumps({"base": Path(base).name, "tuned": Path(tuned).name})})
+        extracted = {"minigen.extracted_from": json.dumps({"base": Path(base).name, "tuned": Path(tuned).name})}
+        save_safetensors(tensors, out, kohya_metadata(base_model=Path(base).name, rank=rank, alpha=rank,
+                                                      title=out.stem, model=detect_model(a.keys()), extra=extracted))
         return len(tensors) // 3
     finally:
         a.close()
@@ -107,10 +107,12 @@ def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.Path
     loras = [(Path(p), float(r)) for p, r in loras]
     check_output(Path(out), [p for p, _ in loras], sum(p.stat().st_size for p, _ in loras) + (1 << 20))
     deltas: dict[tuple[str, str], torch.Tensor] = {}
+    versions = []  # the inputs' sd-scripts model versions: the output says the first one's family
     for path, ratio in loras:
         if not math.isfinite(ratio):
             raise ValueError(f"{path}: the LoRA's ratio must be a finite number, got {ratio}")
-        parsed, fmt = read_lora(path)[:2]
+        parsed, fmt, metadata = read_lora(path)
+        versions.append(metadata.get("ss_base_model_version"))
         if fmt != "kohya":
             raise LoRAFileError(f"{path}: merging LoRAs needs kohya files (got {fmt})")
         for component, entries in parsed.items():
@@ -126,8 +128,9 @@ def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.Path
     for (component, name), delta in deltas.items():
         if not torch.isfinite(delta).all():
             raise LoRAFileError(f"{component} layer {name}: the weighted sum of the LoRAs overflows float32")
-        tensors |= _kohya_tensors(component, name, *low_rank(delta, rank, clamp_quantile))
-    save_safetensors(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                    "ss_network_alpha": str(rank), "minigen.merged_loras":
-                                    json.dumps([[p.name, r] for p, r in loras])})
+        tensors |= _layer(component, name, *low_rank(delta, rank, clamp_quantile))
+    merged = {"minigen.merged_loras": json.dumps([[p.name, r] for p, r in loras])}
+    model = next((m for m, (v, _) in KOHYA_MODEL_VERSIONS.items() if v == versions[0]), "sdxl")
+    save_safetensors(tensors, out, kohya_metadata(rank=rank, alpha=rank, title=Path(out).stem, model=model,
+                                                  extra=merged))
     return len(deltas)

@@ -79,11 +79,17 @@ def kohya_state_dict(lora: LoRA, unet_names: NameMap) -> dict[str, torch.Tensor]
                 path = unet_names.to_single_file(path)  # KeyError names a path the map lacks
             else:
                 path = _te_path(path)
-            name = KOHYA_PREFIX[component] + path.replace(".", "_")
-            out[f"{name}.lora_down.weight"] = t.down
-            out[f"{name}.lora_up.weight"] = t.up
-            out[f"{name}.alpha"] = torch.tensor(float(t.alpha))
+            out |= kohya_layer(component, path, t.up, t.down, t.alpha)
     return out
+
+
+def kohya_layer(component: str, single_file_path: str, up: torch.Tensor, down: torch.Tensor,
+                alpha: float) -> dict[str, torch.Tensor]:
+    """One layer's kohya keys: `<prefix><path with dots as underscores>.lora_down.weight`, `.lora_up.weight`,
+    `.alpha`. The path is the single-file one (SGM for the UNet, transformers' for the text encoders)."""
+    name = KOHYA_PREFIX[component] + single_file_path.replace(".", "_")
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+            f"{name}.alpha": torch.tensor(float(alpha))}
 
 
 def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
@@ -98,16 +104,23 @@ def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
     return out
 
 
+# model family (convert.detect_model) -> (sd-scripts' ss_base_model_version, SAI modelspec architecture)
+KOHYA_MODEL_VERSIONS = {"sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+                        "sd2": ("sd_v2", "stable-diffusion-v2/lora"), "sd1": ("sd_v1", "stable-diffusion-v1/lora")}
+
+
 def kohya_metadata(*, base_model: str = "", rank: int, alpha: float, resolution: tuple[int, int] = (1024, 1024),
                    trigger_phrase: str = "", steps: int = 0, epoch: int = 0, title: str = "LoRA",
-                   date: str = "", extra: Mapping[str, object] | None = None) -> dict[str, str]:
-    """The `ss_*` keys sd-scripts writes (A1111 and kohya's GUI show them) and the SAI `modelspec.*` keys (1.0.1)."""
+                   date: str = "", model: str = "sdxl", extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The `ss_*` keys sd-scripts writes (A1111 and kohya's GUI show them) and the SAI `modelspec.*` keys (1.0.1).
+    model: the family the LoRA is for (a key of KOHYA_MODEL_VERSIONS)."""
     w, h = resolution
+    version, architecture = KOHYA_MODEL_VERSIONS.get(model, KOHYA_MODEL_VERSIONS["sdxl"])
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-        "ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": base_model, "ss_resolution": f"({w}, {h})",
+        "ss_base_model_version": version, "ss_sd_model_name": base_model, "ss_resolution": f"({w}, {h})",
         "ss_steps": str(steps), "ss_epoch": str(epoch), "ss_output_name": title,
-        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title, "modelspec.resolution": f"{w}x{h}", "modelspec.prediction_type": "epsilon",
     }

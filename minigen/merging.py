@@ -22,13 +22,9 @@ never silently NaN. Pickled inputs (.ckpt) are read whole, only when allowed (`o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import re
-import shutil
-import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -38,19 +34,12 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from minigen.io import (DTYPE_NAMES, DTYPES, PICKLE_SUFFIXES, AtomicWriter, CheckpointError, SafetensorsWriter,
-                        check_finite, load_weights, read_header, replace_folder, temp_folder_beside)
-from minigen.lora_files import LoRAFileError, read_lora
-from minigen.sdxl import convert
-from minigen.sdxl.configs import get_config
-from minigen.sdxl.model import PARTS, check_weights, read_diffusers_configs, save_diffusers_files
-from minigen.sdxl.tokenizer import CLIPTokenizer, sdxl_tokenizers
-from minigen.sdxl.convert import (_BIGG_LAYER_PARTS, BIGG_PREFIX, CLIP_L_PREFIX, MODEL_NAMES, UNET_PREFIX, VAE_PREFIX,
-                                  detect_model)
+from .checkpoint_files import TensorFile, check_output, open_checkpoint, open_output, sha256_file
+from .io import CheckpointError
+from .lora_files import LoRAFileError, read_lora
+from .sdxl.convert import MODEL_NAMES, UNET_PREFIX, VAE_PREFIX, detect_model, lora_targets
 
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
-TE1_PREFIXES = (CLIP_L_PREFIX, "cond_stage_model.transformer.")  # CLIP ViT-L in SDXL, in SD 1.x
-BIGG_PARTS_TO_HF = {sf: hf for hf, sf in _BIGG_LAYER_PARTS.items()}  # OpenCLIP module -> transformers module
 UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")  # the groups --block-alphas weights
 
 CHUNK = 1 << 20  # elements read and computed at once: fp32 temporaries of 4 MB, whatever the tensor's size
@@ -80,276 +69,6 @@ class MergeReport:
     missing: dict[str, list[str]] = field(default_factory=dict)  # input name -> keys of A it lacks (A's copy kept)
     shape_mismatches: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, A's shape, other's shape)
     output_bytes: int = 0
-
-
-class TensorFile:
-    """A safetensors file read one tensor at a time with plain file reads.
-
-    Not `safe_open`: it memory-maps the file, and every page of a mapping once touched counts as resident memory of
-    this process until the kernel needs it back, so a merge would appear to hold both inputs whole.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.header, self.metadata = read_header(self.path)  # raises CheckpointError on a truncated file
-        self.file = open(self.path, "rb", buffering=0)
-        (header_len,) = struct.unpack("<Q", self.file.read(8))
-        self.data_start = 8 + header_len
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.header[key]["shape"])
-
-    def dtype(self, key: str) -> torch.dtype:
-        return DTYPES[self.header[key]["dtype"]]
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.get_flat(key).reshape(self.shape(key))
-
-    def get_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, as a 1-D tensor, reading only their bytes."""
-        dtype = self.dtype(key)
-        first, end = self.header[key]["data_offsets"]
-        size = dtype.itemsize
-        stop = (end - first) // size if stop is None else stop
-        out = torch.empty(stop - start, dtype=dtype)
-        if out.numel() == 0:
-            return out
-        self.file.seek(self.data_start + first + start * size)
-        if self.file.readinto(out.view(torch.uint8).numpy()) != out.numel() * size:
-            raise CheckpointError(f"{self.path}: truncated while reading {key}")
-        check_finite(out, self.path, key)
-        return out
-
-    def close(self) -> None:
-        self.file.close()
-
-
-DIFFUSERS_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
-                   "text_encoder": "text_encoder/model.safetensors", "text_encoder_2": "text_encoder_2/model.safetensors"}
-
-
-class DiffusersFolder:
-    """An SDXL diffusers folder read as if it were a single file: single-file names, tensors converted on read.
-
-    Each single-file tensor comes from a group of the folder's tensors through `minigen.sdxl.convert` (a rename; the
-    VAE attention's reshape; bigG's q, k, v fused and its projection transposed). Names and shapes are found by
-    converting meta tensors. Renamed and reshaped tensors keep their bytes, so chunks are read straight from the file;
-    the few converted ones are built whole (the last one is kept for the next chunk).
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.metadata: dict[str, str] = {}
-        missing = [rel for rel in DIFFUSERS_FILES.values() if not (self.path / rel).is_file()]
-        if missing:
-            raise CheckpointError(f"{self.path}: not an SDXL diffusers folder, it lacks {missing}")
-        self.files = {part: TensorFile(self.path / rel) for part, rel in DIFFUSERS_FILES.items()}
-        configs = {part: json.loads((self.path / part / "config.json").read_text()) for part in ("unet", "vae")}
-        converters = {"unet": lambda sd: convert.unet_to_single_file(sd, configs["unet"]),
-                      "vae": lambda sd: convert.vae_to_single_file(sd, configs["vae"]),
-                      "text_encoder": convert.clip_l_to_single_file, "text_encoder_2": convert.bigg_to_single_file}
-        self.sources: dict[str, tuple] = {}  # single-file key -> (converter, file, [its keys], renamed bytes as-is)
-        self.header: dict[str, torch.Tensor] = {}  # single-file key -> meta tensor (its shape and dtype)
-        self._last: tuple[str | None, torch.Tensor | None] = (None, None)  # the last tensor converted
-        for part, f in self.files.items():
-            for group in self._groups(f.keys()):
-                meta = {k: torch.empty(f.shape(k), dtype=f.dtype(k), device="meta") for k in group}
-                for key, t in converters[part](meta).items():
-                    plain = len(group) == 1 and t.numel() == meta[group[0]].numel() and not key.endswith("projection")
-                    self.sources[key] = (converters[part], f, group, plain)
-                    self.header[key] = t
-
-    @staticmethod
-    def _groups(keys: list[str]) -> list[list[str]]:
-        """One key per group, except bigG's q/k/v projections of a layer, which fuse into one tensor."""
-        groups: dict[str, list[str]] = {}
-        for k in keys:
-            groups.setdefault(re.sub(r"\.[qkv]_proj\.", ".qkv_proj.", k), []).append(k)
-        return list(groups.values())
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.header[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.header[key].dtype
-
-    def get(self, key: str) -> torch.Tensor:
-        convert_fn, f, group, _ = self.sources[key]
-        if self._last[0] != key:
-            self._last = (key, convert_fn({k: f.get(k) for k in group})[key].contiguous())
-        return self._last[1]
-
-    def get_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        _, f, group, plain = self.sources[key]
-        if plain:
-            return f.get_flat(group[0], start, stop)
-        return self.get(key).reshape(-1)[start:stop]
-
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-
-
-class LoadedCheckpoint:
-    """A pickled checkpoint (.ckpt, .pt, ...) behind TensorFile's interface. A pickle cannot be read tensor by tensor:
-    it is loaded whole by `io.load_weights` (weights_only=True), so it takes its size in memory."""
-
-    def __init__(self, path: str | os.PathLike, allow_pickle: bool):
-        self.path = Path(path)
-        self.header, self.metadata = load_weights(self.path, allow_pickle)  # name -> tensor
-        for key, tensor in self.header.items():
-            if tensor.dtype not in DTYPE_NAMES:
-                raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {tensor.dtype}, which safetensors "
-                                      f"cannot hold")
-            check_finite(tensor, self.path, key)
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.header[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.header[key].dtype
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.header[key]
-
-    def get_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.header[key].reshape(-1)[start:stop]
-
-    def close(self) -> None:
-        pass
-
-
-def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
-                    ) -> TensorFile | DiffusersFolder | LoadedCheckpoint:
-    """A single .safetensors file, an SDXL diffusers folder seen through single-file names, or a pickle (refused
-    unless `allow_pickle`)."""
-    path = Path(path)
-    if path.is_dir():
-        return DiffusersFolder(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return LoadedCheckpoint(path, allow_pickle)
-    return TensorFile(path)
-
-
-class DiffusersFolderWriter(AtomicWriter):
-    """`SafetensorsWriter`'s interface (tensors written by single-file name, in the order of `specs`) writing an SDXL
-    diffusers folder instead: each tensor goes through `convert.to_diffusers` (renamed; bigG's fused q/k/v split in
-    three, its projection transposed; the VAE attention's 1x1 convolutions made linear) into its part's file, which
-    one `SafetensorsWriter` per part streams. Keys no diffusers model holds (`convert.IGNORED_SINGLE_FILE_KEYS`) are
-    left out.
-
-    Names, shapes and the configs' agreement with them are settled from meta tensors before anything is written. The
-    folder is built in a temporary folder beside `path`, renamed to `path` by `close()`; an older diffusers folder
-    there is replaced then, and `abort()` deletes everything."""
-
-    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 metadata: dict[str, str], configs: dict[str, dict], tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]):
-        self.path = Path(path)
-        self.configs = configs
-        kind = convert.detect_model(specs)
-        if kind != "sdxl":
-            raise CheckpointError(f"a diffusers folder is written for SDXL only; this checkpoint is "
-                                  f"{MODEL_NAMES[kind]}")
-        if self.path.exists() and not (self.path.is_dir() and (not any(self.path.iterdir())
-                                                               or (self.path / "model_index.json").is_file())):
-            raise FileExistsError(f"{self.path} exists and is not a diffusers folder; refusing to replace it")
-        part_specs: dict[str, dict] = {part: {} for part in PARTS}  # part -> {diffusers key: (shape, dtype)}
-        for key, (shape, dtype) in specs.items():
-            for part, tensors in self._to_diffusers(key, torch.empty(shape, dtype=dtype, device="meta")).items():
-                part_specs[part] |= {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
-        for part in PARTS:
-            check_weights(part, configs[part], {k: torch.empty(shape, device="meta")
-                                                for k, (shape, _) in part_specs[part].items()}, str(self.path))
-        metadata = {**metadata, "format": "pt"}  # transformers refuses a safetensors file whose metadata lacks it
-        self.tmp = temp_folder_beside(self.path)
-        self.writers: dict[str, SafetensorsWriter] = {}
-        try:
-            save_diffusers_files(self.tmp, configs, tokenizers)
-            for part, rel in DIFFUSERS_FILES.items():
-                self.writers[part] = SafetensorsWriter(self.tmp / rel, part_specs[part], metadata)
-        except BaseException:
-            self.abort()
-            raise
-
-    def _to_diffusers(self, key: str, tensor: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        """{part: {diffusers key: tensor}} of one single-file tensor (empty for an ignored key)."""
-        try:
-            parts = convert.to_diffusers({key: tensor}, self.configs["unet"], self.configs["vae"])
-        except KeyError as e:
-            raise CheckpointError(f"cannot write {self.path} as a diffusers folder: {e.args[0]}") from None
-        return {part: tensors for part, tensors in parts.items() if tensors}
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        for part, tensors in self._to_diffusers(name, tensor).items():
-            for key, t in tensors.items():
-                self.writers[part].write(key, t)
-
-    def rewrite_metadata(self, metadata: dict[str, str]) -> None:
-        for writer in self.writers.values():
-            writer.rewrite_metadata({**metadata, "format": "pt"})
-
-    def close(self) -> None:
-        try:
-            for writer in self.writers.values():
-                writer.close()
-            replace_folder(self.tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-OUTPUT_FORMATS = ("single_file", "diffusers")
-
-
-def output_format_of(out: str | os.PathLike, output_format: str | None = None) -> str:
-    """The format asked for; by default a diffusers folder for an existing folder or a name not ending in
-    .safetensors, else a single file."""
-    out = Path(out)
-    if output_format is None:
-        return "diffusers" if out.is_dir() or out.suffix.lower() != ".safetensors" else "single_file"
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"unknown output format {output_format!r}; choose from {list(OUTPUT_FORMATS)}")
-    return output_format
-
-
-def _output_opener(out: Path, output_format: str | None, a: TensorFile | DiffusersFolder, configs: str) -> Callable:
-    """open(specs, metadata) -> the writer of `out`. A folder takes A's configs, scheduler and tokenizers when A is a
-    diffusers folder; a single file has none inside, so then they are the `configs` preset's and the bundled ones."""
-    if output_format_of(out, output_format) == "single_file":
-        return lambda specs, metadata: SafetensorsWriter(out, specs, metadata)
-    if isinstance(a, DiffusersFolder):
-        part_configs = read_diffusers_configs(a.path)
-        tokenizers = sdxl_tokenizers(a.path if (a.path / "tokenizer").is_dir() else None)
-    else:
-        part_configs, tokenizers = get_config(configs), sdxl_tokenizers()
-    return lambda specs, metadata: DiffusersFolderWriter(out, specs, metadata, part_configs, tokenizers)
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    """SHA-256 of a whole file, read in 16 MB pieces (the hash A1111 and civitai show for a model). For a diffusers
-    folder, of its four weight files' bytes one after the other (in DIFFUSERS_FILES order)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(chunk_bytes))
-    for file in [path / rel for rel in DIFFUSERS_FILES.values()] if path.is_dir() else [path]:
-        with open(file, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(buf[:n])
-    return h.hexdigest()
 
 
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -455,22 +174,6 @@ def check_same_model(files: list[TensorFile]) -> None:
                                   f"{f.path} is {MODEL_NAMES[kind]}")
 
 
-def check_output(out: Path, inputs: list[Path], nbytes: int) -> None:
-    """Refuse an output that is an input (same path, other spelling, symlink or hard link) or holds one, or that the
-    disk has no room for."""
-    for p in inputs:
-        if out.resolve() == p.resolve() or (out.exists() and os.path.samefile(out, p)):
-            raise ValueError(f"output {out} is one of the inputs; refusing to overwrite it")
-        if p.resolve().is_relative_to(out.resolve()):
-            raise ValueError(f"input {p} is inside the output folder {out}; refusing to replace that folder")
-    existing = out.parent
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if free < nbytes:
-        raise OSError(f"not enough free disk for {out}: needs {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-
-
 def _merge_tensor(step: _Step, method: Method, out_dtype: torch.dtype) -> torch.Tensor:
     """formula(inputs..., alpha), reading and computing CHUNK elements at a time: only the output is held whole.
 
@@ -546,7 +249,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
             report.merged += 1
             return _merge_tensor(step, method, dtype)
 
-        report.output_bytes = _stream_out(out, _output_opener(out, output_format, files[0], configs), inputs,
+        report.output_bytes = _stream_out(out, open_output(out, output_format, files[0], configs), inputs,
                                           files[0].metadata, {"type": "minigen", **asdict(recipe)}, specs, steps,
                                           produce, progress)
         return report
@@ -618,37 +321,10 @@ def _warn_about(report: MergeReport) -> None:
 
 # ------------------------------------------------------------------------------------------------- LoRA baking
 
-def lora_target_keys(keys: list[str]) -> dict[tuple[str, str], tuple[str, int | None]]:
-    """{(component, layer name as LoRA files write it): (checkpoint key, third of its rows or None)} of a single file.
-
-    kohya names are module paths with dots as underscores: the UNet's SGM paths (`input_blocks_4_1_..._to_q`) and the
-    text encoders' transformers paths (`text_model_encoder_layers_0_self_attn_q_proj`). bigG stores q, k and v fused
-    in one `in_proj_weight` (3 * width, width): its q/k/v LoRAs land on the first, second or third of those rows.
-    Dotted forms are registered too, for diffusers/peft files of the text encoders.
-    """
-    targets = {}
-    bigg_layer = re.compile(re.escape(BIGG_PREFIX) + r"transformer\.resblocks\.(\d+)\.(.+)")
-    for key in keys:
-        found = []  # (component, dotted layer name, third)
-        if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
-            found.append(("unet", key[len(UNET_PREFIX):-len(".weight")], None))
-        elif key.startswith(TE1_PREFIXES) and key.endswith(".weight"):
-            found.append(("te1", key.split(".transformer.", 1)[1][:-len(".weight")], None))
-        elif m := bigg_layer.fullmatch(key):
-            hf = f"text_model.encoder.layers.{m[1]}."
-            if m[2] == "attn.in_proj_weight":
-                found += [("te2", f"{hf}self_attn.{p}_proj", i) for i, p in enumerate("qkv")]
-            elif m[2].endswith(".weight") and m[2][:-len(".weight")] in BIGG_PARTS_TO_HF:
-                found.append(("te2", hf + BIGG_PARTS_TO_HF[m[2][:-len(".weight")]], None))
-        for component, name, third in found:
-            targets[(component, name)] = targets[(component, name.replace(".", "_"))] = (key, third)
-    return targets
-
-
 def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: list[tuple[Path, float]]
                  ) -> dict[str, list[tuple[int | None, float, torch.Tensor, torch.Tensor]]]:
     """{checkpoint key: [(third, ratio * alpha / rank, up (out, r), down (r, in...))]} from the LoRA files."""
-    targets = lora_target_keys(keys)
+    targets = lora_targets(keys)
     deltas: dict[str, list] = {}
     for path, ratio in loras:
         parsed, _, _ = read_lora(path)
@@ -706,7 +382,7 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
         inputs = {"A": Path(checkpoint)} | {f"LoRA{i}": p for i, (p, _) in enumerate(loras)}
         recipe = {"type": "minigen", "method": "bake_lora", "loras": [[p.name, r] for p, r in loras], "dtype": dtype}
         out = Path(out)
-        report.output_bytes = _stream_out(out, _output_opener(out, output_format, base, configs), inputs,
+        report.output_bytes = _stream_out(out, open_output(out, output_format, base, configs), inputs,
                                           base.metadata, recipe, specs, steps, produce, progress)
         return report
     finally:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import merge as merge_cli  # merge.py at the repository root (pytest's pythonpath)
 from cli_errors import assert_clean_error
-from minigen import merging
+from minigen import checkpoint_files, merging
 from minigen.io import CheckpointError, save_safetensors
 from minigen.merging import MergeRecipe, MergeWarning, merge_checkpoints
 
@@ -196,7 +196,7 @@ def test_truncated_input_refused_before_writing(abc, tmp_path):
 def test_too_little_disk_checked_before_writing(abc, tmp_path, monkeypatch):
     _, (pa, pb, _) = abc
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(merging.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr(checkpoint_files.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
     with pytest.raises(OSError, match="not enough free disk"):
         merge(pa, pb, tmp_path / "sub" / "out.safetensors")
     assert not (tmp_path / "sub").exists() or not list((tmp_path / "sub").iterdir())
@@ -429,7 +429,7 @@ def tiny_sdxl(tmp_path_factory):
         save_safetensors(to_single_file(sd["unet"], sd["vae"], sd["text_encoder"], sd["text_encoder_2"],
                                         config["unet"], config["vae"]), path)
     folder = tmp_path / "b_diffusers"
-    for part, rel in merging.DIFFUSERS_FILES.items():
+    for part, rel in checkpoint_files.DIFFUSERS_FILES.items():
         save_safetensors(states[1][part], folder / rel)
         (folder / part / "config.json").write_text(json.dumps(config[part]))
     return single, folder

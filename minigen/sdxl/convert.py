@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -194,7 +195,7 @@ def _is_vae_attention_weight(diffusers_key: str) -> bool:
 # ------------------------------------------------------------------------------------------------ text encoders
 
 # diffusers CLIPTextModel(WithProjection) layer part -> OpenCLIP resblock part (q/k/v are fused, handled apart)
-_BIGG_LAYER_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+BIGG_LAYER_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
                      "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 _BIGG_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
              "text_model.embeddings.position_embedding.weight": "positional_embedding",
@@ -233,7 +234,7 @@ def bigg_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
                         [sd[f"{pre}{p}_proj.{kind}"] for p in "qkv"], dim=0)
                 continue
             module, kind = part.rsplit(".", 1)
-            out[f"{block}.{_BIGG_LAYER_PARTS[module]}.{kind}"] = value
+            out[f"{block}.{BIGG_LAYER_PARTS[module]}.{kind}"] = value
         else:
             raise KeyError(f"text_encoder_2: no single-file name for {key!r}")
     return {BIGG_PREFIX + k: v for k, v in out.items()}
@@ -242,7 +243,7 @@ def bigg_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
 def bigg_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`conditioner.embedders.1.model.*` (prefix already removed or not) -> diffusers `text_encoder_2` keys."""
     top = {v: k for k, v in _BIGG_TOP.items()}
-    parts = {v: k for k, v in _BIGG_LAYER_PARTS.items()}
+    parts = {v: k for k, v in BIGG_LAYER_PARTS.items()}
     out = {}
     for key, value in state_dict.items():
         key = key.removeprefix(BIGG_PREFIX)
@@ -360,3 +361,35 @@ def detect_model(keys: Iterable[str]) -> str:
     if any(k.startswith(("down_blocks.", "unet.down_blocks.")) for k in keys):
         return "diffusers"
     return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------ LoRA targets
+
+TE1_PREFIXES = (CLIP_L_PREFIX, "cond_stage_model.transformer.")  # CLIP ViT-L in SDXL, in SD 1.x
+
+def lora_targets(keys: list[str]) -> dict[tuple[str, str], tuple[str, int | None]]:
+    """{(component, layer name as LoRA files write it): (checkpoint key, third of its rows or None)} of a single file.
+
+    kohya names are module paths with dots as underscores: the UNet's SGM paths (`input_blocks_4_1_..._to_q`) and the
+    text encoders' transformers paths (`text_model_encoder_layers_0_self_attn_q_proj`). bigG stores q, k and v fused
+    in one `in_proj_weight` (3 * width, width): its q/k/v LoRAs land on the first, second or third of those rows.
+    Dotted forms are registered too, for diffusers/peft files of the text encoders.
+    """
+    targets = {}
+    bigg_to_hf = {sf: hf for hf, sf in BIGG_LAYER_PARTS.items()}  # OpenCLIP module -> transformers module
+    bigg_layer = re.compile(re.escape(BIGG_PREFIX) + r"transformer\.resblocks\.(\d+)\.(.+)")
+    for key in keys:
+        found = []  # (component, dotted layer name, third)
+        if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
+            found.append(("unet", key[len(UNET_PREFIX):-len(".weight")], None))
+        elif key.startswith(TE1_PREFIXES) and key.endswith(".weight"):
+            found.append(("te1", key.split(".transformer.", 1)[1][:-len(".weight")], None))
+        elif m := bigg_layer.fullmatch(key):
+            hf = f"text_model.encoder.layers.{m[1]}."
+            if m[2] == "attn.in_proj_weight":
+                found += [("te2", f"{hf}self_attn.{p}_proj", i) for i, p in enumerate("qkv")]
+            elif m[2].endswith(".weight") and m[2][:-len(".weight")] in bigg_to_hf:
+                found.append(("te2", hf + bigg_to_hf[m[2][:-len(".weight")]], None))
+        for component, name, third in found:
+            targets[(component, name)] = targets[(component, name.replace(".", "_"))] = (key, third)
+    return targets
