@@ -46,7 +46,6 @@ from .sdxl.tokenizer import sdxl_tokenizers
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LORA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}  # file component -> SDXL part
 # The allowed values of LoRATrainConfig's numbers (see cli.check_fields); caption_dropout is checked apart.
 NUMBER_RANGES = {
     "prior_loss_weight": (0, None), "max_images": (0, None), "bucket_step": (8, None), "rank": (1, None),
@@ -239,12 +238,8 @@ class LoRATrainer:
                                                    "prediction_type": cfg.prediction_type})
         self.rng = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, caption dropout, crops (CPU: portable)
         torch.manual_seed(cfg.seed)  # LoRA init and dropout
-        self.models = {"unet": self.sdxl.unet}
-        if cfg.train_text_encoder:
-            self.models |= {"te1": self.sdxl.text_encoder, "te2": self.sdxl.text_encoder_2}
+        self.models = {c: m for c, m in self.sdxl.lora_components().items() if c == "unet" or cfg.train_text_encoder}
         alpha = cfg.alpha or None
-        for name, model in self.sdxl.models().items():
-            model.requires_grad_(False)
         add_lora(self.sdxl.unet, cfg.targets, cfg.rank, alpha, dropout=cfg.lora_dropout)
         for component in ("te1", "te2"):
             if component in self.models:

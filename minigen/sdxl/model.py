@@ -78,6 +78,10 @@ class SDXL:
     def models(self) -> dict[str, nn.Module]:
         return {part: getattr(self, part) for part in PARTS}
 
+    def lora_components(self) -> dict[str, nn.Module]:
+        """The parts a LoRA file can change, by the component names of minigen.lora_files."""
+        return {"unet": self.unet, "te1": self.text_encoder, "te2": self.text_encoder_2}
+
     def save_diffusers(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write a diffusers folder (what `StableDiffusionXLPipeline.from_pretrained` and `load_sdxl` read)."""
         folder = Path(folder)

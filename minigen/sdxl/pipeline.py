@@ -31,6 +31,7 @@ import torch
 from ..cli import naming
 from ..diffusion import SAMPLERS, NoiseSchedule, guided, sample
 from ..io import atomic_write
+from ..lora import remove_lora
 from ..lora_files import load_lora
 from .convert import unet_name_map
 from .model import SDXL, load_sdxl, read_json
@@ -79,7 +80,7 @@ def encode_prompt(sdxl: SDXL, prompts: Sequence[str], *, warn_truncated: bool = 
     return torch.cat(contexts, dim=-1), out.text_embeds  # (B, 77, 768 + 1280), (B, 1280) from encoder 2
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
+def unit_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded as diffusers' image processor does."""
     return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
 
@@ -123,14 +124,21 @@ class SDXLPipeline:
             force_zeros = index.get("force_zeros_for_empty_prompt", True)
         return cls(load_sdxl(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
 
-    def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> None:
+    def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> str:
         """Apply a LoRA file (kohya or diffusers/peft layout; UNet and/or text encoders) on top of the model, as
         its own adapter scaled by `multiplier`; several stack, as `sample.py --lora a:0.8 --lora b:0.5` does.
-        allow_pickle: accept a pickled file (.pt, .bin), loaded with weights_only=True."""
-        models = {"unet": self.sdxl.unet, "te1": self.sdxl.text_encoder, "te2": self.sdxl.text_encoder_2}
+        allow_pickle: accept a pickled file (.pt, .bin), loaded with weights_only=True.
+        Returns the adapter's name, for `remove_lora`."""
         self.loras += 1
-        load_lora(path, models, name=f"lora{self.loras}", multiplier=multiplier,
+        name = f"lora{self.loras}"
+        load_lora(path, self.sdxl.lora_components(), name=name, multiplier=multiplier,
                   unet_names=unet_name_map(self.sdxl.unet.config), allow_pickle=allow_pickle)
+        return name
+
+    def remove_lora(self, name: str) -> None:
+        """Take the adapter `add_lora` named `name` off the model: its outputs are the base model's again."""
+        for model in self.sdxl.lora_components().values():
+            remove_lora(model, name)
 
     @property
     def vae_scale(self) -> int:
@@ -203,4 +211,4 @@ class SDXLPipeline:
         vae_param = vae.post_quant_conv.weight
         images = vae.decode((latents / vae.scaling_factor).to(vae_param.device, vae_param.dtype))  # (B, 3, H, W)
         images = (images.float() * 0.5 + 0.5).clamp(0, 1).cpu()
-        return to_uint8(images) if output == "uint8" else images
+        return unit_to_uint8(images) if output == "uint8" else images
