@@ -27,7 +27,7 @@ from . import metrics
 from .data import ImageFolder, cache_dir, list_images, resolve_dataset
 from .gan_trainer import EpochHook, GANConfig, GANTrainer, noise_batches
 from .inception import FEATURE_DIMS, load_inception
-from .plot import to_uint8
+from .plot import signed_to_uint8
 
 SAMPLE_BATCH = 64  # generator batch: with batch-statistics sampling, the batch size changes the images
 
@@ -78,7 +78,7 @@ def fid_hook(cfg: GANConfig, model: torch.nn.Module | None = None, progress: boo
         if trainer.epoch % cfg.fid_every:
             return {}
         samples = [image for z in noise_batches(cfg.fid_samples, cfg.nz, SAMPLE_BATCH, cfg.seed)
-                   for image in to_uint8(trainer.generate(z))]  # N x (H, W, 3) uint8, as the PNGs of --sample
+                   for image in signed_to_uint8(trainer.generate(z))]  # N x (H, W, 3) uint8, as the PNGs of --sample
         features = metrics.extract_features(model, samples, (dims,), progress=progress)
         mu, sigma = metrics.statistics(features[dims])
         return {"fid": metrics.frechet_distance(mu, sigma, train_mu, train_sigma)}

@@ -23,7 +23,7 @@ COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 15
            (120, 120, 120), (240, 228, 66)]
 
 
-def to_uint8(images) -> np.ndarray:
+def signed_to_uint8(images) -> np.ndarray:
     """(N, 3, H, W) float in [-1, 1] or uint8, tensor or array -> uint8 array (N, H, W, 3)."""
     x = torch.as_tensor(images).detach().cpu()
     if x.ndim == 3:
@@ -42,7 +42,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> None:
 
 def make_grid(images, nrow: int = 8, padding: int = 2, background: int = 255) -> Image.Image:
     """Tile N images into rows of `nrow`, `padding` pixels apart."""
-    pixels = to_uint8(images)  # (N, H, W, 3)
+    pixels = signed_to_uint8(images)  # (N, H, W, 3)
     n, h, w, _ = pixels.shape
     cols = max(1, min(nrow, n))
     rows = math.ceil(n / cols)

@@ -20,7 +20,7 @@ import train_gan
 from minigen import gan_fid, inception, metrics
 from minigen.data import ImageFolder
 from minigen.gan_trainer import GANConfig, GANTrainer, noise_batches
-from minigen.plot import to_uint8
+from minigen.plot import signed_to_uint8
 
 N_IMAGES = 71
 TINY = dict(size=(32, 32), ngf=4, ndf=4, nz=8, batch=64, grid=4, fid_every=1, fid_samples=N_IMAGES, fid_dims=64)
@@ -77,7 +77,7 @@ def test_hook_value_is_frechet_distance_of_the_same_images(folder, model):
 
     # The same computation by hand, through extract_features' tensor path (the hook uses the uint8-array path).
     fakes = torch.cat([trainer.generate(z) for z in noise_batches(N_IMAGES, cfg.nz, 64, cfg.seed)])
-    fakes = torch.from_numpy(to_uint8(fakes)).permute(0, 3, 1, 2).float() / 255  # (N, 3, 32, 32), 8-bit levels
+    fakes = torch.from_numpy(signed_to_uint8(fakes)).permute(0, 3, 1, 2).float() / 255  # (N, 3, 32, 32), 8-bit levels
     reals = ImageFolder(folder, cfg.size, progress=False).images.float() / 255  # (N, 3, 32, 32)
     stats = [metrics.statistics(metrics.extract_features(model, x, ("64",), progress=False)["64"])
              for x in (fakes, reals)]
