@@ -76,6 +76,9 @@ def open_input(path: str, args) -> dict:
     if found < 2:
         raise ValueError(f"{path}: FID needs at least 2 images (the covariance of one sample is undefined), "
                          f"found {found}")
+    if args.inception_score and found < metrics.IS_SPLITS:
+        raise ValueError(f"{path}: the Inception Score needs at least {metrics.IS_SPLITS} images "
+                         f"({metrics.IS_SPLITS} splits), found {found}")
     return {"folder": path}
 
 
@@ -132,7 +135,10 @@ def run(args) -> dict:
     if not args.no_fid:
         sources = [open_input(path, args) for path in args.paths]  # both checked before any image is decoded
         a, b = (measure(source, get_model, args) for source in sources)
-        results["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], progress=True)
+        try:
+            results["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], progress=True)
+        except ValueError as e:
+            raise ValueError(f"FID of {args.paths[0]} and {args.paths[1]}: {e}") from None
         results["dims"] = args.dims
         results["images"] = [a.get("images"), b.get("images")]
         results["skipped"] = [a.get("skipped", 0), b.get("skipped", 0)]

@@ -44,6 +44,7 @@ from .data import list_images, open_rgb, to_rgb
 from .io import atomic_write
 
 INCEPTION_SIZE = 299
+IS_SPLITS = 10  # torch-fidelity's default number of Inception Score splits
 MODES = ("pytorch-fid", "clean")
 
 
@@ -279,6 +280,7 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> No
         np.savez_compressed(f, mu=mu, sigma=sigma)
 
 
+ZIP_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"  # how an .npz (a zip archive) and an .npy file begin
 # What np.load and reading an archive's members raise on a damaged file: zipfile, zlib and numpy's own format errors.
 NPZ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
 
@@ -288,14 +290,18 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     .npz archive, missing arrays, pickled (object) arrays, other shapes, NaN/inf values, a non-symmetric sigma."""
     if Path(path).is_dir():
         raise IsADirectoryError(errno.EISDIR, "a folder, not an .npz statistics file", str(path))
+    with open(path, "rb") as f:
+        start = f.read(6)
+    # np.load tells the formats apart by these first bytes, and reads anything else as a pickle
+    if start.startswith(NPY_MAGIC):
+        raise ValueError(f"{path}: expected an .npz archive with 'mu' and 'sigma', found a single array (.npy)")
+    if not start.startswith(ZIP_MAGIC):
+        raise ValueError(f"{path}: not a readable .npz file (an .npz is a zip archive; this file does not start "
+                         f"like one)")
     try:
         archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise
     except NPZ_ERRORS as e:
         raise ValueError(f"{path}: not a readable .npz file ({e})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: expected an .npz archive with 'mu' and 'sigma', found a single array")
     with archive:
         missing = {"mu", "sigma"} - set(archive.files)
         if missing:
@@ -352,7 +358,7 @@ def kid(features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset
     return float(np.mean(values)), float(np.std(values))
 
 
-def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
+def inception_score(logits: np.ndarray | torch.Tensor, splits: int = IS_SPLITS, seed: int = 2020) -> tuple[float, float]:
     """Inception Score exp(E[KL(p(y|x) || p(y))]): mean and std over `splits` parts, torch-fidelity's way.
 
     Rows are shuffled with RandomState(seed) first, computed in float64. torch-fidelity feeds the classifier's
