@@ -135,7 +135,7 @@ def test_tiny_run_logs_and_plots_fid_across_a_resume_and_matches_fid_py(folder, 
                            "--out", str(fake)]) == 0
     (stats,) = (tmp_path / "cache" / "fid_stats").glob("*.npz")
     capsys.readouterr()
-    from_fid_py = fid.main([str(stats), str(fake), "--dims", "64", "--device", "cpu"])["fid"]
+    from_fid_py = fid.compute([str(stats), str(fake), "--dims", "64", "--device", "cpu"])["fid"]
 
     # The flags live in the checkpoint's settings: the resumed run keeps measuring without them.
     assert train_gan.main(["--resume", str(out / "checkpoint.safetensors"), "--epochs", "2", "--quiet"]) == 0
@@ -152,7 +152,7 @@ def test_missing_weights_stop_before_training(folder, tmp_path, capsys, monkeypa
     monkeypatch.setattr(train_gan, "train", lambda *a, **k: pytest.fail("training started without weights"))
     out = tmp_path / "run"
     assert train_gan.main(["--data", str(folder), "--out", str(out), "--epochs", "1", "--fid-every", "1",
-                           *TINY_FLAGS]) == 1
+                           *TINY_FLAGS]) == 2
     err = capsys.readouterr().err
     assert "--fid-every needs the FID Inception weights" in err and "make fid-weights" in err
     assert not out.exists()
@@ -163,5 +163,5 @@ def test_missing_weights_stop_before_training(folder, tmp_path, capsys, monkeypa
                                                    ("--fid-every", "-1", "--fid-every must be")])
 def test_bad_fid_flags_are_named(folder, tmp_path, capsys, flag, value, message):
     args = ["--data", str(folder), "--out", str(tmp_path), "--fid-every", "1", *TINY_FLAGS, flag, value]
-    assert train_gan.main(args) == 1
+    assert train_gan.main(args) == 2
     assert message in capsys.readouterr().err
