@@ -89,11 +89,7 @@ def check_output(path: str) -> None:
     out = Path(path)
     if out.exists() or out.is_symlink():
         raise FileExistsError(errno.EEXIST, "exists; not overwriting it", path)
-    ancestor = out.parent
-    while not ancestor.exists():  # atomic_write creates the missing folders; the first existing one must be a folder
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a folder, so it cannot hold the statistics", str(ancestor))
+    cli.check_can_create(out)  # atomic_write makes missing folders; an existing file on the way is refused
 
 
 def measure(source: dict, get_model, args) -> dict:

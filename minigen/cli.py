@@ -9,8 +9,10 @@ such as CheckpointError, OSError, TrainingDiverged); only `entry` below turns th
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -88,6 +90,18 @@ def number(kind: type = float, lo: float | None = None, hi: float | None = None)
 
 
 seed_number = number(int, *SEED_RANGE)
+
+
+# ---- output paths ----
+
+def check_can_create(path: str | os.PathLike) -> None:
+    """Refuse an output path that cannot be made, before any work: the nearest part of it that exists must be a
+    folder (a folder is created below it; an existing file is what is wrong). Long names raise ENAMETOOLONG here."""
+    ancestor = Path(path)
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if ancestor != Path(path) and not ancestor.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder, so nothing can be written below it", str(ancestor))
 
 
 # ---- device, dtype and threads ----
