@@ -104,6 +104,8 @@ def prompt_file_lines(path: Path) -> list[str]:
 
 def existing_folder(name: str | os.PathLike, role: str) -> Path:
     """resolve_dataset (a folder, or a built-in dataset name), its error naming what the folder is for."""
+    if Path(name).is_file():
+        raise NotADirectoryError(errno.ENOTDIR, f"a file; the {role} must be a folder of images", str(name))
     try:
         return resolve_dataset(name)
     except FileNotFoundError:
@@ -205,12 +207,12 @@ def check_numbers(settings: Settings, num_images: int, batch_size: int, max_prom
             check_number(name, value, 1)
 
 
-def check_counts(n_reference: int, n_generated: int, dims: int, can_score: bool, is_splits: int) -> None:
-    """Refuse counts no metric can use and warn, naming the number needed, when a metric will be unreliable."""
+def check_counts(reference: Path, n_reference: int, n_generated: int, dims: int) -> None:
+    """Refuse counts FID and KID cannot use and warn, naming the number needed, when they will be unreliable."""
     smallest = min(n_reference, n_generated)
     if smallest < 2:
-        raise ValueError(f"FID and KID need at least 2 images in each set; got {n_reference} reference and "
-                         f"{n_generated} generated per model")
+        raise ValueError(f"FID and KID need at least 2 images in each set; got {n_reference} reference (in "
+                         f"{reference}) and {n_generated} generated per model (prompts x --num)")
     needed = dims + 1
     if smallest < needed:
         warnings.warn(f"FID from {n_reference} reference and {n_generated} generated images per model: it needs at "
@@ -219,9 +221,6 @@ def check_counts(n_reference: int, n_generated: int, dims: int, can_score: bool,
     if smallest < KID_SUBSET:
         warnings.warn(f"KID subsets of {smallest} images instead of {KID_SUBSET}: fewer than {KID_SUBSET} "
                       f"reference or generated images", stacklevel=3)
-    if can_score and n_generated < is_splits:
-        warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
-                      f"got {n_generated}", stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------- generation
@@ -373,8 +372,11 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
         raise FileNotFoundError(errno.ENOENT, "no such model (an SDXL diffusers folder or single file)", str(model))
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
+    check_counts(reference, n_reference, len(items), dims)
     net = fid_inception.load_inception(inception_weights, device)  # small: its errors come before the SDXL load
-    check_counts(n_reference, len(items), dims, net.has_classifier, is_splits)
+    if net.has_classifier and len(items) < is_splits:
+        warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
+                      f"got {len(items)}", stacklevel=2)
     pipe = model if isinstance(model, SDXLPipeline) else SDXLPipeline.from_pretrained(model, dtype, device)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)
