@@ -103,7 +103,8 @@ def measure(source: dict, get_model, args) -> dict:
         mu, sigma = metrics.statistics(feats[str(args.dims)])
         score = metrics.inception_score(feats["logits_unbiased"]) if args.inception_score else None
     except ValueError as e:
-        raise ValueError(f"{path}: {e} ({len(feats.skipped)} unreadable images skipped)") from None
+        skipped = f" ({len(feats.skipped)} unreadable images skipped)" if feats.skipped else ""
+        raise ValueError(f"{path}: {e}{skipped}") from None
     return {"mu": mu, "sigma": sigma, "features": feats[str(args.dims)], "images": len(feats),
             "skipped": len(feats.skipped), "is": score}
 

@@ -275,9 +275,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, progress: bool = False) -> float:
 
 
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write `mu` and `sigma` to an .npz that pytorch-fid reads (np.savez_compressed, atomically)."""
-    with atomic_write(path) as f:
-        np.savez_compressed(f, mu=mu, sigma=sigma)
+    """Write `mu` and `sigma` to an .npz that pytorch-fid reads (np.savez_compressed, atomically). An OS error
+    while writing (a full disk) names the file; nothing is left behind."""
+    try:
+        with atomic_write(path) as f:
+            np.savez_compressed(f, mu=mu, sigma=sigma)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 ZIP_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"  # how an .npz (a zip archive) and an .npy file begin

@@ -8,6 +8,7 @@ network's first block, so each case takes a fraction of a second.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import pickle
 from pathlib import Path
@@ -222,3 +223,17 @@ def test_the_corpus_is_fine_when_the_input_is(corpus, capsys):
     assert metrics.load_stats(out)[0].shape == (64,)
     out.unlink()
     out.parent.rmdir()
+
+
+def test_a_full_disk_while_saving_statistics_leaves_nothing(corpus, capsys, monkeypatch):
+    """ENOSPC in the middle of writing the .npz: a clean error naming the file, no partial or temporary file."""
+    def write_then_fail(f, **arrays):
+        f.write(b"PK\x03\x04 half an archive")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", write_then_fail)
+    before = snapshot(corpus)
+    assert_clean_error(fid.main, ["--save-stats", str(corpus / "images"), str(corpus / "full.npz"), "--dims", "64",
+                                  "--weights", str(corpus / "inception.safetensors")], capsys,
+                       "full.npz", "No space left on device")
+    assert snapshot(corpus) == before
