@@ -10,8 +10,9 @@ Built only from the pieces: `SDXLPipeline` generates (image i of a prompt comes 
 Prompts are encoded once with the base text encoders and reused for every LoRA that leaves them alone (a LoRA with
 text-encoder layers re-encodes with its own); each batch holds several prompts.
 
-A training run's folder stands for its checkpoints: every `*.safetensors` in it, ordered by epoch, read from kohya's
-`ss_epoch` metadata or else from the file name (`name-000003.safetensors`, `...epoch3...`, `...epoch_03...`).
+A training run's folder stands for its checkpoints: every LoRA file in it (told by content: the trainer's own
+checkpoint.safetensors beside them is skipped), ordered by epoch. A LoRA's epoch, in a folder or given alone, is read
+from kohya's `ss_epoch` metadata or else from the file name (`name-000003.safetensors`, `...epoch3...`).
 
 Writes into `out`: images/<model>/<prompt>-<seed>.png, results.md and results.json (one row per model),
 grid-seed<seed>.png (rows: prompts, columns: models), and fid_per_epoch.png when epochs are known.
