@@ -26,27 +26,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE] or RUN_FOLDER",
                    help="a LoRA file and its multiplier, or a run folder of epoch checkpoints; repeatable")
     p.add_argument("--prompts", required=True, help="prompt file (one a line) or captioned dataset folder")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--max-prompts", type=cli.number(int, 1), default=None, help="use only the first N prompts")
     p.add_argument("--ref", required=True, help="reference image folder (or built-in dataset) for FID and KID")
-    p.add_argument("--num", type=int, default=1, help="images per prompt; image i uses seed SEED+i")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=cli.number(int, 1), default=1, help="images per prompt; image i uses seed SEED+i")
+    p.add_argument("--seed", type=cli.seed_number, default=0)
     p.add_argument("--negative", default=None, help="negative prompt (default: none, zero embeddings as SDXL)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale; <= 1 turns it off")
-    p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--steps", type=cli.number(int, 1), default=30)
+    p.add_argument("--cfg", type=cli.number(float), default=5.0, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--sampler", default="euler", choices=SAMPLERS)
     p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, dpmpp_2m)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4, help="images generated together (several prompts)")
+    p.add_argument("--height", type=cli.number(int, 8), default=1024, help="a multiple of 8")
+    p.add_argument("--width", type=cli.number(int, 8), default=1024, help="a multiple of 8")
+    p.add_argument("--batch-size", type=cli.number(int, 1), default=4, help="images generated together (several prompts)")
     p.add_argument("--inception-weights", default=None,
                    help="FID Inception weights (default: minigen's cache or pytorch-fid's; see fid.py)")
     p.add_argument("--dims", type=int, default=2048, choices=FEATURE_DIMS,
                    help="Inception features for FID and KID (default 2048, the pool3 features of published FIDs)")
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (needs that many images)")
-    p.add_argument("--grid-prompts", type=int, default=8, help="prompts (rows) shown in each grid")
+    p.add_argument("--is-splits", type=cli.number(int, 1), default=10, help="Inception Score splits (needs that many images)")
+    p.add_argument("--grid-prompts", type=cli.number(int, 1), default=8, help="prompts (rows) shown in each grid")
     p.add_argument("--out", default="outputs/eval")
     cli.add_device_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("height", "width"):
+        if getattr(args, name) % 8:
+            p.error(f"--{name} must be a multiple of 8 (the VAE's scale), got {getattr(args, name)}")
+    if args.seed + args.num - 1 > cli.SEED_RANGE[1]:
+        p.error(f"--seed {args.seed} with --num {args.num} uses seeds up to {args.seed + args.num - 1}, past "
+                f"the largest, {cli.SEED_RANGE[1]}")
+    return args
 
 
 @cli.entry("eval.py")

@@ -12,6 +12,7 @@ Prints a short table and one JSON line with every number.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 from minigen import cli, inception, metrics
+from minigen.io import check_can_create
+from minigen.data import list_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,28 +44,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-fid", action="store_true", help="skip the Inception metrics (e.g. only --psnr)")
     p.add_argument("--fetch-weights", action="store_true", help="download and convert the weights, then exit")
     args = p.parse_args(argv)
-    if not args.fetch_weights and len(args.paths) != 2:
+    if args.fetch_weights:
+        return args
+    if len(args.paths) != 2:
         p.error("give two paths: folders or .npz files (or --fetch-weights)")
+    if args.save_stats and (args.no_fid or args.kid or args.inception_score or args.psnr):
+        p.error("--save-stats writes the first path's statistics only: drop --no-fid, --kid, --is and --psnr")
+    if args.no_fid and not args.psnr:
+        p.error("--no-fid leaves nothing to compute: add --psnr")
     return args
 
 
-def measure(path: str, get_model, args) -> dict:
-    """Statistics (and KID features / IS logits when asked) of one folder or .npz."""
-    if path.endswith(".npz"):
-        if args.kid or args.inception_score:
-            raise ValueError(f"{path}: KID and IS need images, not .npz statistics")
+def is_npz(path: str) -> bool:
+    return path.lower().endswith(".npz")
+
+
+def open_input(path: str, args) -> dict:
+    """Check one input before any image is decoded or the network loads: an .npz's statistics (read now), or a
+    folder holding at least 2 images."""
+    if not Path(path).exists():
+        raise FileNotFoundError(errno.ENOENT, "no such folder or file", path)
+    if is_npz(path):
+        if args.kid or args.inception_score or args.psnr:
+            raise ValueError(f"{path}: KID, IS and PSNR need images, not .npz statistics")
         mu, sigma = metrics.load_stats(path)
         if len(mu) != args.dims:
             raise ValueError(f"{path} holds {len(mu)}-d statistics but --dims is {args.dims}")
         return {"mu": mu, "sigma": sigma}
+    if not Path(path).is_dir():
+        raise ValueError(f"{path}: a file; expected a folder of images or an .npz statistics file")
+    found = len(list_images(path))  # an error if there are none
+    if found < 2:
+        raise ValueError(f"{path}: FID needs at least 2 images (the covariance of one sample is undefined), "
+                         f"found {found}")
+    if args.inception_score and found < metrics.IS_SPLITS:
+        raise ValueError(f"{path}: the Inception Score needs at least {metrics.IS_SPLITS} images "
+                         f"({metrics.IS_SPLITS} splits), found {found}")
+    return {"folder": path}
+
+
+def check_output(path: str) -> None:
+    """Refuse a --save-stats target that exists or cannot be created, before the images are measured."""
+    if not is_npz(path):
+        raise ValueError(f"{path}: statistics are written as .npz, the only suffix pytorch-fid reads")
+    out = Path(path)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(errno.EEXIST, "exists; not overwriting it", path)
+    check_can_create(out)  # atomic_write makes missing folders; an existing file on the way is refused
+
+
+def measure(source: dict, get_model, args) -> dict:
+    """Statistics (and KID features / IS logits when asked) of an input `open_input` checked."""
+    if "folder" not in source:
+        return source
+    path = source["folder"]
     outputs = (str(args.dims),) + (("logits_unbiased",) if args.inception_score else ())
     feats = metrics.extract_features(get_model(), path, outputs, args.batch_size, args.workers, args.mode)
-    mu, sigma = metrics.statistics(feats[str(args.dims)])
-    result = {"mu": mu, "sigma": sigma, "features": feats[str(args.dims)], "images": len(feats),
-              "skipped": len(feats.skipped)}
-    if args.inception_score:
-        result["is"] = metrics.inception_score(feats["logits_unbiased"])
-    return result
+    try:  # too few readable images: name the folder
+        mu, sigma = metrics.statistics(feats[str(args.dims)])
+        score = metrics.inception_score(feats["logits_unbiased"]) if args.inception_score else None
+    except ValueError as e:
+        skipped = f" ({len(feats.skipped)} unreadable images skipped)" if feats.skipped else ""
+        raise ValueError(f"{path}: {e}{skipped}") from None
+    return {"mu": mu, "sigma": sigma, "features": feats[str(args.dims)], "images": len(feats),
+            "skipped": len(feats.skipped), "is": score}
 
 
 def run(args) -> dict:
@@ -71,10 +116,6 @@ def run(args) -> dict:
         path = inception.fetch_weights()
         print(f"wrote {path}")
         return {"weights": str(path)}
-    for path in args.paths[: 1 if args.save_stats else 2]:
-        if not Path(path).exists():
-            raise FileNotFoundError(2, "no such folder or file", path)
-    results: dict = {}
     models = []
 
     def get_model():  # loaded on first use: two .npz files need no Inception at all
@@ -82,15 +123,20 @@ def run(args) -> dict:
             models.append(inception.load_inception(args.weights, args.device, args.inception_score))
         return models[0]
 
+    if args.save_stats:
+        source = open_input(args.paths[0], args)
+        check_output(args.paths[1])
+        a = measure(source, get_model, args)
+        metrics.save_stats(args.paths[1], a["mu"], a["sigma"])
+        return {"images": a.get("images"), "skipped": a.get("skipped"), "stats": args.paths[1]}
+    results: dict = {}
     if not args.no_fid:
-        if args.save_stats:
-            if Path(args.paths[1]).exists():
-                raise FileExistsError(17, "exists; not overwriting it", args.paths[1])
-            a = measure(args.paths[0], get_model, args)
-            metrics.save_stats(args.paths[1], a["mu"], a["sigma"])
-            return {"images": a.get("images"), "skipped": a.get("skipped"), "stats": args.paths[1]}
-        a, b = (measure(p, get_model, args) for p in args.paths)
-        results["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+        sources = [open_input(path, args) for path in args.paths]  # both checked before any image is decoded
+        a, b = (measure(source, get_model, args) for source in sources)
+        try:
+            results["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], progress=True)
+        except ValueError as e:
+            raise ValueError(f"FID of {args.paths[0]} and {args.paths[1]}: {e}") from None
         results["dims"] = args.dims
         results["images"] = [a.get("images"), b.get("images")]
         results["skipped"] = [a.get("skipped", 0), b.get("skipped", 0)]

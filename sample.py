@@ -5,7 +5,7 @@
 
 --model: a diffusers folder or a single-file checkpoint. One `--seed` draws the noise of the whole batch (as
 diffusers' `generator=torch.Generator("cpu").manual_seed(seed)` with `num_images_per_prompt`); with no seed a random
-one is chosen and printed. Images are written as <out>/<seed>-<i>.png.
+one is chosen and printed. Images are written as <out>/<seed>-000.png, <seed>-001.png, ...
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 import torch
 
 from minigen import cli
+from minigen.io import check_can_create
 from minigen.diffusion import SAMPLERS
 from minigen.lora_files import parse_lora_spec
 from minigen.sdxl.pipeline import SDXLPipeline, check_settings, save_images
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     cli.apply_threads(args.threads)
     cli.check_device(args.device)
     check_settings(args.sampler, args.steps, args.height, args.width, args.num)  # before loading gigabytes
-    cli.check_output_folder(args.out)
+    check_can_create(args.out, folder=True, what="--out")
     loras = [parse_lora_spec(spec) for spec in args.lora]
     pipe = SDXLPipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device,
                                         allow_pickle=args.allow_pickle)

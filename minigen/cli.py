@@ -9,12 +9,9 @@ such as CheckpointError, OSError, TrainingDiverged); only `entry` below turns th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import errno
 import functools
 import math
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -153,32 +150,6 @@ def check_device(device: str) -> None:
 
 
 # ---- output paths ----
-
-def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
-    """Refuse an output folder that could never be made, before any work: a file in its place or above it, or a
-    name longer than the file system allows. Creates nothing."""
-    path = Path(path)
-    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
-    if not os.path.isdir(existing):
-        raise NotADirectoryError(errno.ENOTDIR, f"{flag} {path} needs a folder here, but this is a file",
-                                 str(existing))
-    longest = os.pathconf(existing, "PC_NAME_MAX")
-    for part in path.relative_to(existing).parts:
-        if len(os.fsencode(part)) > longest:
-            raise OSError(errno.ENAMETOOLONG, f"{flag}: a name is longer than {longest} bytes", part[:40] + "...")
-
-
-@contextlib.contextmanager
-def naming(path: str | os.PathLike):
-    """Give an OSError raised inside without a file name (a full disk during write or fsync) the name of `path`,
-    so the one-line message says which file could not be written."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-
 
 # ---- presets and saved settings under the command line ----
 

@@ -10,8 +10,9 @@ Built only from the pieces: `SDXLPipeline` generates (image i of a prompt comes 
 Prompts are encoded once with the base text encoders and reused for every LoRA that leaves them alone (a LoRA with
 text-encoder layers re-encodes with its own); each batch holds several prompts.
 
-A training run's folder stands for its checkpoints: every `*.safetensors` in it, ordered by epoch, read from kohya's
-`ss_epoch` metadata or else from the file name (`name-000003.safetensors`, `...epoch3...`, `...epoch_03...`).
+A training run's folder stands for its checkpoints: every LoRA file in it (told by content: the trainer's own
+checkpoint.safetensors beside them is skipped), ordered by epoch. A LoRA's epoch, in a folder or given alone, is read
+from kohya's `ss_epoch` metadata or else from the file name (`name-000003.safetensors`, `...epoch3...`).
 
 Writes into `out`: images/<model>/<prompt>-<seed>.png, results.md and results.json (one row per model),
 grid-seed<seed>.png (rows: prompts, columns: models), and fid_per_epoch.png when epochs are known.
@@ -19,6 +20,7 @@ grid-seed<seed>.png (rows: prompts, columns: models), and fid_per_epoch.png when
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -35,10 +37,12 @@ from tqdm import tqdm
 
 from . import inception as fid_inception
 from . import metrics
-from .data import list_images, open_rgb, resolve_dataset
-from .io import atomic_write, read_header
+from .captions import read_caption
+from .cli import check_number
+from .data import BUILTIN_DATASETS, list_images, open_rgb, resolve_dataset
+from .io import atomic_write, check_can_create, read_header
 from .lora import remove_lora
-from .lora_files import parse_lora_spec, read_lora, resolve_lora
+from .lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
 from .plot import make_grid, plot_curves, save_png
 from .sdxl.convert import unet_name_map
 from .sdxl.pipeline import SDXLPipeline, check_settings
@@ -76,16 +80,38 @@ def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[st
     have sidecar `.txt` captions (kohya's layout). At most `limit` prompts."""
     path = Path(source)
     if path.is_file():
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in prompt_file_lines(path) if line.strip()]
     else:
-        folder = resolve_dataset(source)
+        folder = existing_folder(source, "prompts")
         captions = [p.with_suffix(".txt") for p in list_images(folder)]
-        prompts = [c.read_text(encoding="utf-8").strip() for c in captions if c.is_file()]
+        prompts = [read_caption(c) for c in captions if c.is_file()]  # as training reads them: any encoding
         prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"no prompts in {source}: a prompt file needs one prompt per line, a dataset folder "
                          f"a .txt caption beside its images")
     return prompts[:limit]
+
+
+def prompt_file_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 prompt file (a byte-order mark is allowed); other encodings are an error naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"prompt file {path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                         f"save it as UTF-8") from None
+
+
+def existing_folder(name: str | os.PathLike, role: str) -> Path:
+    """resolve_dataset (a folder, or a built-in dataset name), its error naming what the folder is for."""
+    if Path(name).is_file():
+        raise NotADirectoryError(errno.ENOTDIR, f"a file; the {role} must be a folder of images", str(name))
+    try:
+        return resolve_dataset(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{role} {str(name)!r}: no such file, folder or built-in dataset "
+                                f"({', '.join(BUILTIN_DATASETS)})") from None
 
 
 EPOCH_IN_NAME = (re.compile(r"epoch\D*(\d+)", re.IGNORECASE), re.compile(r"-(\d+)$"))
@@ -103,13 +129,31 @@ def epoch_of(path: Path) -> int | None:
     return None
 
 
+def lora_files(folder: Path) -> list[Path]:
+    """The LoRA files of a run folder, told by their contents (read_lora parses them), not their names: a training
+    run also holds the trainer's checkpoint.safetensors (LoRA weights beside optimizer state). Other files are
+    skipped with a warning naming them."""
+    files, skipped = [], {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            read_lora(f)
+        except LoRAFileError as e:
+            skipped[f.name] = str(e)
+            continue
+        files.append(f)
+    if skipped:
+        warnings.warn(f"run folder {folder}: skipping {len(skipped)} file(s) that are not LoRA files: "
+                      + "; ".join(f"{name} ({reason[:120]})" for name, reason in skipped.items()), stacklevel=3)
+    if not files:
+        raise FileNotFoundError(f"run folder {folder} has no LoRA files (*.safetensors"
+                                + (f"; {', '.join(skipped)} are not LoRA files)" if skipped else ")"))
+    return files
+
+
 def run_checkpoints(folder: Path, multiplier: float = 1.0) -> list[Candidate]:
     """A training run's LoRA checkpoints, ordered by epoch (files with no known epoch last, by name)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"run folder {folder} has no checkpoints (*.safetensors)")
     found: dict[int | None, list[Candidate]] = {}
-    for f in files:
+    for f in lora_files(folder):
         epoch = epoch_of(f)
         if epoch is not None and epoch in found:  # e.g. kohya's final file beside its last per-epoch one
             warnings.warn(f"{f.name} and {found[epoch][0].lora.name} both hold epoch {epoch}; evaluating "
@@ -128,7 +172,8 @@ def candidates(lora_specs: Sequence[str]) -> list[Candidate]:
         if path.is_dir():
             rows += run_checkpoints(path, multiplier)
         elif path.is_file():
-            rows.append(Candidate(path.stem, path, multiplier))
+            read_lora(path)  # a file that is not a LoRA is refused now, before any model loads
+            rows.append(Candidate(path.stem, path, multiplier, epoch_of(path)))
         else:
             raise FileNotFoundError(f"LoRA file or run folder not found: {path}")
     seen: dict[str, int] = {}
@@ -150,12 +195,25 @@ def lora_touches_text(pipe: SDXLPipeline, lora: Path) -> bool:
     return any(component != "unet" for component in parsed)
 
 
-def check_counts(n_reference: int, n_generated: int, dims: int, can_score: bool, is_splits: int) -> None:
-    """Refuse counts no metric can use and warn, naming the number needed, when a metric will be unreliable."""
+def check_numbers(settings: Settings, num_images: int, batch_size: int, max_prompts: int | None,
+                  grid_prompts: int, dims: int, is_splits: int) -> None:
+    """Refuse settings and counts that cannot work, naming the allowed range, before anything is read."""
+    check_settings(settings.sampler, settings.steps, settings.height, settings.width, num_images)
+    check_number("guidance scale", settings.guidance_scale)
+    if dims not in fid_inception.FEATURE_DIMS:
+        raise ValueError(f"dims must be one of {fid_inception.FEATURE_DIMS}, got {dims!r}")
+    for name, value in (("batch size", batch_size), ("grid prompts", grid_prompts), ("IS splits", is_splits),
+                        ("max prompts", max_prompts)):
+        if value is not None:
+            check_number(name, value, 1)
+
+
+def check_counts(reference: Path, n_reference: int, n_generated: int, dims: int) -> None:
+    """Refuse counts FID and KID cannot use and warn, naming the number needed, when they will be unreliable."""
     smallest = min(n_reference, n_generated)
     if smallest < 2:
-        raise ValueError(f"FID and KID need at least 2 images in each set; got {n_reference} reference and "
-                         f"{n_generated} generated per model")
+        raise ValueError(f"FID and KID need at least 2 images in each set; got {n_reference} reference (in "
+                         f"{reference}) and {n_generated} generated per model (prompts x --num)")
     needed = dims + 1
     if smallest < needed:
         warnings.warn(f"FID from {n_reference} reference and {n_generated} generated images per model: it needs at "
@@ -164,9 +222,6 @@ def check_counts(n_reference: int, n_generated: int, dims: int, can_score: bool,
     if smallest < KID_SUBSET:
         warnings.warn(f"KID subsets of {smallest} images instead of {KID_SUBSET}: fewer than {KID_SUBSET} "
                       f"reference or generated images", stacklevel=3)
-    if can_score and n_generated < is_splits:
-        warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
-                      f"got {n_generated}", stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------- generation
@@ -307,23 +362,25 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     size, each LoRA against the model, the Inception weights.
     """
     settings = settings or Settings()
-    check_settings(settings.sampler, settings.steps, settings.height, settings.width, num_images)
-    if dims not in fid_inception.FEATURE_DIMS:
-        raise ValueError(f"dims must be one of {fid_inception.FEATURE_DIMS}, got {dims!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    check_numbers(settings, num_images, batch_size, max_prompts, grid_prompts, dims, is_splits)
     prompt_list = read_prompts(prompts, max_prompts)
-    reference = resolve_dataset(reference)
+    reference = existing_folder(reference, "reference")
     n_reference = len(list_images(reference))
     rows = candidates(loras)
+    out = Path(out)
+    check_can_create(out / "results.json")  # out is a folder, or can be made one
+    if not isinstance(model, SDXLPipeline) and not Path(model).exists():
+        raise FileNotFoundError(errno.ENOENT, "no such model (an SDXL diffusers folder or single file)", str(model))
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
+    check_counts(reference, n_reference, len(items), dims)
+    net = fid_inception.load_inception(inception_weights, device)  # small: its errors come before the SDXL load
+    if net.has_classifier and len(items) < is_splits:
+        warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
+                      f"got {len(items)}", stacklevel=2)
     pipe = model if isinstance(model, SDXLPipeline) else SDXLPipeline.from_pretrained(model, dtype, device)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
-    net = fid_inception.load_inception(inception_weights, device)
-    check_counts(n_reference, len(items), dims, net.has_classifier, is_splits)
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)
-    out = Path(out)
 
     bar = tqdm(total=n_reference + len(rows) * len(items), unit="img", desc="eval", disable=not progress)
     reference_features = metrics.extract_features(net, reference, (str(dims),), progress=False)

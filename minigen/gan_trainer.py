@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from . import cli, gan
 from .data import ImageFolder, resolve_dataset
-from .io import (CheckpointError, atomic_write, load_safetensors, optimizer_from_tensors, optimizer_to_tensors,
-                 refuse_non_finite, save_safetensors)
+from .io import (CheckpointError, atomic_write, check_can_create, load_safetensors, naming, optimizer_from_tensors,
+                 optimizer_to_tensors, refuse_non_finite, save_safetensors)
 from .plot import Panel, plot_panels, save_grid
 from .training import TrainingDiverged, check_finite_before_saving, epoch_seed, run_settings
 
@@ -208,7 +208,7 @@ class GANTrainer:
         tensors["rng"] = self.rng.get_state()  # uint8
         tensors["fixed_noise"] = self.fixed_noise
         check_finite_before_saving(tensors, path, f"by iteration {self.iteration}")
-        with cli.naming(path):
+        with naming(path):
             save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
     def load(self, path: str | Path) -> None:
@@ -317,7 +317,7 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
           progress: bool = True) -> str:
     """Run (or continue) training; return 'done' or 'interrupted'. A NaN loss raises TrainingDiverged."""
     out = Path(cfg.out)
-    cli.check_output_folder(out)
+    check_can_create(out, folder=True, what="--out")
     dataset = ImageFolder(resolve_dataset(cfg.data), cfg.size, cfg.hflip, progress=progress)
     n_batches = len(dataset) // cfg.batch
     if n_batches == 0:
@@ -383,7 +383,7 @@ def sample_to_folder(checkpoint: str | Path, n: int, out: str | Path, batch: int
                      device: str = "cpu") -> list[Path]:
     """Write n generated images as PNGs 000000.png, 000001.png, ... into `out` (for FID and friends)."""
     out = Path(out)
-    cli.check_output_folder(out)
+    check_can_create(out, folder=True, what="--out")
     G, cfg = load_generator(checkpoint, device)
     paths = []
     for z in tqdm(noise_batches(n, cfg.nz, batch, seed), total=math.ceil(n / batch), desc="sampling", unit="batch"):

@@ -21,6 +21,7 @@ the source file's SHA-256. That file has no classifier, so the Inception Score n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -275,18 +276,33 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
                    need_classifier: bool = False) -> FIDInceptionV3:
     """The FID Inception in eval mode on `device`, from `weights` or from the first file `find_weights` finds."""
     path = Path(weights) if weights is not None else find_weights(need_classifier)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder, not an Inception weights file", str(path))
     state, _ = load_weights(path, allow_pickle=True)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     model = FIDInceptionV3(classifier="fc.weight" in state)
-    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} is not an FID Inception checkpoint: {len(missing)} missing keys "
-                              f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    check_state(path, state, model)
     if need_classifier and not model.has_classifier:
         raise FileNotFoundError(missing_classifier_message())
     model.load_state_dict(state, strict=False)
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+def check_state(path: Path, state: dict[str, torch.Tensor], model: FIDInceptionV3) -> None:
+    """Refuse weights that are not this network's: other keys or shapes, or NaN/inf values (every FID would be NaN)."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{path} is not an FID Inception checkpoint: {len(missing)} missing keys "
+                              f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name]:
+            raise CheckpointError(f"{path} is not an FID Inception checkpoint: {name} has shape "
+                                  f"{tuple(tensor.shape)}, the network needs {tuple(expected[name])}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: {name} is {tensor.dtype}, not floating-point weights")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {name} holds NaN or inf values")
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -81,19 +81,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _naming_the_target(path: Path) -> Iterator[None]:
-    """OS errors while making a temporary beside `path` name `path` itself, not the hidden temporary name."""
-    try:
-        yield
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write here ({e.strerror})", str(path)) from None
-
-
 def _temp_beside(path: Path) -> tuple[int, str]:
     """A new temporary file in `path`'s folder (so the final rename is atomic), with the permissions a plain
     open() would give: mkstemp makes it owner-only, which would leave every saved file unreadable to others."""
-    with _naming_the_target(path):
+    with naming(path, replace=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
@@ -110,7 +101,7 @@ def _umask() -> int:
 def temp_folder_beside(path: Path) -> Path:
     """A new empty folder in `path`'s parent, to be renamed to `path` with `replace_folder` once complete; with the
     permissions a plain mkdir would give (mkdtemp makes it owner-only)."""
-    with _naming_the_target(path):
+    with naming(path, replace=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
@@ -165,11 +156,12 @@ def replace_folder(tmp: Path, path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside `path`; on success fsync and rename it over `path`, on error delete it."""
+    """Open a temporary file beside `path`; on success fsync and rename it over `path`, on error delete it.
+    An OS error without a file name (a full disk) is given `path`'s."""
     path = Path(path)
     fd, tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, mode) as f:
+        with naming(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -178,6 +170,34 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike, replace: bool = False) -> Iterator[None]:
+    """Give an OSError raised inside the name of `path` when it has none (a full disk during write or fsync), or
+    always with `replace` (making a hidden temporary beside `path`: the user knows `path`, not the temporary)."""
+    try:
+        yield
+    except OSError as e:
+        if replace:
+            raise OSError(e.errno, f"cannot write here ({e.strerror})", str(path)) from None
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def check_can_create(path: str | os.PathLike, folder: bool = False, what: str = "") -> None:
+    """Refuse an output that could never be made, before any work: an existing file above it (or at it, for a
+    `folder`), or a name longer than the file system allows. Creates nothing. `what` (a flag) starts the message."""
+    path = Path(path)
+    lead = f"{what} " if what else ""
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if (existing != path or folder) and not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, f"{lead}{path} cannot be made: this is not a folder", str(existing))
+    longest = os.pathconf(existing if os.path.isdir(existing) else existing.parent, "PC_NAME_MAX")
+    for part in path.relative_to(existing).parts:
+        if len(os.fsencode(part)) > longest:
+            raise OSError(errno.ENAMETOOLONG, f"{lead}name too long: longer than {longest} bytes", part[:40] + "...")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -335,7 +355,8 @@ class AtomicWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            with naming(self.path):
+                self.close()
         else:
             self.abort()
 
@@ -398,6 +419,10 @@ class SafetensorsWriter(AtomicWriter):
         self.file.seek(end)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        with naming(self.path):
+            self._write(name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self.order[self.next] if self.next < len(self.order) else None
         if name != expected:
             raise ValueError(f"SafetensorsWriter: expected tensor {expected!r}, got {name!r}")

@@ -32,8 +32,8 @@ from .buckets import make_buckets, nearest_bucket, prepare_image
 from .captions import CaptionedImage, captioned_images, dreambooth_images, drop_captions
 from .data import open_rgb, parse_size, resolve_dataset
 from .diffusion import NoiseSchedule
-from .io import (CheckpointError, atomic_write, load_safetensors, optimizer_from_tensors, optimizer_to_tensors,
-                 refuse_non_finite, save_safetensors)
+from .io import (CheckpointError, atomic_write, check_can_create, load_safetensors, naming, optimizer_from_tensors,
+                 optimizer_to_tensors, refuse_non_finite, save_safetensors)
 from .lora import add_lora, lora_weights
 from .lora_files import kohya_metadata, save_lora
 from .plot import plot_curves, save_grid, save_png
@@ -230,7 +230,7 @@ class LoRATrainer:
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.mixed_precision]
         self.out = Path(cfg.out)
-        cli.check_output_folder(self.out)
+        check_can_create(self.out, folder=True, what="--out")
         items = load_examples(cfg)[: cfg.max_images or None]  # bad data stops the run before the model loads
         self.sdxl = sdxl or load_model(cfg.sdxl, self.dtype, cfg.device, allow_pickle)
         check_sizes(cfg, self.sdxl)
@@ -513,7 +513,7 @@ class LoRATrainer:
                                   resolution=(w, h), trigger_phrase=cfg.caption_prefix.strip(" ,") or
                                   cfg.instance_prompt, steps=self.step, epoch=self.epoch,
                                   title=self.out.name, extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer})
-        with cli.naming(path):
+        with naming(path):
             save_lora(path, self.lora_file_contents(), cfg.format, metadata,
                       unet_names=unet_name_map(dict(self.sdxl.unet.config)))
 
@@ -531,7 +531,7 @@ class LoRATrainer:
                     "scaler": json.dumps(self.scaler.state_dict())}
         path = self.out / "checkpoint.safetensors"
         check_finite_before_saving(tensors, path, f"at step {self.step}")
-        with cli.naming(path):
+        with naming(path):
             save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata)
         return path
 

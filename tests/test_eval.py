@@ -18,8 +18,9 @@ from test_fid_parity import random_inception
 
 import eval as eval_cli
 import sample as sample_cli
+import train_lora
 from minigen import metrics
-from minigen.evaluate import Settings, epoch_of, evaluate, read_prompts
+from minigen.evaluate import Settings, candidates, epoch_of, evaluate, read_prompts
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
 from minigen.lora_files import LoRAFileError, save_lora
@@ -164,6 +165,54 @@ def test_numbers_equal_the_metrics_called_directly(report, files):
         assert row["ssim_vs_base"] == pytest.approx(ssim, rel=1e-12)
 
 
+# --------------------------------------------------------------------------------- a train_lora.py run folder
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, files):
+    """A real train_lora.py output folder: 2 epochs on the reference images with captions, on the random tiny SDXL
+    (the architecture of tiny_folder(), so its LoRA files fit that model). It holds lora-epoch-0001/0002, lora (the
+    final file, epoch 2 again) and the trainer's checkpoint.safetensors."""
+    data = tmp_path_factory.mktemp("lora_data")
+    for image in files["ref"].glob("*.png"):
+        Image.open(image).save(data / image.name)
+        (data / image.with_suffix(".txt").name).write_text("a smooth colour field")
+    out = tmp_path_factory.mktemp("lora_runs") / "run"
+    assert train_lora.main(["--sdxl", "random:tiny", "--data", str(data), "--resolution", "16x16",
+                            "--bucket-step", "16", "--batch", "4", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_run_folder_reads_its_lora_files_by_content(lora_run):
+    assert (lora_run / "checkpoint.safetensors").is_file()
+    with pytest.warns(UserWarning) as caught:
+        rows = candidates([str(lora_run)])
+    messages = " ".join(str(w.message) for w in caught)
+    assert "skipping 1 file(s) that are not LoRA files: checkpoint.safetensors" in messages
+    assert "lora.safetensors and lora-epoch-0002.safetensors both hold epoch 2" in messages
+    assert [(r.name, r.epoch) for r in rows] == [("base", None), ("lora-epoch-0001", 1), ("lora-epoch-0002", 2)]
+
+
+def test_lora_files_given_one_by_one_keep_their_epochs(lora_run):
+    rows = candidates([str(lora_run / "lora.safetensors"), f"{lora_run / 'lora-epoch-0001.safetensors'}:0.5"])
+    assert [(r.name, r.epoch) for r in rows] == [("base", None), ("lora", 2), ("lora-epoch-0001@0.5", 1)]
+    with pytest.raises(LoRAFileError, match="checkpoint.safetensors"):  # named on its own: an error, not skipped
+        candidates([str(lora_run / "checkpoint.safetensors")])
+
+
+def test_eval_of_a_train_lora_run_folder(lora_run, files, tmp_path):
+    """The README's `make eval LORA=runs/lora/` on a real run: a row per epoch and the FID-per-epoch plot."""
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="not LoRA files: checkpoint.safetensors"):
+        code = eval_cli.main(["--model", str(tiny_folder()), "--lora", str(lora_run), "--prompts", str(files["prompts"]),
+                              "--max-prompts", "1", "--ref", str(files["ref"]), "--num", "2", "--steps", "1",
+                              "--height", str(SIZE), "--width", str(SIZE), "--inception-weights", str(files["weights"]),
+                              "--dims", str(DIMS), "--is-splits", "2", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["model"], r["epoch"]) for r in rows] == [("base", None), ("lora-epoch-0001", 1), ("lora-epoch-0002", 2)]
+    assert (out / "fid_per_epoch.png").is_file()
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 
 def test_epoch_from_metadata_or_name(tmp_path, files):
@@ -209,7 +258,7 @@ def test_lora_for_another_model_is_refused_before_generating(files, tmp_path):
 def test_run_folder_without_checkpoints_is_refused(files, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("training crashed")
-    with pytest.raises(FileNotFoundError, match="run folder .*run has no checkpoints"):
+    with pytest.raises(FileNotFoundError, match="run folder .*run has no LoRA files"):
         run_evaluate(files, tmp_path, loras=[str(tmp_path / "run")])
     with pytest.raises(FileNotFoundError, match="LoRA file or run folder not found"):
         run_evaluate(files, tmp_path, loras=[str(tmp_path / "missing.safetensors")])

@@ -54,10 +54,12 @@ def test_cli_rejects_stats_of_other_dims_and_kid_on_stats(tmp_path):
                       if not k.endswith("num_batches_tracked")}, weights)
     with pytest.raises(ValueError, match="64-d statistics but --dims is 2048"):
         fid_cli.compute([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(weights)])
-    with pytest.raises(ValueError, match="KID and IS need images"):
+    with pytest.raises(ValueError, match="KID, IS and PSNR need images"):
         fid_cli.compute([str(tmp_path / "b.npz"), str(tmp_path / "b.npz"), "--weights", str(weights), "--kid"])
     with pytest.raises(FileNotFoundError, match="no such folder"):
         fid_cli.compute([str(tmp_path / "missing"), str(tmp_path / "b.npz"), "--weights", str(weights)])
+    for i in range(10):  # enough for IS's 10 splits: the missing classifier is the one fault
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
     with pytest.raises(FileNotFoundError, match="no 1008-class classifier"):
         fid_cli.compute([str(tmp_path), str(tmp_path), "--weights", str(weights), "--is"])
     # Same dims from .npz only: FID of identical statistics is 0 (no images, no Inception forward).

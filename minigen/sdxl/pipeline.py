@@ -28,7 +28,6 @@ from typing import Sequence
 
 import torch
 
-from ..cli import naming
 from ..diffusion import SAMPLERS, NoiseSchedule, guided, sample
 from ..io import atomic_write
 from ..lora import remove_lora
@@ -92,7 +91,7 @@ def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str) -> l
     paths = []
     for i, image in enumerate(images):
         path = Path(folder) / f"{stem}-{i:03d}.png"
-        with naming(path), atomic_write(path) as f:
+        with atomic_write(path) as f:
             Image.fromarray(image.numpy()).save(f, format="PNG")
         paths.append(path)
     return paths
