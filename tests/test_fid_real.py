@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import pytorch_fid.inception as pf_inception
 from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
@@ -115,8 +116,12 @@ def test_find_weights_order_and_missing_weights_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FileNotFoundError, match="make fid-weights"):
         inception.find_weights()
+    images = tmp_path / "images"  # fid.py checks its inputs before it looks for weights
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 100, 0, 0)).save(images / f"{i}.png")
     with pytest.raises(FileNotFoundError, match="make fid-weights"):
-        fid_cli.compute([str(tmp_path), str(tmp_path)])
+        fid_cli.compute([str(images), str(images)])
     hub = tmp_path / "torch" / "hub" / "checkpoints" / inception.PYTORCH_FID_NAME
     hub.parent.mkdir(parents=True)
     hub.write_bytes(b"")

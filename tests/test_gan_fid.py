@@ -159,7 +159,7 @@ def test_missing_weights_stop_before_training(folder, tmp_path, capsys, monkeypa
 
 
 @pytest.mark.parametrize("flag, value, message", [("--fid-dims", "100", "--fid-dims must be one of"),
-                                                   ("--fid-samples", "1", "--fid-samples must be at least 2"),
+                                                   ("--fid-samples", "1", "--fid-samples must be >= 2"),
                                                    ("--fid-every", "-1", "--fid-every must be")])
 def test_bad_fid_flags_are_named(folder, tmp_path, capsys, flag, value, message):
     args = ["--data", str(folder), "--out", str(tmp_path), "--fid-every", "1", *TINY_FLAGS, flag, value]
