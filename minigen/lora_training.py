@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,21 +27,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import cli
-from .buckets import make_buckets, nearest_bucket, prepare_image
-from .captions import CaptionedImage, captioned_images, dreambooth_images, drop_captions
-from .data import open_rgb, parse_size, resolve_dataset
+from .captions import drop_captions
+from .data import parse_size
 from .diffusion import NoiseSchedule
 from .io import (CheckpointError, atomic_write, check_can_create, load_safetensors, naming, optimizer_from_tensors,
                  optimizer_to_tensors, refuse_non_finite, save_safetensors)
 from .lora import add_lora, lora_weights
+from .lora_data import TrainingSet, check_sizes, load_examples
 from .lora_files import kohya_metadata, save_lora
 from .plot import plot_curves, save_grid, save_png
-from .sdxl.configs import get_config
 from .sdxl.convert import unet_name_map
-from .sdxl.model import PARTS, SDXL, build_model, load_sdxl
-from .sdxl.pipeline import SDXLPipeline, encode_prompt, time_ids
-from .training import TrainingDiverged, check_finite_before_saving, epoch_seed
-from .sdxl.tokenizer import sdxl_tokenizers
+from .sdxl.model import SDXL, load_sdxl
+from .sdxl.pipeline import SDXLPipeline
+from .training import TrainingDiverged, check_finite_before_saving
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,77 +131,6 @@ class LoRATrainConfig:
         self.validation_prompts = list(self.validation_prompts)
 
 
-# -- the model --------------------------------------------------------------------------------------------------
-
-def random_sdxl(preset: str = "tiny", seed: int = 0) -> SDXL:
-    """An SDXL with random weights at a preset's sizes (the tiny one for tests and `make lora-smoke`)."""
-    configs = get_config(preset)
-    torch.manual_seed(seed)
-    models = {part: build_model(part, configs[part]) for part in PARTS}
-    tokenizer, tokenizer_2 = sdxl_tokenizers()
-    return SDXL(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2, configs=configs)
-
-
-def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False) -> SDXL:
-    """`--sdxl`: a checkpoint path, or random:<preset> for a random model. `allow_pickle`: see load_sdxl."""
-    if spec.startswith("random:"):
-        sdxl = random_sdxl(spec.removeprefix("random:"))
-        for part in ("unet", "text_encoder", "text_encoder_2"):
-            getattr(sdxl, part).to(device, dtype)
-        sdxl.vae.to(device)  # fp32, as load_sdxl keeps it: SDXL's VAE overflows in fp16
-        return sdxl
-    if not spec:
-        raise ValueError("--sdxl is required: a diffusers folder or an sd_xl_base_1.0.safetensors-style file")
-    return load_sdxl(spec, dtype=dtype, device=device, allow_pickle=allow_pickle)
-
-
-def size_multiple(sdxl: SDXL) -> int:
-    """Image sides this model can take are multiples of this: the VAE's downsampling times the UNet's (32 for SDXL);
-    other sides fail deep in the UNet, where its skip connections no longer fit."""
-    vae_levels = len(sdxl.vae.config["block_out_channels"]) - 1
-    unet_levels = len(sdxl.unet.config["block_out_channels"]) - 1
-    return 2 ** (vae_levels + unet_levels)
-
-
-def check_sizes(cfg: LoRATrainConfig, sdxl: SDXL) -> None:
-    """--bucket-step and --validation-size must fit the model (see size_multiple)."""
-    multiple = size_multiple(sdxl)
-    if cfg.bucket_step % multiple:
-        raise ValueError(f"--bucket-step must be a multiple of {multiple} for this model, got {cfg.bucket_step}")
-    h, w = parse_size(cfg.validation_size or cfg.resolution)
-    if cfg.validation_prompts and (h % multiple or w % multiple):
-        raise ValueError(f"--validation-size (default: --resolution) must be a multiple of {multiple} for this "
-                         f"model, got {h}x{w}")
-
-
-# -- the data ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class Example:
-    """One training image ready for the loop: its latents (cached) or pixels' recipe, caption, time ids, weight."""
-    item: CaptionedImage
-    bucket: tuple[int, int]
-    latents: torch.Tensor | None = None  # (4, H/8, W/8) scaled, when cached
-    time_ids: torch.Tensor | None = None  # (6,) for the cached crop
-
-
-def load_examples(cfg: LoRATrainConfig) -> list[CaptionedImage]:
-    root = resolve_dataset(cfg.data)
-    if cfg.instance_prompt:
-        class_root = resolve_dataset(cfg.class_data) if cfg.class_data else None
-        return dreambooth_images(root, cfg.caption_prefix + cfg.instance_prompt, class_root, cfg.class_prompt)
-    return captioned_images(root, cfg.caption_prefix, cfg.caption_fallback)
-
-
-def make_batches(buckets: list[tuple[int, int]], batch: int, generator: torch.Generator) -> list[list[int]]:
-    """One epoch's batches: indices grouped by bucket (a batch is one size), shuffled within and across buckets."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i in torch.randperm(len(buckets), generator=generator).tolist():
-        groups.setdefault(buckets[i], []).append(i)
-    batches = [g[k:k + batch] for g in groups.values() for k in range(0, len(g), batch)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
 # -- learning-rate schedules -------------------------------------------------------------------------------------
 
 def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
@@ -232,7 +158,10 @@ class LoRATrainer:
         self.out = Path(cfg.out)
         check_can_create(self.out, folder=True, what="--out")
         items = load_examples(cfg)[: cfg.max_images or None]  # bad data stops the run before the model loads
-        self.sdxl = sdxl or load_model(cfg.sdxl, self.dtype, cfg.device, allow_pickle)
+        if not (sdxl or cfg.sdxl):
+            raise ValueError("--sdxl is required: a diffusers folder, an sd_xl_base_1.0.safetensors-style file, or "
+                             "random:tiny")
+        self.sdxl = sdxl or load_sdxl(cfg.sdxl, dtype=self.dtype, device=cfg.device, allow_pickle=allow_pickle)
         check_sizes(cfg, self.sdxl)
         self.schedule = NoiseSchedule.from_config({**self.sdxl.scheduler_config,
                                                    "prediction_type": cfg.prediction_type})
@@ -256,8 +185,8 @@ class LoRATrainer:
         self.optimizer = self.make_optimizer(groups)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.examples = self.prepare_data(items)
-        self.steps_per_epoch = math.ceil(len(self.epoch_batches(0)) / cfg.grad_accum)
+        self.data = TrainingSet(cfg, self.sdxl, items, self.rng, progress)
+        self.steps_per_epoch = math.ceil(len(self.data.epoch_batches(0)) / cfg.grad_accum)
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.lr_scheduler, s, cfg.warmup_steps, total))
@@ -273,91 +202,12 @@ class LoRATrainer:
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {f"{c}.{n}": p for c, m in self.models.items() for n, p in m.named_parameters() if p.requires_grad}
 
-    # -- data ----------------------------------------------------------------------------------------------------
-
-    def prepare_data(self, items: list[CaptionedImage]) -> list[Example]:
-        cfg = self.cfg
-        h, w = parse_size(cfg.resolution)
-        self.buckets = make_buckets(h * w, cfg.bucket_step, min_side=min(256, h, w))
-        examples, upscaled = [], []
-        for item in items:
-            img = open_rgb(item.path)
-            if img is None:
-                continue
-            if min(img.size) < cfg.bucket_step:
-                raise ValueError(f"{item.path} is {img.width}x{img.height}, smaller than one {cfg.bucket_step} px "
-                                 "bucket step; remove it or lower --bucket-step")
-            bucket = nearest_bucket(img.height, img.width, self.buckets)
-            if img.height < bucket[0] or img.width < bucket[1]:
-                upscaled.append(item.path.name)
-            examples.append(Example(item, bucket))
-        if not examples:
-            raise ValueError(f"no readable images in {cfg.data}")
-        if upscaled:
-            warnings.warn(f"{len(upscaled)} of {len(examples)} images are smaller than their bucket at "
-                          f"--resolution {cfg.resolution} and are scaled up (blurrier), e.g. {upscaled[:3]}",
-                          stacklevel=2)
-        if cfg.cache_latents != "off":
-            self.cache(examples)
-        self.text_cache = None if cfg.train_text_encoder else self.cache_text(examples)
-        return examples
-
-    def encode_images(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Open, crop and VAE-encode a batch of one bucket: scaled latents (B, 4, h, w) and time ids (B, 6)."""
-        cfg, vae = self.cfg, self.sdxl.vae
-        prepared = []
-        for e in examples:
-            flip = cfg.flip and bool(torch.rand((), generator=self.rng) < 0.5)
-            prepared.append(prepare_image(open_rgb(e.item.path), e.bucket, cfg.random_crop, flip, self.rng))
-        pixels = torch.stack([p.pixels for p in prepared]).to(self.device, vae.post_quant_conv.weight.dtype)
-        with torch.no_grad():
-            latents = vae.encode(pixels).sample(self.rng) * vae.scaling_factor  # (B, 4, h, w)
-        ids = torch.stack([time_ids(p.original_size, p.crop_top_left, e.bucket) for p, e in zip(prepared, examples)])
-        return latents.float(), ids
-
-    def cache(self, examples: list[Example]) -> None:
-        """Encode every image once (its crop and flip then fixed); with cache_latents=disk, reuse out/cache."""
-        path = self.out / "cache" / "latents.safetensors"
-        key = json.dumps([[str(e.item.path), e.bucket] for e in examples] + [self.cfg.seed, self.cfg.flip])
-        if self.cfg.cache_latents == "disk" and path.is_file():
-            tensors, meta = load_safetensors(path)
-            if meta.get("key") == key:
-                for i, e in enumerate(examples):
-                    e.latents, e.time_ids = tensors[f"{i}.latents"], tensors[f"{i}.time_ids"]
-                return
-        for e in tqdm(examples, desc="caching latents", unit="img", disable=not self.progress, leave=False):
-            latents, ids = self.encode_images([e])
-            e.latents, e.time_ids = latents[0].cpu(), ids[0]
-        if self.cfg.cache_latents == "disk":
-            tensors = {f"{i}.{k}": getattr(e, k) for i, e in enumerate(examples) for k in ("latents", "time_ids")}
-            save_safetensors(tensors, path, {"key": key})
-
-    @torch.no_grad()
-    def cache_text(self, examples: list[Example]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each distinct caption (and "" for caption dropout) through the frozen text encoders once."""
-        captions = sorted({e.item.caption for e in examples} | ({""} if self.cfg.caption_dropout else set()))
-        cache = {}
-        for k in range(0, len(captions), 16):
-            chunk = captions[k:k + 16]
-            context, pooled = encode_prompt(self.sdxl, chunk, warn_truncated=False, keep_grad=True)
-            cache |= {c: (context[i].cpu(), pooled[i].cpu()) for i, c in enumerate(chunk)}
-        return cache
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The batches of `epoch`, from a generator of its own: a resumed run rebuilds the same order."""
-        order = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch))
-        return make_batches([e.bucket for e in self.examples], self.cfg.batch, order)
-
     # -- one micro-batch -----------------------------------------------------------------------------------------
 
     def loss(self, batch: list[int]) -> torch.Tensor:
         cfg, unet = self.cfg, self.sdxl.unet
-        examples = [self.examples[i] for i in batch]
-        if examples[0].latents is not None:
-            latents = torch.stack([e.latents for e in examples]).to(self.device)  # (B, 4, h, w)
-            ids = torch.stack([e.time_ids for e in examples])
-        else:
-            latents, ids = self.encode_images(examples)
+        examples = [self.data.examples[i] for i in batch]
+        latents, ids = self.data.latents(examples, self.rng)  # (B, 4, h, w), (B, 6)
         captions = drop_captions([e.item.caption for e in examples], cfg.caption_dropout, self.rng)
         B = latents.shape[0]
         noise = torch.randn(latents.shape, generator=self.rng)
@@ -368,11 +218,7 @@ class LoRATrainer:
         noisy = self.schedule.add_noise(latents, noise, t)
         target = self.schedule.target(latents, noise, t)
         with torch.autocast(self.device.type, self.dtype, enabled=cfg.mixed_precision != "no"):
-            if self.text_cache is not None:
-                context = torch.stack([self.text_cache[c][0] for c in captions]).to(self.device)
-                pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(self.device)
-            else:
-                context, pooled = encode_prompt(self.sdxl, captions, warn_truncated=False, keep_grad=True)
+            context, pooled = self.data.text(captions)
             w = unet.conv_in.weight.dtype
             pred = unet(noisy.to(w), t, context.to(w), pooled.to(w), ids.to(self.device, w))
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
@@ -419,7 +265,7 @@ class LoRATrainer:
         for model in self.models.values():
             model.train()
         while self.epoch < cfg.epochs:
-            batches = self.epoch_batches(self.epoch)
+            batches = self.data.epoch_batches(self.epoch)
             window: list[float] = []
             while self.batch_in_epoch < len(batches):
                 loss = self.loss(batches[self.batch_in_epoch])

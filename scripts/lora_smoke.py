@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from minigen.lora_files import load_lora
-from minigen.lora_training import LoRATrainConfig, LoRATrainer, random_sdxl
+from minigen.lora_training import LoRATrainConfig, LoRATrainer
+from minigen.sdxl.model import random_sdxl
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lora-smoke")
 
@@ -23,7 +24,7 @@ def main() -> int:
                           validation_prompts=["a Met painting, a harbour at dusk", "a Met painting, a portrait"],
                           validation_steps=4, validation_size="64x64")
     trainer = LoRATrainer(cfg)
-    batch = trainer.epoch_batches(0)[0]
+    batch = trainer.data.epoch_batches(0)[0]
     before = trainer.fixed_batch_loss(batch)
     trainer.train()
     after = trainer.fixed_batch_loss(batch)

@@ -17,7 +17,8 @@ from minigen.buckets import make_buckets, nearest_bucket, prepare_image
 from minigen.captions import captioned_images, dreambooth_images, read_caption
 from minigen.io import CheckpointError
 from minigen.lora_files import LoRAFileError, load_lora
-from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged, random_sdxl
+from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged
+from minigen.sdxl.model import random_sdxl
 from minigen.sdxl.configs import get_config
 from minigen.sdxl.model import SDXL, build_model
 
@@ -132,7 +133,7 @@ def test_training_lowers_loss_writes_files_and_the_lora_reloads(data, tmp_path):
     cfg = tiny_config(data, tmp_path / "run", epochs=8, batch=4, lr=0.05, targets="kohya",
                       validation_prompts=["a red square", "a blue square"])
     trainer = LoRATrainer(cfg, progress=False)
-    assert {e.bucket for e in trainer.examples} == {(16, 16)}  # 16 px steps, 256 px area: only the square fits
+    assert {e.bucket for e in trainer.data.examples} == {(16, 16)}  # 16 px steps, 256 px area: only the square fits
     batch = [0, 1, 2, 3]
     before = trainer.fixed_batch_loss(batch)
     trainer.train()
@@ -251,7 +252,7 @@ def test_disk_latent_cache_is_reused(data, tmp_path):
     stamp = cache.stat().st_mtime_ns
     second = LoRATrainer(tiny_config(data, tmp_path / "run", cache_latents="disk", seed=0), progress=False)
     assert cache.stat().st_mtime_ns == stamp  # read, not rewritten
-    for a, b in zip(first.examples, second.examples):
+    for a, b in zip(first.data.examples, second.data.examples):
         assert torch.equal(a.latents, b.latents) and torch.equal(a.time_ids, b.time_ids)
 
 
@@ -259,9 +260,9 @@ def test_dreambooth_prior_preservation_weights_class_images(data, tmp_path):
     cfg = tiny_config(data, tmp_path / "db", instance_prompt="a photo of sks square", class_data=str(data),
                       class_prompt="a photo of a square", prior_loss_weight=0.0, batch=1)
     trainer = LoRATrainer(cfg, progress=False)
-    flags = [e.item.is_class_image for e in trainer.examples]
+    flags = [e.item.is_class_image for e in trainer.data.examples]
     assert flags == [False] * 4 + [True] * 4
-    assert {e.item.caption for e in trainer.examples} == {"a photo of sks square", "a photo of a square"}
+    assert {e.item.caption for e in trainer.data.examples} == {"a photo of sks square", "a photo of a square"}
     assert trainer.fixed_batch_loss([5]) == 0.0  # a class image with weight 0 adds nothing
     assert trainer.fixed_batch_loss([1]) > 0
 

@@ -222,6 +222,19 @@ def _read_vae(path: Path, config: Mapping, allow_pickle: bool) -> tuple[dict, di
     return dict(config), tensors
 
 
+RANDOM = "random:"  # `load_sdxl("random:tiny")`: a model of a preset's sizes with random weights, no file needed
+
+
+def random_sdxl(preset: str = "tiny", seed: int = 0) -> SDXL:
+    """An SDXL with random weights at a preset's sizes: "tiny" (SDXL's structure at toy widths, for tests, smoke runs
+    and trying every tool in seconds) or "sdxl-base" (the full size)."""
+    configs = get_config(preset)
+    torch.manual_seed(seed)
+    models = {part: build_model(part, configs[part]) for part in PARTS}
+    tokenizer, tokenizer_2 = sdxl_tokenizers()
+    return SDXL(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2, configs=configs)
+
+
 def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               vae: str | os.PathLike | None = None, allow_pickle: bool = False,
               configs: str | Mapping[str, Mapping] = "sdxl-base", vae_dtype: torch.dtype = torch.float32) -> SDXL:
@@ -232,7 +245,19 @@ def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     allow_pickle: accept .ckpt/.bin pickles (loaded with weights_only=True); refused otherwise.
     configs: for a single file, which has none inside: a preset name of `configs.py` or a dict of config dicts.
     Tokenizers come from the folder's tokenizer/ and tokenizer_2/, or the bundled CLIP vocabulary.
+    path "random:<preset>" builds `random_sdxl(preset)` instead (a `vae` file then replaces its VAE too).
     """
+    if str(path).startswith(RANDOM):
+        try:
+            sdxl = random_sdxl(str(path).removeprefix(RANDOM))
+        except KeyError as e:
+            raise ValueError(f"{path}: {e.args[0]}") from None
+        if vae is not None:
+            config, state = _read_vae(Path(vae), sdxl.configs["vae"], allow_pickle)
+            sdxl.vae = assemble("vae", config, state, vae_dtype, device, str(vae))
+        for part, model in sdxl.models().items():
+            model.to(device, vae_dtype if part == "vae" else dtype)
+        return sdxl
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such SDXL checkpoint: {path}")

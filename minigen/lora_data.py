@@ -1,0 +1,172 @@
+"""The training set of a LoRA run, ready for the loop (`lora_training.py`).
+
+Each captioned image goes to the aspect-ratio bucket nearest its shape (a batch is one bucket, so one size); its
+latents are encoded once and cached when crops and flips are fixed (`--cache-latents memory|disk`), and every
+distinct caption goes through the frozen text encoders once when they are not trained. What stays random per step
+(random crops, flips of uncached images) draws from the trainer's generator, passed in, so a resumed run repeats it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .buckets import make_buckets, nearest_bucket, prepare_image
+from .captions import CaptionedImage, captioned_images, dreambooth_images
+from .data import open_rgb, parse_size, resolve_dataset
+from .io import load_safetensors, save_safetensors
+from .sdxl.model import SDXL
+from .sdxl.pipeline import encode_prompt, time_ids
+from .training import epoch_seed
+
+
+@dataclass
+class Example:
+    """One training image ready for the loop: its latents (cached) or pixels' recipe, caption, time ids, weight."""
+    item: CaptionedImage
+    bucket: tuple[int, int]
+    latents: torch.Tensor | None = None  # (4, H/8, W/8) scaled, when cached
+    time_ids: torch.Tensor | None = None  # (6,) for the cached crop
+
+
+def load_examples(cfg) -> list[CaptionedImage]:
+    """The images and captions `cfg` (a LoRATrainConfig) names: a captioned folder, or DreamBooth's instance (and
+    class) images with their prompts."""
+    root = resolve_dataset(cfg.data)
+    if cfg.instance_prompt:
+        class_root = resolve_dataset(cfg.class_data) if cfg.class_data else None
+        return dreambooth_images(root, cfg.caption_prefix + cfg.instance_prompt, class_root, cfg.class_prompt)
+    return captioned_images(root, cfg.caption_prefix, cfg.caption_fallback)
+
+
+def make_batches(buckets: list[tuple[int, int]], batch: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's batches: indices grouped by bucket (a batch is one size), shuffled within and across buckets."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in torch.randperm(len(buckets), generator=generator).tolist():
+        groups.setdefault(buckets[i], []).append(i)
+    batches = [g[k:k + batch] for g in groups.values() for k in range(0, len(g), batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def size_multiple(sdxl: SDXL) -> int:
+    """Image sides this model can take are multiples of this: the VAE's downsampling times the UNet's (32 for SDXL);
+    other sides fail deep in the UNet, where its skip connections no longer fit."""
+    vae_levels = len(sdxl.vae.config["block_out_channels"]) - 1
+    unet_levels = len(sdxl.unet.config["block_out_channels"]) - 1
+    return 2 ** (vae_levels + unet_levels)
+
+
+def check_sizes(cfg, sdxl: SDXL) -> None:
+    """--bucket-step and --validation-size must fit the model (see size_multiple)."""
+    multiple = size_multiple(sdxl)
+    if cfg.bucket_step % multiple:
+        raise ValueError(f"--bucket-step must be a multiple of {multiple} for this model, got {cfg.bucket_step}")
+    h, w = parse_size(cfg.validation_size or cfg.resolution)
+    if cfg.validation_prompts and (h % multiple or w % multiple):
+        raise ValueError(f"--validation-size (default: --resolution) must be a multiple of {multiple} for this "
+                         f"model, got {h}x{w}")
+
+
+class TrainingSet:
+    """The examples of a run in their buckets, with what can be computed once cached (see the module docstring)."""
+
+    def __init__(self, cfg, sdxl: SDXL, items: list[CaptionedImage], rng: torch.Generator, progress: bool = True):
+        self.cfg, self.sdxl, self.progress = cfg, sdxl, progress
+        self.device = sdxl.unet.conv_in.weight.device
+        h, w = parse_size(cfg.resolution)
+        self.buckets = make_buckets(h * w, cfg.bucket_step, min_side=min(256, h, w))
+        self.examples = self.bucketed(items)
+        if cfg.cache_latents != "off":
+            self.cache_latents(rng)
+        self.text_cache = None if cfg.train_text_encoder else self.cache_text()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def bucketed(self, items: list[CaptionedImage]) -> list[Example]:
+        cfg = self.cfg
+        examples, upscaled = [], []
+        for item in items:
+            img = open_rgb(item.path)
+            if img is None:
+                continue
+            if min(img.size) < cfg.bucket_step:
+                raise ValueError(f"{item.path} is {img.width}x{img.height}, smaller than one {cfg.bucket_step} px "
+                                 "bucket step; remove it or lower --bucket-step")
+            bucket = nearest_bucket(img.height, img.width, self.buckets)
+            if img.height < bucket[0] or img.width < bucket[1]:
+                upscaled.append(item.path.name)
+            examples.append(Example(item, bucket))
+        if not examples:
+            raise ValueError(f"no readable images in {cfg.data}")
+        if upscaled:
+            warnings.warn(f"{len(upscaled)} of {len(examples)} images are smaller than their bucket at "
+                          f"--resolution {cfg.resolution} and are scaled up (blurrier), e.g. {upscaled[:3]}",
+                          stacklevel=3)
+        return examples
+
+    def encode_images(self, examples: list[Example], rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open, crop and VAE-encode a batch of one bucket: scaled latents (B, 4, h, w) and time ids (B, 6)."""
+        cfg, vae = self.cfg, self.sdxl.vae
+        prepared = []
+        for e in examples:
+            flip = cfg.flip and bool(torch.rand((), generator=rng) < 0.5)
+            prepared.append(prepare_image(open_rgb(e.item.path), e.bucket, cfg.random_crop, flip, rng))
+        pixels = torch.stack([p.pixels for p in prepared]).to(self.device, vae.post_quant_conv.weight.dtype)
+        with torch.no_grad():
+            latents = vae.encode(pixels).sample(rng) * vae.scaling_factor  # (B, 4, h, w)
+        ids = torch.stack([time_ids(p.original_size, p.crop_top_left, e.bucket) for p, e in zip(prepared, examples)])
+        return latents.float(), ids
+
+    def cache_latents(self, rng: torch.Generator) -> None:
+        """Encode every image once (its crop and flip then fixed); with cache_latents=disk, reuse out/cache."""
+        cfg, examples = self.cfg, self.examples
+        path = Path(cfg.out) / "cache" / "latents.safetensors"
+        key = json.dumps([[str(e.item.path), e.bucket] for e in examples] + [cfg.seed, cfg.flip])
+        if cfg.cache_latents == "disk" and path.is_file():
+            tensors, meta = load_safetensors(path)
+            if meta.get("key") == key:
+                for i, e in enumerate(examples):
+                    e.latents, e.time_ids = tensors[f"{i}.latents"], tensors[f"{i}.time_ids"]
+                return
+        for e in tqdm(examples, desc="caching latents", unit="img", disable=not self.progress, leave=False):
+            latents, ids = self.encode_images([e], rng)
+            e.latents, e.time_ids = latents[0].cpu(), ids[0]
+        if cfg.cache_latents == "disk":
+            tensors = {f"{i}.{k}": getattr(e, k) for i, e in enumerate(examples) for k in ("latents", "time_ids")}
+            save_safetensors(tensors, path, {"key": key})
+
+    @torch.no_grad()
+    def cache_text(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each distinct caption (and "" for caption dropout) through the frozen text encoders once."""
+        captions = sorted({e.item.caption for e in self.examples} | ({""} if self.cfg.caption_dropout else set()))
+        cache = {}
+        for k in range(0, len(captions), 16):
+            chunk = captions[k:k + 16]
+            context, pooled = encode_prompt(self.sdxl, chunk, warn_truncated=False, keep_grad=True)
+            cache |= {c: (context[i].cpu(), pooled[i].cpu()) for i, c in enumerate(chunk)}
+        return cache
+
+    def latents(self, examples: list[Example], rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's scaled latents (B, 4, h, w) on the device and time ids (B, 6): cached, or encoded now."""
+        if examples[0].latents is None:
+            return self.encode_images(examples, rng)
+        return torch.stack([e.latents for e in examples]).to(self.device), torch.stack([e.time_ids for e in examples])
+
+    def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context (B, 77, 2048) and pooled (B, 1280) of the captions: cached, or through the (trained) encoders."""
+        if self.text_cache is None:
+            return encode_prompt(self.sdxl, captions, warn_truncated=False, keep_grad=True)
+        context = torch.stack([self.text_cache[c][0] for c in captions]).to(self.device)
+        pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(self.device)
+        return context, pooled
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch`, from a generator of its own: a resumed run rebuilds the same order."""
+        order = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch))
+        return make_batches([e.bucket for e in self.examples], self.cfg.batch, order)
