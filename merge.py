@@ -18,7 +18,8 @@ from minigen import cli
 from minigen.lora_extract import extract_lora, merge_loras
 from minigen.lora_files import parse_lora_spec
 from minigen.checkpoint_files import OUTPUT_FORMATS
-from minigen.merging import METHODS, OUTPUT_DTYPES, MergeRecipe, bake_loras, merge_checkpoints
+from minigen.io import FLOAT_DTYPES
+from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints
 from minigen.sdxl.configs import PRESETS
 
 
@@ -44,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="alphas for the UNet's input, middle and output blocks (other keys use --alpha)")
     p.add_argument("--vae", default="copy", help="'copy' (from A, the default), 'merge', or a VAE .safetensors to put in")
     p.add_argument("--skip-text-encoders", action="store_true", help="copy the text encoders from A unmerged")
-    p.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype of float tensors (default: as in A)")
+    p.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), help="output dtype of float tensors (default: as in A)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:RATIO]",
                    help="bake this LoRA (kohya or peft file) into A at RATIO (default 1); repeatable")
     p.add_argument("--rank", type=cli.number(int, 1), help="write a LoRA of this rank: extracted from B - A, or merged from --lora files")

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .io import (DTYPE_NAMES, DTYPES, PICKLE_SUFFIXES, AtomicWriter, CheckpointError, SafetensorsWriter, check_finite,
+from .io import (DTYPE_NAMES, SAFETENSORS_DTYPES, PICKLE_SUFFIXES, AtomicWriter, CheckpointError, SafetensorsWriter, check_finite,
                  load_weights, read_header, replace_folder, temp_folder_beside)
 from .sdxl import convert
 from .sdxl.configs import get_config
@@ -50,7 +50,7 @@ class TensorFile:
         return tuple(self.header[key]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        return DTYPES[self.header[key]["dtype"]]
+        return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
         return self.get_flat(key).reshape(self.shape(key))

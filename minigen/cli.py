@@ -19,13 +19,13 @@ from typing import Callable
 
 import torch
 
+from .io import FLOAT_DTYPES
 from .training import TrainingDiverged
 
 # Failures of input or environment, reported in one line. Everything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ValueError, OSError, TrainingDiverged, MemoryError)
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def describe(error: BaseException) -> str:
@@ -124,14 +124,14 @@ seed_number = number(int, *SEED_RANGE)
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """--device, --dtype and --threads; `chosen_dtype(args)` resolves the dtype's default, `apply_threads` the threads."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=TORCH_DTYPES, default=None,
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default=None,
                    help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     p.add_argument("--threads", type=number(int, 1), default=None,
                    help="CPU threads for torch (default: torch's choice; on a busy machine fewer is often faster)")
 
 
 def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
-    return TORCH_DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+    return FLOAT_DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
 
 
 def apply_threads(threads: int | None) -> None:

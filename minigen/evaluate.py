@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import inception as fid_inception
 from . import metrics
-from .captions import read_caption
+from .captions import read_caption, read_text
 from .cli import check_number
 from .data import BUILTIN_DATASETS, list_images, open_rgb, resolve_dataset
 from .io import atomic_write, check_can_create, read_header
@@ -80,7 +80,7 @@ def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[st
     have sidecar `.txt` captions (kohya's layout). At most `limit` prompts."""
     path = Path(source)
     if path.is_file():
-        prompts = [line.strip() for line in prompt_file_lines(path) if line.strip()]
+        prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]  # as captions are read
     else:
         folder = existing_folder(source, "prompts")
         captions = [p.with_suffix(".txt") for p in list_images(folder)]
@@ -90,17 +90,6 @@ def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[st
         raise ValueError(f"no prompts in {source}: a prompt file needs one prompt per line, a dataset folder "
                          f"a .txt caption beside its images")
     return prompts[:limit]
-
-
-def prompt_file_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 prompt file (a byte-order mark is allowed); other encodings are an error naming the line."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"prompt file {path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
-                         f"save it as UTF-8") from None
 
 
 def existing_folder(name: str | os.PathLike, role: str) -> Path:

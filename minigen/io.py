@@ -40,7 +40,9 @@ DTYPE_NAMES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
-DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+# The names users give float dtypes (`--dtype fp16`), as diffusers and A1111 say them.
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):
@@ -272,8 +274,8 @@ def _entry_problem(entry: object, data_bytes: int) -> str | None:
     if not isinstance(entry, dict):
         return f"is a JSON {type(entry).__name__}, not an object"
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        return f"has dtype {dtype!r}, not one of {sorted(DTYPES)}"
+    if dtype not in SAFETENSORS_DTYPES:
+        return f"has dtype {dtype!r}, not one of {sorted(SAFETENSORS_DTYPES)}"
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         return f"has shape {shape!r}, not a list of non-negative integers"
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
@@ -281,7 +283,7 @@ def _entry_problem(entry: object, data_bytes: int) -> str | None:
         return f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
     if offsets[1] > data_bytes:
         return f"ends at byte {offsets[1]} of the data, but the file holds {data_bytes} (truncated?)"
-    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != nbytes:
         return f"of shape {shape} and dtype {dtype} needs {nbytes} bytes, its offsets span {offsets[1] - offsets[0]}"
     return None

@@ -42,7 +42,7 @@ from .sdxl.pipeline import SDXLPipeline
 from .training import TrainingDiverged, check_finite_before_saving
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The allowed values of LoRATrainConfig's numbers (see cli.check_fields); caption_dropout is checked apart.
 NUMBER_RANGES = {
     "prior_loss_weight": (0, None), "max_images": (0, None), "bucket_step": (8, None), "rank": (1, None),
@@ -110,7 +110,7 @@ class LoRATrainConfig:
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "adafactor", "sgd"), "lr_scheduler": ("constant", "cosine", "linear"),
-                   "mixed_precision": tuple(DTYPES), "prediction_type": ("epsilon", "v_prediction"),
+                   "mixed_precision": tuple(MIXED_PRECISION), "prediction_type": ("epsilon", "v_prediction"),
                    "cache_latents": ("memory", "disk", "off"), "format": ("kohya", "diffusers")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -154,7 +154,7 @@ class LoRATrainer:
         """allow_pickle: accept a pickled --sdxl checkpoint (loaded with weights_only=True)."""
         self.cfg, self.progress = cfg, progress
         self.device = torch.device(cfg.device)
-        self.dtype = DTYPES[cfg.mixed_precision]
+        self.dtype = MIXED_PRECISION[cfg.mixed_precision]
         self.out = Path(cfg.out)
         check_can_create(self.out, folder=True, what="--out")
         items = load_examples(cfg)[: cfg.max_images or None]  # bad data stops the run before the model loads

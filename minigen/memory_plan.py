@@ -166,10 +166,10 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
     `tracker` when given."""
     tracker = tracker or Untracked()
     from .lora import add_lora
-    from .lora_training import DTYPES
+    from .lora_training import MIXED_PRECISION
     from .sdxl.model import PARTS as MODEL_PARTS, build_model
 
-    dtype = DTYPES[cfg.mixed_precision]
+    dtype = MIXED_PRECISION[cfg.mixed_precision]
     tracker.part = "weights"
     models = {}
     for part in MODEL_PARTS:  # made in their dtype: converting fake tensors with .to() is not supported

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint_files import TensorFile, check_output, open_checkpoint, open_output, sha256_file
-from .io import CheckpointError
+from .io import FLOAT_DTYPES, CheckpointError
 from .lora_files import LoRAFileError, read_lora
 from .sdxl.convert import MODEL_NAMES, UNET_PREFIX, VAE_PREFIX, detect_model, lora_targets
 
@@ -59,7 +59,6 @@ class MergeRecipe:
     dtype: str | None = None  # "fp16", "bf16", "fp32"; None keeps each tensor's dtype from A
 
 
-OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -214,8 +213,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
     paths = [Path(p) for p in (a, b, c)[:n_inputs] if p is not None]
     if len(paths) != n_inputs:
         raise ValueError(f"{recipe.method} needs {n_inputs} checkpoints (A, B{', C' if n_inputs == 3 else ''})")
-    if recipe.dtype is not None and recipe.dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"unknown output dtype {recipe.dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
+    if recipe.dtype is not None and recipe.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unknown output dtype {recipe.dtype!r}; choose from {sorted(FLOAT_DTYPES)}")
     for value in (recipe.alpha, *(recipe.block_alphas or ())):
         if not math.isfinite(value):
             raise ValueError(f"alpha must be a finite number, got {value}")
@@ -293,7 +292,7 @@ def _output_specs(steps: list[_Step], dtype_name: str | None) -> dict[str, tuple
         src, key = s.sources[0]
         dtype = src.dtype(key)
         if dtype_name is not None and dtype.is_floating_point:
-            dtype = OUTPUT_DTYPES[dtype_name]
+            dtype = FLOAT_DTYPES[dtype_name]
         specs[s.key] = (src.shape(key), dtype)
     return specs
 
@@ -354,8 +353,8 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
     output_format, configs, allow_pickle: as for `merge_checkpoints`.
     """
     loras = [(Path(p), float(r)) for p, r in loras]
-    if dtype is not None and dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"unknown output dtype {dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unknown output dtype {dtype!r}; choose from {sorted(FLOAT_DTYPES)}")
     for path, ratio in loras:
         if not math.isfinite(ratio):
             raise ValueError(f"{path}: the LoRA's ratio must be a finite number, got {ratio}")

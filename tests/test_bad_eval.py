@@ -93,7 +93,6 @@ CASES = {
     # prompts
     "prompts-empty-file": (["--prompts", "{root}/empty.txt"], ["empty.txt", "no prompts"]),
     "prompts-blank-lines": (["--prompts", "{root}/blank.txt"], ["blank.txt", "no prompts"]),
-    "prompts-latin-1": (["--prompts", "{root}/latin1.txt"], ["latin1.txt", "line 2", "UTF-8"]),
     "prompts-missing": (["--prompts", "{root}/nowhere.txt"], ["nowhere.txt"]),
     "prompts-folder-without-captions": (["--prompts", "{root}/uncaptioned"], ["uncaptioned", "no prompts"]),
     "prompts-empty-folder": (["--prompts", "{root}/empty_folder"], ["empty_folder", "no images"]),
@@ -143,3 +142,12 @@ def test_bad_input_is_a_clean_error(corpus, capsys, flags, mentions):
     before = snapshot(corpus)
     assert_clean_error(eval_cli.main, command_line(flags, corpus), capsys, *mentions)
     assert snapshot(corpus) == before  # inputs untouched, no --out folder or temporary file left
+
+
+def test_a_latin_1_prompt_file_is_read_as_captions_are(corpus):
+    """Prompt files are read as training reads captions (captions.read_text): not UTF-8 means latin-1, with a warning
+    naming the file, so the prompts match the captions a LoRA was trained on."""
+    from minigen.evaluate import read_prompts
+
+    with pytest.warns(UserWarning, match="latin1.txt is not UTF-8"):
+        assert read_prompts(corpus / "latin1.txt") == ["a red fox", "un café au lait"]

@@ -7,7 +7,6 @@ so the two agree to rounding (~1e-7 relative per operation), which 25 steps grow
 output scale (measured); the tests allow 5e-6.
 """
 
-import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,

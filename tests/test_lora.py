@@ -203,7 +203,7 @@ def test_file_for_another_model_names_the_mismatch(tmp_path):
 
 def test_older_diffusers_form_and_missing_alpha(tmp_path):
     from minigen.io import save_safetensors
-    model, x = toy(), torch.randn(2, 8, 3, 3)
+    model = toy()
     g = torch.Generator().manual_seed(3)
     down, up = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
     save_safetensors({"unet.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": down,

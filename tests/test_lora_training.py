@@ -6,7 +6,6 @@ each step is a few milliseconds of model time; the real settings differ only in 
 
 import codecs
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -18,9 +17,8 @@ from minigen.captions import captioned_images, dreambooth_images, read_caption
 from minigen.io import CheckpointError
 from minigen.lora_files import LoRAFileError, load_lora
 from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged
-from minigen.sdxl.model import random_sdxl
 from minigen.sdxl.configs import get_config
-from minigen.sdxl.model import SDXL, build_model
+from minigen.sdxl.model import build_model, random_sdxl
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -43,7 +43,7 @@ def test_unet_map_is_inverted_by_diffusers(preset):
     config = _unet_config(preset)
     ours = _state_dict(UNet2DConditionModel, config, preset)
     single = convert.unet_to_single_file(ours, config)
-    if preset == "sdxl-base":  # facts from DESIGN.md section 3 and the real file
+    if preset == "sdxl-base":  # the key count of the real sd_xl_base_1.0.safetensors
         assert len(single) == 1680
         assert sum(v.numel() for v in single.values()) == 2_567_463_684
         for key in ("input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight", "input_blocks.3.0.op.weight",

@@ -102,7 +102,7 @@ def test_full_size_keys_and_shapes_match_diffusers(part):
     with torch.device("meta"):
         ours, ref = our_class(config), ref_class(**_plain(config))
     _same_keys_and_shapes(ours, ref)
-    if part == "unet":  # DESIGN.md section 3
+    if part == "unet":  # diffusers' UNet2DConditionModel with SDXL base's config
         assert sum(p.numel() for p in ours.parameters()) == 2_567_463_684
         names = [n for n, _ in ours.named_modules()]
         assert sum(n.endswith("attn1.to_q") or n.endswith("attn2.to_q") for n in names) == 140
