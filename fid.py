@@ -22,7 +22,7 @@ import torch
 
 from minigen import cli, inception, metrics
 from minigen.io import check_can_create
-from minigen.data import list_images
+from minigen.images import list_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from minigen import cli
 from minigen.training import run_settings
-from minigen.data import parse_size
+from minigen.images import parse_size
 from minigen.gan_fid import fid_hook
 from minigen.gan_trainer import GANConfig, load_checkpoint, sample_to_folder, train
 

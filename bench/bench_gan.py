@@ -16,7 +16,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from minigen.data import parse_size
+from minigen.images import parse_size
 from minigen.gan_trainer import GANConfig, GANTrainer
 
 

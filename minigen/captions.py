@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data import list_images
+from .images import list_images
 
 
 @dataclass(frozen=True)

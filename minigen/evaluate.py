@@ -39,7 +39,8 @@ from . import inception as fid_inception
 from . import metrics
 from .captions import read_caption, read_text
 from .cli import check_number
-from .data import BUILTIN_DATASETS, list_images, open_rgb, resolve_dataset
+from .datasets import BUILTIN_DATASETS, resolve_dataset
+from .images import list_images, open_rgb
 from .io import atomic_write, check_can_create, read_header
 from .lora import remove_lora
 from .lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora

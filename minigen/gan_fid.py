@@ -24,7 +24,10 @@ import numpy as np
 import torch
 
 from . import metrics
-from .data import ImageFolder, cache_dir, list_images, resolve_dataset
+from .cache import cache_dir
+from .data import ImageFolder
+from .datasets import resolve_dataset
+from .images import list_images
 from .gan_trainer import EpochHook, GANConfig, GANTrainer, noise_batches
 from .inception import FEATURE_DIMS, load_inception
 from .plot import signed_to_uint8

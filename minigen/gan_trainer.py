@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from . import cli, gan
-from .data import ImageFolder, resolve_dataset
+from .data import ImageFolder
+from .datasets import resolve_dataset
 from .io import (CheckpointError, atomic_write, check_can_create, load_safetensors, naming, optimizer_from_tensors,
                  optimizer_to_tensors, refuse_non_finite, save_safetensors)
 from .plot import Panel, plot_panels, save_grid

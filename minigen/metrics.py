@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .data import list_images, open_rgb, to_rgb
+from .images import list_images, open_rgb, to_rgb
 from .io import atomic_write
 
 INCEPTION_SIZE = 299

