@@ -26,6 +26,11 @@ from minigen.lora_training import LoRATrainConfig, LoRATrainer, load_checkpoint
 from minigen.memory_plan import check_fits, plan_lora_step
 
 
+HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, InvokeAI, sd-scripts) or diffusers "
+                  "(read fully by diffusers and peft only)",
+        "sdxl": "a diffusers folder, a single .safetensors file, or random:tiny (a random tiny SDXL, to try things)"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: only the flags actually given appear, so a preset or a checkpoint's settings fill in the rest.
     p = argparse.ArgumentParser(prog="train_lora.py", description=__doc__,
@@ -43,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(LoRATrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"(default: {default!r})"
+        text = f"{HELP.get(f.name, '')} (default: {default!r})".lstrip()
         if hints[f.name] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif isinstance(default, list):

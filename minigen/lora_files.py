@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -36,6 +37,12 @@ KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
 KOHYA_READ_PREFIX = {**{p: c for c, p in KOHYA_PREFIX.items()}, "lora_te_": "te1"}  # lora_te_: SD 1.x's one encoder
 DIFFUSERS_PREFIX = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
 LoRA = dict[str, dict[str, LoRATensors]]  # {component: {module path: LoRATensors}}
+
+
+# What the diffusers/peft layout costs (measured by loading such files in each program): say it where it is written.
+DIFFUSERS_FORMAT_NOTE = ("a diffusers/peft-layout LoRA: diffusers and peft read it fully, but ComfyUI drops its UNet "
+                         "layers, A1111 applies nothing, Forge, InvokeAI and sd-scripts refuse it; the kohya layout "
+                         "(the default) loads the same in all of them")
 
 
 class LoRAFileError(CheckpointError):
@@ -58,15 +65,18 @@ def save_lora(path: str | os.PathLike, lora: LoRA, format: str = "kohya", metada
     unknown = set(lora) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown LoRA components {sorted(unknown)}; expected some of {COMPONENTS}")
+    metadata = dict(metadata or {})
     if format == "kohya":
         tensors = kohya_state_dict(lora, unet_names or unet_name_map())
     elif format == "diffusers":
         tensors = diffusers_state_dict(lora)
+        warnings.warn(f"{path}: {DIFFUSERS_FORMAT_NOTE}", stacklevel=2)
+        metadata["minigen.format_note"] = DIFFUSERS_FORMAT_NOTE
     else:
         raise ValueError(f"unknown LoRA file format {format!r}: use 'kohya' or 'diffusers'")
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, dict(metadata or {}))
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
 
 def kohya_state_dict(lora: LoRA, unet_names: NameMap) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from .io import (CheckpointError, atomic_write, check_can_create, load_safetenso
 from .lora import add_lora, lora_weights
 from .lora_data import TrainingSet, check_sizes, load_examples
 from .lora_files import kohya_metadata, save_lora
-from .plot import plot_curves, save_grid, save_png
+from .plot import plot_curves, save_grid, save_png, with_row_labels
 from .sdxl.convert import unet_name_map
 from .sdxl.model import SDXL, load_sdxl
 from .sdxl.pipeline import SDXLPipeline
@@ -100,7 +100,7 @@ class LoRATrainConfig:
     out: str = "runs/lora"
     save_every_epochs: int = 1
     save_every_steps: int = 0  # 0: only at epoch ends
-    format: str = "kohya"  # kohya or diffusers
+    format: str = "kohya"  # kohya (every program loads it) or diffusers (diffusers and peft only: lora_files.py)
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 20
     validation_size: str = ""  # HxW; empty: the resolution
@@ -341,11 +341,13 @@ class LoRATrainer:
     def draw_progress(folder: Path) -> None:
         from PIL import Image
 
-        rows = [Image.open(p).convert("RGB") for p in sorted(folder.glob("epoch_*.png"))]
+        paths = sorted(folder.glob("epoch_*.png"))
+        rows = [Image.open(p).convert("RGB") for p in paths]
         sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
         for k, row in enumerate(rows):
             sheet.paste(row, (0, sum(r.height for r in rows[:k])))
-        save_png(sheet, folder / "progress.png")
+        labels = [f"epoch {int(p.stem.removeprefix('epoch_'))}" for p in paths]  # epoch 0: before training
+        save_png(with_row_labels(sheet, labels), folder / "progress.png")
 
     def lora_file_contents(self) -> dict:
         return {c: lora_weights(self.models[c]) for c in self.models}

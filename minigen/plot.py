@@ -58,6 +58,18 @@ def save_grid(images, path: str | os.PathLike, nrow: int = 8, padding: int = 2) 
     save_png(make_grid(images, nrow, padding), path)
 
 
+def with_row_labels(image: Image.Image, labels: Sequence[str], width: int = 96) -> Image.Image:
+    """`image` (rows of equal height, one per label) with a white margin on the left naming each row."""
+    sheet = Image.new("RGB", (image.width + width, image.height), "white")
+    sheet.paste(image, (width, 0))
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    row_height = image.height / max(1, len(labels))
+    for k, label in enumerate(labels):
+        text = label if len(label) <= width // 6 else label[: width // 6 - 1] + "…"
+        draw.text((4, (k + 0.5) * row_height), text, fill="black", font=font, anchor="lm")
+    return sheet
+
+
 def smooth_ema(values: Sequence[float], weight: float) -> np.ndarray:
     """Exponential moving average with bias correction (as TensorBoard's smoothing slider; 0 = none)."""
     out, avg, norm = np.empty(len(values)), 0.0, 0.0
@@ -100,7 +112,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel:
                font: ImageFont.ImageFont) -> None:
     left, top, right, bottom = box
     # Plot area inside the box, leaving room for the title, tick labels and axis labels.
-    x0, y0, x1, y1 = left + 62, top + 24, right - 12, bottom - 36
+    x0, y0, x1, y1 = left + 62, top + 24, right - 28, bottom - 36  # room for the last x tick's label
     clean = {}
     for name, (xs, ys) in panel.series.items():
         xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
