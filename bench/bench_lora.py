@@ -122,7 +122,7 @@ def measure(step, device, repeats: int) -> tuple[float, float, int, int]:
     return statistics.median(walls), statistics.median(cpus), peak_bytes(device, baseline), sum(saved.values())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--full", action="store_true", help="full-size SDXL UNet at 1024x1024 (128x128 latents), bf16")
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=0, help="latent side (default: 128 with --full, else 32)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

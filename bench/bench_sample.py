@@ -71,7 +71,7 @@ def best_times(fns, repeat, device):
     return best
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=30)
@@ -83,7 +83,7 @@ def main():
                              "thread mostly measures the neighbours)")
     parser.add_argument("--pipeline", action="store_true", help="part 2: the whole SDXL pipeline, per image")
     parser.add_argument("--full", action="store_true", help="with --pipeline: full-size SDXL, 1024x1024, bf16")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.pipeline:
         return pipeline_bench(args)

@@ -125,16 +125,15 @@ def time_pass(model, inputs, impl, backward, device, repeats):
     return statistics.median(times), (memory.peak if device.type == "cuda" else None), out
 
 
-def cpu_peak_in_child(impl: str, backward: bool, dtype_name: str) -> int:
-    """Peak RSS one pass adds, measured in a fresh process (see the module docstring)."""
-    argv = [a for a in sys.argv[1:]]
+def cpu_peak_in_child(impl: str, backward: bool, dtype_name: str, argv: list[str]) -> int:
+    """Peak RSS one pass adds, measured in a fresh process (see the module docstring); `argv`: this run's flags."""
     cmd = [sys.executable, __file__, *argv, "--dtypes", dtype_name, "--memory-worker", impl,
            "fwd+bwd" if backward else "forward"]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(result.stdout.split()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--full", action="store_true", help="the real SDXL UNet (2.57B parameters)")
@@ -144,7 +143,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "PASS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     config = get_config("sdxl-base", "unet")
@@ -175,7 +175,7 @@ def main() -> None:
             t_ours, m_ours, out_ours = time_pass(ours, inputs, "minigen", backward, device, args.repeats)
             t_ref, m_ref, out_ref = time_pass(ref, inputs, "diffusers", backward, device, args.repeats)
             if device.type != "cuda":
-                m_ours, m_ref = (cpu_peak_in_child(impl, backward, name) for impl in ("minigen", "diffusers"))
+                m_ours, m_ref = (cpu_peak_in_child(impl, backward, name, argv) for impl in ("minigen", "diffusers"))
             diff = (out_ours.float() - out_ref.float()).abs().max().item()
             mib = 1024 * 1024
             print(f"{name:5} {'fwd+bwd' if backward else 'forward':9} {t_ours:10.3f} {t_ref:12.3f} {t_ours / t_ref:6.2f} "

@@ -226,7 +226,7 @@ def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor
     else:
         factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
         latents = torch.randn(B, 4, h // factor, w // factor)
-    with torch.autocast("cpu", dtype, enabled=cfg.mixed_precision != "no"):
+    with torch.autocast(latents.device.type, dtype, enabled=cfg.mixed_precision != "no"):
         if cfg.train_text_encoder:
             ids = torch.zeros(B, 77, dtype=torch.long)
             contexts = []

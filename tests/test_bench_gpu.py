@@ -1,0 +1,24 @@
+"""`make bench-gpu SMOKE=1`: the GPU suite's own script, run on the CPU with tiny configs, so it never rots before a
+GPU is lent. It asserts the script ran every bench to the end and wrote its report, not any speed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import bench_gpu  # noqa: E402
+
+
+def test_the_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
+    assert bench_gpu.main(["--smoke", "--out", str(tmp_path / "report")]) == 0
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert [b["module"] for b in result["benches"]] == [module for _, module, _, _ in bench_gpu.SUITE]
+    assert all(b["error"] is None and b["output"].strip() for b in result["benches"])
+    assert "ratio" in next(b for b in result["benches"] if b["module"] == "bench_lora")["output"]
+    (plan,) = result["plan"]
+    assert abs(plan["ratio"] - 1) < 0.15  # the plan against the same steps on real tensors
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Memory plan vs measured peak" in markdown and "| bench_gan |" in markdown
