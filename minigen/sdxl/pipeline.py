@@ -29,21 +29,23 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..diffusion import SAMPLERS, NoiseSchedule, guided, randn, sample
+from ..diffusion import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, guided, randn, sample
 from ..io import atomic_write
 from ..lora import remove_lora
 from ..lora_files import load_lora
 from .convert import unet_name_map
-from .model import SDXL, load_sdxl, read_json
+from .model import RANDOM, SDXL, load_sdxl, read_json
 
 SDXL_VAE_SCALE = 8  # pixels per latent in each direction: SDXL's VAE halves the size three times
 
 
 def check_settings(sampler: str, steps: int, height: int, width: int, num_images: int = 1,
-                   vae_scale: int = SDXL_VAE_SCALE, strength: float = 1.0) -> None:
+                   vae_scale: int = SDXL_VAE_SCALE, strength: float = 1.0, karras: bool = False) -> None:
     """Refuse settings that cannot make an image, naming what is wrong, before any model runs. strength: img2img's."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if karras and sampler not in KARRAS_SAMPLERS:
+        raise ValueError(f"Karras sigmas are available for {' and '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     for name, size in (("height", height), ("width", width)):
@@ -89,6 +91,11 @@ def unit_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
 
 
+def image_path(folder: str | os.PathLike, stem: str, i: int) -> Path:
+    """Where `save_images` writes image i: `<folder>/<stem>-<i, three digits>.png`."""
+    return Path(folder) / f"{stem}-{i:03d}.png"
+
+
 def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, start: int = 0,
                 pnginfo: Callable[[int], object] | None = None) -> list[Path]:
     """Write (B, H, W, 3) uint8 images as `<stem>-<i>.png`, i counting from `start`, each atomically; returns the
@@ -97,17 +104,17 @@ def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, star
 
     paths = []
     for i, image in enumerate(images, start):
-        path = Path(folder) / f"{stem}-{i:03d}.png"
+        path = image_path(folder, stem, i)
         with atomic_write(path) as f:
             Image.fromarray(image.numpy()).save(f, format="PNG", pnginfo=pnginfo(i) if pnginfo else None)
         paths.append(path)
     return paths
 
 
-def load_init_image(path: str | os.PathLike, size: tuple[int, int] | None = None,
+def load_init_image(path: str | os.PathLike, height: int | None = None, width: int | None = None,
                     vae_scale: int = SDXL_VAE_SCALE) -> torch.Tensor:
     """An img2img starting image as (1, 3, H, W) fp32 in [0, 1], as diffusers' VaeImageProcessor prepares it: resized
-    with Lanczos to `size` (height, width), or by default to its own size rounded down to a multiple of `vae_scale`.
+    with Lanczos to height x width, each by default its own rounded down to a multiple of `vae_scale`.
     ValueError names the file when it cannot be read or is smaller than one latent."""
     from PIL import Image
 
@@ -121,7 +128,7 @@ def load_init_image(path: str | os.PathLike, size: tuple[int, int] | None = None
             img = to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"--init-image {path}: not a readable image ({e})") from None
-    h, w = size or (img.height // vae_scale * vae_scale, img.width // vae_scale * vae_scale)
+    h, w = height or img.height // vae_scale * vae_scale, width or img.width // vae_scale * vae_scale
     if min(h, w) < vae_scale:
         raise ValueError(f"--init-image {path}: {img.width}x{img.height} is smaller than {vae_scale} pixels")
     if (w, h) != img.size:
@@ -142,7 +149,10 @@ class SDXLPipeline:
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", **load_kwargs) -> "SDXLPipeline":
         """A diffusers folder or a single-file SDXL checkpoint; errors name a missing path or a non-SDXL model.
-        A folder's model_index.json may turn off `force_zeros_for_empty_prompt` (SDXL base keeps it on)."""
+        A folder's model_index.json may turn off `force_zeros_for_empty_prompt` (SDXL base keeps it on).
+        "random:<preset>" is a random model of a preset's sizes (see `load_sdxl`)."""
+        if str(path).startswith(RANDOM):
+            return cls(load_sdxl(path, dtype=dtype, device=device, **load_kwargs))
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model path does not exist: {path}")
@@ -218,7 +228,8 @@ class SDXLPipeline:
         steps, starting from the image's latents noised to that step's level.
         """
         scale = self.vae_scale
-        check_settings(sampler, steps, height, width, num_images, scale, strength if init_image is not None else 1.0)
+        check_settings(sampler, steps, height, width, num_images, scale, strength if init_image is not None else 1.0,
+                       karras)
         if init_image is not None and (init_image.shape[0] not in (1, num_images)
                                        or tuple(init_image.shape[1:]) != (3, height, width)):
             raise ValueError(f"init_image of shape {tuple(init_image.shape)} does not fit {num_images} images of "
