@@ -96,9 +96,15 @@ def number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 def a1111_name(path: str) -> str:
-    """A model or LoRA's name as A1111 shows it: the file's stem, or a folder's name, without ',' and ':'."""
-    return Path(path).stem.replace(",", "").replace(":", "")
+    """A model or LoRA's name as A1111 shows it: the weight file's stem, or a folder's whole name ("sdxl-1.0"),
+    without ',' and ':'."""
+    path = Path(path)
+    name = path.stem if path.suffix.lower() in WEIGHT_SUFFIXES else path.name
+    return name.replace(",", "").replace(":", "")
 
 
 def lora_split(spec: str) -> tuple[str, float]:
@@ -215,13 +221,13 @@ def png_text(settings: dict, index: int, hashes: dict | None = None):
 def read_png_settings(path: str | os.PathLike) -> tuple[dict, int | None, dict[str, str]]:
     """(settings, batch position, unlocated) from a PNG's `minigen` chunk, else from its A1111 `parameters` (see
     `settings_from_infotext`). ValueError names the file when it holds neither or cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
             chunks = dict(getattr(img, "text", {}))
-    except (UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError and truncation are OSErrors
         raise ValueError(f"--from-png {path}: not a readable image ({e})") from None
     try:
         if JSON_KEY in chunks:

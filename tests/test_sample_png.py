@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from cli_errors import assert_clean_error
+
 import sample as sample_cli
 from minigen.diffusion import SAMPLERS
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
 from minigen.lora_files import save_lora
-from minigen.png_info import file_hashes, infotext, lora_hash, parse_infotext, settings_from_infotext
+from minigen.png_info import a1111_name, file_hashes, infotext, lora_hash, parse_infotext, settings_from_infotext
 from minigen.sampler_names import a1111_names, resolve_sampler
 from minigen.sdxl.configs import get_config
 from minigen.sdxl.convert import unet_name_map
@@ -116,7 +118,8 @@ def test_infotext_has_a1111s_layout():
         "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 123, Size: 768x1024, "
         'Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Lora hashes: "style: 0123456789ab, bc: ba9876543210", '
         "Version: minigen 0.1.0")
-    img2img = SETTINGS | {"lora": [], "num": 4, "init_image": "/x.png", "strength": 0.35, "vae": "/v/sdxl_vae.safetensors",
+    img2img = SETTINGS | {"lora": [], "num": 4, "init_image": "/x.png", "strength": 0.35,
+                          "vae": "/v/sdxl_vae.safetensors",
                           "sampler": "ddim", "karras": False, "eta": 0.5, "negative": None,
                           "original_size": [2048, 1536], "crop_top_left": [16, 0]}
     assert infotext(img2img, 2, {"vae": "abcdef0123"}).split("\n") == [
@@ -125,6 +128,12 @@ def test_infotext_has_a1111s_layout():
         "Model: sd_xl_base_1.0, Batch size: 4, Batch pos: 2, VAE hash: abcdef0123, VAE: sdxl_vae.safetensors, "
         "Denoising strength: 0.35, Eta DDIM: 0.5, Original size: 1536x2048, Crop top left: 16x0, "
         "Version: minigen 0.1.0"]
+
+
+def test_names_are_a1111s():
+    assert a1111_name("/m/sd_xl_base_1.0.safetensors") == "sd_xl_base_1.0"
+    assert a1111_name("/m/stable-diffusion-xl-base-1.0") == "stable-diffusion-xl-base-1.0"  # a diffusers folder
+    assert a1111_name("/l/a:b,c.ckpt") == "abc" and a1111_name("random:tiny") == "randomtiny"
 
 
 def test_parse_infotext_reads_a1111s_own_text():
@@ -137,7 +146,8 @@ def test_parse_infotext_reads_a1111s_own_text():
     assert params["Negative prompt"] == "ugly,\nbad hands"
     assert params["Lora hashes"] == "style: 0123456789ab" and params["Size-1"] == "832"
     settings, index, unlocated = settings_from_infotext(text)
-    assert settings["prompt"] == "masterpiece, a cat\non a mat" and (settings["height"], settings["width"]) == (1216, 832)
+    assert settings["prompt"] == "masterpiece, a cat\non a mat"
+    assert (settings["height"], settings["width"]) == (1216, 832)
     assert (settings["sampler"], settings["karras"], settings["cfg"], settings["seed"]) == ("dpmpp_2m", True, 6.5, 42)
     assert index is None and set(unlocated) == {"--model", "--lora"} and "style:0.6" in unlocated["--lora"]
 
@@ -194,6 +204,7 @@ def test_png_holds_its_settings_and_redraws_byte_identically(tmp_path, files):
 def test_redraw_from_a1111_text_alone(tmp_path):
     """Without minigen's chunk, the A1111 text gives the settings; the model is named on the command line."""
     (original,) = draw(tmp_path / "a", "--seed", "3", "--sampler", "euler", "--cfg", "3.5", "--rescale", "0.5",
+                       "--prompt", "a cube ☕ café", "--negative=-dark",  # text beyond Latin-1, a leading '-'
                        "--original-size", "96", "64", "--crop-top-left", "8", "0")
     info = PngInfo()
     info.add_text("parameters", chunks(original)["parameters"])
@@ -229,3 +240,19 @@ def test_no_hash_leaves_the_hashes_out(tmp_path, files, capsys):
     assert "hashing" not in capsys.readouterr().err and "Lora hashes" not in chunks(image)["parameters"]
     draw(tmp_path / "b", "--seed", "1", "--lora", str(lora))
     assert f"hashing {lora}" in capsys.readouterr().err
+
+
+def test_refusals_that_need_no_size_or_seed_on_the_command_line(tmp_path, capsys):
+    """An init image smaller than one latent (at its own size); a PNG whose batch position is outside its batch (the
+    position counts only when neither --seed nor --num is given)."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    assert_clean_error(sample_cli.main, ["--model", "random:tiny", "--prompt", "x", "--init-image",
+                                         str(tmp_path / "tiny.png"), "--out", str(tmp_path / "out")],
+                       capsys, "--init-image", "tiny.png", "smaller than 8 pixels")
+    info = PngInfo()
+    info.add_text("minigen", json.dumps({"format": 1, "index": 5, "settings": {"model": "random:tiny", "prompt": "x",
+                                                                              "num": 2, "seed": 1}}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "five.png", pnginfo=info)
+    assert_clean_error(sample_cli.main, ["--from-png", str(tmp_path / "five.png"), "--out", str(tmp_path / "out")],
+                       capsys, "five.png", "batch position 5", "batch of 2")
+    assert not (tmp_path / "out").exists()

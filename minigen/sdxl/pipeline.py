@@ -126,7 +126,7 @@ def load_init_image(path: str | os.PathLike, height: int | None = None, width: i
             # Patch: transparency composited on white and EXIF rotation applied, as everywhere in minigen (diffusers
             # drops the alpha channel and ignores the rotation).
             img = to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # unreadable ones are OSErrors
         raise ValueError(f"--init-image {path}: not a readable image ({e})") from None
     h, w = height or img.height // vae_scale * vae_scale, width or img.width // vae_scale * vae_scale
     if min(h, w) < vae_scale:
