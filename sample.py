@@ -49,7 +49,7 @@ def strength(text: str) -> float:
 def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0], exit_on_error=exit_on_error)
     p.add_argument("--from-png", metavar="IMG", help="redraw IMG from the settings in it (minigen's, or A1111's "
-                   "text); flags given override them, and --num or --seed draw the whole new batch")
+                   "text); flags given override them (--lora replaces its LoRAs), and --num or --seed draw the whole new batch")
     p.add_argument("--model", help="SDXL diffusers folder, single .safetensors file, or random:tiny (required "
                    "unless --from-png)")
     p.add_argument("--prompt", help="required unless --from-png")
