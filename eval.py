@@ -15,9 +15,9 @@ import argparse
 import sys
 
 from minigen import cli
-from minigen.diffusion import SAMPLERS
 from minigen.evaluate import Settings, evaluate, markdown_table
 from minigen.inception import FEATURE_DIMS
+from minigen.sampler_names import karras_of, resolve_sampler
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--negative", default=None, help="negative prompt (default: none, zero embeddings as SDXL)")
     p.add_argument("--steps", type=cli.number(int, 1), default=30)
     p.add_argument("--cfg", type=cli.number(float), default=5.0, help="classifier-free guidance scale; <= 1 turns it off")
-    p.add_argument("--sampler", default="euler", choices=SAMPLERS)
+    p.add_argument("--sampler", type=cli.parsed_by(resolve_sampler, "sampler"), default="euler",
+                   help="ddpm, ddim, euler, euler_a, dpmpp_2m, or A1111's or ComfyUI's name (\"DPM++ 2M Karras\")")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, dpmpp_2m)")
     p.add_argument("--height", type=cli.number(int, 8), default=1024, help="a multiple of 8")
     p.add_argument("--width", type=cli.number(int, 8), default=1024, help="a multiple of 8")
@@ -61,7 +62,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cli.apply_threads(args.threads)
     cli.check_device(args.device)
-    settings = Settings(args.steps, args.cfg, args.sampler, args.karras, args.height, args.width, args.negative)
+    sampler, named_karras = args.sampler
+    settings = Settings(args.steps, args.cfg, sampler, karras_of(named_karras, args.karras), args.height, args.width,
+                        args.negative)
     report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
                       seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
                       grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,

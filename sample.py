@@ -1,16 +1,21 @@
 """Text to image with an SDXL checkpoint: the same images diffusers' StableDiffusionXLPipeline gives for a seed.
 
     python sample.py --model sd_xl_base_1.0.safetensors --prompt "a photo of an astronaut riding a horse on mars" \
-        --steps 30 --cfg 5 --sampler dpmpp_2m --karras --seed 0 --num 4 --lora style.safetensors:0.8 --out outputs/
+        --steps 30 --cfg 5 --sampler "DPM++ 2M Karras" --seed 0 --num 4 --lora style.safetensors:0.8 --out outputs/
+    python sample.py --from-png outputs/0-002.png --steps 40      # the same image again, but with 40 steps
 
---model: a diffusers folder or a single-file checkpoint. One `--seed` draws the noise of the whole batch (as
-diffusers' `generator=torch.Generator("cpu").manual_seed(seed)` with `num_images_per_prompt`); with no seed a random
-one is chosen and printed. Images are written as <out>/<seed>-000.png, <seed>-001.png, ...
+--model: a diffusers folder, a single-file checkpoint, or random:tiny (a random model, to try things in seconds). One
+`--seed` draws the noise of the whole batch (as diffusers' `generator=torch.Generator("cpu").manual_seed(seed)` with
+`num_images_per_prompt`); with no seed a random one is chosen and printed. Images are written as
+<out>/<seed>-000.png, <seed>-001.png, ..., each holding its settings (A1111's `parameters` text and minigen's JSON,
+see minigen/png_info.py). --sampler takes minigen's, A1111's and ComfyUI's names. --init-image turns it into img2img
+(diffusers' StableDiffusionXLImg2ImgPipeline). --from-png IMG redraws IMG from its settings; flags after it override.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 
@@ -18,35 +23,156 @@ import torch
 
 from minigen import cli
 from minigen.io import check_can_create
-from minigen.diffusion import SAMPLERS
 from minigen.lora_files import parse_lora_spec
-from minigen.sdxl.pipeline import SDXLPipeline, check_settings, save_images
+from minigen.png_info import file_hashes, png_text, read_png_settings
+from minigen.sampler_names import karras_of, resolve_sampler
+from minigen.sdxl.model import RANDOM
+from minigen.sdxl.pipeline import SDXLPipeline, check_settings, image_path, load_init_image, save_images
+
+# The flags a PNG keeps (minigen/png_info.py): every one that changes the pixels. Not --allow-pickle: a picture must
+# not grant permission to unpickle. Not --device: a redraw may run elsewhere (bitwise equal on the same device).
+SETTINGS = ("model", "prompt", "negative", "steps", "cfg", "rescale", "sampler", "karras", "eta", "seed", "height",
+            "width", "num", "lora", "vae", "init_image", "strength", "original_size", "crop_top_left", "target_size",
+            "dtype")
+PAIRS = ("original_size", "crop_top_left", "target_size")  # flags of two numbers
+DEFAULT_SIZE = 1024
+DEFAULT_STRENGTH = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline's
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="SDXL diffusers folder or single .safetensors file")
-    p.add_argument("--prompt", required=True)
+def strength(text: str) -> float:
+    value = cli.number(float, 0, 1)(text)
+    if value == 0:
+        raise ValueError("must be in (0, 1], got 0")
+    return value
+
+
+def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0], exit_on_error=exit_on_error)
+    p.add_argument("--from-png", metavar="IMG", help="redraw IMG from the settings in it (minigen's, or A1111's "
+                   "text); flags given override them (--lora replaces its LoRAs), and --num or --seed draw the whole new batch")
+    p.add_argument("--model", help="SDXL diffusers folder, single .safetensors file, or random:tiny (required "
+                   "unless --from-png)")
+    p.add_argument("--prompt", help="required unless --from-png")
     p.add_argument("--negative", default=None, help="negative prompt (default: none, i.e. zero embeddings as SDXL)")
     p.add_argument("--steps", type=cli.number(int, 1), default=30)
     p.add_argument("--cfg", type=cli.number(float, 0), default=5.0,
                    help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--rescale", type=cli.number(float, 0, 1), default=0.0,
                    help="guidance rescale in [0, 1] (Lin et al. 2023)")
-    p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--sampler", type=cli.parsed_by(resolve_sampler, "sampler"), default="euler",
+                   help="ddpm, ddim, euler, euler_a, dpmpp_2m, or A1111's or ComfyUI's name (\"DPM++ 2M Karras\", "
+                        "euler_ancestral); a trailing schedule name (karras, normal) sets --karras")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, dpmpp_2m)")
     p.add_argument("--eta", type=cli.number(float, 0, 1), default=0.0, help="DDIM's eta in [0, 1]")
     p.add_argument("--seed", type=cli.seed_number, default=None)
-    p.add_argument("--height", type=cli.number(int, 8), default=1024, help="a multiple of 8")
-    p.add_argument("--width", type=cli.number(int, 8), default=1024, help="a multiple of 8")
+    p.add_argument("--height", type=cli.number(int, 8), default=None,
+                   help=f"a multiple of 8 (default {DEFAULT_SIZE}, or the init image's)")
+    p.add_argument("--width", type=cli.number(int, 8), default=None,
+                   help=f"a multiple of 8 (default {DEFAULT_SIZE}, or the init image's)")
     p.add_argument("--num", type=cli.number(int, 1), default=1, help="images in the batch")
     p.add_argument("--out", default="outputs")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA file and its multiplier (default 1); repeat to stack several")
+    p.add_argument("--vae", help="a replacement VAE: a file (diffusers or LDM names) or a diffusers vae/ folder")
+    p.add_argument("--init-image", metavar="IMG", help="img2img: start from this image (resized to --height/--width)")
+    p.add_argument("--strength", type=cli.parsed_by(strength, "strength"), default=None,
+                   help=f"img2img: how much of the run to redo, in (0, 1] (default {DEFAULT_STRENGTH})")
+    p.add_argument("--original-size", type=cli.number(int, 1), nargs=2, metavar=("H", "W"),
+                   help="SDXL micro-conditioning: the size the picture claims to come from (default: the output's)")
+    p.add_argument("--crop-top-left", type=cli.number(int, 0), nargs=2, metavar=("Y", "X"),
+                   help="SDXL micro-conditioning: the crop's top-left corner (default 0 0)")
+    p.add_argument("--target-size", type=cli.number(int, 1), nargs=2, metavar=("H", "W"),
+                   help="SDXL micro-conditioning: the size aimed for (default: the output's)")
+    p.add_argument("--no-hash", action="store_true",
+                   help="leave the model, VAE and LoRA hashes out of the PNGs (hashing 7 GB takes a while)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled model or LoRA files (.ckpt, .bin, .pt) you trust; loaded with weights_only=True")
     cli.add_device_args(p)
-    return p.parse_args(argv)
+    return p
+
+
+def settings_argv(settings: dict) -> list[str]:
+    """Saved settings as the flags that give them, e.g. {"steps": 30, "karras": True} -> ["--steps=30", "--karras"]."""
+    argv = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in SETTINGS:
+            raise ValueError(f"unknown setting {key!r}")
+        if value is None or value is False:
+            continue
+        if key == "karras" and value is True:
+            argv.append(flag)
+        elif key in PAIRS and isinstance(value, list) and len(value) == 2:
+            argv += [flag, *map(str, value)]
+        elif key == "lora" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            argv += [f"{flag}={spec}" for spec in value]
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool) and key not in (*PAIRS, "lora"):
+            argv.append(f"{flag}={value}")  # `=`: a value starting with '-' stays a value
+        else:
+            raise ValueError(f"setting {key}={value!r} is not a value of {flag}")
+    return argv
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The settings named on the command line (whatever their value): parsed with no defaults at all."""
+    quiet = build_parser()
+    for action in quiet._actions:  # argparse has no public way to drop every default
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def with_png_settings(p: argparse.ArgumentParser, argv: list[str], png: str) -> tuple[argparse.Namespace, int | None]:
+    """The command line over the settings saved in `png`, and the image's place in its batch (None: write the batch)."""
+    saved, index, unlocated = read_png_settings(png)
+    given = given_flags(argv)
+    if "sampler" in given:  # a sampler named anew brings its own schedule
+        given.add("karras")
+    missing = [f"{what} (give {flag})" for flag, what in unlocated.items()
+               if flag.removeprefix("--").replace("-", "_") not in given]
+    if missing:
+        raise ValueError(f"--from-png {png}: its A1111 text names {'; '.join(missing)}, not where to find it")
+    try:
+        saved_argv = settings_argv({k: v for k, v in saved.items() if k not in given})
+        build_parser(exit_on_error=False).parse_args(saved_argv)  # each saved value checked as its flag checks it
+    except (ValueError, argparse.ArgumentError) as e:
+        raise ValueError(f"--from-png {png}: saved {e}") from None
+    args = p.parse_args(saved_argv + argv)
+    if given & {"num", "seed"}:
+        return args, None
+    if index is not None and not (isinstance(index, int) and 0 <= index < args.num):
+        raise ValueError(f"--from-png {png}: batch position {index!r} is not within its batch of {args.num}")
+    return args, index
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, args.index = p.parse_args(argv), None
+    if args.from_png:
+        args, args.index = with_png_settings(p, argv, args.from_png)
+    for flag in ("model", "prompt"):
+        if getattr(args, flag) is None:
+            p.error(f"--{flag} is required (or --from-png IMG)")
+    if args.strength is not None and args.init_image is None:
+        p.error("--strength is img2img's: it needs --init-image")
+    return args
+
+
+def settings_of(args: argparse.Namespace, sampler: str, karras: bool, seed: int, height: int, width: int,
+                loras: list[tuple[str, float]]) -> dict:
+    """What the PNGs keep: the resolved settings, files as absolute paths (see SETTINGS)."""
+    def absolute(path):
+        return path if path is None or str(path).startswith(RANDOM) else os.path.abspath(path)
+
+    return {"model": absolute(args.model), "prompt": args.prompt, "negative": args.negative,
+            "steps": args.steps, "cfg": args.cfg, "rescale": args.rescale, "sampler": sampler, "karras": karras,
+            "eta": args.eta, "seed": seed, "height": height, "width": width, "num": args.num,
+            "lora": [f"{absolute(path)}:{multiplier}" for path, multiplier in loras], "vae": absolute(args.vae),
+            "init_image": absolute(args.init_image),
+            "strength": (args.strength or DEFAULT_STRENGTH) if args.init_image else None,
+            "original_size": args.original_size, "crop_top_left": args.crop_top_left,
+            "target_size": args.target_size,
+            "dtype": {v: k for k, v in cli.TORCH_DTYPES.items()}[cli.chosen_dtype(args)]}
 
 
 @cli.entry("sample.py")
@@ -54,19 +180,41 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cli.apply_threads(args.threads)
     cli.check_device(args.device)
-    check_settings(args.sampler, args.steps, args.height, args.width, args.num)  # before loading gigabytes
+    sampler, named_karras = args.sampler
+    karras = karras_of(named_karras, args.karras)
+    init = None  # before loading gigabytes: every file and setting
+    if args.init_image is not None:
+        init = load_init_image(args.init_image, args.height, args.width)
+    height, width = (init.shape[2], init.shape[3]) if init is not None else (args.height or DEFAULT_SIZE,
+                                                                             args.width or DEFAULT_SIZE)
+    settings = settings_of(args, sampler, karras, args.seed if args.seed is not None else random.randrange(2**32),
+                           height, width, [parse_lora_spec(spec) for spec in args.lora])
+    check_settings(sampler, args.steps, height, width, args.num, strength=settings["strength"] or 1.0, karras=karras)
+    if args.vae is not None and not os.path.exists(args.vae):
+        raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     check_can_create(args.out, folder=True, what="--out")
-    loras = [parse_lora_spec(spec) for spec in args.lora]
+    written = [args.index] if args.index is not None else range(args.num)
+    if args.from_png and any(os.path.exists(path) and os.path.samefile(path, args.from_png)
+                             for path in (image_path(args.out, str(settings["seed"]), i) for i in written)):
+        raise ValueError(f"--out {args.out}: the redrawn image would replace --from-png {args.from_png}; "
+                         "give another --out")
     pipe = SDXLPipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device,
-                                        allow_pickle=args.allow_pickle)
-    for path, multiplier in loras:
-        pipe.add_lora(path, multiplier, allow_pickle=args.allow_pickle)
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
+                                        allow_pickle=args.allow_pickle, vae=args.vae)
+    for spec in settings["lora"]:
+        path, _, multiplier = spec.rpartition(":")
+        pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+    hashes = None if args.no_hash else file_hashes(settings, lambda line: print(line, file=sys.stderr))
     images = pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg,
-                  guidance_rescale=args.rescale, sampler=args.sampler, karras=args.karras, eta=args.eta,
-                  height=args.height, width=args.width, num_images=args.num,
-                  generator=torch.Generator("cpu").manual_seed(seed), progress=True)
-    for path in save_images(images, args.out, str(seed)):
+                  guidance_rescale=args.rescale, sampler=sampler, karras=karras, eta=args.eta,
+                  height=height, width=width, num_images=args.num, init_image=init,
+                  strength=settings["strength"] or 1.0, original_size=args.original_size,
+                  crop_top_left=args.crop_top_left or (0, 0), target_size=args.target_size,
+                  generator=torch.Generator("cpu").manual_seed(settings["seed"]), progress=True)
+    first = args.index or 0
+    if args.index is not None:  # --from-png of one image of a batch: the batch redrawn, that image written
+        images = images[first:first + 1]
+    for path in save_images(images, args.out, str(settings["seed"]), first,
+                            pnginfo=lambda i: png_text(settings, i, hashes)):
         print(path)
     return 0
 

@@ -119,6 +119,17 @@ def number(kind: type = float, lo: float | None = None, hi: float | None = None)
 seed_number = number(int, *SEED_RANGE)
 
 
+def parsed_by(parse: Callable[[str], object], name: str) -> Callable[[str], object]:
+    """An argparse type from a function that raises ValueError: its message becomes argparse's one-line error."""
+    def checked(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    checked.__name__ = name  # argparse names the type in its messages
+    return checked
+
+
 # ---- device, dtype and threads ----
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

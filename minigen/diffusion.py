@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
+KARRAS_SAMPLERS = ("euler", "dpmpp_2m")  # the samplers that take Karras sigmas (as diffusers' schedulers do)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -169,8 +170,8 @@ class NoiseSchedule:
         """The timesteps and noise levels of one sampling run, laid out as diffusers' scheduler for `sampler` does."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-        if karras and sampler not in ("euler", "dpmpp_2m"):
-            raise ValueError(f"Karras sigmas are available for euler and dpmpp_2m, not {sampler!r}")
+        if karras and sampler not in KARRAS_SAMPLERS:
+            raise ValueError(f"Karras sigmas are available for {' and '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
         T, spacing, offset = self.num_train_timesteps, self.timestep_spacing, self.steps_offset
         train_sigmas = self.sigmas.numpy()  # (T,) float32
         if sampler in ("ddpm", "ddim"):

@@ -87,7 +87,7 @@ def report(files):
     code = eval_cli.main(["--model", str(tiny_folder()), "--lora", str(files["run"]),
                           "--lora", f"{files['text_lora']}:0.7", "--prompts", str(files["prompts"]),
                           "--ref", str(files["ref"]), "--num", str(NUM), "--seed", str(SEED),
-                          "--steps", str(STEPS), "--cfg", str(CFG), "--sampler", "euler_a",
+                          "--steps", str(STEPS), "--cfg", str(CFG), "--sampler", "Euler a",  # A1111's name
                           "--height", str(SIZE), "--width", str(SIZE), "--batch-size", "3",
                           "--inception-weights", str(files["weights"]), "--dims", str(DIMS), "--is-splits", "2", "--out", str(out)])
     assert code == 0
@@ -120,7 +120,7 @@ def test_base_images_equal_sample_py(report, tmp_path):
     for p, i in ((0, 0), (1, 1)):  # first in the batch of 3; alone in the last batch
         prompt, folder = PROMPTS[p], tmp_path / f"{p}-{i}"
         assert sample_cli.main(["--model", str(tiny_folder()), "--prompt", prompt, "--seed", str(SEED + i),
-                                "--steps", str(STEPS), "--cfg", str(CFG), "--sampler", "euler_a",
+                                "--steps", str(STEPS), "--cfg", str(CFG), "--sampler", "euler_ancestral",  # ComfyUI's
                                 "--height", str(SIZE), "--width", str(SIZE), "--out", str(folder)]) == 0
         theirs = np.asarray(Image.open(folder / f"{SEED + i}-000.png"))
         # A batch of 3 and a batch of 1 may round differently in the last float bit (different matmul

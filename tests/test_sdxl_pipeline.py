@@ -21,7 +21,7 @@ from minigen.lora import add_lora, lora_parameters, lora_weights
 from minigen.lora_files import save_lora
 from minigen.sdxl.convert import unet_name_map
 from minigen.sdxl.model import load_sdxl
-from minigen.sdxl.pipeline import SDXLPipeline, check_settings, encode_prompt, time_ids
+from minigen.sdxl.pipeline import SDXLPipeline, check_settings, encode_prompt, load_init_image, time_ids
 
 # fp32 on both sides; the models differ only in operation order (SDPA vs diffusers' attention processors, fused vs
 # separate ops), ~1e-6 per forward. Images are in [0, 1]; a few steps compound this to ~1e-5, so 1e-4 is tight
@@ -220,3 +220,41 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
     args = ["--model", str(tiny_folder()), "--prompt", "x", "--out", str(tmp_path), *extra]
     assert_clean_error(sample_cli.main, args, capsys, message)
     assert not list(tmp_path.glob("*.png"))
+
+
+# img2img: sampler, karras, diffusers scheduler and its extra settings (a sample of SAMPLERS: one per noising rule)
+IMG2IMG = [SAMPLERS[1], SAMPLERS[3], SAMPLERS[4], SAMPLERS[6]]
+
+
+@pytest.mark.parametrize("sampler,karras,scheduler_class,scheduler_args", IMG2IMG,
+                         ids=[s + ("-karras" if k else "") for s, k, _, _ in IMG2IMG])
+def test_img2img_equals_diffusers(ours, reference, tmp_path, sampler, karras, scheduler_class, scheduler_args):
+    """diffusers' StableDiffusionXLImg2ImgPipeline on the same model: the init image encoded and sampled from the
+    generator before the starting noise, the run started at step steps - int(steps * strength), a batch of two."""
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "init.png")
+    init = load_init_image(tmp_path / "init.png", vae_scale=ours.vae_scale)
+    assert init.shape == (1, 3, 16, 24) and torch.equal((init[0].permute(1, 2, 0) * 255).round().byte(),
+                                                        torch.from_numpy(rgb))
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**reference.components)
+    img2img.scheduler = scheduler_class.from_config(reference.scheduler.config, **scheduler_args)
+    ref = img2img("a cat", image=Image.open(tmp_path / "init.png"), strength=0.6, num_inference_steps=5,
+                  guidance_scale=4.0, num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(2),
+                  output_type="pt").images
+    images = ours("a cat", steps=5, sampler=sampler, karras=karras, guidance_scale=4.0, num_images=2, height=16,
+                  width=24, init_image=init, strength=0.6, output="float",
+                  generator=torch.Generator("cpu").manual_seed(2))
+    assert images.shape == ref.shape == (2, 3, 16, 24)
+    assert_close(images, ref, IMAGE_TOL)
+    # the image matters: a different init image changes the result
+    other = ours("a cat", steps=5, sampler=sampler, karras=karras, guidance_scale=4.0, num_images=2, height=16,
+                 width=24, init_image=1 - init, strength=0.6, output="float",
+                 generator=torch.Generator("cpu").manual_seed(2))
+    assert (other - images).abs().max() > 1e-2
+
+
+def test_img2img_strength_that_leaves_no_step_is_refused():
+    with pytest.raises(ValueError, match="leaves no step to run"):
+        check_settings("euler", 3, 16, 16, strength=0.3)
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        check_settings("euler", 3, 16, 16, strength=1.5)

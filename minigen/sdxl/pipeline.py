@@ -24,25 +24,28 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from ..diffusion import SAMPLERS, NoiseSchedule, guided, sample
+from ..diffusion import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, guided, randn, sample
 from ..io import atomic_write
 from ..lora import remove_lora
 from ..lora_files import load_lora
 from .convert import unet_name_map
-from .model import SDXL, load_sdxl, read_json
+from .model import RANDOM, SDXL, load_sdxl, read_json
 
 SDXL_VAE_SCALE = 8  # pixels per latent in each direction: SDXL's VAE halves the size three times
 
 
 def check_settings(sampler: str, steps: int, height: int, width: int, num_images: int = 1,
-                   vae_scale: int = SDXL_VAE_SCALE) -> None:
-    """Refuse settings that cannot make an image, naming what is wrong, before any model runs."""
+                   vae_scale: int = SDXL_VAE_SCALE, strength: float = 1.0, karras: bool = False) -> None:
+    """Refuse settings that cannot make an image, naming what is wrong, before any model runs. strength: img2img's."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if karras and sampler not in KARRAS_SAMPLERS:
+        raise ValueError(f"Karras sigmas are available for {' and '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     for name, size in (("height", height), ("width", width)):
@@ -50,6 +53,10 @@ def check_settings(sampler: str, steps: int, height: int, width: int, num_images
             raise ValueError(f"{name} must be a positive multiple of {vae_scale} (the VAE's scale), got {size!r}")
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"the number of images must be >= 1, got {num_images!r}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if int(steps * strength) < 1:  # diffusers' get_timesteps runs int(steps * strength) of the steps
+        raise ValueError(f"strength {strength} with {steps} steps leaves no step to run (steps * strength < 1)")
 
 
 def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
@@ -84,17 +91,49 @@ def unit_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str) -> list[Path]:
-    """Write (B, H, W, 3) uint8 images as `<stem>-<i>.png`, each atomically; returns the paths."""
+def image_path(folder: str | os.PathLike, stem: str, i: int) -> Path:
+    """Where `save_images` writes image i: `<folder>/<stem>-<i, three digits>.png`."""
+    return Path(folder) / f"{stem}-{i:03d}.png"
+
+
+def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, start: int = 0,
+                pnginfo: Callable[[int], object] | None = None) -> list[Path]:
+    """Write (B, H, W, 3) uint8 images as `<stem>-<i>.png`, i counting from `start`, each atomically; returns the
+    paths. pnginfo(i): the PIL `PngInfo` (text chunks) of image i (see `minigen.png_info.png_text`)."""
     from PIL import Image
 
     paths = []
-    for i, image in enumerate(images):
-        path = Path(folder) / f"{stem}-{i:03d}.png"
+    for i, image in enumerate(images, start):
+        path = image_path(folder, stem, i)
         with atomic_write(path) as f:
-            Image.fromarray(image.numpy()).save(f, format="PNG")
+            Image.fromarray(image.numpy()).save(f, format="PNG", pnginfo=pnginfo(i) if pnginfo else None)
         paths.append(path)
     return paths
+
+
+def load_init_image(path: str | os.PathLike, height: int | None = None, width: int | None = None,
+                    vae_scale: int = SDXL_VAE_SCALE) -> torch.Tensor:
+    """An img2img starting image as (1, 3, H, W) fp32 in [0, 1], as diffusers' VaeImageProcessor prepares it: resized
+    with Lanczos to height x width, each by default its own rounded down to a multiple of `vae_scale`.
+    ValueError names the file when it cannot be read or is smaller than one latent."""
+    from PIL import Image
+
+    from ..data import to_rgb
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            # Patch: transparency composited on white and EXIF rotation applied, as everywhere in minigen (diffusers
+            # drops the alpha channel and ignores the rotation).
+            img = to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # unreadable ones are OSErrors
+        raise ValueError(f"--init-image {path}: not a readable image ({e})") from None
+    h, w = height or img.height // vae_scale * vae_scale, width or img.width // vae_scale * vae_scale
+    if min(h, w) < vae_scale:
+        raise ValueError(f"--init-image {path}: {img.width}x{img.height} is smaller than {vae_scale} pixels")
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
 class SDXLPipeline:
@@ -110,7 +149,10 @@ class SDXLPipeline:
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", **load_kwargs) -> "SDXLPipeline":
         """A diffusers folder or a single-file SDXL checkpoint; errors name a missing path or a non-SDXL model.
-        A folder's model_index.json may turn off `force_zeros_for_empty_prompt` (SDXL base keeps it on)."""
+        A folder's model_index.json may turn off `force_zeros_for_empty_prompt` (SDXL base keeps it on).
+        "random:<preset>" is a random model of a preset's sizes (see `load_sdxl`)."""
+        if str(path).startswith(RANDOM):
+            return cls(load_sdxl(path, dtype=dtype, device=device, **load_kwargs))
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model path does not exist: {path}")
@@ -169,7 +211,8 @@ class SDXLPipeline:
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, output: str = "uint8",
-                 progress: bool = False, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 progress: bool = False, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 init_image: torch.Tensor | None = None, strength: float = 0.3) -> torch.Tensor:
         """Generate `num_images` images of `prompt`: (num_images, height, width, 3) uint8 on the CPU, or with
         output="float" (num_images, 3, height, width) fp32 in [0, 1] (diffusers' output_type="pt").
 
@@ -179,9 +222,18 @@ class SDXLPipeline:
 
         embeddings: (context, pooled) laid out as `conditioning` returns them, used instead of encoding `prompt`
         (which is then ignored); its rows may be different prompts (evaluate.py encodes once and batches prompts).
+
+        init_image: img2img (diffusers' StableDiffusionXLImg2ImgPipeline), (1 or num_images, 3, height, width) in
+        [0, 1] (see `load_init_image`); strength in (0, 1] (diffusers' default 0.3) runs the last int(steps * strength)
+        steps, starting from the image's latents noised to that step's level.
         """
         scale = self.vae_scale
-        check_settings(sampler, steps, height, width, num_images, scale)
+        check_settings(sampler, steps, height, width, num_images, scale, strength if init_image is not None else 1.0,
+                       karras)
+        if init_image is not None and (init_image.shape[0] not in (1, num_images)
+                                       or tuple(init_image.shape[1:]) != (3, height, width)):
+            raise ValueError(f"init_image of shape {tuple(init_image.shape)} does not fit {num_images} images of "
+                             f"{height}x{width}")
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         unet, vae = self.sdxl.unet, self.sdxl.vae
@@ -203,11 +255,35 @@ class SDXLPipeline:
 
         model_fn = guided(unet_fn, guidance_scale, guidance_rescale) if guidance else unet_fn
         shape = (num_images, unet.config["in_channels"], height // scale, width // scale)
-        latents = sample(model_fn, shape, self.schedule, sampler, steps, karras=karras, eta=eta,
-                         generator=generator, device=device, progress=progress)  # (B, 4, h, w) fp32
+        init = None if init_image is None else self.encode_init_image(init_image, num_images, generator)
+        latents = sample(model_fn, shape, self.schedule, sampler, steps, karras=karras, eta=eta, init=init,
+                         strength=strength, generator=generator, device=device, progress=progress)  # (B, 4, h, w)
         # Patch: decoded in the VAE's own dtype, fp32 by default (diffusers keeps an fp16/bf16 VAE's dtype unless
         # force_upcast); SDXL's VAE overflows in fp16, and its cost is small next to the UNet's.
         vae_param = vae.post_quant_conv.weight
         images = vae.decode((latents / vae.scaling_factor).to(vae_param.device, vae_param.dtype))  # (B, 3, H, W)
         images = (images.float() * 0.5 + 0.5).clamp(0, 1).cpu()
         return unit_to_uint8(images) if output == "uint8" else images
+
+    def encode_init_image(self, images: torch.Tensor, num_images: int,
+                          generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+        """img2img's clean latents (num_images, 4, h, w) fp32, scaled, as diffusers' prepare_latents makes them: a
+        sample of the VAE's latent distribution drawn from the generator (before the starting noise), the image
+        repeated over the batch; with one generator per image, each copy is encoded and sampled with its own."""
+        vae = self.sdxl.vae
+        param = vae.post_quant_conv.weight
+        x = (images * 2 - 1).to(param.device, param.dtype)  # [0, 1] -> [-1, 1]
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != num_images:
+                raise ValueError(f"got {len(generator)} generators for a batch of {num_images}")
+            x = x.expand(num_images, -1, -1, -1)
+            pairs = [(x[i:i + 1], g) for i, g in enumerate(generator)]
+        else:
+            pairs = [(x, generator)]
+        latents = []
+        for image, g in pairs:
+            dist = vae.encode(image)
+            # drawn as diffusers' randn_tensor draws (on the generator's device), not as DiagonalGaussian.sample
+            latents.append(dist.mean + dist.std * randn(dist.mean.shape, g, param.device, param.dtype))
+        latents = torch.cat(latents).float() * vae.scaling_factor
+        return latents.repeat(num_images // latents.shape[0], 1, 1, 1)
