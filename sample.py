@@ -22,7 +22,7 @@ import sys
 import torch
 
 from minigen import cli
-from minigen.io import check_can_create
+from minigen.io import FLOAT_DTYPES, check_can_create
 from minigen.lora_files import parse_lora_spec
 from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler
@@ -172,7 +172,7 @@ def settings_of(args: argparse.Namespace, sampler: str, karras: bool, seed: int,
             "strength": (args.strength or DEFAULT_STRENGTH) if args.init_image else None,
             "original_size": args.original_size, "crop_top_left": args.crop_top_left,
             "target_size": args.target_size,
-            "dtype": {v: k for k, v in cli.TORCH_DTYPES.items()}[cli.chosen_dtype(args)]}
+            "dtype": {v: k for k, v in FLOAT_DTYPES.items()}[cli.chosen_dtype(args)]}
 
 
 @cli.entry("sample.py")

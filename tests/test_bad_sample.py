@@ -190,9 +190,6 @@ def test_bad_files(corpus, tmp_path, capsys, extra, mentions):
     assert snapshot(corpus) == before
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="bug in minigen/sdxl/model.py: _read_vae lets the key "
-                   "map's KeyError out for a file that is not a VAE (load_sdxl turns it into a CheckpointError only "
-                   "for a single-file model)")
 def test_a_file_that_is_not_a_vae(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     assert_clean_error(sample_cli.main, argv(corpus, out, "--vae", str(corpus / "lora.safetensors")), capsys,

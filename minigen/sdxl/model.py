@@ -218,7 +218,10 @@ def _read_vae(path: Path, config: Mapping, allow_pickle: bool) -> tuple[dict, di
         tensors = {k.removeprefix(convert.VAE_PREFIX): v for k, v in tensors.items()
                    if k.startswith(convert.VAE_PREFIX)}
     if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in tensors):
-        tensors = convert.vae_to_diffusers(tensors, config)  # LDM names
+        try:
+            tensors = convert.vae_to_diffusers(tensors, config)  # LDM names
+        except KeyError as e:
+            raise CheckpointError(f"{path}: not a VAE of this model ({e.args[0]})") from None
     return dict(config), tensors
 
 

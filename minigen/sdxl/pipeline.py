@@ -28,8 +28,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..diffusion import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, guided, randn, sample
+from ..images import to_rgb
 from ..io import atomic_write
 from ..lora import remove_lora
 from ..lora_files import load_lora
@@ -100,8 +102,6 @@ def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, star
                 pnginfo: Callable[[int], object] | None = None) -> list[Path]:
     """Write (B, H, W, 3) uint8 images as `<stem>-<i>.png`, i counting from `start`, each atomically; returns the
     paths. pnginfo(i): the PIL `PngInfo` (text chunks) of image i (see `minigen.png_info.png_text`)."""
-    from PIL import Image
-
     paths = []
     for i, image in enumerate(images, start):
         path = image_path(folder, stem, i)
@@ -116,10 +116,6 @@ def load_init_image(path: str | os.PathLike, height: int | None = None, width: i
     """An img2img starting image as (1, 3, H, W) fp32 in [0, 1], as diffusers' VaeImageProcessor prepares it: resized
     with Lanczos to height x width, each by default its own rounded down to a multiple of `vae_scale`.
     ValueError names the file when it cannot be read or is smaller than one latent."""
-    from PIL import Image
-
-    from ..data import to_rgb
-
     try:
         with Image.open(path) as img:
             img.load()
