@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.apply_threads(args.threads)
-    cli.check_device(args.device)
+    args.device = cli.resolve_device(args.device, "minutes per image with full-size SDXL; Inception at a few images/s")
     sampler, named_karras = args.sampler
     settings = Settings(args.steps, args.cfg, sampler, karras_of(named_karras, args.karras), args.height, args.width,
                         args.negative)

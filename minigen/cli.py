@@ -134,7 +134,8 @@ def parsed_by(parse: Callable[[str], object], name: str) -> Callable[[str], obje
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """--device, --dtype and --threads; `chosen_dtype(args)` resolves the dtype's default, `apply_threads` the threads."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:1, cpu, ... (default: cuda when torch sees a GPU, else the CPU, with a warning)")
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default=None,
                    help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     p.add_argument("--threads", type=number(int, 1), default=None,
@@ -150,6 +151,18 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def resolve_device(device: str | None, cost: str) -> str:
+    """The device to run on: `device` when given (checked), else cuda when torch sees a GPU, else the CPU, with one
+    line on stderr saying what that costs (`cost`, e.g. "minutes per 1024x1024 image")."""
+    if device:
+        check_device(device)
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    print(f"warning: no CUDA device, running on the CPU: {cost}", file=sys.stderr)
+    return "cpu"
+
+
 def check_device(device: str) -> None:
     """Refuse a device this torch cannot use, before any work (torch's own message is a traceback later)."""
     try:
@@ -159,8 +172,6 @@ def check_device(device: str) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch has no CUDA device (use --device cpu)")
 
-
-# ---- output paths ----
 
 # ---- presets and saved settings under the command line ----
 
