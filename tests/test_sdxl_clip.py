@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from close import assert_close_to_scale
 from minigen.sdxl.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, normalize_clip_keys)
 
 BOS, EOS = 49406, 49407
@@ -31,10 +32,11 @@ def hf_model(cls, config: CLIPTextConfig):
     return cls(transformers.CLIPTextConfig(**config.to_dict())).eval()
 
 
+TOL = 1e-5  # fp32, same weights and same math up to summation order: within 1e-5 of the output's scale
+
+
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    # fp32, same weights and same math up to summation order: within 1e-5 of the output's scale.
-    scale = ref.abs().max().item()
-    assert (ours - ref).abs().max().item() <= 1e-5 * scale, (ours - ref).abs().max().item() / scale
+    assert_close_to_scale(ours, ref, TOL)
 
 
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])

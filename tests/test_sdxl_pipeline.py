@@ -15,6 +15,7 @@ from PIL import Image
 from cli_errors import assert_clean_error
 from sdxl_tiny import tiny_folder, tiny_pipeline
 
+from close import assert_close_to_scale
 import sample as sample_cli
 from minigen.io import CheckpointError, save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
@@ -51,8 +52,7 @@ def ours():
 
 
 def assert_close(a, b, tol):
-    scale = max(b.abs().max().item(), 1.0)
-    assert (a - b).abs().max().item() <= tol * scale, (a - b).abs().max().item()
+    assert_close_to_scale(a, b, tol, min_scale=1.0)
 
 
 @pytest.mark.parametrize("negative", [None, "", "blurry, low quality!!"])
