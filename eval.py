@@ -7,6 +7,7 @@ PSNR/SSIM against the base images, a table (Markdown + JSON), grids and an FID-p
 --lora: a LoRA file (FILE[:MULTIPLIER]) or a training run's folder of epoch checkpoints; repeatable.
 --prompts: a text file, one prompt a line, or a dataset folder (or built-in name) whose images have .txt captions.
 --ref: the reference image folder (or built-in dataset name) for FID and KID, e.g. the training images.
+Under torchrun (torchrun --nproc_per_node 4 eval.py ...) the GPUs share the images; the report is the same.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigen import cli
+from minigen import cli, distributed
 from minigen.diffusion import SAMPLERS
 from minigen.evaluate import Settings, evaluate, markdown_table
 from minigen.inception import FEATURE_DIMS
@@ -62,10 +63,13 @@ def main(argv=None) -> int:
     cli.apply_threads(args.threads)
     cli.check_device(args.device)
     settings = Settings(args.steps, args.cfg, args.sampler, args.karras, args.height, args.width, args.negative)
-    report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
-                      seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
-                      grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
-                      is_splits=args.is_splits, device=args.device, dtype=cli.chosen_dtype(args))
+    with distributed.process_group(args.device) as device:  # under torchrun: this rank's device
+        report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
+                          seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
+                          grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
+                          is_splits=args.is_splits, device=device, dtype=cli.chosen_dtype(args))
+        if not distributed.is_main():
+            return 0
     print(markdown_table(report["rows"]), end="")
     print(f"wrote {args.out}/results.md, results.json, {len(report['grids'])} grid(s)"
           + (", fid_per_epoch.png" if report["fid_per_epoch"] else ""))
