@@ -29,7 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", required=True, help="prompt file (one a line) or captioned dataset folder")
     p.add_argument("--max-prompts", type=cli.number(int, 1), default=None, help="use only the first N prompts")
     p.add_argument("--ref", required=True, help="reference image folder (or built-in dataset) for FID and KID")
-    p.add_argument("--num", type=cli.number(int, 1), default=1, help="images per prompt; image i uses seed SEED+i")
+    p.add_argument("--num", "--images-per-prompt", dest="num", type=cli.number(int, 1), default=1,
+                   help="images per prompt; image i uses seed SEED+i (under torchrun say --images-per-prompt: "
+                        "torchrun takes --num for its own --numa-binding)")
     p.add_argument("--seed", type=cli.seed_number, default=0)
     p.add_argument("--negative", default=None, help="negative prompt (default: none, zero embeddings as SDXL)")
     p.add_argument("--steps", type=cli.number(int, 1), default=30)
