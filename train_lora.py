@@ -3,11 +3,14 @@
     python train_lora.py --config configs/lora_001.conf --sdxl sd_xl_base_1.0.safetensors --data conan/
     python train_lora.py --sdxl sdxl-base/ --data met --rank 16 --lr 1e-4 --validation-prompts "a harbour at dusk"
     python train_lora.py --resume runs/lora/checkpoint.safetensors          # continues with the saved settings
+    torchrun --nproc_per_node 4 train_lora.py --config ...                  # data-parallel on 4 GPUs
 
 A preset (configs/lora_*.conf) is a file of the same flags, one per line, `#` comments allowed; flags given on the
 command line after it win. With --resume the run's saved settings come first, then the preset, then the command line.
 Outputs in --out: lora-epoch-NNNN.safetensors (each epoch), lora.safetensors (the last), checkpoint.safetensors,
 samples/epoch_NNNN.png and samples/progress.png (validation from the same noise), loss.png, log.jsonl.
+Under torchrun every rank trains on its share of each global batch (--batch x ranks x --grad-accum images); only
+the LoRA's gradients are exchanged, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minigen import cli
+from minigen import cli, distributed
 from minigen.training import run_settings
 from minigen.lora_training import LoRATrainConfig, LoRATrainer, load_checkpoint
 from minigen.memory_plan import check_fits, plan_lora_step
@@ -73,18 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     cli.apply_threads(getattr(args, "threads", None))
     cli.check_device(cfg.device)
-    if "plan" in args or cfg.device.startswith("cuda"):
-        plan = plan_lora_step(cfg)
-        print(plan.describe())
-        if "plan" in args:
-            return 0
-        check_fits(plan, cfg, torch.device(cfg.device), force="force" in args)
-    trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
-                          allow_pickle=getattr(args, "allow_pickle", False))
-    if "resume" in args:
-        trainer.load_checkpoint(args.resume)
-    trainer.train()
-    print_outputs(Path(cfg.out))
+    if "plan" in args:
+        print(plan_lora_step(cfg).describe())
+        return 0
+    with distributed.process_group(cfg.device) as device:
+        if device.startswith("cuda"):
+            plan = plan_lora_step(cfg)
+            if distributed.is_main():
+                print(plan.describe())
+            check_fits(plan, cfg, torch.device(device), force="force" in args)
+        trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
+                              allow_pickle=getattr(args, "allow_pickle", False), device=device)
+        if "resume" in args:
+            trainer.load_checkpoint(args.resume)
+        trainer.train()
+        if distributed.is_main():
+            print_outputs(Path(cfg.out))
     return 0
 
 

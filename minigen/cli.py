@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .distributed import rank_label
 from .io import FLOAT_DTYPES
 from .training import TrainingDiverged
 
@@ -54,7 +55,7 @@ def entry(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
             try:
                 return main(argv)
             except EXPECTED_ERRORS as e:
-                return fail(prog, describe(e))
+                return fail(prog + rank_label(), describe(e))  # under torchrun: which rank failed
         return run
     return wrap
 

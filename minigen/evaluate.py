@@ -16,6 +16,9 @@ from kohya's `ss_epoch` metadata or else from the file name (`name-000003.safete
 
 Writes into `out`: images/<model>/<prompt>-<seed>.png, results.md and results.json (one row per model),
 grid-seed<seed>.png (rows: prompts, columns: models), and fid_per_epoch.png when epochs are known.
+
+Under torchrun (minigen.distributed) the ranks measure the reference in shares and take turns of --batch-size images
+each: rank 0 gathers every image and its features, writes and scores, so the report equals one process's.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from . import distributed, metrics
 from . import inception as fid_inception
-from . import metrics
 from .captions import read_caption, read_text
 from .cli import check_number
 from .datasets import BUILTIN_DATASETS, resolve_dataset
@@ -372,8 +375,10 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)
 
-    bar = tqdm(total=n_reference + len(rows) * len(items), unit="img", desc="eval", disable=not progress)
-    reference_features = metrics.extract_features(net, reference, (str(dims),), progress=False)
+    main, per_turn = distributed.is_main(), batch_size * distributed.world_size()
+    bar = tqdm(total=n_reference + len(rows) * len(items), unit="img", desc="eval", disable=not (progress and main))
+    reference_features = metrics.extract_features(net, reference, (str(dims),), progress=False,
+                                                  split_across_ranks=True)
     reference_stats = gaussian_statistics(reference_features[str(dims)])
     bar.update(n_reference)
     base_embeddings = encode_prompts(pipe, prompt_list, settings)
@@ -384,18 +389,29 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
             pipe.add_lora(row.lora, row.multiplier)
         embeddings = encode_prompts(pipe, prompt_list, settings) if touches_text[row.name] else base_embeddings
         features: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
-        for start in range(0, len(items), batch_size):
-            batch = items[start: start + batch_size]
-            images = generate_batch(pipe, [embeddings[p] for p, _ in batch], [s for _, s in batch], settings)
-            for (p, s), image in zip(batch, images.numpy()):
-                save_png(Image.fromarray(image), image_path(out, row.name, p, s))
-            measured = metrics.extract_features(net, list(images.numpy()), outputs, progress=False)
-            for name in outputs:
-                features[name].append(measured[name])
-            bar.update(len(batch))
+        for start in range(0, len(items), per_turn):  # each rank a batch of its own, then all gathered in order
+            _, batch = distributed.my_part(items[start: start + per_turn], batch_size)
+            made = None
+            if batch:
+                images = generate_batch(pipe, [embeddings[p] for p, _ in batch], [s for _, s in batch],
+                                        settings).numpy()
+                measured = metrics.extract_features(net, list(images), outputs, progress=False)
+                made = (batch, images, {name: measured[name] for name in outputs})
+            for part in distributed.gather_objects(made, f"the other ranks' images of {row.name}"):
+                if part is None:  # a rank left without a batch in the last turn
+                    continue
+                batch_items, images, measured = part
+                if main:
+                    for (p, s), image in zip(batch_items, images):
+                        save_png(Image.fromarray(image), image_path(out, row.name, p, s))
+                for name in outputs:
+                    features[name].append(measured[name])
+                bar.update(len(batch_items))
         if row.lora is not None:
             for component in (pipe.sdxl.unet, pipe.sdxl.text_encoder, pipe.sdxl.text_encoder_2):
                 remove_lora(component, f"lora{pipe.loras}")
+        if not main:  # rank 0 scores (it holds the images) and shares the report at the end
+            continue
         result = {"model": row.name, "lora": str(row.lora) if row.lora else None, "multiplier": row.multiplier,
                   "epoch": row.epoch, "images": len(items), "text_encoder_lora": touches_text[row.name]}
         result.update(score_features(reference_features[str(dims)], reference_stats,
@@ -404,7 +420,8 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
             result.update(paired_scores(out, row.name, items))
         report_rows.append({k: finite_or_none(v) if isinstance(v, float) else v for k, v in result.items()})
     bar.close()
-
+    if not main:
+        return distributed.broadcast_object(None, "rank 0 to score the images and write the report")
     grids = save_grids(out, [r.name for r in rows], min(grid_prompts, len(prompt_list)), seeds)
     plotted = plot_fid_per_epoch(report_rows, out / "fid_per_epoch.png")
     report = {"prompts": prompt_list, "seeds": seeds, "reference": {"folder": str(reference), "images": len(reference_features),
@@ -416,4 +433,4 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     with atomic_write(out / "results.md", mode="w") as f:
         f.write(markdown_table(report_rows) + "\nPrompts (the grids' rows), seeds " + ", ".join(map(str, seeds))
                 + ":\n\n" + "".join(f"{i + 1}. {p}\n" for i, p in enumerate(prompt_list)))
-    return report
+    return distributed.broadcast_object(report, "rank 0 to score the images and write the report")

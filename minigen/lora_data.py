@@ -2,8 +2,10 @@
 
 Each captioned image goes to the aspect-ratio bucket nearest its shape (a batch is one bucket, so one size); its
 latents are encoded once and cached when crops and flips are fixed (`--cache-latents memory|disk`), and every
-distinct caption goes through the frozen text encoders once when they are not trained. What stays random per step
-(random crops, flips of uncached images) draws from the trainer's generator, passed in, so a resumed run repeats it.
+distinct caption goes through the frozen text encoders once when they are not trained. Under torchrun each rank
+encodes its share of both caches and all ranks gather the whole. What is random about one image (its crop and flip,
+its latent sample) draws from a generator of its own, passed in: the same draws whichever rank encodes it, and a
+resumed run repeats them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .buckets import make_buckets, nearest_bucket, prepare_image
 from .captions import CaptionedImage, captioned_images, dreambooth_images
 from .datasets import resolve_dataset
@@ -24,6 +27,8 @@ from .io import load_safetensors, save_safetensors
 from .sdxl.model import SDXL
 from .sdxl.pipeline import encode_prompt, time_ids
 from .training import epoch_seed
+
+TEXT_BATCH = 16  # captions through the text encoders at once while caching
 
 
 @dataclass
@@ -76,14 +81,14 @@ def check_sizes(cfg, sdxl: SDXL) -> None:
 class TrainingSet:
     """The examples of a run in their buckets, with what can be computed once cached (see the module docstring)."""
 
-    def __init__(self, cfg, sdxl: SDXL, items: list[CaptionedImage], rng: torch.Generator, progress: bool = True):
+    def __init__(self, cfg, sdxl: SDXL, items: list[CaptionedImage], progress: bool = True):
         self.cfg, self.sdxl, self.progress = cfg, sdxl, progress
         self.device = sdxl.unet.conv_in.weight.device
         h, w = parse_size(cfg.resolution)
         self.buckets = make_buckets(h * w, cfg.bucket_step, min_side=min(256, h, w))
         self.examples = self.bucketed(items)
         if cfg.cache_latents != "off":
-            self.cache_latents(rng)
+            self.cache_latents()
         self.text_cache = None if cfg.train_text_encoder else self.cache_text()
 
     def __len__(self) -> int:
@@ -111,34 +116,44 @@ class TrainingSet:
                           stacklevel=3)
         return examples
 
-    def encode_images(self, examples: list[Example], rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Open, crop and VAE-encode a batch of one bucket: scaled latents (B, 4, h, w) and time ids (B, 6)."""
+    def encode_images(self, examples: list[Example], generators: list[torch.Generator]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open, crop and VAE-encode a batch of one bucket, each image's flip, crop and latent sample drawn from its own
+        generator: scaled latents (B, 4, h, w) and time ids (B, 6)."""
         cfg, vae = self.cfg, self.sdxl.vae
         prepared = []
-        for e in examples:
-            flip = cfg.flip and bool(torch.rand((), generator=rng) < 0.5)
-            prepared.append(prepare_image(open_rgb(e.item.path), e.bucket, cfg.random_crop, flip, rng))
+        for e, g in zip(examples, generators):
+            flip = cfg.flip and bool(torch.rand((), generator=g) < 0.5)
+            prepared.append(prepare_image(open_rgb(e.item.path), e.bucket, cfg.random_crop, flip, g))
         pixels = torch.stack([p.pixels for p in prepared]).to(self.device, vae.post_quant_conv.weight.dtype)
         with torch.no_grad():
-            latents = vae.encode(pixels).sample(rng) * vae.scaling_factor  # (B, 4, h, w)
+            posterior = vae.encode(pixels)
+            noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
+            latents = posterior.mean + posterior.std * noise.to(posterior.mean)  # a sample, (B, 4, h, w)
         ids = torch.stack([time_ids(p.original_size, p.crop_top_left, e.bucket) for p, e in zip(prepared, examples)])
-        return latents.float(), ids
+        return latents.float() * vae.scaling_factor, ids
 
-    def cache_latents(self, rng: torch.Generator) -> None:
-        """Encode every image once (its crop and flip then fixed); with cache_latents=disk, reuse out/cache."""
+    def cache_latents(self) -> None:
+        """Encode every image once (its crop and flip then fixed); with cache_latents=disk, reuse out/cache (when every
+        rank finds it; rank 0 writes it). Each rank encodes its share, then all gather the whole."""
         cfg, examples = self.cfg, self.examples
         path = Path(cfg.out) / "cache" / "latents.safetensors"
-        key = json.dumps([[str(e.item.path), e.bucket] for e in examples] + [cfg.seed, cfg.flip])
-        if cfg.cache_latents == "disk" and path.is_file():
-            tensors, meta = load_safetensors(path)
-            if meta.get("key") == key:
-                for i, e in enumerate(examples):
-                    e.latents, e.time_ids = tensors[f"{i}.latents"], tensors[f"{i}.time_ids"]
-                return
-        for e in tqdm(examples, desc="caching latents", unit="img", disable=not self.progress, leave=False):
-            latents, ids = self.encode_images([e], rng)
-            e.latents, e.time_ids = latents[0].cpu(), ids[0]
-        if cfg.cache_latents == "disk":
+        key = json.dumps([[str(e.item.path), e.bucket] for e in examples] + ["per-image-seed", cfg.seed, cfg.flip])
+        cached, meta = load_safetensors(path) if cfg.cache_latents == "disk" and path.is_file() else ({}, {})
+        if distributed.all_true(meta.get("key") == key, "every rank to look for the latent cache"):
+            for i, e in enumerate(examples):
+                e.latents, e.time_ids = cached[f"{i}.latents"], cached[f"{i}.time_ids"]
+            return
+        start, mine = distributed.share(examples)
+        encoded = {}
+        for i, e in enumerate(tqdm(mine, desc="caching latents", unit="img", disable=not self.progress, leave=False)):
+            generator = torch.Generator().manual_seed(distributed.derived_seed(cfg.seed, "latents", start + i))
+            latents, ids = self.encode_images([e], [generator])
+            encoded[start + i] = (latents[0].cpu(), ids[0])
+        for part in distributed.gather_objects(encoded, "the other ranks' share of the latent cache"):
+            for i, (latents, ids) in part.items():
+                examples[i].latents, examples[i].time_ids = latents, ids
+        if cfg.cache_latents == "disk" and distributed.is_main():
             tensors = {f"{i}.{k}": getattr(e, k) for i, e in enumerate(examples) for k in ("latents", "time_ids")}
             save_safetensors(tensors, path, {"key": key})
 
@@ -146,17 +161,20 @@ class TrainingSet:
     def cache_text(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each distinct caption (and "" for caption dropout) through the frozen text encoders once."""
         captions = sorted({e.item.caption for e in self.examples} | ({""} if self.cfg.caption_dropout else set()))
-        cache = {}
-        for k in range(0, len(captions), 16):
-            chunk = captions[k:k + 16]
+        _, mine = distributed.share(captions, TEXT_BATCH)  # whole chunks: each caption in the batch it has alone
+        encoded = {}
+        for k in range(0, len(mine), TEXT_BATCH):
+            chunk = list(mine[k:k + TEXT_BATCH])
             context, pooled = encode_prompt(self.sdxl, chunk, warn_truncated=False, keep_grad=True)
-            cache |= {c: (context[i].cpu(), pooled[i].cpu()) for i, c in enumerate(chunk)}
-        return cache
+            encoded |= {c: (context[i].cpu(), pooled[i].cpu()) for i, c in enumerate(chunk)}
+        parts = distributed.gather_objects(encoded, "the other ranks' share of the caption cache")
+        return {caption: value for part in parts for caption, value in part.items()}
 
-    def latents(self, examples: list[Example], rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def latents(self, examples: list[Example], generators: list[torch.Generator]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch's scaled latents (B, 4, h, w) on the device and time ids (B, 6): cached, or encoded now."""
         if examples[0].latents is None:
-            return self.encode_images(examples, rng)
+            return self.encode_images(examples, generators)
         return torch.stack([e.latents for e in examples]).to(self.device), torch.stack([e.time_ids for e in examples])
 
     def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +185,27 @@ class TrainingSet:
         pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(self.device)
         return context, pooled
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The batches of `epoch`, from a generator of its own: a resumed run rebuilds the same order."""
+    def sample_generators(self, epoch: int, batch_index: int, first: int, count: int) -> list[torch.Generator]:
+        """The generators of samples first..first+count-1 of global batch `batch_index` of `epoch` (noise, timestep,
+        caption dropout, crop): one each, seeded by those numbers only, not by the rank that draws them."""
+        return [torch.Generator().manual_seed(distributed.derived_seed(self.cfg.seed, epoch, batch_index, first + k))
+                for k in range(count)]
+
+    def resume_position(self, epoch: int, done: int, ranks: int, batches_then: int) -> int:
+        """The batch to continue `epoch` from when its global batches have changed size (--batch x ranks) since
+        `done` of `batches_then` were trained: as far through the epoch. The new order differs, so the rest of this
+        epoch may repeat or miss a few images (a warning says so); the epochs after it are whole."""
+        if not done:
+            return 0
+        now = len(self.epoch_batches(epoch, ranks))
+        warnings.warn(f"resuming with global batches of {self.cfg.batch * ranks} images (--batch x ranks), not the "
+                      f"checkpoint's: epoch {epoch + 1} continues {done}/{batches_then} of the way through in a new "
+                      "order, so it may repeat or miss a few images (not an exact resume)", stacklevel=3)
+        return min(now, round(done * now / batches_then))
+
+    def epoch_batches(self, epoch: int, ranks: int = 1) -> list[list[int]]:
+        """The global batches of `epoch` (each --batch x `ranks` images of one bucket, for the ranks to split), from a
+        generator of its own: a resumed run rebuilds the same order, and so does a run whose batch x ranks is the
+        same (2 ranks of batch 2 see what 1 rank of batch 4 sees)."""
         order = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch))
-        return make_batches([e.bucket for e in self.examples], self.cfg.batch, order)
+        return make_batches([e.bucket for e in self.examples], self.cfg.batch * ranks, order)

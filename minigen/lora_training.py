@@ -8,8 +8,10 @@ One training step (diffusers' train_text_to_image_lora_sdxl.py and kohya's sdxl_
     loss     = w(t) * || UNet(x_t, t, text, pooled, time ids) - target ||^2     target: noise (epsilon) or v
                w(t) = min-SNR-gamma weight (Hang et al. 2023), times prior_loss_weight for DreamBooth class images
 
-Everything random in the loop (batch order, noise, timesteps, caption dropout, random crops) draws from generators
-saved in each checkpoint, so `--resume` continues exactly where an uninterrupted run would be.
+Everything random about one sample (noise, timestep, caption dropout, random crop) draws from a generator seeded by
+(seed, epoch, batch, position in the global batch), and the batch order from one per epoch: a resumed run continues
+exactly where an uninterrupted one would be, and under torchrun (see minigen/distributed.py) N ranks of batch b draw
+what one process of batch N x b draws; the ranks' gradients are summed after each backward pass (LoRA weights only).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import cli
+from . import cli, distributed
 from .captions import drop_captions
 from .images import parse_size
 from .diffusion import NoiseSchedule
@@ -150,10 +152,12 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 
 class LoRATrainer:
     def __init__(self, cfg: LoRATrainConfig, sdxl: SDXL | None = None, progress: bool = True,
-                 allow_pickle: bool = False):
-        """allow_pickle: accept a pickled --sdxl checkpoint (loaded with weights_only=True)."""
-        self.cfg, self.progress = cfg, progress
-        self.device = torch.device(cfg.device)
+                 allow_pickle: bool = False, device: str | None = None):
+        """allow_pickle: accept a pickled --sdxl checkpoint (loaded with weights_only=True). device: this rank's
+        (distributed.process_group's), default cfg.device."""
+        self.cfg, self.progress = cfg, progress and distributed.is_main()
+        self.device = torch.device(device or cfg.device)
+        self.ranks = distributed.world_size()
         self.dtype = MIXED_PRECISION[cfg.mixed_precision]
         self.out = Path(cfg.out)
         check_can_create(self.out, folder=True, what="--out")
@@ -161,18 +165,19 @@ class LoRATrainer:
         if not (sdxl or cfg.sdxl):
             raise ValueError("--sdxl is required: a diffusers folder, an sd_xl_base_1.0.safetensors-style file, or "
                              "random:tiny")
-        self.sdxl = sdxl or load_sdxl(cfg.sdxl, dtype=self.dtype, device=cfg.device, allow_pickle=allow_pickle)
+        self.sdxl = sdxl or load_sdxl(cfg.sdxl, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle)
         check_sizes(cfg, self.sdxl)
         self.schedule = NoiseSchedule.from_config({**self.sdxl.scheduler_config,
                                                    "prediction_type": cfg.prediction_type})
-        self.rng = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, caption dropout, crops (CPU: portable)
-        torch.manual_seed(cfg.seed)  # LoRA init and dropout
+        torch.manual_seed(cfg.seed)  # LoRA init
         self.models = {c: m for c, m in self.sdxl.lora_components().items() if c == "unet" or cfg.train_text_encoder}
         alpha = cfg.alpha or None
         add_lora(self.sdxl.unet, cfg.targets, cfg.rank, alpha, dropout=cfg.lora_dropout)
         for component in ("te1", "te2"):
             if component in self.models:
                 add_lora(self.models[component], "text", cfg.rank, alpha, dropout=cfg.lora_dropout)
+        distributed.broadcast_from_main(list(self.trainable().values()), "rank 0's initial LoRA weights")
+        torch.manual_seed(distributed.derived_seed(cfg.seed, "dropout", distributed.rank()))  # LoRA dropout, per rank
         if cfg.gradient_checkpointing:
             for model in self.models.values():
                 model.set_gradient_checkpointing(True)
@@ -185,8 +190,8 @@ class LoRATrainer:
         self.optimizer = self.make_optimizer(groups)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.data = TrainingSet(cfg, self.sdxl, items, self.rng, progress)
-        self.steps_per_epoch = math.ceil(len(self.data.epoch_batches(0)) / cfg.grad_accum)
+        self.data = TrainingSet(cfg, self.sdxl, items, self.progress)
+        self.steps_per_epoch = math.ceil(len(self.data.epoch_batches(0, self.ranks)) / cfg.grad_accum)
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.lr_scheduler, s, cfg.warmup_steps, total))
@@ -204,16 +209,18 @@ class LoRATrainer:
 
     # -- one micro-batch -----------------------------------------------------------------------------------------
 
-    def loss(self, batch: list[int]) -> torch.Tensor:
+    def loss(self, batch: list[int], generators: list[torch.Generator], global_size: int) -> torch.Tensor:
+        """The weighted loss of `batch` (this rank's samples), summed and divided by `global_size`, the number of
+        samples in the global batch: summed over the ranks it is the global batch's mean loss."""
         cfg, unet = self.cfg, self.sdxl.unet
         examples = [self.data.examples[i] for i in batch]
-        latents, ids = self.data.latents(examples, self.rng)  # (B, 4, h, w), (B, 6)
-        captions = drop_captions([e.item.caption for e in examples], cfg.caption_dropout, self.rng)
-        B = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.rng)
+        latents, ids = self.data.latents(examples, generators)  # (B, 4, h, w), (B, 6)
+        captions = [drop_captions([e.item.caption], cfg.caption_dropout, g)[0] for e, g in zip(examples, generators)]
+        shape = latents.shape[1:]  # (4, h, w)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
         if cfg.noise_offset:
-            noise += cfg.noise_offset * torch.randn(B, latents.shape[1], 1, 1, generator=self.rng)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=self.rng)
+            noise += cfg.noise_offset * torch.stack([torch.randn(shape[0], 1, 1, generator=g) for g in generators])
+        t = torch.cat([torch.randint(0, self.schedule.num_train_timesteps, (1,), generator=g) for g in generators])
         noise, t = noise.to(self.device), t.to(self.device)
         noisy = self.schedule.add_noise(latents, noise, t)
         target = self.schedule.target(latents, noise, t)
@@ -226,21 +233,19 @@ class LoRATrainer:
                               device=self.device)
         if cfg.min_snr_gamma:
             weight = weight * self.schedule.min_snr_weight(t, cfg.min_snr_gamma).to(self.device)
-        return (per_sample * weight).mean()
+        return (per_sample * weight).sum() / global_size
 
     def fixed_batch_loss(self, batch: list[int], seed: int = 0) -> float:
         """The loss on `batch` with noise and timesteps from `seed`: comparable before and after training."""
-        saved, self.rng = self.rng, torch.Generator().manual_seed(seed)
-        try:
-            with torch.no_grad():
-                return self.loss(batch).item()
-        finally:
-            self.rng = saved
+        generators = [torch.Generator().manual_seed(distributed.derived_seed(seed, k)) for k in range(len(batch))]
+        with torch.no_grad():
+            return self.loss(batch, generators, len(batch)).item()
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def optimizer_step(self) -> None:
         params = list(self.trainable().values())
+        distributed.sum_gradients(params)  # each rank's loss was its share of the global mean: the sum is the gradient
         self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
@@ -254,9 +259,15 @@ class LoRATrainer:
         """Run to cfg.epochs (or stop after `stop_after_steps` more optimizer steps, saving a checkpoint: used to
         test resuming). Returns "done" or "stopped"."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = distributed.is_main()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         log = self.out / "log.jsonl"
-        self.records = self.read_log(log)
+        self.records = self.read_log(log) if main else []
+        global_batch = cfg.batch * self.ranks * cfg.grad_accum
+        if main:
+            print(f"lora: global batch {global_batch} = batch {cfg.batch} x {self.ranks} rank(s) x accumulation "
+                  f"{cfg.grad_accum}; {self.steps_per_epoch} steps per epoch")
         if self.epoch == 0 and self.batch_in_epoch == 0:
             self.validate()
         start = self.step
@@ -265,21 +276,26 @@ class LoRATrainer:
         for model in self.models.values():
             model.train()
         while self.epoch < cfg.epochs:
-            batches = self.data.epoch_batches(self.epoch)
+            batches = self.data.epoch_batches(self.epoch, self.ranks)
             window: list[float] = []
             while self.batch_in_epoch < len(batches):
-                loss = self.loss(batches[self.batch_in_epoch])
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"the loss became {loss.item()} at step {self.step} (epoch "
+                whole = batches[self.batch_in_epoch]
+                first, mine = distributed.my_part(whole, cfg.batch)  # a rank may get fewer samples, or none
+                generators = self.data.sample_generators(self.epoch, self.batch_in_epoch, first, len(mine))
+                loss = self.loss(mine, generators, len(whole)) if mine else torch.zeros((), device=self.device)
+                total = distributed.sum_across_ranks(loss, "the other ranks' losses")  # a NaN anywhere stops all
+                if not torch.isfinite(total):
+                    raise TrainingDiverged(f"the loss became {total.item()} at step {self.step} (epoch "
                                            f"{self.epoch + 1}); the last checkpoint in {self.out} is left as it was")
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-                window.append(loss.item())
+                if mine:
+                    self.scaler.scale(loss / cfg.grad_accum).backward()
+                window.append(total.item())
                 self.batch_in_epoch += 1
                 if len(window) == cfg.grad_accum or self.batch_in_epoch == len(batches):
                     lr = self.scheduler.get_last_lr()[0]
                     self.optimizer_step()
                     record = {"step": self.step, "epoch": self.epoch + 1, "loss": sum(window) / len(window),
-                              "lr": lr, "time": time.time()}
+                              "lr": lr, "global_batch": global_batch, "ranks": self.ranks, "time": time.time()}
                     self.write_log(log, record)
                     window = []
                     bar.update(1)
@@ -295,8 +311,9 @@ class LoRATrainer:
                 self.save_checkpoint()  # first: it checks everything (LoRA weights too) for NaN before any write
                 self.save_lora(self.out / f"lora-epoch-{self.epoch:04d}.safetensors")
             self.validate()
-            plot_curves({"loss": ([r["step"] for r in self.records], [r["loss"] for r in self.records])},
-                        self.out / "loss.png", title="LoRA training loss", smooth=0.9)
+            if main:
+                plot_curves({"loss": ([r["step"] for r in self.records], [r["loss"] for r in self.records])},
+                            self.out / "loss.png", title="LoRA training loss", smooth=0.9)
         bar.close()
         self.save_lora(self.out / "lora.safetensors")
         return "done"
@@ -312,6 +329,8 @@ class LoRATrainer:
         return kept
 
     def write_log(self, path: Path, record: dict) -> None:
+        if not distributed.is_main():
+            return
         self.records.append(record)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -320,7 +339,8 @@ class LoRATrainer:
 
     def validate(self) -> None:
         """The validation prompts from the same starting noise every epoch: samples/epoch_NNNN.png (one image per
-        prompt) and samples/progress.png (one row per epoch so far, epoch 0 = the model before training)."""
+        prompt) and samples/progress.png (one row per epoch so far, epoch 0 = the model before training). Each rank
+        draws its share of the prompts; rank 0 writes."""
         cfg = self.cfg
         if not cfg.validation_prompts:
             return
@@ -328,11 +348,16 @@ class LoRATrainer:
         for model in self.models.values():
             model.eval()
         pipe = SDXLPipeline(self.sdxl)
-        images = [pipe(p, steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale, height=h, width=w,
-                       generator=torch.Generator().manual_seed(cfg.validation_seed), output="float")[0]
-                  for p in cfg.validation_prompts]  # each (3, H, W) in [0, 1]
+        _, mine = distributed.share(cfg.validation_prompts)
+        drawn = [pipe(p, steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale, height=h, width=w,
+                      generator=torch.Generator().manual_seed(cfg.validation_seed), output="float")[0].cpu()
+                 for p in mine]  # each (3, H, W) in [0, 1]
+        images = [image for part in distributed.gather_objects(drawn, "the other ranks' validation images")
+                  for image in part]
         for model in self.models.values():
             model.train()
+        if not distributed.is_main():
+            return
         folder = self.out / "samples"
         save_grid(torch.stack(images) * 2 - 1, folder / f"epoch_{self.epoch:04d}.png", nrow=len(images))
         self.draw_progress(folder)
@@ -353,8 +378,11 @@ class LoRATrainer:
         return {c: lora_weights(self.models[c]) for c in self.models}
 
     def save_lora(self, path: Path) -> None:
-        """Write the LoRA file (atomically); NaN or infinite weights raise TrainingDiverged and write nothing."""
+        """Write the LoRA file (atomically, rank 0 only); NaN or infinite weights raise TrainingDiverged on every rank
+        and write nothing."""
         check_finite_before_saving(self.trainable(), path, f"at step {self.step}")
+        if not distributed.is_main():
+            return
         cfg = self.cfg
         h, w = parse_size(cfg.resolution)
         metadata = kohya_metadata(base_model=Path(cfg.sdxl).name, rank=cfg.rank, alpha=cfg.alpha or cfg.rank,
@@ -370,15 +398,17 @@ class LoRATrainer:
         A NaN or infinity in any of them raises TrainingDiverged and leaves the previous checkpoint as it was."""
         tensors = {f"lora.{k}": p.detach() for k, p in self.trainable().items()}
         opt_tensors, opt_settings = optimizer_to_tensors(self.optimizer, "optimizer")
-        tensors |= opt_tensors
-        tensors["rng"] = self.rng.get_state()
-        tensors["torch_rng"] = torch.get_rng_state()
+        tensors |= opt_tensors | distributed.rank_rng_states()  # LoRA dropout's masks, one state per rank
         metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg)),
                     "step": str(self.step), "epoch": str(self.epoch), "batch_in_epoch": str(self.batch_in_epoch),
+                    "micro_batch": str(self.cfg.batch * self.ranks), "ranks": str(self.ranks),
+                    "batches_in_epoch": str(len(self.data.epoch_batches(self.epoch, self.ranks))),
                     "optimizer": opt_settings, "scheduler": json.dumps(self.scheduler.state_dict()),
                     "scaler": json.dumps(self.scaler.state_dict())}
         path = self.out / "checkpoint.safetensors"
         check_finite_before_saving(tensors, path, f"at step {self.step}")
+        if not distributed.is_main():
+            return path
         with naming(path):
             save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata)
         return path
@@ -402,10 +432,12 @@ class LoRATrainer:
             self.scheduler.load_state_dict(json.loads(metadata["scheduler"]))
             if metadata.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(json.loads(metadata["scaler"]))
-            self.rng.set_state(tensors["rng"])
-            torch.set_rng_state(tensors["torch_rng"])
             self.step, self.epoch = int(metadata["step"]), int(metadata["epoch"])
+            distributed.restore_rank_rng(tensors, fallback_seed=(self.cfg.seed, "dropout", self.step))
             self.batch_in_epoch = int(metadata["batch_in_epoch"])
+            if int(metadata.get("micro_batch", self.cfg.batch * self.ranks)) != self.cfg.batch * self.ranks:
+                self.batch_in_epoch = self.data.resume_position(self.epoch, self.batch_in_epoch, self.ranks,
+                                                                int(metadata["batches_in_epoch"]))
         except (KeyError, ValueError, RuntimeError) as e:  # ValueError includes a JSONDecodeError
             raise CheckpointError(f"{path}: an incomplete or inconsistent LoRA training checkpoint "
                                   f"({type(e).__name__}: {e})") from None

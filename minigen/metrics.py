@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from . import distributed
 from .images import list_images, open_rgb, to_rgb
 from .io import atomic_write
 
@@ -97,8 +98,6 @@ def prepare(image, mode: str) -> np.ndarray:
 def iter_batches(images, batch_size: int, workers: int, mode: str, skipped: list
                  ) -> Iterator[list[np.ndarray]]:
     """Decoded batches. Files are decoded by `workers` threads (PIL releases the GIL while decoding and resizing)."""
-    if isinstance(images, (str, os.PathLike)):
-        images = list_images(images)
     images = list(images)
     is_path = [isinstance(im, (str, os.PathLike)) for im in images]
 
@@ -133,34 +132,51 @@ class Features:
         return len(next(iter(self.arrays.values())))
 
 
-def count_images(images) -> int:
-    if isinstance(images, (str, os.PathLike)):
-        return len(list_images(images))
-    return len(images)
-
-
 @torch.inference_mode()
 def extract_features(model: torch.nn.Module, images, outputs: Sequence[str] = ("2048",), batch_size: int = 50,
-                     workers: int | None = None, mode: str = "pytorch-fid", progress: bool = True) -> Features:
+                     workers: int | None = None, mode: str = "pytorch-fid", progress: bool = True,
+                     split_across_ranks: bool = False) -> Features:
     """Inception outputs (see minigen.inception) for every readable image.
 
     images: a folder, a list of paths / PIL images / uint8 (H, W, 3) arrays, or a float tensor (N, 3, H, W) in [0, 1]
     (a generator's samples; resized on its device without a round trip through uint8). Unreadable files are skipped,
     warned about and listed in `.skipped`.
+    split_across_ranks: under torchrun (minigen.distributed), each rank measures its share of the images, in whole
+    batches, and every rank gets all the features in order: the same arrays one process computes.
     """
     if mode not in MODES:
         raise ValueError(f"unknown preprocessing mode {mode!r}; choose from {MODES}")
+    where = f" in {images}" if isinstance(images, (str, os.PathLike)) else ""
+    if where:
+        images = list_images(images)
+    total = len(images)
+    if split_across_ranks:
+        _, images = distributed.share(images, batch_size)
+    collected, skipped = measure(model, images, tuple(outputs), batch_size, workers, mode,
+                                 progress and distributed.is_main())
+    if split_across_ranks:
+        parts = distributed.gather_objects((collected, skipped), "the other ranks' Inception features")
+        collected = {name: [array for part, _ in parts for array in part[name]] for name in collected}
+        skipped = [path for _, part in parts for path in part]
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {total}", stacklevel=2)
+    if all(not v for v in collected.values()):
+        raise ValueError(f"no readable images{where}: all {len(skipped)} failed to decode")
+    return Features({name: np.concatenate(v) for name, v in collected.items()}, skipped)
+
+
+def measure(model: torch.nn.Module, images, outputs: tuple[str, ...], batch_size: int, workers: int | None,
+            mode: str, progress: bool) -> tuple[dict[str, list[np.ndarray]], list]:
+    """extract_features' work on one process: the outputs of each batch (float64 arrays) and the unreadable files."""
     device = next(model.parameters()).device
-    outputs = tuple(outputs)
+    skipped: list = []
     if torch.is_tensor(images):
         batches = (images[i: i + batch_size] for i in range(0, len(images), batch_size))
-        total, skipped = len(images), []
     else:
-        total, skipped = count_images(images), []
         workers = min(8, os.cpu_count() or 1) if workers is None else workers
         batches = iter_batches(images, batch_size, workers, mode, skipped)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
-    with tqdm(total=total, unit="img", desc="Inception", disable=not progress) as bar:
+    with tqdm(total=len(images), unit="img", desc="Inception", disable=not progress) as bar:
         for batch in batches:
             if torch.is_tensor(batch):
                 x = tensor_to_inception_input(batch.to(device), mode)
@@ -169,13 +185,8 @@ def extract_features(model: torch.nn.Module, images, outputs: Sequence[str] = ("
             for name, value in model(x, outputs).items():
                 collected[name].append(value.double().cpu().numpy())
             bar.update(len(batch))
-        bar.update(total - bar.n)  # skipped files
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {total}", stacklevel=2)
-    if all(not v for v in collected.values()):
-        where = f" in {images}" if isinstance(images, (str, os.PathLike)) else ""
-        raise ValueError(f"no readable images{where}: all {len(skipped)} failed to decode")
-    return Features({name: np.concatenate(v) for name, v in collected.items()}, skipped)
+        bar.update(len(images) - bar.n)  # skipped files
+    return collected, skipped
 
 
 def tensor_to_inception_input(x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""A minigen CLI's main() under torchrun, with test hooks (used by tests/test_distributed.py):
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/torchrun_worker.py HOOKS_JSON train_lora ARGS...
+
+HOOKS_JSON, all optional:
+  "stop_after": N      training stops after N optimizer steps and saves a checkpoint (the last save of a killed run)
+  "record": PATH       rank 0 writes the LoRA weights after every optimizer step to PATH (keys "STEP/NAME")
+  "fail": [RANK, STEP] that rank raises ValueError("rank RANK broke at step STEP") when it reaches that step
+"""
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from minigen.lora_training import LoRATrainer  # noqa: E402
+
+
+def install_hooks(hooks: dict) -> dict:
+    rank = int(os.environ.get("RANK", "0"))
+    recorded: dict = {}
+    if "stop_after" in hooks:
+        train = LoRATrainer.train
+        LoRATrainer.train = lambda self: train(self, stop_after_steps=hooks["stop_after"])
+    if "record" in hooks and rank == 0:
+        step = LoRATrainer.optimizer_step
+
+        def recording_step(self):
+            step(self)
+            recorded.update({f"{self.step}/{k}": v.detach().clone() for k, v in self.trainable().items()})
+        LoRATrainer.optimizer_step = recording_step
+    if "fail" in hooks and hooks["fail"][0] == rank:
+        loss = LoRATrainer.loss
+
+        def failing_loss(self, *args):
+            if self.step == hooks["fail"][1]:
+                raise ValueError(f"rank {rank} broke at step {self.step}")
+            return loss(self, *args)
+        LoRATrainer.loss = failing_loss
+    return recorded
+
+
+def main() -> int:
+    hooks, program, argv = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    torch.set_num_threads(1)
+    recorded = install_hooks(hooks)
+    code = importlib.import_module(program).main(argv)
+    if recorded:
+        save_file(recorded, hooks["record"])
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
