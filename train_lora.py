@@ -25,13 +25,15 @@ import torch
 
 from minigen import cli, distributed
 from minigen.training import run_settings
-from minigen.lora_training import LoRATrainConfig, LoRATrainer, load_checkpoint
+from minigen.lora_config import LoRATrainConfig
+from minigen.lora_training import LoRATrainer, load_checkpoint
 from minigen.memory_plan import check_fits, plan_lora_step
 
 
 HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, InvokeAI, sd-scripts) or diffusers "
                   "(read fully by diffusers and peft only)",
-        "sdxl": "a diffusers folder, a single .safetensors file, or random:tiny (a random tiny SDXL, to try things)"}
+        "sdxl": "a diffusers folder, a single .safetensors file, or random:tiny (a random tiny SDXL, to try things)",
+        "device": "cuda, cuda:1, cpu, ... (given nowhere: cuda when torch sees a GPU, else the CPU, with a warning)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +70,8 @@ def saved_settings(checkpoint: str) -> dict:
 def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
     fields = {f.name for f in dataclasses.fields(LoRATrainConfig)}
     args, settings = cli.layered_settings(build_parser(), argv, fields, saved_settings)
+    if "plan" not in args:  # no device given anywhere: a GPU when there is one, else the CPU with a warning
+        settings["device"] = cli.resolve_device(settings.get("device"), "a LoRA step of full-size SDXL takes minutes")
     return args, LoRATrainConfig(**settings)
 
 
@@ -75,7 +79,6 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     cli.apply_threads(getattr(args, "threads", None))
-    cli.check_device(cfg.device)
     if "plan" in args:
         print(plan_lora_step(cfg).describe())
         return 0

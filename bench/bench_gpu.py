@@ -30,7 +30,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from minigen.lora_training import LoRATrainConfig  # noqa: E402
+from minigen.lora_config import LoRATrainConfig  # noqa: E402
 from minigen.memory_plan import GB, _two_steps, model_configs, plan_lora_step  # noqa: E402
 
 # (what it measures, bench module, its flags on a GPU, its flags in the CPU smoke run)

@@ -166,7 +166,7 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
     `tracker` when given."""
     tracker = tracker or Untracked()
     from .lora import add_lora
-    from .lora_training import MIXED_PRECISION
+    from .lora_config import MIXED_PRECISION
     from .sdxl.model import PARTS as MODEL_PARTS, build_model
 
     dtype = MIXED_PRECISION[cfg.mixed_precision]

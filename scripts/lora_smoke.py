@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from minigen.lora_files import load_lora
-from minigen.lora_training import LoRATrainConfig, LoRATrainer
+from minigen.lora_config import LoRATrainConfig
+from minigen.lora_training import LoRATrainer
 from minigen.sdxl.model import random_sdxl
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lora-smoke")

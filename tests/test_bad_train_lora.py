@@ -22,7 +22,9 @@ import train_lora
 from minigen import io
 from minigen.captions import captioned_images
 from minigen.io import load_safetensors, save_safetensors
-from minigen.lora_training import LoRATrainConfig, LoRATrainer, TrainingDiverged
+from minigen.lora_config import LoRATrainConfig
+from minigen.lora_training import LoRATrainer
+from minigen.training import TrainingDiverged
 
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes)
 TINY = ["--sdxl", "random:tiny", "--resolution", "16x16", "--bucket-step", "16", "--batch", "2", "--quiet",

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import train_lora
-from minigen.lora_training import LoRATrainConfig
+from minigen.lora_config import LoRATrainConfig
 from minigen.memory_plan import GB, check_fits, plan_lora_step
 
 MEASURE = textwrap.dedent("""
     import json, sys, torch
-    from minigen.lora_training import LoRATrainConfig
+    from minigen.lora_config import LoRATrainConfig
     from minigen.memory_plan import _two_steps, model_configs
     torch.set_num_threads(1)
 
