@@ -16,7 +16,7 @@ import sys
 
 from minigen import cli
 from minigen.lora_extract import extract_lora, merge_loras
-from minigen.lora_files import parse_lora_spec
+from minigen.sdxl.lora_files import parse_lora_spec
 from minigen.checkpoint_files import OUTPUT_FORMATS
 from minigen.io import FLOAT_DTYPES
 from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints

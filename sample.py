@@ -23,7 +23,7 @@ import torch
 
 from minigen import cli
 from minigen.io import FLOAT_DTYPES, check_can_create
-from minigen.lora_files import parse_lora_spec
+from minigen.sdxl.lora_files import parse_lora_spec
 from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler
 from minigen.sdxl.model import RANDOM

@@ -46,7 +46,7 @@ from .datasets import BUILTIN_DATASETS, resolve_dataset
 from .images import list_images, open_rgb
 from .io import atomic_write, check_can_create, read_header
 from .lora import remove_lora
-from .lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
+from .sdxl.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
 from .plot import make_grid, plot_curves, save_png
 from .sdxl.convert import unet_name_map
 from .sdxl.pipeline import SDXLPipeline, check_settings

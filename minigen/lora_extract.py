@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .io import CheckpointError, save_safetensors
-from .lora_files import KOHYA_MODEL_VERSIONS, LoRAFileError, kohya_layer, kohya_metadata, read_lora
+from .sdxl.lora_files import KOHYA_MODEL_VERSIONS, LoRAFileError, kohya_layer, kohya_metadata, read_lora
 from .checkpoint_files import check_output, open_checkpoint
 from .merging import check_same_model
 from .sdxl.convert import detect_model, lora_targets

@@ -36,7 +36,7 @@ from .io import (CheckpointError, atomic_write, check_can_create, load_safetenso
 from .lora import add_lora, lora_weights
 from .lora_config import MIXED_PRECISION, LoRATrainConfig
 from .lora_data import TrainingSet, check_sizes, load_examples
-from .lora_files import kohya_metadata, save_lora
+from .sdxl.lora_files import kohya_metadata, save_lora
 from .plot import plot_curves, save_grid, save_png, with_row_labels
 from .sdxl.convert import unet_name_map
 from .sdxl.model import SDXL, load_sdxl

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from minigen.lora_files import load_lora
+from minigen.sdxl.lora_files import load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
 from minigen.sdxl.model import random_sdxl

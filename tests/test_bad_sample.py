@@ -19,7 +19,7 @@ from corpus import snapshot, temp_files
 import sample as sample_cli
 from minigen.io import load_safetensors, save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.lora_files import save_lora
+from minigen.sdxl.lora_files import save_lora
 from minigen.sdxl.model import random_sdxl
 from minigen.sdxl.convert import unet_name_map
 

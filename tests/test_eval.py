@@ -23,7 +23,7 @@ from minigen import metrics
 from minigen.evaluate import Settings, candidates, epoch_of, evaluate, read_prompts
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.lora_files import LoRAFileError, save_lora
+from minigen.sdxl.lora_files import LoRAFileError, save_lora
 from minigen.sdxl.convert import unet_name_map
 from minigen.sdxl.pipeline import SDXLPipeline
 

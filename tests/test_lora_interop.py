@@ -14,7 +14,7 @@ import torch
 
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.lora_files import kohya_metadata, load_lora, save_lora
+from minigen.sdxl.lora_files import kohya_metadata, load_lora, save_lora
 from minigen.sdxl import get_config, unet_name_map
 from minigen.sdxl.clip import CLIPTextConfig as OurCLIPConfig, CLIPTextModel as OurCLIP
 from minigen.sdxl.clip import CLIPTextModelWithProjection as OurCLIPWithProjection

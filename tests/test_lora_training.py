@@ -15,7 +15,7 @@ from PIL import Image
 from minigen.buckets import make_buckets, nearest_bucket, prepare_image
 from minigen.captions import captioned_images, dreambooth_images, read_caption
 from minigen.io import CheckpointError
-from minigen.lora_files import LoRAFileError, load_lora
+from minigen.sdxl.lora_files import LoRAFileError, load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
 from minigen.training import TrainingDiverged

@@ -321,7 +321,7 @@ def test_baked_loras_equal_runtime_loras(tmp_path):
 
 
 def test_bake_refuses_a_lora_for_another_model(tmp_path):
-    from minigen.lora_files import LoRAFileError
+    from minigen.sdxl.lora_files import LoRAFileError
     from minigen.merging import bake_loras
 
     save_safetensors({LORA_Q: torch.zeros(8, 8)}, tmp_path / "base.safetensors")
@@ -390,7 +390,7 @@ def test_low_rank_clamps_at_the_quantile():
 
 
 def test_merge_loras_refactorises_their_sum(tmp_path):
-    from minigen.lora_files import read_lora
+    from minigen.sdxl.lora_files import read_lora
 
     name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
     l1 = kohya_lora(tmp_path / "l1.safetensors", 1, {name: (8, 8)}, 1.0)

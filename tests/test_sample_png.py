@@ -19,7 +19,7 @@ import sample as sample_cli
 from minigen.diffusion import SAMPLERS
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.lora_files import save_lora
+from minigen.sdxl.lora_files import save_lora
 from minigen.png_info import a1111_name, file_hashes, infotext, lora_hash, parse_infotext, settings_from_infotext
 from minigen.sampler_names import a1111_names, resolve_sampler
 from minigen.sdxl.configs import get_config

@@ -19,7 +19,7 @@ from close import assert_close_to_scale
 import sample as sample_cli
 from minigen.io import CheckpointError, save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.lora_files import save_lora
+from minigen.sdxl.lora_files import save_lora
 from minigen.sdxl.convert import unet_name_map
 from minigen.sdxl.model import load_sdxl
 from minigen.sdxl.pipeline import SDXLPipeline, check_settings, encode_prompt, load_init_image, time_ids

@@ -34,7 +34,7 @@ from ..diffusion import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, guided, randn,
 from ..images import to_rgb
 from ..io import atomic_write
 from ..lora import remove_lora
-from ..lora_files import load_lora
+from .lora_files import load_lora
 from .convert import unet_name_map
 from .model import RANDOM, SDXL, load_sdxl, read_json
 

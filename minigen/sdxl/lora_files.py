@@ -28,9 +28,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .io import CheckpointError, first_non_finite, load_weights, save_safetensors
-from .lora import LoRATensors, add_lora_weights
-from .sdxl.convert import NameMap, unet_name_map
+from ..io import CheckpointError, first_non_finite, load_weights, save_safetensors
+from ..lora import LoRATensors, add_lora_weights
+from .convert import NameMap, unet_name_map
 
 COMPONENTS = ("unet", "te1", "te2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
