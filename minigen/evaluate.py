@@ -3,7 +3,7 @@ then FID, KID and IS against a reference image folder, and PSNR/SSIM of each LoR
 same prompt and seed (how far the LoRA moves the picture).
 
     report = evaluate("sd_xl_base_1.0.safetensors", ["style.safetensors", "runs/lora/"], "prompts.txt", "met",
-                      out="outputs/eval", num_images=2, steps=30, guidance_scale=5.0)
+                      out="outputs/eval", num_images=2, settings=Settings(steps=30, guidance_scale=5.0))
 
 Built only from the pieces: `SDXLPipeline` generates (image i of a prompt comes from `torch.Generator("cpu")
 .manual_seed(seed + i)`, so the base images equal `sample.py --seed seed+i --num 1`), `minigen.metrics` measures.
