@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minigen import cli, distributed, inception, metrics
-from minigen.io import check_can_create
+from minigen.atomic import check_can_create
 from minigen.images import list_images
 
 

@@ -22,7 +22,8 @@ import sys
 import torch
 
 from minigen import cli
-from minigen.io import FLOAT_DTYPES, check_can_create
+from minigen.atomic import check_can_create
+from minigen.io import FLOAT_DTYPES
 from minigen.sdxl.lora_files import parse_lora_spec
 from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler

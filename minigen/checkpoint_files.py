@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from .io import (DTYPE_NAMES, SAFETENSORS_DTYPES, PICKLE_SUFFIXES, AtomicWriter, CheckpointError, SafetensorsWriter, check_finite,
-                 load_weights, read_header, replace_folder, temp_folder_beside)
+from .atomic import AtomicWriter, replace_folder, temp_folder_beside
+from .io import (DTYPE_NAMES, PICKLE_SUFFIXES, SAFETENSORS_DTYPES, CheckpointError, SafetensorsWriter, check_finite,
+                 load_weights, read_header)
 from .sdxl import convert
 from .sdxl.configs import get_config
 from .sdxl.model import PARTS, check_weights, read_diffusers_configs, save_diffusers_files

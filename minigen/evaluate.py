@@ -44,7 +44,8 @@ from .captions import read_caption, read_text
 from .cli import check_number
 from .datasets import BUILTIN_DATASETS, resolve_dataset
 from .images import list_images, open_rgb
-from .io import atomic_write, check_can_create, read_header
+from .atomic import atomic_write, check_can_create
+from .io import read_header
 from .lora import remove_lora
 from .sdxl.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
 from .plot import make_grid, plot_curves, save_png

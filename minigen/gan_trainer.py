@@ -24,12 +24,13 @@ import torch
 from tqdm import tqdm
 
 from . import cli, gan
+from .atomic import atomic_write, check_can_create, naming
 from .data import ImageFolder
 from .datasets import resolve_dataset
-from .io import (CheckpointError, atomic_write, check_can_create, load_safetensors, naming, optimizer_from_tensors,
-                 optimizer_to_tensors, refuse_non_finite, save_safetensors)
+from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
 from .plot import Panel, plot_panels, save_grid
-from .training import TrainingDiverged, check_finite_before_saving, epoch_seed, run_settings
+from .training import (TrainingDiverged, check_finite_before_saving, epoch_seed, optimizer_from_tensors,
+                       optimizer_to_tensors, run_settings)
 
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
 LOSSES = ("bce", "wgan-gp", "hinge")

@@ -28,22 +28,25 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
+from .atomic import atomic_write, check_can_create, naming
 from .captions import drop_captions
-from .images import parse_size
 from .diffusion import NoiseSchedule
-from .io import (CheckpointError, atomic_write, check_can_create, load_safetensors, naming, optimizer_from_tensors,
-                 optimizer_to_tensors, refuse_non_finite, save_safetensors)
+from .images import parse_size
+from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
 from .lora import add_lora, lora_weights
 from .lora_config import MIXED_PRECISION, LoRATrainConfig
 from .lora_data import TrainingSet, check_sizes, load_examples
-from .sdxl.lora_files import kohya_metadata, save_lora
 from .plot import plot_curves, save_grid, save_png, with_row_labels
 from .sdxl.convert import unet_name_map
+from .sdxl.lora_files import kohya_metadata, save_lora
 from .sdxl.model import SDXL, load_sdxl
 from .sdxl.pipeline import SDXLPipeline
-from .training import TrainingDiverged, check_finite_before_saving
+from .training import (TrainingDiverged, check_finite_before_saving, optimizer_from_tensors,
+                       optimizer_to_tensors)
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"
+
+
 # -- learning-rate schedules -------------------------------------------------------------------------------------
 
 def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .images import list_images, open_rgb, to_rgb
-from .io import atomic_write
+from .atomic import atomic_write
 
 INCEPTION_SIZE = 299
 IS_SPLITS = 10  # torch-fidelity's default number of Inception Score splits

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .io import atomic_write
+from .atomic import atomic_write
 
 # Colours of successive series (a colour-blind-friendly palette: Okabe and Ito).
 COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),

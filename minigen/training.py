@@ -49,3 +49,25 @@ def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of an epoch's batch order: one generator per (seed, epoch), so a resumed run rebuilds the same order.
     Wrapped into the generator's range so every allowed seed works (no seed in use before the wrap changes)."""
     return (seed * 100_003 + epoch) % SEED_LIMIT
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], str]:
+    """An optimizer's state (for a safetensors checkpoint) as tensors `prefix.<param index>.<name>`, and its settings and scalars as JSON."""
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], settings: str) -> None:
+    meta = json.loads(settings)
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

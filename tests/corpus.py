@@ -18,5 +18,5 @@ def snapshot(*paths: Path) -> dict[str, str | None]:
 
 
 def temp_files(folder: Path) -> list[Path]:
-    """Hidden temporary files of interrupted saves (io.atomic_write's `.<name>.*.tmp`) left in `folder`."""
+    """Hidden temporary files of interrupted saves (atomic.atomic_write's `.<name>.*.tmp`) left in `folder`."""
     return sorted(folder.rglob(".*.tmp")) if folder.is_dir() else []

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigen.io import (CheckpointError, SafetensorsWriter, atomic_write, load_safetensors, load_weights,
-                        read_header, save_safetensors)
+from minigen.atomic import atomic_write
+from minigen.io import CheckpointError, SafetensorsWriter, load_safetensors, load_weights, read_header, save_safetensors
 
 
 def sample_tensors():

@@ -584,24 +584,24 @@ def make_folders(tmp_path):
 
 
 def test_replace_folder_swaps_atomically(tmp_path, monkeypatch):
-    from minigen import io
+    from minigen import atomic
 
     old, new = make_folders(tmp_path)
 
     def no_replace(src, dst):  # the swap never renames the old folder away (that leaves the path empty)
         raise AssertionError(f"os.replace({src}, {dst})")
 
-    monkeypatch.setattr(io.os, "replace", no_replace)
-    io.replace_folder(new, old)
+    monkeypatch.setattr(atomic.os, "replace", no_replace)
+    atomic.replace_folder(new, old)
     assert (old / "model_index.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_replace_folder_fallback_keeps_the_old_folder_if_the_rename_fails(tmp_path, monkeypatch):
-    from minigen import io
+    from minigen import atomic
 
     old, new = make_folders(tmp_path)
-    monkeypatch.setattr(io, "_exchange_paths", lambda a, b: False)  # a system without an atomic swap
-    real_replace, calls = io.os.replace, []
+    monkeypatch.setattr(atomic, "_exchange_paths", lambda a, b: False)  # a system without an atomic swap
+    real_replace, calls = atomic.os.replace, []
 
     def replace(src, dst):  # moving the old folder aside works; renaming the new one into place fails
         calls.append(src)
@@ -610,12 +610,12 @@ def test_replace_folder_fallback_keeps_the_old_folder_if_the_rename_fails(tmp_pa
         real_replace(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(io.os, "replace", replace)
+        m.setattr(atomic.os, "replace", replace)
         with pytest.raises(OSError, match="disk gone"):
-            io.replace_folder(new, old)
+            atomic.replace_folder(new, old)
     assert (old / "model_index.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]  # the aside folder removed
-    io.replace_folder(new, old)
+    atomic.replace_folder(new, old)
     assert (old / "model_index.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

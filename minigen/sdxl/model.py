@@ -20,7 +20,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..io import CheckpointError, SafetensorsWriter, atomic_write, load_weights
+from ..atomic import atomic_write
+from ..io import CheckpointError, SafetensorsWriter, load_weights
 from . import convert
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .configs import get_config

@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..diffusion import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, guided, randn, sample
 from ..images import to_rgb
-from ..io import atomic_write
+from ..atomic import atomic_write
 from ..lora import remove_lora
 from .lora_files import load_lora
 from .convert import unet_name_map

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write
+from ..atomic import atomic_write
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # the text encoders' position embeddings
