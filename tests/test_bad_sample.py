@@ -26,12 +26,7 @@ from minigen.sdxl.convert import unet_name_map
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")

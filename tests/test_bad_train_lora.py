@@ -31,13 +31,7 @@ TINY = ["--sdxl", "random:tiny", "--resolution", "16x16", "--bucket-step", "16",
         "--validation-steps", "1", "--validation-size", "16x16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def image_folder(folder, n=4):

@@ -40,12 +40,7 @@ TRAINING = dict(sdxl="random:tiny", resolution="16x16", bucket_step=16, rank=4, 
 FP32_ROUNDING = dict(rtol=1e-5, atol=1e-6)  # the ranks' sum of half-batch gradients vs one batch's: summation order
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def free_port() -> int:

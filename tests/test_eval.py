@@ -35,13 +35,7 @@ DIMS = 64
 NUM, SEED = 2, 7  # per step from each image's generator, so a wrong generator shows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads on a busy 2-core machine (see test_sdxl_pipeline)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def make_lora(path, seed, text=False, epoch=None):

@@ -23,13 +23,7 @@ from minigen.sdxl.configs import get_config
 from minigen.sdxl.model import build_model, random_sdxl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~30x faster on one thread here: on a shared 2-core machine, thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 # -- captions ------------------------------------------------------------------------------------------------

@@ -31,14 +31,7 @@ IMAGE_TOL = 1e-4
 EMBED_TOL = 1e-5  # relative to the embeddings' scale: one text-encoder forward
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads spin-wait: a tiny UNet
-    forward measured 5-13 s with 2 threads against 0.15 s with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
