@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minigen import cli, distributed, inception, metrics
+from minigen import cli, distributed, features, inception, metrics
 from minigen.atomic import check_can_create
 from minigen.images import list_images
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=cli.number(int, 1), default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=cli.number(int, 1), default=min(8, os.cpu_count() or 1), help="image decoding threads")
-    p.add_argument("--mode", choices=metrics.MODES, default="pytorch-fid",
+    p.add_argument("--mode", choices=features.MODES, default="pytorch-fid",
                    help="preprocessing: pytorch-fid's bilinear resize (default) or clean-fid's PIL bicubic")
     p.add_argument("--weights", help="Inception weights (.safetensors, or pytorch-fid's .pth)")
     p.add_argument("--save-stats", action="store_true", help="write the first folder's statistics to the second path")
@@ -100,7 +100,7 @@ def measure(source: dict, get_model, args) -> dict:
         return source
     path = source["folder"]
     outputs = (str(args.dims),) + (("logits_unbiased",) if args.inception_score else ())
-    feats = metrics.extract_features(get_model(), path, outputs, args.batch_size, args.workers, args.mode,
+    feats = features.extract_features(get_model(), path, outputs, args.batch_size, args.workers, args.mode,
                                      split_across_ranks=True)
     try:  # too few readable images: name the folder
         mu, sigma = metrics.statistics(feats[str(args.dims)])

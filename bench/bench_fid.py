@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minigen import inception, metrics  # noqa: E402
+from minigen import features, inception, metrics  # noqa: E402
 from minigen.datasets import resolve_dataset  # noqa: E402
 from minigen.images import list_images  # noqa: E402
 
@@ -55,7 +55,7 @@ def bench_throughput(args, weights: Path) -> None:
     files = dataset(args.data)[: args.images]
     ours = inception.load_inception(weights, args.device)
     theirs = pytorch_fid_model(weights, args.device, channels_last=False)
-    run_ours = lambda: metrics.extract_features(ours, files, batch_size=args.batch_size,  # noqa: E731
+    run_ours = lambda: features.extract_features(ours, files, batch_size=args.batch_size,  # noqa: E731
                                                 workers=args.workers, progress=False)["2048"]
     run_theirs = lambda: get_activations(files, theirs, args.batch_size, 2048, args.device,  # noqa: E731
                                          args.workers)
@@ -98,7 +98,7 @@ def bench_end_to_end(args, weights: Path) -> None:
 
     def ours() -> float:
         model = inception.load_inception(weights, args.device)
-        stats = [metrics.statistics(metrics.extract_features(model, half, batch_size=args.batch_size,
+        stats = [metrics.statistics(features.extract_features(model, half, batch_size=args.batch_size,
                                                              workers=args.workers, progress=False)["2048"][:, :d])
                  for half in halves]
         return metrics.frechet_distance(*stats[0], *stats[1])
@@ -124,7 +124,7 @@ def real_fid(args, weights: Path) -> None:
         twemoji = [twemoji[i] for i in sorted(np.random.RandomState(0).choice(len(twemoji), args.twemoji, False))]
 
     def features(files):
-        return metrics.extract_features(model, files, batch_size=args.batch_size, workers=args.workers)["2048"]
+        return features.extract_features(model, files, batch_size=args.batch_size, workers=args.workers)["2048"]
 
     def halves(feats):  # a fixed random split
         order = np.random.RandomState(0).permutation(len(feats))

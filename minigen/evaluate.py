@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from . import distributed, metrics
+from .features import extract_features
 from . import inception as fid_inception
 from .captions import read_caption, read_text
 from .cli import check_number
@@ -378,7 +379,7 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
 
     main, per_turn = distributed.is_main(), batch_size * distributed.world_size()
     bar = tqdm(total=n_reference + len(rows) * len(items), unit="img", desc="eval", disable=not (progress and main))
-    reference_features = metrics.extract_features(net, reference, (str(dims),), progress=False,
+    reference_features = extract_features(net, reference, (str(dims),), progress=False,
                                                   split_across_ranks=True)
     reference_stats = gaussian_statistics(reference_features[str(dims)])
     bar.update(n_reference)
@@ -396,7 +397,7 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
             if batch:
                 images = generate_batch(pipe, [embeddings[p] for p, _ in batch], [s for _, s in batch],
                                         settings).numpy()
-                measured = metrics.extract_features(net, list(images), outputs, progress=False)
+                measured = extract_features(net, list(images), outputs, progress=False)
                 made = (batch, images, {name: measured[name] for name in outputs})
             for part in distributed.gather_objects(made, f"the other ranks' images of {row.name}"):
                 if part is None:  # a rank left without a batch in the last turn

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
+from . import features, metrics
 from .cache import cache_dir
 from .data import ImageFolder
 from .datasets import resolve_dataset
@@ -50,8 +50,8 @@ def training_stats(model: torch.nn.Module, cfg: GANConfig, progress: bool = True
         return metrics.load_stats(path)
     dataset = ImageFolder(data_folder, cfg.size, progress=progress)
     images = list(dataset.images.permute(0, 2, 3, 1).numpy())  # N x (H, W, 3) uint8
-    features = metrics.extract_features(model, images, (str(cfg.fid_dims),), progress=progress)
-    mu, sigma = metrics.statistics(features[str(cfg.fid_dims)])
+    feats = features.extract_features(model, images, (str(cfg.fid_dims),), progress=progress)
+    mu, sigma = metrics.statistics(feats[str(cfg.fid_dims)])
     path.parent.mkdir(parents=True, exist_ok=True)
     metrics.save_stats(path, mu, sigma)
     return mu, sigma
@@ -82,8 +82,8 @@ def fid_hook(cfg: GANConfig, model: torch.nn.Module | None = None, progress: boo
             return {}
         samples = [image for z in noise_batches(cfg.fid_samples, cfg.nz, SAMPLE_BATCH, cfg.seed)
                    for image in signed_to_uint8(trainer.generate(z))]  # N x (H, W, 3) uint8, as the PNGs of --sample
-        features = metrics.extract_features(model, samples, (dims,), progress=progress)
-        mu, sigma = metrics.statistics(features[dims])
+        feats = features.extract_features(model, samples, (dims,), progress=progress)
+        mu, sigma = metrics.statistics(feats[dims])
         return {"fid": metrics.frechet_distance(mu, sigma, train_mu, train_sigma)}
 
     return fid

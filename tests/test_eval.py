@@ -19,7 +19,7 @@ from test_fid_parity import random_inception
 import eval as eval_cli
 import sample as sample_cli
 import train_lora
-from minigen import metrics
+from minigen import features, metrics
 from minigen.evaluate import Settings, candidates, epoch_of, evaluate, read_prompts
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
@@ -137,14 +137,14 @@ def test_lora_images_equal_the_pipeline_with_the_lora(report, files):
 def test_numbers_equal_the_metrics_called_directly(report, files):
     rep, out = report
     net = random_inception()
-    ref = metrics.extract_features(net, files["ref"], ("64",), progress=False)["64"]
+    ref = features.extract_features(net, files["ref"], ("64",), progress=False)["64"]
     ref_mu, ref_sigma = metrics.statistics(ref)
     base = images_of(out, "base")
     for row in rep["rows"]:
         images = images_of(out, row["model"])
         # In batches of 3 as eval measured them (it measures each generation batch), so the features are the same
         # bits: Inception in another batch size rounds differently, and IS's std near 1e-5 would show it.
-        feats = metrics.extract_features(net, images, ("64", "logits_unbiased"), batch_size=3, progress=False)
+        feats = features.extract_features(net, images, ("64", "logits_unbiased"), batch_size=3, progress=False)
         fid = metrics.frechet_distance(ref_mu, ref_sigma, *metrics.statistics(feats["64"]))
         kid, kid_std = metrics.kid(ref, feats["64"], subset_size=4)
         score, score_std = metrics.inception_score(feats["logits_unbiased"], splits=2)

@@ -8,7 +8,7 @@ from PIL import Image
 from pytorch_fid.fid_score import compute_statistics_of_path
 
 import fid as fid_cli
-from minigen import metrics
+from minigen import features, metrics
 from minigen.inception import FIDInceptionV3
 from minigen.io import save_safetensors
 
@@ -74,7 +74,7 @@ def test_extract_features_counts_unreadable_and_handles_mixed_modes(tmp_path):
     Image.new("RGB", (30, 40), (255, 255, 255)).save(tmp_path / "c.jpg", quality=100)
     (tmp_path / "d.jpg").write_bytes(b"\xff\xd8 truncated")
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
-        feats = metrics.extract_features(model, tmp_path, outputs=("64",), batch_size=2, workers=2, progress=False)
+        feats = features.extract_features(model, tmp_path, outputs=("64",), batch_size=2, workers=2, progress=False)
     assert len(feats) == 3 and [p.name for p in feats.skipped] == ["d.jpg"]
     # All three are white images: same features whatever their mode or size.
     np.testing.assert_allclose(feats["64"][0], feats["64"][1], atol=1e-4)
@@ -87,19 +87,19 @@ def test_tensor_input_matches_file_input(tmp_path):
     pixels = torch.randint(0, 256, (2, 3, 32, 24), dtype=torch.uint8)
     for i, img in enumerate(pixels):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
-    from_files = metrics.extract_features(model, tmp_path, ("64",), progress=False)["64"]
-    from_tensor = metrics.extract_features(model, pixels.float() / 255, ("64",), progress=False)["64"]
+    from_files = features.extract_features(model, tmp_path, ("64",), progress=False)["64"]
+    from_tensor = features.extract_features(model, pixels.float() / 255, ("64",), progress=False)["64"]
     np.testing.assert_allclose(from_tensor, from_files, rtol=0, atol=1e-6)
 
 
 def test_clean_mode_resizes_with_pil_bicubic_on_float_channels():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    out = metrics.clean_resize(img)
+    out = features.clean_resize(img)
     assert out.shape == (299, 299, 3) and out.dtype == np.float32
     red = np.asarray(Image.fromarray(img[..., 0].astype(np.float32), "F").resize((299, 299), Image.BICUBIC))
     np.testing.assert_array_equal(out[..., 0], np.clip(red, 0, 255))
-    assert np.abs(out - metrics.to_inception_input([img], torch.device("cpu"))[0].permute(1, 2, 0).numpy()).max() > 1
+    assert np.abs(out - features.to_inception_input([img], torch.device("cpu"))[0].permute(1, 2, 0).numpy()).max() > 1
 
 
 def test_psnr_and_ssim():

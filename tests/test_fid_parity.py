@@ -10,7 +10,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
-from minigen import metrics
+from minigen import features, metrics
 from minigen.inception import OUTPUTS, FIDInceptionV3
 
 
@@ -57,7 +57,7 @@ def test_features_of_all_four_blocks_and_logits_match_pytorch_fid(models):
         maps = theirs(images)  # resizes to 299 and scales to [-1, 1] itself
         expected = {str(d): m.mean(dim=(2, 3)) for d, m in zip((64, 192, 768, 2048), maps)}
         expected["logits"] = fc(expected["2048"])
-        got = ours(metrics.tensor_to_inception_input(images, "pytorch-fid"), OUTPUTS)
+        got = ours(features.tensor_to_inception_input(images, "pytorch-fid"), OUTPUTS)
     for name, want in expected.items():
         scale = want.abs().max().item()
         assert scale > 1e-2, f"{name}: random weights gave vanishing activations; the test would prove nothing"
@@ -80,7 +80,7 @@ def test_extract_features_from_files_matches_pytorch_fid_pipeline(models, tmp_pa
     pytorch_fid_2048 = pf_inception.InceptionV3([3]).eval().to(memory_format=torch.channels_last)  # our weights: the loader is patched by `models`
     want = get_activations(files, pytorch_fid_2048, batch_size=1, num_workers=0)
     with pytest.warns(UserWarning, match="unreadable"):
-        got = metrics.extract_features(ours, tmp_path, batch_size=2, workers=2, progress=False)
+        got = features.extract_features(ours, tmp_path, batch_size=2, workers=2, progress=False)
     assert [p.name for p in got.skipped] == ["broken.png"]
     np.testing.assert_allclose(got["2048"], want, rtol=0, atol=1e-5 * np.abs(want).max())
 

@@ -18,7 +18,7 @@ import pytorch_fid.inception as pf_inception
 from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
 
 import fid as fid_cli
-from minigen import inception, metrics
+from minigen import features, inception, metrics
 from minigen.io import read_header
 
 MET_IMAGES = 12  # two folders of 6 paintings: each image costs ~0.1-0.3 s per model on 2 CPU cores
@@ -78,7 +78,7 @@ def test_converted_network_reproduces_torchscript_features(weights, fid_helper_p
     model = inception.load_inception(weights)
     reference = torch.jit.load(str(fid_helper_pt), map_location="cpu").eval()
     paths = sorted(met[0].glob("*.jpg"))[:3]
-    x = metrics.to_inception_input([np.asarray(metrics.open_rgb(p)) for p in paths], torch.device("cpu"))
+    x = features.to_inception_input([np.asarray(metrics.open_rgb(p)) for p in paths], torch.device("cpu"))
     with torch.no_grad():
         ours, theirs = model(x)["2048"], reference(x)
     # Same weights, same fp32 ops in a different graph: observed max difference ~1e-6 on features of scale ~1.

@@ -17,7 +17,7 @@ from PIL import Image
 
 import fid
 import train_gan
-from minigen import gan_fid, inception, metrics
+from minigen import features, gan_fid, inception, metrics
 from minigen.data import ImageFolder
 from minigen.gan_trainer import GANConfig, GANTrainer, noise_batches
 from minigen.plot import signed_to_uint8
@@ -79,7 +79,7 @@ def test_hook_value_is_frechet_distance_of_the_same_images(folder, model):
     fakes = torch.cat([trainer.generate(z) for z in noise_batches(N_IMAGES, cfg.nz, 64, cfg.seed)])
     fakes = torch.from_numpy(signed_to_uint8(fakes)).permute(0, 3, 1, 2).float() / 255  # (N, 3, 32, 32), 8-bit levels
     reals = ImageFolder(folder, cfg.size, progress=False).images.float() / 255  # (N, 3, 32, 32)
-    stats = [metrics.statistics(metrics.extract_features(model, x, ("64",), progress=False)["64"])
+    stats = [metrics.statistics(features.extract_features(model, x, ("64",), progress=False)["64"])
              for x in (fakes, reals)]
     expected = metrics.frechet_distance(*stats[0], *stats[1])
     assert value > 0
@@ -90,13 +90,13 @@ def test_hook_value_is_frechet_distance_of_the_same_images(folder, model):
 def test_training_stats_are_cached_once_and_reused(folder, model, cache, monkeypatch):
     cfg = GANConfig(data=str(folder), **TINY)
     extracted = []
-    original = metrics.extract_features
+    original = features.extract_features
 
     def spy(model, images, *args, **kwargs):
         extracted.append(len(images))
         return original(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(metrics, "extract_features", spy)
+    monkeypatch.setattr(features, "extract_features", spy)
     gan_fid.fid_hook(cfg, model, progress=False)
     assert extracted == [N_IMAGES]
     (path,) = (cache / "fid_stats").glob("*.npz")
