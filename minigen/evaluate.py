@@ -49,7 +49,7 @@ from .atomic import atomic_write, check_can_create
 from .io import read_header
 from .lora import remove_lora
 from .sdxl.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
-from .plot import make_grid, plot_curves, save_png
+from .plot import make_grid, plot_curves, save_png, with_row_labels
 from .sdxl.convert import unet_name_map
 from .sdxl.pipeline import SDXLPipeline, check_settings
 
@@ -294,9 +294,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def labelled_grid(cells: list[np.ndarray], names: Sequence[str], padding: int = 2) -> Image.Image:
-    """uint8 (H, W, 3) cells, row-major with one column per name, under a header naming the columns."""
+def labelled_grid(cells: list[np.ndarray], names: Sequence[str], rows: Sequence[str], padding: int = 2) -> Image.Image:
+    """uint8 (H, W, 3) cells, row-major with one column per name, under a header naming the columns and beside a
+    margin naming the rows."""
     grid = make_grid(torch.from_numpy(np.stack(cells)).permute(0, 3, 1, 2), nrow=len(names), padding=padding)
+    margin = 120
+    grid = with_row_labels(grid, rows, width=margin)
     head = 18
     image = Image.new("RGB", (grid.width, grid.height + head), "white")
     image.paste(grid, (0, head))
@@ -305,23 +308,23 @@ def labelled_grid(cells: list[np.ndarray], names: Sequence[str], padding: int = 
     fits = max(4, width // 6)  # characters of the 11-pixel font in one cell
     for i, name in enumerate(names):
         shown = name if len(name) <= fits else ".." + name[-(fits - 2):]  # the end tells checkpoints apart
-        draw.text((padding + i * (width + padding), 3), shown, fill="black", font=font)
+        draw.text((margin + padding + i * (width + padding), 3), shown, fill="black", font=font)
     return image
 
 
-def save_grids(out: Path, names: Sequence[str], prompt_count: int, seeds: Sequence[int]) -> list[Path]:
-    """One grid per seed: rows are prompts, columns models (named in a header); cells shrunk to GRID_CELL pixels at
-    most. The prompts are in results.md/json in row order."""
+def save_grids(out: Path, names: Sequence[str], prompts: Sequence[str], seeds: Sequence[int]) -> list[Path]:
+    """One grid per seed: rows are prompts (their beginnings beside the rows; whole in results.md/json), columns
+    models (named in a header); cells shrunk to GRID_CELL pixels at most."""
     paths = []
     for seed in seeds:
         cells = []
-        for p in range(prompt_count):
+        for p in range(len(prompts)):
             for name in names:
                 image = open_rgb(image_path(out, name, p, seed))
                 image.thumbnail((GRID_CELL, GRID_CELL))
                 cells.append(np.asarray(image))
         paths.append(out / f"grid-seed{seed}.png")
-        save_png(labelled_grid(cells, names), paths[-1])
+        save_png(labelled_grid(cells, names, prompts), paths[-1])
     return paths
 
 
@@ -424,7 +427,7 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     bar.close()
     if not main:
         return distributed.broadcast_object(None, "rank 0 to score the images and write the report")
-    grids = save_grids(out, [r.name for r in rows], min(grid_prompts, len(prompt_list)), seeds)
+    grids = save_grids(out, [r.name for r in rows], prompt_list[:grid_prompts], seeds)
     plotted = plot_fid_per_epoch(report_rows, out / "fid_per_epoch.png")
     report = {"prompts": prompt_list, "seeds": seeds, "reference": {"folder": str(reference), "images": len(reference_features),
                                                          "skipped": len(reference_features.skipped)},

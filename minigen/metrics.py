@@ -116,7 +116,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, progress: bool = False) -> float:
         print(f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     if not math.isfinite(distance):
         raise ValueError(f"the Fréchet distance is {distance}: the statistics are too large for float64")
-    return distance
+    # Patch: rounding can leave a distance of -3e-7 for identical statistics, which pytorch-fid prints as it is; a
+    # squared distance is never negative, so it is clamped at 0.
+    return max(distance, 0.0)
 
 
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:

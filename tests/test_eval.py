@@ -102,7 +102,7 @@ def test_one_row_per_model_and_all_outputs(report):
     assert table[2].startswith("| base |") and table[6] == "" and table[-1] == f"2. {PROMPTS[1]}"
     for seed in (SEED, SEED + 1):  # rows: prompts, columns: models, under a header
         grid = Image.open(out / f"grid-seed{seed}.png")
-        assert grid.size == (2 + 4 * (SIZE + 2), 18 + 2 + 2 * (SIZE + 2))
+        assert grid.size == (120 + 2 + 4 * (SIZE + 2), 18 + 2 + 2 * (SIZE + 2))  # 120 px of prompts on the left
     assert Image.open(out / "fid_per_epoch.png").size[0] > 100
     assert rep["prompts"] == PROMPTS and rep["seeds"] == [SEED, SEED + 1]
 
