@@ -25,6 +25,7 @@ from minigen import cli
 from minigen.atomic import check_can_create
 from minigen.io import FLOAT_DTYPES
 from minigen.sdxl.lora_files import parse_lora_spec
+from minigen.memory_plan import check_fits, model_configs, plan_sampling
 from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler
 from minigen.sdxl.model import RANDOM
@@ -84,6 +85,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                    help="SDXL micro-conditioning: the crop's top-left corner (default 0 0)")
     p.add_argument("--target-size", type=cli.number(int, 1), nargs=2, metavar=("H", "W"),
                    help="SDXL micro-conditioning: the size aimed for (default: the output's)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory the drawing needs (no weights loaded, no GPU needed), then exit")
+    p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
     p.add_argument("--no-hash", action="store_true",
                    help="leave the model, VAE and LoRA hashes out of the PNGs (hashing 7 GB takes a while)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -199,6 +203,13 @@ def main(argv=None) -> int:
                              for path in (image_path(args.out, str(settings["seed"]), i) for i in written)):
         raise ValueError(f"--out {args.out}: the redrawn image would replace --from-png {args.from_png}; "
                          "give another --out")
+    if args.plan or args.device.startswith("cuda"):  # before loading gigabytes: will it fit?
+        plan = plan_sampling(model_configs(args.model), cli.chosen_dtype(args), height, width, args.num,
+                             guidance=args.cfg > 1)
+        print(plan.describe())
+        if args.plan:
+            return 0
+        check_fits(plan, torch.device(args.device), force=args.force)
     pipe = SDXLPipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device,
                                         allow_pickle=args.allow_pickle, vae=args.vae)
     for spec in settings["lora"]:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_lora_step(cfg)
             if distributed.is_main():
                 print(plan.describe())
-            check_fits(plan, cfg, torch.device(device), force="force" in args)
+            check_fits(plan, torch.device(device), force="force" in args)
         trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
                               allow_pickle=getattr(args, "allow_pickle", False), device=device)
         if "resume" in args:

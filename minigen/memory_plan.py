@@ -88,33 +88,35 @@ class MemoryPlan:
     parts: dict[str, int]  # the peak, by part
     seconds: float  # how long planning took
     setting: str  # what was planned, in words
+    advice: list[str]  # switches that lower the peak, most effective first
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {self.parts[name] / GB:.2f}" for name in PARTS)
         return (f"memory plan ({self.setting}): peak {self.peak / GB:.2f} GB of tensors = {parts} GB "
                 f"(planned in {self.seconds:.0f} s)")
 
-    def advice(self, cfg) -> list[str]:
-        """Switches that lower the peak, most effective first, for a run that does not fit."""
-        tips = []
-        if not cfg.gradient_checkpointing:
-            tips.append("--gradient-checkpointing (recomputes activations: the largest saving)")
-        if cfg.mixed_precision == "no":
-            tips.append("--mixed-precision bf16 (halves the frozen weights and activations)")
-        if cfg.batch > 1:
-            tips.append(f"--batch {max(1, cfg.batch // 2)} --grad-accum {cfg.grad_accum * 2} (same global batch)")
-        if cfg.train_text_encoder:
-            tips.append("--no-train-text-encoder (text embeddings cached once instead)")
-        if cfg.optimizer == "adamw":
-            tips.append("--optimizer adafactor (factored second moments)")
-        tips.append("a lower --resolution")
-        return tips
+
+def training_advice(cfg) -> list[str]:
+    """Switches that lower a LoRA run's peak, most effective first."""
+    tips = []
+    if not cfg.gradient_checkpointing:
+        tips.append("--gradient-checkpointing (recomputes activations: the largest saving)")
+    if cfg.mixed_precision == "no":
+        tips.append("--mixed-precision bf16 (halves the frozen weights and activations)")
+    if cfg.batch > 1:
+        tips.append(f"--batch {max(1, cfg.batch // 2)} --grad-accum {cfg.grad_accum * 2} (same global batch)")
+    if cfg.train_text_encoder:
+        tips.append("--no-train-text-encoder (text embeddings cached once instead)")
+    if cfg.optimizer == "adamw":
+        tips.append("--optimizer adafactor (factored second moments)")
+    tips.append("a lower --resolution")
+    return tips
 
 
 CUDA_CONTEXT = 0.5e9  # bytes of the CUDA context and cuBLAS workspace, which are not tensors: a typical size
 
 
-def check_fits(plan: MemoryPlan, cfg, device: torch.device, force: bool = False) -> None:
+def check_fits(plan: MemoryPlan, device: torch.device, force: bool = False) -> None:
     """Refuse (ValueError) a run on a CUDA device whose free memory is less than the plan's peak plus the CUDA
     context, naming the switches that would make it fit; `force` only warns."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -122,7 +124,7 @@ def check_fits(plan: MemoryPlan, cfg, device: torch.device, force: bool = False)
     if need <= free:
         return
     message = (f"the plan needs about {need / GB:.1f} GB on {device} and {free / GB:.1f} GB are free; "
-               f"try {'; '.join(plan.advice(cfg))} (or --force to start anyway)")
+               f"try {'; '.join(plan.advice)} (or --force to start anyway)")
     if not force:
         raise ValueError(message)
     warnings.warn(message, stacklevel=2)
@@ -135,7 +137,12 @@ def model_configs(spec: str) -> dict[str, dict]:
     from .sdxl.model import read_diffusers_configs
 
     if spec.startswith("random:"):
-        return get_config(spec.removeprefix("random:"))
+        try:
+            return get_config(spec.removeprefix("random:"))
+        except KeyError as e:
+            raise ValueError(f"{spec}: {e.args[0]}") from None
+    if not Path(spec).exists():
+        raise FileNotFoundError(2, "no such model file or folder", spec)
     if Path(spec).is_dir():
         return read_diffusers_configs(Path(spec))
     return get_config("sdxl-base")
@@ -158,26 +165,18 @@ def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = Tru
                + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
                + (", text encoders trained" if cfg.train_text_encoder else "")
                + (", latents encoded each step" if cfg.cache_latents == "off" else ""))
-    return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting)
+    return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting, training_advice(cfg))
 
 
 def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStorage | None = None) -> None:
     """What LoRATrainer does for one optimizer step, twice (the optimizer's state appears in the first); counted by
     `tracker` when given."""
-    tracker = tracker or Untracked()
     from .lora import add_lora
     from .lora_config import MIXED_PRECISION
-    from .sdxl.model import PARTS as MODEL_PARTS, build_model
 
+    tracker = tracker or Untracked()
     dtype = MIXED_PRECISION[cfg.mixed_precision]
-    tracker.part = "weights"
-    models = {}
-    for part in MODEL_PARTS:  # made in their dtype: converting fake tensors with .to() is not supported
-        with default_dtype(torch.float32 if part == "vae" else dtype):  # the VAE stays fp32, as load_sdxl keeps it
-            models[part] = build_model(part, configs[part]).requires_grad_(False)
-    for model in models.values():
-        for t in (*model.parameters(), *model.buffers()):
-            tracker.count(t, "weights")
+    models = _frozen_models(configs, dtype, tracker)
     tracker.part = "lora + optim"
     trained = {"unet": models["unet"]}
     add_lora(models["unet"], cfg.targets, cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
@@ -204,6 +203,21 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def _frozen_models(configs: dict[str, dict], dtype: torch.dtype, tracker) -> dict[str, torch.nn.Module]:
+    """The four SDXL parts, frozen, in `dtype` (the VAE in fp32, as load_sdxl keeps it), counted as weights."""
+    from .sdxl.model import PARTS as MODEL_PARTS, build_model
+
+    tracker.part = "weights"
+    models = {}
+    for part in MODEL_PARTS:  # made in their dtype: converting fake tensors with .to() is not supported
+        with default_dtype(torch.float32 if part == "vae" else dtype):
+            models[part] = build_model(part, configs[part]).requires_grad_(False)
+    for model in models.values():
+        for t in (*model.parameters(), *model.buffers()):
+            tracker.count(t, "weights")
+    return models
 
 
 @contextlib.contextmanager
@@ -245,3 +259,28 @@ def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor
         pred = unet(latents.to(weight_dtype), t, context.to(weight_dtype), pooled.to(weight_dtype),
                     time_ids.to(weight_dtype))
     return F.mse_loss(pred.float(), noise)
+
+
+def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, width: int, num_images: int = 1,
+                  guidance: bool = True) -> MemoryPlan:
+    """Peak memory of drawing `num_images` images, as SDXLPipeline does: the prompt through both text encoders, one
+    denoising step of the UNet (a batch of 2 x num_images with classifier-free guidance), the fp32 VAE decode."""
+    start, tracker = time.perf_counter(), LiveStorage()
+    with FakeTensorMode(), tracker, torch.no_grad():
+        models = _frozen_models(configs, dtype, tracker)
+        tracker.part = "activations"
+        ids = torch.zeros(1, 77, dtype=torch.long)
+        hidden = [models[p](ids).hidden_states[-2] for p in ("text_encoder", "text_encoder_2")]
+        rows = num_images * (2 if guidance else 1)
+        context = torch.cat(hidden, dim=-1).to(dtype).expand(rows, -1, -1)  # (N, 77, 2048)
+        pooled = torch.zeros(rows, models["text_encoder_2"].config.projection_dim, dtype=dtype)
+        factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
+        latents = torch.zeros(rows, 4, height // factor, width // factor, dtype=dtype)
+        models["unet"](latents, torch.tensor([999] * rows), context, pooled, torch.zeros(rows, 6, dtype=dtype))
+        del latents, context, pooled, hidden
+        models["vae"].decode(torch.zeros(num_images, 4, height // factor, width // factor))  # (N, 3, H, W) fp32
+    setting = f"{num_images} image(s) of {height}x{width}, {str(dtype).removeprefix('torch.')}" + \
+              (", classifier-free guidance" if guidance else "")
+    advice = (["--dtype bf16 (the UNet and text encoders in half the memory)"] if dtype == torch.float32 else []) + \
+        ([f"--num {max(1, num_images // 2)}"] if num_images > 1 else []) + ["a smaller --height/--width"]
+    return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting, advice)

@@ -21,7 +21,8 @@ import torch
 
 import train_lora
 from minigen.lora_config import LoRATrainConfig
-from minigen.memory_plan import GB, check_fits, plan_lora_step
+from minigen.memory_plan import GB, check_fits, plan_lora_step, plan_sampling
+from minigen.sdxl.configs import get_config
 
 MEASURE = textwrap.dedent("""
     import json, sys, torch
@@ -103,15 +104,28 @@ def test_train_lora_plan_flag_prints_the_plan_and_loads_nothing(tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+def test_sample_plan_flag_prints_the_plan_and_draws_nothing(tmp_path, capsys):
+    import sample
+
+    assert sample.main(["--model", "random:tiny", "--prompt", "a fox", "--height", "64", "--width", "64", "--num", "2",
+                        "--plan", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan (2 image(s) of 64x64, float32, classifier-free guidance)" in out and "GB of tensors" in out
+    assert not (tmp_path / "out").exists()
+    guided = plan_sampling(get_config("tiny"), torch.float32, 64, 64, 2)
+    assert plan_sampling(get_config("tiny"), torch.float32, 64, 64, 2, guidance=False).parts["activations"] \
+        < guided.parts["activations"]  # guidance doubles the UNet's batch
+
+
 def test_a_run_that_does_not_fit_is_refused_with_the_switches_that_help(monkeypatch):
     cfg = LoRATrainConfig(sdxl="random:tiny", resolution="64", batch=2)
     plan = plan_lora_step(cfg)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(plan.peak / 2), 80 * 10**9))
     with pytest.raises(ValueError, match="--gradient-checkpointing.*--mixed-precision bf16.*--force"):
-        check_fits(plan, cfg, torch.device("cuda"))
+        check_fits(plan, torch.device("cuda"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        check_fits(plan, cfg, torch.device("cuda"), force=True)
+        check_fits(plan, torch.device("cuda"), force=True)
     assert "--force" in str(caught[0].message)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
-    check_fits(plan, cfg, torch.device("cuda"))  # fits: no error
+    check_fits(plan, torch.device("cuda"))  # fits: no error
