@@ -41,7 +41,6 @@ NUMBER_RANGES = {
     "n_critic": (1, None), "lr": cli.POSITIVE, "alpha": (0, 1), "eps": (0, None), "decay_steps": (0, None),
     "decay_rate": cli.POSITIVE, "batch": (1, None), "epochs": (1, None), "seed": cli.SEED_RANGE, "grid": (1, None),
     "save_every": (1, None), "fid_every": (0, None), "fid_samples": (2, None), "ema_halflife": (0, None),
-    "ema_rampup": (0, 1),
 }
 
 
@@ -72,7 +71,6 @@ class GANConfig:
     decay_steps: int = 0              # lr * decay_rate ** (step / decay_steps); 0 = constant lr
     decay_rate: float = 1.0
     ema_halflife: float = 0.0         # sample from an average of G's weights with this half-life in G steps; 0 = off
-    ema_rampup: float = 0.0           # the half-life is at most this fraction of the G steps so far; 0 = no ramp-up
     batch: int = 128
     epochs: int = 5
     seed: int = 0
@@ -190,7 +188,7 @@ class GANTrainer:
             self.opt_g.step()
             self.D.requires_grad_(True)
             if self.G_ema is not None:
-                self.update_ema(g_steps=(self.iteration + 1) // cfg.n_critic)
+                self.update_ema()
             self.last_g_loss = loss_g.item()
         self.iteration += 1
         # D(x) and D(G(z)): probabilities for BCE; raw critic scores for WGAN-GP and hinge.
@@ -200,16 +198,12 @@ class GANTrainer:
                 "lr": self.opt_g.param_groups[0]["lr"]}
 
     @torch.no_grad()
-    def update_ema(self, g_steps: int) -> None:
-        """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5 ** (1 / half-life), after generator step `g_steps`.
-
-        With `ema_rampup` the half-life is at most ema_rampup * g_steps (StyleGAN2-ADA's ramp-up, Karras et al. 2020),
-        so the random initial weights fade from the average early in a short run. G's buffers (BatchNorm's running
-        statistics, unused: sampling uses batch statistics) are copied, not averaged.
+    def update_ema(self) -> None:
+        """G_ema <- beta G_ema + (1 - beta) G after each generator step, beta = 0.5 ** (1 / half-life): a step's weights
+        count half as much `ema_halflife` steps later. G's buffers (BatchNorm's running statistics, unused: sampling
+        uses batch statistics) are copied, not averaged.
         """
-        cfg = self.cfg
-        halflife = min(cfg.ema_halflife, cfg.ema_rampup * g_steps) if cfg.ema_rampup else cfg.ema_halflife
-        beta = 0.5 ** (1 / halflife)  # halflife > 0: g_steps >= 1
+        beta = 0.5 ** (1 / self.cfg.ema_halflife)
         for average, weight in zip(self.G_ema.parameters(), self.G.parameters()):
             average.lerp_(weight, 1 - beta)
         for average, buffer in zip(self.G_ema.buffers(), self.G.buffers()):

@@ -94,7 +94,6 @@ FLAG_CASES = {
     "eps-negative": (["--eps", "-1"], "--eps", ">= 0"),
     "ema-halflife-negative": (["--ema-halflife=-1"], "--ema-halflife", ">= 0"),
     "ema-halflife-inf": (["--ema-halflife", "inf"], "--ema-halflife", "finite"),
-    "ema-rampup-above-1": (["--ema-rampup", "2"], "--ema-rampup", "between 0 and 1"),
     "alpha-2": (["--alpha", "2"], "--alpha", "between 0 and 1"),
     "real-label-inverted": (["--real-label", "1", "0.7"], "--real-label"),
     "size-0": (["--size", "0"], "--size"),

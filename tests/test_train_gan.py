@@ -17,7 +17,7 @@ from minigen.io import load_safetensors, read_header, save_safetensors
 
 TINY = ["--size", "32x32", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch", "4", "--grid", "4", "--quiet"]
 # The averaged generator and a spectrally normalized D: their state (G_ema, the power iterations' vectors) must resume.
-EMA_SN = ["--ema-halflife", "2", "--ema-rampup", "0.5", "--spectral-norm"]
+EMA_SN = ["--ema-halflife", "2", "--spectral-norm"]
 VARIANTS = {"plain": [], "ema-sn": EMA_SN}
 
 
@@ -99,14 +99,14 @@ def test_resume_equals_uninterrupted(folder, tmp_path, request, variant):
 
 
 def test_ema_update_by_hand(folder):
-    """beta = 0.5 ** (1 / half-life); with the ramp-up the half-life is at most rampup * generator steps."""
-    cfg = GANConfig(data=str(folder), size=(32, 32), ngf=4, ndf=4, nz=8, batch=4, ema_halflife=3.0, ema_rampup=0.5)
+    """G_ema <- beta G_ema + (1 - beta) G after each generator step, beta = 0.5 ** (1 / half-life)."""
+    cfg = GANConfig(data=str(folder), size=(32, 32), ngf=4, ndf=4, nz=8, batch=4, ema_halflife=3.0)
     trainer = GANTrainer(cfg)
     real = torch.rand(4, 3, 32, 32) * 2 - 1
     averages = [p.clone() for p in trainer.G_ema.parameters()]  # the initial G
-    for g_steps in range(1, 9):
+    beta = 0.5 ** (1 / 3.0)
+    for _ in range(5):
         trainer.step(real)
-        beta = 0.5 ** (1 / min(3.0, 0.5 * g_steps))  # ramp: half-lives 0.5, 1, 1.5, 2, 2.5, then 3
         averages = [beta * a + (1 - beta) * p for a, p in zip(averages, trainer.G.parameters())]
         for ours, expected in zip(trainer.G_ema.parameters(), averages):
             torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
