@@ -82,9 +82,14 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image (B, 3, H, W) -> logit (B,). Mirrors the generator; LeakyReLU(0.2); no norm on the first layer."""
+    """image (B, 3, H, W) -> logit (B,). Mirrors the generator; LeakyReLU(0.2); no norm on the first layer.
 
-    def __init__(self, size: tuple[int, int] = (64, 64), ndf: int = 64, norm: str = "batch"):
+    spectral_norm: divide every convolution's weight by its largest singular value, estimated by one power iteration
+    per forward pass (Miyato et al. 2018, "Spectral Normalization for GANs"), which bounds D's Lipschitz constant.
+    """
+
+    def __init__(self, size: tuple[int, int] = (64, 64), ndf: int = 64, norm: str = "batch",
+                 spectral_norm: bool = False):
         super().__init__()
         bh, bw, n = stages_for(*size)
         widths = [ndf * 2 ** i for i in range(n)]  # e.g. 64, 128, 256, 512
@@ -94,6 +99,10 @@ class Discriminator(nn.Module):
         layers += [nn.Conv2d(widths[-1], 1, (bh, bw), 1, 0, bias=False)]  # (B, C, bh, bw) -> (B, 1, 1, 1)
         self.net = nn.Sequential(*layers)
         self.apply(init_dcgan)
+        if spectral_norm:  # after the init: the normalization rescales whatever weights it is given
+            for layer in self.net:
+                if isinstance(layer, nn.Conv2d):
+                    nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten()  # (B,)

@@ -10,6 +10,7 @@ one per epoch), curves.png (losses, D outputs, and any per-epoch metrics), check
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -35,13 +36,13 @@ from .training import (TrainingDiverged, check_finite_before_saving, epoch_seed,
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
 LOSSES = ("bce", "wgan-gp", "hinge")
 # Fields that fix the shapes of the saved tensors: a checkpoint resumes only with the same values.
-ARCHITECTURE_FIELDS = ("size", "nz", "ngf", "ndf", "g_act", "d_norm", "optimizer")
+ARCHITECTURE_FIELDS = ("size", "nz", "ngf", "ndf", "g_act", "d_norm", "spectral_norm", "optimizer")
 # The allowed values of GANConfig's numbers (see cli.check_fields); betas, lr_d and the label ranges are checked apart.
 NUMBER_RANGES = {
     "nz": (1, None), "ngf": (1, None), "ndf": (1, None), "label_flip": (0, 1), "gp_lambda": (0, None),
     "n_critic": (1, None), "lr": cli.POSITIVE, "alpha": (0, 1), "eps": (0, None), "decay_steps": (0, None),
     "decay_rate": cli.POSITIVE, "batch": (1, None), "epochs": (1, None), "seed": cli.SEED_RANGE, "grid": (1, None),
-    "save_every": (1, None), "fid_every": (0, None), "fid_samples": (2, None),
+    "save_every": (1, None), "fid_every": (0, None), "fid_samples": (2, None), "ema_halflife": (0, None),
 }
 
 
@@ -55,7 +56,8 @@ class GANConfig:
     ngf: int = 64
     ndf: int = 64
     g_act: str = "relu"               # relu or leaky (seed 002 v2)
-    d_norm: str = "auto"              # batch, layer, none; auto = batch, or layer for wgan-gp (the penalty is per sample)
+    d_norm: str = "auto"              # batch, layer, none; auto = batch, layer for wgan-gp, none with spectral_norm
+    spectral_norm: bool = False       # spectral normalization of D's convolutions (Miyato et al. 2018)
     loss: str = "bce"                 # bce, wgan-gp, hinge
     real_label: tuple[float, float] = (1.0, 1.0)  # BCE targets drawn uniformly from these ranges (label smoothing)
     fake_label: tuple[float, float] = (0.0, 0.0)
@@ -70,6 +72,7 @@ class GANConfig:
     eps: float = 1e-8
     decay_steps: int = 0              # lr * decay_rate ** (step / decay_steps); 0 = constant lr
     decay_rate: float = 1.0
+    ema_halflife: float = 0.0         # sample from an average of G's weights with this half-life in G steps; 0 = off
     batch: int = 128
     epochs: int = 5
     seed: int = 0
@@ -91,7 +94,9 @@ class GANConfig:
         if self.optimizer not in ("adam", "rmsprop"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose adam or rmsprop")
         if self.d_norm == "auto":
-            self.d_norm = "layer" if self.loss == "wgan-gp" else "batch"
+            # WGAN-GP's penalty is per sample, so its critic uses layer norm (Gulrajani et al. 2017); SN-GAN's
+            # discriminator has no feature norm, the spectral norm is its only normalization (Miyato et al. 2018).
+            self.d_norm = "layer" if self.loss == "wgan-gp" else "none" if self.spectral_norm else "batch"
         if self.loss == "wgan-gp" and self.d_norm == "batch":
             raise ValueError("wgan-gp needs --d-norm layer or none: the gradient penalty is per sample, "
                              "and batch norm mixes the samples of a batch")
@@ -108,17 +113,24 @@ class GANConfig:
 
 
 class GANTrainer:
-    """Models, optimizers and the random state of one run; `step(real)` is one training iteration."""
+    """Models, optimizers and the random state of one run; `step(real)` is one training iteration.
+
+    With `ema_halflife` > 0, `G_ema` holds an exponential moving average of G's weights (Karras et al. 2018,
+    "Progressive Growing of GANs"; Yazici et al. 2019, "The Unusual Effectiveness of Averaging in GAN Training"):
+    the grids, `--sample` and the FID hook draw from it. It is never trained; it smooths the oscillation of G's
+    weights around the game's equilibrium, which a fast generator learning rate makes large.
+    """
 
     def __init__(self, cfg: GANConfig):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)  # the weight init
         self.G = gan.Generator(cfg.size, cfg.nz, cfg.ngf, cfg.g_act).to(self.device)
-        self.D = gan.Discriminator(cfg.size, cfg.ndf, cfg.d_norm).to(self.device)
+        self.D = gan.Discriminator(cfg.size, cfg.ndf, cfg.d_norm, cfg.spectral_norm).to(self.device)
         if cfg.channels_last:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
+        self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if cfg.ema_halflife else None
         self.opt_g = self.make_optimizer(self.G, cfg.lr)
         self.opt_d = self.make_optimizer(self.D, cfg.lr_d or cfg.lr)
         self.rng = torch.Generator().manual_seed(cfg.seed)
@@ -177,6 +189,8 @@ class GANTrainer:
             loss_g.backward()
             self.opt_g.step()
             self.D.requires_grad_(True)
+            if self.G_ema is not None:
+                self.update_ema()
             self.last_g_loss = loss_g.item()
         self.iteration += 1
         # D(x) and D(G(z)): probabilities for BCE; raw critic scores for WGAN-GP and hinge.
@@ -186,13 +200,26 @@ class GANTrainer:
                 "lr": self.opt_g.param_groups[0]["lr"]}
 
     @torch.no_grad()
+    def update_ema(self) -> None:
+        """G_ema <- beta G_ema + (1 - beta) G after each generator step, beta = 0.5 ** (1 / half-life): a step's weights
+        count half as much `ema_halflife` steps later. G's buffers (BatchNorm's running statistics, unused: sampling
+        uses batch statistics) are copied, not averaged.
+        """
+        beta = 0.5 ** (1 / self.cfg.ema_halflife)
+        for average, weight in zip(self.G_ema.parameters(), self.G.parameters()):
+            average.lerp_(weight, 1 - beta)
+        for average, buffer in zip(self.G_ema.buffers(), self.G.buffers()):
+            average.copy_(buffer)
+
+    @torch.no_grad()
     def generate(self, z: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] for noise (B, nz).
+        """Images (B, 3, H, W) in [-1, 1] for noise (B, nz), from G_ema when there is one, else from G.
 
         # Deviation from the eval-mode convention, as the PyTorch DCGAN tutorial does: sample with batch statistics;
         a GAN generator's running averages lag behind its weights and give washed-out pictures.
         """
-        return self.G(z.to(self.device)).float().cpu()
+        G = self.G if self.G_ema is None else self.G_ema
+        return G(z.to(self.device)).float().cpu()
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -201,6 +228,8 @@ class GANTrainer:
         moment) raises TrainingDiverged instead, leaving the file at `path` as it was."""
         tensors = {f"G.{k}": v for k, v in self.G.state_dict().items()}
         tensors |= {f"D.{k}": v for k, v in self.D.state_dict().items()}
+        if self.G_ema is not None:
+            tensors |= {f"G_ema.{k}": v for k, v in self.G_ema.state_dict().items()}
         metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg)),
                     "iteration": str(self.iteration), "epoch": str(self.epoch), "batch_index": str(self.batch_index),
                     "last_g_loss": repr(self.last_g_loss)}
@@ -225,6 +254,9 @@ class GANTrainer:
         try:
             self.G.load_state_dict(section(tensors, "G."))
             self.D.load_state_dict(section(tensors, "D."))
+            if self.G_ema is not None:
+                # A run that had no average (or resumes with --ema-halflife newly set) starts it from G's weights.
+                self.G_ema.load_state_dict(section(tensors, "G_ema.") or self.G.state_dict())
             optimizer_from_tensors(self.opt_g, section(tensors, "opt_g."), metadata["opt_g"])
             optimizer_from_tensors(self.opt_d, section(tensors, "opt_d."), metadata["opt_d"])
             self.rng.set_state(tensors["rng"])
@@ -250,12 +282,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def load_generator(path: str | Path, device: str = "cpu") -> tuple[gan.Generator, GANConfig]:
-    """The generator of a checkpoint, ready to sample, and the config it was trained with. NaN or infinite weights
-    (a run saved after it diverged) are refused: they would give black images."""
+    """The generator of a checkpoint, ready to sample (the average of its weights, G_ema, when the run kept one), and
+    the config it was trained with. NaN or infinite weights (a run saved after it diverged) are refused: they would
+    give black images."""
     tensors, metadata = load_checkpoint(path)
     cfg = GANConfig(**run_settings(metadata, str(path), GANConfig))
-    weights = section(tensors, "G.")
-    refuse_non_finite({f"G.{k}": v for k, v in weights.items()}, path)
+    prefix = "G_ema." if any(k.startswith("G_ema.") for k in tensors) else "G."
+    weights = section(tensors, prefix)
+    refuse_non_finite({prefix + k: v for k, v in weights.items()}, path)
     G = gan.Generator(cfg.size, cfg.nz, cfg.ngf, cfg.g_act)
     try:
         G.load_state_dict(weights)

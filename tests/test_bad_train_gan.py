@@ -92,6 +92,8 @@ FLAG_CASES = {
     "decay-steps-negative": (["--decay-steps", "-1"], "--decay-steps", ">= 0"),
     "betas-nan": (["--betas", "0.5", "nan"], "--betas", "finite"),
     "eps-negative": (["--eps", "-1"], "--eps", ">= 0"),
+    "ema-halflife-negative": (["--ema-halflife=-1"], "--ema-halflife", ">= 0"),
+    "ema-halflife-inf": (["--ema-halflife", "inf"], "--ema-halflife", "finite"),
     "alpha-2": (["--alpha", "2"], "--alpha", "between 0 and 1"),
     "real-label-inverted": (["--real-label", "1", "0.7"], "--real-label"),
     "size-0": (["--size", "0"], "--size"),

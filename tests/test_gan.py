@@ -42,6 +42,20 @@ def test_init_and_activations():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in D.modules())
 
 
+def test_spectral_norm_makes_every_layer_1_lipschitz():
+    torch.manual_seed(0)
+    D = gan.Discriminator((32, 32), ndf=4, norm="none", spectral_norm=True)
+    for _ in range(30):  # each training-mode forward pass runs one power iteration per layer
+        D(torch.randn(2, 3, 32, 32))
+    convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4  # 3 stride-2 stages and the final base-grid convolution, all normalized
+    for conv in convs:
+        largest = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)  # (out, in * kh * kw)
+        assert largest.item() == pytest.approx(1.0, rel=1e-3)
+        original = torch.linalg.matrix_norm(conv.parametrizations.weight.original.detach().flatten(1), ord=2)
+        assert original.item() < 0.9  # the DCGAN init (std 0.02) alone is far from it
+
+
 def test_bce_losses_by_hand():
     real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
     real_t, fake_t = torch.tensor([0.9, 0.7]), torch.tensor([0.1, 0.0])

@@ -1,5 +1,6 @@
 """train_gan.py and minigen.gan_trainer on a tiny generated folder: outputs, exact resume (epoch boundary and
-Ctrl-C mid-epoch), NaN stop keeping the last checkpoint, bad checkpoints, sampling, presets."""
+Ctrl-C mid-epoch, also with the EMA generator and spectral norm), the EMA update by hand, NaN stop keeping the last
+checkpoint, bad checkpoints, sampling (from the EMA generator when there is one), presets."""
 
 import json
 import signal
@@ -11,10 +12,13 @@ from PIL import Image
 
 import train_gan
 from minigen import gan
-from minigen.gan_trainer import GANConfig, TrainingDiverged, train
+from minigen.gan_trainer import GANConfig, GANTrainer, TrainingDiverged, load_generator, train
 from minigen.io import load_safetensors, read_header, save_safetensors
 
 TINY = ["--size", "32x32", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch", "4", "--grid", "4", "--quiet"]
+# The averaged generator and a spectrally normalized D: their state (G_ema, the power iterations' vectors) must resume.
+EMA_SN = ["--ema-halflife", "2", "--spectral-norm"]
+VARIANTS = {"plain": [], "ema-sn": EMA_SN}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,17 @@ def uninterrupted(folder, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_ema_sn(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full-ema-sn")
+    assert run(folder, out, "--epochs", "3", *EMA_SN) == 0
+    return out
+
+
+def reference_run(request, variant):
+    return request.getfixturevalue("uninterrupted" if variant == "plain" else "uninterrupted_ema_sn")
+
+
 def test_two_epoch_run_leaves_grid_curve_log_checkpoint(folder, tmp_path):
     hook_calls = []
 
@@ -67,18 +82,46 @@ def test_two_epoch_run_leaves_grid_curve_log_checkpoint(folder, tmp_path):
     assert {"rng", "fixed_noise", "opt_g.0.exp_avg", "opt_d.0.step", "G.net.0.weight"} <= set(tensors)
 
 
-def test_resume_equals_uninterrupted(folder, tmp_path, uninterrupted):
-    assert run(folder, tmp_path, "--epochs", "2") == 0
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_equals_uninterrupted(folder, tmp_path, request, variant):
+    uninterrupted = reference_run(request, variant)
+    assert run(folder, tmp_path, "--epochs", "2", *VARIANTS[variant]) == 0
     assert train_gan.main(["--resume", str(tmp_path / "checkpoint.safetensors"), "--epochs", "3", "--quiet"]) == 0
     assert log_lines(tmp_path) == log_lines(uninterrupted)  # every loss, D output and lr, bit for bit
     ours, _ = load_safetensors(tmp_path / "checkpoint.safetensors")
     theirs, _ = load_safetensors(uninterrupted / "checkpoint.safetensors")
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    for grid in ("epoch_0002.png", "epoch_0003.png"):  # drawn from G_ema in the EMA variant
+        assert (tmp_path / "samples" / grid).read_bytes() == (uninterrupted / "samples" / grid).read_bytes()
+    if variant == "ema-sn":
+        assert {"G_ema.net.0.weight", "D.net.0.parametrizations.weight.0._u"} <= ours.keys()
+        assert not torch.equal(ours["G_ema.net.0.weight"], ours["G.net.0.weight"])
+
+
+def test_ema_update_by_hand(folder):
+    """G_ema <- beta G_ema + (1 - beta) G after each generator step, beta = 0.5 ** (1 / half-life)."""
+    cfg = GANConfig(data=str(folder), size=(32, 32), ngf=4, ndf=4, nz=8, batch=4, ema_halflife=3.0)
+    trainer = GANTrainer(cfg)
+    real = torch.rand(4, 3, 32, 32) * 2 - 1
+    averages = [p.clone() for p in trainer.G_ema.parameters()]  # the initial G
+    beta = 0.5 ** (1 / 3.0)
+    for _ in range(5):
+        trainer.step(real)
+        averages = [beta * a + (1 - beta) * p for a, p in zip(averages, trainer.G.parameters())]
+        for ours, expected in zip(trainer.G_ema.parameters(), averages):
+            torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(trainer.G_ema.net[1].running_mean, trainer.G.net[1].running_mean)  # buffers copied
+    with torch.no_grad():
+        z = torch.randn(4, 8)
+        assert torch.equal(trainer.generate(z), trainer.G_ema(z))  # the grids come from the average
+    assert GANTrainer(GANConfig(data=str(folder))).G_ema is None  # off by default
 
 
 # Iteration 5 is in the middle of epoch 2; iteration 3 is the last of epoch 1, before its grid and checkpoint.
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("at, position", [(5, ("5", "1", "2")), (3, ("3", "0", "3"))])
-def test_ctrl_c_saves_then_resumes_exactly(folder, tmp_path, uninterrupted, monkeypatch, at, position):
+def test_ctrl_c_saves_then_resumes_exactly(folder, tmp_path, request, monkeypatch, at, position, variant):
+    uninterrupted = reference_run(request, variant)
     calls = {"n": 0}
     real_loss = gan.bce_d_loss
 
@@ -89,7 +132,7 @@ def test_ctrl_c_saves_then_resumes_exactly(folder, tmp_path, uninterrupted, monk
         return real_loss(*args)
 
     monkeypatch.setattr(gan, "bce_d_loss", interrupting_loss)
-    assert run(folder, tmp_path, "--epochs", "3") == 130
+    assert run(folder, tmp_path, "--epochs", "3", *VARIANTS[variant]) == 130
     _, meta = read_header(tmp_path / "checkpoint.safetensors")
     assert (meta["iteration"], meta["epoch"], meta["batch_index"]) == position  # epoch counts from 0 here
     monkeypatch.setattr(gan, "bce_d_loss", real_loss)
@@ -132,6 +175,14 @@ def test_sample_writes_pngs(tmp_path, uninterrupted):
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
     with Image.open(files[0]) as img:
         assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_sample_uses_the_ema_generator(uninterrupted_ema_sn):
+    ckpt = uninterrupted_ema_sn / "checkpoint.safetensors"
+    tensors, _ = load_safetensors(ckpt)
+    G, cfg = load_generator(ckpt)
+    assert cfg.ema_halflife == 2 and cfg.spectral_norm and cfg.d_norm == "none"  # auto: no feature norm with SN
+    assert all(torch.equal(v, tensors[f"G_ema.{k}"]) for k, v in G.state_dict().items())
 
 
 def test_presets_reproduce_the_seeds():
