@@ -79,7 +79,21 @@ DIFFUSERS_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "v
                    "text_encoder": "text_encoder/model.safetensors", "text_encoder_2": "text_encoder_2/model.safetensors"}
 
 
-class DiffusersFolder:
+class TensorsByName:
+    """`keys`, `shape` and `dtype` of a reader whose `header` maps each name to a tensor (real, or meta for shapes)."""
+    header: dict[str, torch.Tensor]
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.header[key].dtype
+
+
+class DiffusersFolder(TensorsByName):
     """An SDXL diffusers folder read as if it were a single file: single-file names, tensors converted on read.
 
     Each single-file tensor comes from a group of the folder's tensors through `minigen.sdxl.convert` (a rename; the
@@ -118,15 +132,6 @@ class DiffusersFolder:
             groups.setdefault(re.sub(r"\.[qkv]_proj\.", ".qkv_proj.", k), []).append(k)
         return list(groups.values())
 
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.header[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.header[key].dtype
-
     def get(self, key: str) -> torch.Tensor:
         convert_fn, f, group, _ = self.sources[key]
         if self._last[0] != key:
@@ -144,7 +149,7 @@ class DiffusersFolder:
             f.close()
 
 
-class LoadedCheckpoint:
+class LoadedCheckpoint(TensorsByName):
     """A pickled checkpoint (.ckpt, .pt, ...) behind TensorFile's interface. A pickle cannot be read tensor by tensor:
     it is loaded whole by `io.load_weights` (weights_only=True), so it takes its size in memory."""
 
@@ -156,15 +161,6 @@ class LoadedCheckpoint:
                 raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {tensor.dtype}, which safetensors "
                                       f"cannot hold")
             check_finite(tensor, self.path, key)
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.header[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.header[key].dtype
 
     def get(self, key: str) -> torch.Tensor:
         return self.header[key]
