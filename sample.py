@@ -23,11 +23,10 @@ import torch
 
 from minigen import cli
 from minigen.atomic import check_can_create
-from minigen.io import FLOAT_DTYPES
-from minigen.sdxl.lora_files import parse_lora_spec
 from minigen.memory_plan import check_fits, model_configs, plan_sampling
 from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler
+from minigen.sdxl.lora_files import parse_lora_spec
 from minigen.sdxl.model import RANDOM
 from minigen.sdxl.pipeline import SDXLPipeline, check_settings, image_path, load_init_image, save_images
 
@@ -177,7 +176,7 @@ def settings_of(args: argparse.Namespace, sampler: str, karras: bool, seed: int,
             "strength": (args.strength or DEFAULT_STRENGTH) if args.init_image else None,
             "original_size": args.original_size, "crop_top_left": args.crop_top_left,
             "target_size": args.target_size,
-            "dtype": {v: k for k, v in FLOAT_DTYPES.items()}[cli.chosen_dtype(args)]}
+            "dtype": cli.chosen_dtype_name(args)}
 
 
 @cli.entry("sample.py")

@@ -143,8 +143,13 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's choice; on a busy machine fewer is often faster)")
 
 
+def chosen_dtype_name(args: argparse.Namespace) -> str:
+    """--dtype, or its default for the device: fp32 on the CPU, bf16 on a GPU."""
+    return args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+
+
 def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
-    return FLOAT_DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+    return FLOAT_DTYPES[chosen_dtype_name(args)]
 
 
 def apply_threads(threads: int | None) -> None:
