@@ -96,7 +96,7 @@ fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fak
 bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_fid.py $(BENCH_ARGS)
 
-# ---- SDXL models (minigen/sdxl/) ----
+# ---- SDXL models (minigen/sd/) ----
 .PHONY: test-sdxl bench-unet bench-gpu
 test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py

@@ -16,11 +16,11 @@ import sys
 
 from minigen import cli
 from minigen.lora_extract import extract_lora, merge_loras
-from minigen.sdxl.lora_files import parse_lora_spec
+from minigen.sd.lora_files import parse_lora_spec
 from minigen.checkpoint_files import OUTPUT_FORMATS
 from minigen.io import FLOAT_DTYPES
 from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints
-from minigen.sdxl.configs import PRESETS
+from minigen.sd.configs import PRESETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,9 +26,9 @@ from minigen.atomic import check_can_create
 from minigen.memory_plan import check_fits, model_configs, plan_sampling
 from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler
-from minigen.sdxl.lora_files import parse_lora_spec
-from minigen.sdxl.model import RANDOM
-from minigen.sdxl.pipeline import SDXLPipeline, check_settings, image_path, load_init_image, save_images
+from minigen.sd.lora_files import parse_lora_spec
+from minigen.sd.model import RANDOM
+from minigen.sd.pipeline import SDXLPipeline, check_settings, image_path, load_init_image, save_images
 
 # The flags a PNG keeps (minigen/png_info.py): every one that changes the pixels. Not --allow-pickle: a picture must
 # not grant permission to unpickle. Not --device: a redraw may run elsewhere (bitwise equal on the same device).

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from minigen.lora import add_lora, lora_parameters
-from minigen.sdxl.configs import get_config
-from minigen.sdxl.unet import UNet2DConditionModel
+from minigen.sd.configs import get_config
+from minigen.sd.unet import UNet2DConditionModel
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' example; minigen's "attention" preset is the same set
 

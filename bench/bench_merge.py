@@ -32,12 +32,12 @@ VAE_PREFIX = "first_stage_model."
 
 def sdxl_shapes() -> dict[str, tuple[int, ...]]:
     """Every tensor of `sd_xl_base_1.0.safetensors`, by its single-file name: minigen's SDXL models built on the meta
-    device (no memory), their diffusers names mapped by `minigen.sdxl.convert`."""
-    from minigen.sdxl import get_config
-    from minigen.sdxl.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from minigen.sdxl.convert import to_single_file
-    from minigen.sdxl.unet import UNet2DConditionModel
-    from minigen.sdxl.vae import AutoencoderKL
+    device (no memory), their diffusers names mapped by `minigen.sd.convert`."""
+    from minigen.sd import get_config
+    from minigen.sd.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from minigen.sd.convert import to_single_file
+    from minigen.sd.unet import UNet2DConditionModel
+    from minigen.sd.vae import AutoencoderKL
 
     with torch.device("meta"):
         models = [UNet2DConditionModel(get_config(part="unet")), AutoencoderKL(get_config(part="vae")),

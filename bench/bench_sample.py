@@ -123,7 +123,7 @@ def tiny_pipelines():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from sdxl_tiny import tiny_folder, tiny_pipeline
 
-    from minigen.sdxl.pipeline import SDXLPipeline
+    from minigen.sd.pipeline import SDXLPipeline
 
     return tiny_pipeline(), SDXLPipeline.from_pretrained(tiny_folder())
 
@@ -133,10 +133,10 @@ def full_pipelines(device):
     import diffusers
     import transformers
 
-    from minigen.sdxl.configs import get_config
-    from minigen.sdxl.model import SDXL, build_model
-    from minigen.sdxl.pipeline import SDXLPipeline
-    from minigen.sdxl.tokenizer import sdxl_tokenizers
+    from minigen.sd.configs import get_config
+    from minigen.sd.model import SDXL, build_model
+    from minigen.sd.pipeline import SDXLPipeline
+    from minigen.sd.tokenizer import sdxl_tokenizers
 
     configs, plain = get_config("sdxl-base"), lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
     # The VAE in bf16 too: diffusers hands a bf16 UNet's latents to the VAE as they are (an fp32 VAE fails there).

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers  # noqa: E402
 
-from minigen.sdxl.configs import get_config  # noqa: E402
-from minigen.sdxl.unet import UNet2DConditionModel  # noqa: E402
+from minigen.sd.configs import get_config  # noqa: E402
+from minigen.sd.unet import UNet2DConditionModel  # noqa: E402
 
 # A medium UNet that keeps SDXL's shape (head dim 64, attention at the two lower levels, depth 2, 2048-wide text,
 # 2816-wide added conditioning) and runs on a shared 2-core CPU in minutes.

@@ -24,10 +24,10 @@ import torch
 from .atomic import AtomicWriter, replace_folder, temp_folder_beside
 from .io import (DTYPE_NAMES, PICKLE_SUFFIXES, SAFETENSORS_DTYPES, CheckpointError, SafetensorsWriter, check_finite,
                  load_weights, read_header)
-from .sdxl import convert
-from .sdxl.configs import get_config
-from .sdxl.model import PARTS, check_weights, read_diffusers_configs, save_diffusers_files
-from .sdxl.tokenizer import CLIPTokenizer, sdxl_tokenizers
+from .sd import convert
+from .sd.configs import get_config
+from .sd.model import PARTS, check_weights, read_diffusers_configs, save_diffusers_files
+from .sd.tokenizer import CLIPTokenizer, sdxl_tokenizers
 
 
 class TensorFile:
@@ -96,7 +96,7 @@ class TensorsByName:
 class DiffusersFolder(TensorsByName):
     """An SDXL diffusers folder read as if it were a single file: single-file names, tensors converted on read.
 
-    Each single-file tensor comes from a group of the folder's tensors through `minigen.sdxl.convert` (a rename; the
+    Each single-file tensor comes from a group of the folder's tensors through `minigen.sd.convert` (a rename; the
     VAE attention's reshape; bigG's q, k, v fused and its projection transposed). Names and shapes are found by
     converting meta tensors. Renamed and reshaped tensors keep their bytes, so chunks are read straight from the file;
     the few converted ones are built whole (the last one is kept for the next chunk).

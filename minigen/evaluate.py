@@ -48,10 +48,10 @@ from .images import list_images, open_rgb
 from .atomic import atomic_write, check_can_create
 from .io import read_header
 from .lora import remove_lora
-from .sdxl.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
+from .sd.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
 from .plot import make_grid, plot_curves, save_png, with_row_labels
-from .sdxl.convert import unet_name_map
-from .sdxl.pipeline import SDXLPipeline, check_settings
+from .sd.convert import unet_name_map
+from .sd.pipeline import SDXLPipeline, check_settings
 
 FID_DIMS = 2048  # the pool3 features every published FID uses; 64/192/768 are pytorch-fid's --dims options
 KID_SUBSET = 1000  # torch-fidelity's default subset size

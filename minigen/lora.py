@@ -9,7 +9,7 @@ Merged, the layer's weight is `W + multiplier * scale * up @ down`.
 - `merge_lora` folds the adapters into the base weights (fast inference); `unmerge_lora` restores the exact original
   weights, which are kept aside on merge (recomputing W from a sum of rounded deltas would not be exact).
 - `remove_lora` puts the plain layers back. `lora_parameters` / `lora_weights` give only the adapters' tensors.
-File formats (kohya, diffusers/peft) live in `sdxl/lora_files.py`: their names are the model's.
+File formats (kohya, diffusers/peft) live in `sd/lora_files.py`: their names are the model's.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class LoRATrainConfig:
     out: str = "runs/lora"
     save_every_epochs: int = 1
     save_every_steps: int = 0  # 0: only at epoch ends
-    format: str = "kohya"  # kohya (every program loads it) or diffusers (diffusers and peft only: sdxl/lora_files.py)
+    format: str = "kohya"  # kohya (every program loads it) or diffusers (diffusers and peft only: sd/lora_files.py)
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 20
     validation_size: str = ""  # HxW; empty: the resolution

@@ -24,8 +24,8 @@ from .captions import CaptionedImage, captioned_images, dreambooth_images
 from .datasets import resolve_dataset
 from .images import open_rgb, parse_size
 from .io import load_safetensors, save_safetensors
-from .sdxl.model import SDXL
-from .sdxl.pipeline import encode_prompt, time_ids
+from .sd.model import SDXL
+from .sd.pipeline import encode_prompt, time_ids
 from .training import epoch_seed
 
 TEXT_BATCH = 16  # captions through the text encoders at once while caching

@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from .io import CheckpointError, save_safetensors
-from .sdxl.lora_files import KOHYA_MODEL_VERSIONS, LoRAFileError, kohya_layer, kohya_metadata, read_lora
+from .sd.lora_files import KOHYA_MODEL_VERSIONS, LoRAFileError, kohya_layer, kohya_metadata, read_lora
 from .checkpoint_files import check_output, open_checkpoint
 from .merging import check_same_model
-from .sdxl.convert import detect_model, lora_targets
+from .sd.convert import detect_model, lora_targets
 
 
 def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,10 +37,10 @@ from .lora import add_lora, lora_weights
 from .lora_config import MIXED_PRECISION, LoRATrainConfig
 from .lora_data import TrainingSet, check_sizes, load_examples
 from .plot import plot_curves, save_grid, save_png, with_row_labels
-from .sdxl.convert import unet_name_map
-from .sdxl.lora_files import kohya_metadata, save_lora
-from .sdxl.model import SDXL, load_sdxl
-from .sdxl.pipeline import SDXLPipeline
+from .sd.convert import unet_name_map
+from .sd.lora_files import kohya_metadata, save_lora
+from .sd.model import SDXL, load_sdxl
+from .sd.pipeline import SDXLPipeline
 from .training import (TrainingDiverged, check_finite_before_saving, optimizer_from_tensors,
                        optimizer_to_tensors)
 

@@ -133,8 +133,8 @@ def check_fits(plan: MemoryPlan, device: torch.device, force: bool = False) -> N
 def model_configs(spec: str) -> dict[str, dict]:
     """The configs of `--sdxl` without reading a weight: random:<preset>, a diffusers folder's own, or SDXL base's
     for a single file."""
-    from .sdxl.configs import get_config
-    from .sdxl.model import read_diffusers_configs
+    from .sd.configs import get_config
+    from .sd.model import read_diffusers_configs
 
     if spec.startswith("random:"):
         try:
@@ -207,7 +207,7 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
 
 def _frozen_models(configs: dict[str, dict], dtype: torch.dtype, tracker) -> dict[str, torch.nn.Module]:
     """The four SDXL parts, frozen, in `dtype` (the VAE in fp32, as load_sdxl keeps it), counted as weights."""
-    from .sdxl.model import PARTS as MODEL_PARTS, build_model
+    from .sd.model import PARTS as MODEL_PARTS, build_model
 
     tracker.part = "weights"
     models = {}

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from .checkpoint_files import TensorFile, check_output, open_checkpoint, open_output, sha256_file
 from .io import FLOAT_DTYPES, CheckpointError
-from .sdxl.lora_files import LoRAFileError, read_lora
-from .sdxl.convert import MODEL_NAMES, UNET_PREFIX, VAE_PREFIX, detect_model, lora_targets
+from .sd.lora_files import LoRAFileError, read_lora
+from .sd.convert import MODEL_NAMES, UNET_PREFIX, VAE_PREFIX, detect_model, lora_targets
 
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
 UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")  # the groups --block-alphas weights
@@ -349,7 +349,7 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
                allow_pickle: bool = False) -> MergeReport:
     """Write `checkpoint` with LoRAs folded in: W + sum of ratio * alpha / rank * up @ down, tensor by tensor.
 
-    loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.sdxl.lora_files`).
+    loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.sd.lora_files`).
     output_format, configs, allow_pickle: as for `merge_checkpoints`.
     """
     loras = [(Path(p), float(r)) for p, r in loras]

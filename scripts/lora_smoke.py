@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from minigen.sdxl.lora_files import load_lora
+from minigen.sd.lora_files import load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
-from minigen.sdxl.model import random_sdxl
+from minigen.sd.model import random_sdxl
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lora-smoke")
 

@@ -3,7 +3,7 @@ single file. Import it from your tests (it is a plain module, not a conftest):
 
     from sdxl_tiny import tiny_pipeline, tiny_folder, tiny_single_file
 
-The models keep SDXL's structure at toy widths (`minigen.sdxl.configs.TINY`); tokenizers use CLIP's real vocabulary.
+The models keep SDXL's structure at toy widths (`minigen.sd.configs.TINY`); tokenizers use CLIP's real vocabulary.
 Everything is built once per test session and cached; the files live in a temporary folder removed at exit.
 Treat what you get as read-only (copy before changing).
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from minigen.sdxl.configs import get_config
-from minigen.sdxl.tokenizer import sdxl_tokenizers
+from minigen.sd.configs import get_config
+from minigen.sd.tokenizer import sdxl_tokenizers
 
 
 def _plain(config: dict) -> dict:
@@ -73,7 +73,7 @@ def tiny_folder() -> Path:
 def tiny_single_file() -> Path:
     """`tiny_pipeline()` as one `sd_xl_base_1.0.safetensors`-layout file, written by minigen (fp32).
     Load it with `load_sdxl(path, configs="tiny")`, or diffusers' `from_single_file(path, config=tiny_folder())`."""
-    from minigen.sdxl.model import load_sdxl
+    from minigen.sd.model import load_sdxl
 
     path = _workdir() / "tiny-sdxl.safetensors"
     load_sdxl(tiny_folder()).save_single_file(path)

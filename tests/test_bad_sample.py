@@ -19,9 +19,9 @@ from corpus import snapshot, temp_files
 import sample as sample_cli
 from minigen.io import load_safetensors, save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.sdxl.lora_files import save_lora
-from minigen.sdxl.model import random_sdxl
-from minigen.sdxl.convert import unet_name_map
+from minigen.sd.lora_files import save_lora
+from minigen.sd.model import random_sdxl
+from minigen.sd.convert import unet_name_map
 
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes)
 

@@ -23,9 +23,9 @@ from minigen import features, metrics
 from minigen.evaluate import Settings, candidates, epoch_of, evaluate, read_prompts
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.sdxl.lora_files import LoRAFileError, save_lora
-from minigen.sdxl.convert import unet_name_map
-from minigen.sdxl.pipeline import SDXLPipeline
+from minigen.sd.lora_files import LoRAFileError, save_lora
+from minigen.sd.convert import unet_name_map
+from minigen.sd.pipeline import SDXLPipeline
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk, oil painting"]
 SIZE, STEPS, CFG = 32, 2, 3.0  # guidance on, so the negative/positive batching is exercised

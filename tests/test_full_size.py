@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from minigen.lora import add_lora
-from minigen.sdxl.configs import get_config
-from minigen.sdxl.unet import UNet2DConditionModel
+from minigen.sd.configs import get_config
+from minigen.sd.unet import UNet2DConditionModel
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora_sdxl.py
 RANK = 4
@@ -105,9 +105,9 @@ def both_pipelines():
     import diffusers
     import transformers
 
-    from minigen.sdxl.model import SDXL, build_model
-    from minigen.sdxl.pipeline import SDXLPipeline
-    from minigen.sdxl.tokenizer import sdxl_tokenizers
+    from minigen.sd.model import SDXL, build_model
+    from minigen.sd.pipeline import SDXLPipeline
+    from minigen.sd.tokenizer import sdxl_tokenizers
 
     configs = get_config("sdxl-base")
     plain = {part: {k: v for k, v in configs[part].items() if not k.startswith("_")} for part in configs}

@@ -9,9 +9,9 @@ from torch import nn
 
 from minigen.lora import (LoRALayer, add_lora, lora_names, lora_parameters, lora_weights, merge_lora, remove_lora,
                           set_multiplier, unmerge_lora)
-from minigen.sdxl.lora_files import LoRAFileError, kohya_metadata, load_lora, parse_lora_spec, read_lora, save_lora
+from minigen.sd.lora_files import LoRAFileError, kohya_metadata, load_lora, parse_lora_spec, read_lora, save_lora
 from minigen.io import read_header
-from minigen.sdxl.convert import NameMap
+from minigen.sd.convert import NameMap
 
 
 class Block(nn.Module):
@@ -141,7 +141,7 @@ def test_no_matching_module_is_an_error():
         add_lora(toy(), [r"q_proj$"])
 
 
-# the toy's "single-file" block names, as minigen.sdxl.convert.unet_name_map gives SDXL's
+# the toy's "single-file" block names, as minigen.sd.convert.unet_name_map gives SDXL's
 TOY_NAMES = NameMap({"transformer_blocks.0": "input_blocks.1.1", "transformer_blocks.1": "input_blocks.2.1"}, "toy")
 
 
@@ -226,9 +226,9 @@ def test_older_diffusers_form_and_missing_alpha(tmp_path):
 def test_full_size_sdxl_targets_and_kohya_names():
     """On the meta device (no memory): the presets find SDXL's 140 each of to_q/to_k/to_v/to_out.0, and the kohya
     names are the single-file ones A1111 and ComfyUI expect."""
-    from minigen.sdxl.lora_files import kohya_state_dict
-    from minigen.sdxl import get_config, unet_name_map
-    from minigen.sdxl.unet import UNet2DConditionModel
+    from minigen.sd.lora_files import kohya_state_dict
+    from minigen.sd import get_config, unet_name_map
+    from minigen.sd.unet import UNet2DConditionModel
     config = get_config("sdxl-base", "unet")
     with torch.device("meta"):
         unet = UNet2DConditionModel(config)

@@ -14,11 +14,11 @@ import torch
 
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.sdxl.lora_files import kohya_metadata, load_lora, save_lora
-from minigen.sdxl import get_config, unet_name_map
-from minigen.sdxl.clip import CLIPTextConfig as OurCLIPConfig, CLIPTextModel as OurCLIP
-from minigen.sdxl.clip import CLIPTextModelWithProjection as OurCLIPWithProjection
-from minigen.sdxl.unet import UNet2DConditionModel as OurUNet
+from minigen.sd.lora_files import kohya_metadata, load_lora, save_lora
+from minigen.sd import get_config, unet_name_map
+from minigen.sd.clip import CLIPTextConfig as OurCLIPConfig, CLIPTextModel as OurCLIP
+from minigen.sd.clip import CLIPTextModelWithProjection as OurCLIPWithProjection
+from minigen.sd.unet import UNet2DConditionModel as OurUNet
 
 # the oracles (installed by `make test`), imported after conftest's torchvision shim
 import transformers  # noqa: E402

@@ -1,6 +1,6 @@
 """LoRA training: captions, buckets and crop conditioning, a tiny run that learns, exact resume, and bad input.
 
-Runs use a random tiny SDXL (`minigen.sdxl.configs.TINY`, VAE scale 2) on 16x16 images with 16 px bucket steps, so
+Runs use a random tiny SDXL (`minigen.sd.configs.TINY`, VAE scale 2) on 16x16 images with 16 px bucket steps, so
 each step is a few milliseconds of model time; the real settings differ only in sizes.
 """
 
@@ -15,12 +15,12 @@ from PIL import Image
 from minigen.buckets import make_buckets, nearest_bucket, prepare_image
 from minigen.captions import captioned_images, dreambooth_images, read_caption
 from minigen.io import CheckpointError
-from minigen.sdxl.lora_files import LoRAFileError, load_lora
+from minigen.sd.lora_files import LoRAFileError, load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
 from minigen.training import TrainingDiverged
-from minigen.sdxl.configs import get_config
-from minigen.sdxl.model import build_model, random_sdxl
+from minigen.sd.configs import get_config
+from minigen.sd.model import build_model, random_sdxl
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py

@@ -22,7 +22,7 @@ import torch
 import train_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.memory_plan import GB, check_fits, plan_lora_step, plan_sampling
-from minigen.sdxl.configs import get_config
+from minigen.sd.configs import get_config
 
 MEASURE = textwrap.dedent("""
     import json, sys, torch

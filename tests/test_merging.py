@@ -321,7 +321,7 @@ def test_baked_loras_equal_runtime_loras(tmp_path):
 
 
 def test_bake_refuses_a_lora_for_another_model(tmp_path):
-    from minigen.sdxl.lora_files import LoRAFileError
+    from minigen.sd.lora_files import LoRAFileError
     from minigen.merging import bake_loras
 
     save_safetensors({LORA_Q: torch.zeros(8, 8)}, tmp_path / "base.safetensors")
@@ -390,7 +390,7 @@ def test_low_rank_clamps_at_the_quantile():
 
 
 def test_merge_loras_refactorises_their_sum(tmp_path):
-    from minigen.sdxl.lora_files import read_lora
+    from minigen.sd.lora_files import read_lora
 
     name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
     l1 = kohya_lora(tmp_path / "l1.safetensors", 1, {name: (8, 8)}, 1.0)
@@ -414,9 +414,9 @@ def tiny_sdxl(tmp_path_factory):
     """Two tiny random SDXL models (minigen's, seeds 0 and 1, fp16) as single files a and b, and b as a diffusers
     folder holding weights and configs (no tokenizers, no scheduler: a reader must manage without). Read-only."""
     tmp_path = tmp_path_factory.mktemp("tiny-sdxl")
-    from minigen.sdxl import get_config
-    from minigen.sdxl.convert import to_single_file
-    from minigen.sdxl.model import PARTS, build_model
+    from minigen.sd import get_config
+    from minigen.sd.convert import to_single_file
+    from minigen.sd.model import PARTS, build_model
 
     config = get_config("tiny")
     states = []
@@ -482,8 +482,8 @@ def test_merge_to_diffusers_folder_equals_the_single_file_merge(tiny_sdxl, tmp_p
     import diffusers
 
     from minigen.io import read_header
-    from minigen.sdxl import load_sdxl
-    from minigen.sdxl.convert import normalize_clip_keys
+    from minigen.sd import load_sdxl
+    from minigen.sd.convert import normalize_clip_keys
 
     (pa, pb), _ = tiny_sdxl
     recipe = MergeRecipe(alpha=0.3, vae="merge", dtype="fp16")  # VAE merged: its attention's reshape is exercised
@@ -515,7 +515,7 @@ def test_merge_to_diffusers_folder_equals_the_single_file_merge(tiny_sdxl, tmp_p
 
 
 def test_folder_output_from_a_folder_keeps_its_configs_and_tokenizers(tiny_sdxl, tmp_path):
-    from minigen.sdxl.tokenizer import sdxl_tokenizers
+    from minigen.sd.tokenizer import sdxl_tokenizers
 
     (pa, _), shared = tiny_sdxl
     folder = tmp_path / "a_diffusers"

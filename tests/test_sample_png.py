@@ -19,13 +19,13 @@ import sample as sample_cli
 from minigen.diffusion import SAMPLERS
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.sdxl.lora_files import save_lora
+from minigen.sd.lora_files import save_lora
 from minigen.png_info import a1111_name, file_hashes, infotext, lora_hash, parse_infotext, settings_from_infotext
 from minigen.sampler_names import a1111_names, resolve_sampler
-from minigen.sdxl.configs import get_config
-from minigen.sdxl.convert import unet_name_map
-from minigen.sdxl.model import build_model, random_sdxl
-from minigen.sdxl.pipeline import SDXLPipeline, load_init_image
+from minigen.sd.configs import get_config
+from minigen.sd.convert import unet_name_map
+from minigen.sd.model import build_model, random_sdxl
+from minigen.sd.pipeline import SDXLPipeline, load_init_image
 
 BASE = ["--model", "random:tiny", "--prompt", "a red cube", "--steps", "2", "--height", "64", "--width", "64",
         "--device", "cpu"]

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from close import assert_close_to_scale
-from minigen.sdxl.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, normalize_clip_keys)
+from minigen.sd.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, normalize_clip_keys)
 
 BOS, EOS = 49406, 49407
 

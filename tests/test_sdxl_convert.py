@@ -11,8 +11,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from minigen.sdxl import convert, get_config
-from minigen.sdxl.clip import normalize_clip_keys
+from minigen.sd import convert, get_config
+from minigen.sd.clip import normalize_clip_keys
 
 SIZES = ["sdxl-base", "tiny"]
 

@@ -14,8 +14,8 @@ import diffusers
 from safetensors.torch import save_file
 
 from minigen.io import CheckpointError, load_weights
-from minigen.sdxl import convert
-from minigen.sdxl.model import PARTS, load_sdxl
+from minigen.sd import convert
+from minigen.sd.model import PARTS, load_sdxl
 from sdxl_tiny import tiny_folder, tiny_pipeline, tiny_single_file
 
 

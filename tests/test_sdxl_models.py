@@ -10,9 +10,9 @@ import torch
 import diffusers
 
 from close import assert_close_to_scale
-from minigen.sdxl import get_config
-from minigen.sdxl.unet import UNet2DConditionModel
-from minigen.sdxl.vae import AutoencoderKL
+from minigen.sd import get_config
+from minigen.sd.unet import UNet2DConditionModel
+from minigen.sd.vae import AutoencoderKL
 
 
 def _plain(config):

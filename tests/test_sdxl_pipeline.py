@@ -19,10 +19,10 @@ from close import assert_close_to_scale
 import sample as sample_cli
 from minigen.io import CheckpointError, save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.sdxl.lora_files import save_lora
-from minigen.sdxl.convert import unet_name_map
-from minigen.sdxl.model import load_sdxl
-from minigen.sdxl.pipeline import SDXLPipeline, check_settings, encode_prompt, load_init_image, time_ids
+from minigen.sd.lora_files import save_lora
+from minigen.sd.convert import unet_name_map
+from minigen.sd.model import load_sdxl
+from minigen.sd.pipeline import SDXLPipeline, check_settings, encode_prompt, load_init_image, time_ids
 
 # fp32 on both sides; the models differ only in operation order (SDPA vs diffusers' attention processors, fused vs
 # separate ops), ~1e-6 per forward. Images are in [0, 1]; a few steps compound this to ~1e-5, so 1e-4 is tight

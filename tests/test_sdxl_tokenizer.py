@@ -5,7 +5,7 @@ import random
 import pytest
 import transformers
 
-from minigen.sdxl.tokenizer import (BUNDLED_VOCAB, EOS, CLIPTokenizer, clean_text, sdxl_tokenizers, split_words)
+from minigen.sd.tokenizer import (BUNDLED_VOCAB, EOS, CLIPTokenizer, clean_text, sdxl_tokenizers, split_words)
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",

@@ -1,4 +1,4 @@
-"""Stable Diffusion XL: UNet, VAE, text encoders, tokenizer, the key maps between checkpoint formats, and a loader.
+"""Stable Diffusion models (SDXL today; SD 1.x and 2.x join it): UNet, VAE, text encoders, tokenizer, the key maps between checkpoint formats, LoRA files, and a loader.
 
 Module names follow diffusers, so a diffusers folder loads with no renaming; `convert` maps single-file names.
 """

@@ -6,7 +6,7 @@ diffusers/transformers names (minigen's SDXL modules share them).
 - kohya (sd-scripts; what A1111, ComfyUI, Forge and diffusers all load): `lora_unet_<SGM path, dots as _>`,
   `lora_te1_text_model_...`, `lora_te2_...`, each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`.
   The UNet part is written with single-file (SGM) block names, e.g. `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
-  made with `minigen.sdxl.convert`'s UNet name map; reading accepts SGM or diffusers block names.
+  made with `minigen.sd.convert`'s UNet name map; reading accepts SGM or diffusers block names.
 - diffusers/peft: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.`, `text_encoder_2.`. peft stores
   no alpha: W' = W + B A, alpha == rank. minigen bakes scale = alpha/rank into lora_B when writing, so every reader
   (with or without diffusers' `lora_adapter_metadata`) gets the same weights; it reads that metadata when present.

@@ -80,7 +80,7 @@ class SDXL:
         return {part: getattr(self, part) for part in PARTS}
 
     def lora_components(self) -> dict[str, nn.Module]:
-        """The parts a LoRA file can change, by the component names of minigen.sdxl.lora_files."""
+        """The parts a LoRA file can change, by the component names of minigen.sd.lora_files."""
         return {"unet": self.unet, "te1": self.text_encoder, "te2": self.text_encoder_2}
 
     def save_diffusers(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

@@ -133,7 +133,7 @@ def load_init_image(path: str | os.PathLike, height: int | None = None, width: i
 
 
 class SDXLPipeline:
-    """Text to image with an `SDXL` model (see `minigen.sdxl.model.load_sdxl`)."""
+    """Text to image with an `SDXL` model (see `minigen.sd.model.load_sdxl`)."""
 
     def __init__(self, sdxl: SDXL, force_zeros_for_empty_prompt: bool = True):
         self.sdxl = sdxl
