@@ -20,7 +20,6 @@ from minigen.sd.lora_files import parse_lora_spec
 from minigen.checkpoint_files import OUTPUT_FORMATS
 from minigen.io import FLOAT_DTYPES
 from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints
-from minigen.sd.configs import PRESETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,9 +34,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "input; an existing diffusers folder there is replaced once the new one is complete)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS,
                    help="override the format guessed from -o (single_file for a .safetensors name, else diffusers)")
-    p.add_argument("--configs", choices=sorted(PRESETS), default="sdxl-base",
-                   help="model configs a diffusers folder written from a single-file A gets (default sdxl-base; "
-                        "a folder A gives its own)")
     p.add_argument("--method", choices=sorted(METHODS), default="weighted_sum",
                    help="weighted_sum: (1 - alpha) * A + alpha * B; add_difference: A + alpha * (B - C)")
     p.add_argument("--alpha", type=cli.number(float), default=0.5, help="weight of B (default 0.5)")
@@ -92,11 +88,11 @@ def main(argv=None) -> int:
         return 0
     if args.a and args.b and not loras:
         report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
-                                   output_format=args.output_format, configs=args.configs,
+                                   output_format=args.output_format,
                                    allow_pickle=args.allow_pickle)
     elif args.a and loras and not args.b:
         report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
-                            configs=args.configs, allow_pickle=args.allow_pickle)
+                            allow_pickle=args.allow_pickle)
     else:
         raise ValueError("give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
                          "or --lora FILE --lora FILE --rank R (merge LoRAs)")

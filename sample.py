@@ -1,4 +1,4 @@
-"""Text to image with an SDXL checkpoint: the same images diffusers' StableDiffusionXLPipeline gives for a seed.
+"""Text to image with a Stable Diffusion checkpoint (SD 1.x, 2.x, SDXL): the images diffusers gives for a seed.
 
     python sample.py --model sd_xl_base_1.0.safetensors --prompt "a photo of an astronaut riding a horse on mars" \
         --steps 30 --cfg 5 --sampler "DPM++ 2M Karras" --seed 0 --num 4 --lora style.safetensors:0.8 --out outputs/
@@ -28,7 +28,7 @@ from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler
 from minigen.sd.lora_files import parse_lora_spec
 from minigen.sd.model import RANDOM
-from minigen.sd.pipeline import SDXLPipeline, check_settings, image_path, load_init_image, save_images
+from minigen.sd.pipeline import Pipeline, check_settings, image_path, load_init_image, save_images
 
 # The flags a PNG keeps (minigen/png_info.py): every one that changes the pixels. Not --allow-pickle: a picture must
 # not grant permission to unpickle. Not --device: a redraw may run elsewhere (bitwise equal on the same device).
@@ -51,10 +51,17 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0], exit_on_error=exit_on_error)
     p.add_argument("--from-png", metavar="IMG", help="redraw IMG from the settings in it (minigen's, or A1111's "
                    "text); flags given override them (--lora replaces its LoRAs), and --num or --seed draw the whole new batch")
-    p.add_argument("--model", help="SDXL diffusers folder, single .safetensors file, or random:tiny (required "
-                   "unless --from-png)")
+    p.add_argument("--model", help="SD 1.x, 2.x or SDXL: a diffusers folder, a single .safetensors file (its "
+                   "architecture is read from the weights), or random:tiny / random:tiny-sd1 / random:tiny-sd2 "
+                   "(required unless --from-png)")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="what the model predicts, for a file that does not say (SD 2.x 768-v models: v); "
+                        "default: the file's or folder's own, else eps")
+    p.add_argument("--clip-skip", type=cli.number(int, 1), default=1,
+                   help="A1111's CLIP skip: 1 = the last text-encoder layer, 2 = the penultimate (anime SD 1.x models)")
     p.add_argument("--prompt", help="required unless --from-png")
-    p.add_argument("--negative", default=None, help="negative prompt (default: none, i.e. zero embeddings as SDXL)")
+    p.add_argument("--negative", default=None, help="negative prompt (default: none: zero embeddings for SDXL, the "
+                   "encoding of \"\" for SD 1.x/2.x, as diffusers does)")
     p.add_argument("--steps", type=cli.number(int, 1), default=30)
     p.add_argument("--cfg", type=cli.number(float, 0), default=5.0,
                    help="classifier-free guidance scale; <= 1 turns it off")
@@ -209,8 +216,9 @@ def main(argv=None) -> int:
         if args.plan:
             return 0
         check_fits(plan, torch.device(args.device), force=args.force)
-    pipe = SDXLPipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device,
-                                        allow_pickle=args.allow_pickle, vae=args.vae)
+    pipe = Pipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device,
+                                    allow_pickle=args.allow_pickle, vae=args.vae, prediction=args.prediction)
+    print(pipe.model.describe())
     for spec in settings["lora"]:
         path, _, multiplier = spec.rpartition(":")
         pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
@@ -219,7 +227,7 @@ def main(argv=None) -> int:
                   guidance_rescale=args.rescale, sampler=sampler, karras=karras, eta=args.eta,
                   height=height, width=width, num_images=args.num, init_image=init,
                   strength=settings["strength"] or 1.0, original_size=args.original_size,
-                  crop_top_left=args.crop_top_left or (0, 0), target_size=args.target_size,
+                  crop_top_left=args.crop_top_left or (0, 0), target_size=args.target_size, clip_skip=args.clip_skip,
                   generator=torch.Generator("cpu").manual_seed(settings["seed"]), progress=True)
     first = args.index or 0
     if args.index is not None:  # --from-png of one image of a batch: the batch redrawn, that image written

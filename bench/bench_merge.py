@@ -34,16 +34,12 @@ def sdxl_shapes() -> dict[str, tuple[int, ...]]:
     """Every tensor of `sd_xl_base_1.0.safetensors`, by its single-file name: minigen's SDXL models built on the meta
     device (no memory), their diffusers names mapped by `minigen.sd.convert`."""
     from minigen.sd import get_config
-    from minigen.sd.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from minigen.sd.convert import to_single_file
-    from minigen.sd.unet import UNet2DConditionModel
-    from minigen.sd.vae import AutoencoderKL
+    from minigen.sd.model import PARTS, build_model
 
+    configs = get_config("sdxl-base")
     with torch.device("meta"):
-        models = [UNet2DConditionModel(get_config(part="unet")), AutoencoderKL(get_config(part="vae")),
-                  CLIPTextModel(CLIPTextConfig.sdxl_clip_l()),
-                  CLIPTextModelWithProjection(CLIPTextConfig.sdxl_clip_bigg())]
-        state = to_single_file(*(m.state_dict() for m in models))
+        state = to_single_file({part: build_model(part, configs[part]).state_dict() for part in PARTS}, configs, "sdxl")
     return {k: tuple(v.shape) for k, v in state.items()}
 
 

@@ -6,7 +6,7 @@ the ratio minigen / diffusers (below 1: minigen is faster).
 
     python bench/bench_sample.py [--device cpu] [--steps 30] [--size 128] [--batch 1] [--repeat 10] [--threads 1]
 
-Part 2, `--pipeline`: seconds per image of the whole text-to-image pipeline, minigen's SDXLPipeline vs diffusers'
+Part 2, `--pipeline`: seconds per image of the whole text-to-image pipeline, minigen's Pipeline vs diffusers'
 StableDiffusionXLPipeline on the same weights and settings, split into the UNet's time and the time beyond it (text
 encoders, sampler, guidance, VAE decode, image conversion). By default the tiny random SDXL on CPU; with
 `--device cuda --full`, full-size SDXL (random weights) at 1024x1024, 30 Euler steps, bf16, guidance 5.
@@ -123,9 +123,9 @@ def tiny_pipelines():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from sdxl_tiny import tiny_folder, tiny_pipeline
 
-    from minigen.sd.pipeline import SDXLPipeline
+    from minigen.sd.pipeline import Pipeline
 
-    return tiny_pipeline(), SDXLPipeline.from_pretrained(tiny_folder())
+    return tiny_pipeline(), Pipeline.from_pretrained(tiny_folder())
 
 
 def full_pipelines(device):
@@ -134,9 +134,9 @@ def full_pipelines(device):
     import transformers
 
     from minigen.sd.configs import get_config
-    from minigen.sd.model import SDXL, build_model
-    from minigen.sd.pipeline import SDXLPipeline
-    from minigen.sd.tokenizer import sdxl_tokenizers
+    from minigen.sd.model import StableDiffusion, build_model
+    from minigen.sd.pipeline import Pipeline
+    from minigen.sd.tokenizer import model_tokenizers
 
     configs, plain = get_config("sdxl-base"), lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
     # The VAE in bf16 too: diffusers hands a bf16 UNet's latents to the VAE as they are (an fp32 VAE fails there).
@@ -154,7 +154,7 @@ def full_pipelines(device):
             ours[part] = build_model(part, configs[part])
         ours[part].load_state_dict(model.state_dict(), assign=True)
         ours[part] = ours[part].to(device, dtypes[part]).eval()
-    tokenizers = sdxl_tokenizers()
+    tokenizers = tuple(model_tokenizers("sdxl").values())
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "minigen-bench-tokenizers"
     tokenizers[0].save(folder / "tokenizer")
     tokenizers[1].save(folder / "tokenizer_2")
@@ -162,8 +162,8 @@ def full_pipelines(device):
         **theirs, tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
         scheduler=diffusers.EulerDiscreteScheduler.from_config(configs["scheduler"]))
-    sdxl = SDXL(**ours, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], configs=configs)
-    return reference, SDXLPipeline(sdxl)
+    sdxl = StableDiffusion("sdxl", **ours, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], configs=configs)
+    return reference, Pipeline(sdxl)
 
 
 def pipeline_bench(args):
@@ -177,7 +177,7 @@ def pipeline_bench(args):
         size, steps = 64, args.steps
     reference.set_progress_bar_config(disable=True)
     prompt, cfg = "a photo of an astronaut riding a horse on mars", 5.0
-    timers = [UNetTimer(ours.sdxl.unet, args.device), UNetTimer(reference.unet, args.device)]
+    timers = [UNetTimer(ours.model.unet, args.device), UNetTimer(reference.unet, args.device)]
     runs = [lambda: ours(prompt, steps=steps, guidance_scale=cfg, height=size, width=size,
                          generator=torch.Generator("cpu").manual_seed(0)),
             lambda: reference(prompt, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size,

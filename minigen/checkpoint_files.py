@@ -11,13 +11,12 @@ at a time, write tensor by tensor, and every output put in place only once it is
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -25,9 +24,9 @@ from .atomic import AtomicWriter, replace_folder, temp_folder_beside
 from .io import (DTYPE_NAMES, PICKLE_SUFFIXES, SAFETENSORS_DTYPES, CheckpointError, SafetensorsWriter, check_finite,
                  load_weights, read_header)
 from .sd import convert
-from .sd.configs import get_config
-from .sd.model import PARTS, check_weights, read_diffusers_configs, save_diffusers_files
-from .sd.tokenizer import CLIPTokenizer, sdxl_tokenizers
+from .sd.detect import MODEL_NAMES, detect, detect_family, family_of_configs
+from .sd.model import PARTS, WEIGHTS_NAME, check_weights, read_diffusers_configs, save_diffusers_files
+from .sd.tokenizer import CLIPTokenizer, model_tokenizers
 
 
 class TensorFile:
@@ -75,8 +74,9 @@ class TensorFile:
         self.file.close()
 
 
-DIFFUSERS_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
-                   "text_encoder": "text_encoder/model.safetensors", "text_encoder_2": "text_encoder_2/model.safetensors"}
+def diffusers_files(family: str) -> dict[str, str]:
+    """{part: weights file inside a diffusers folder} of a family's parts, in PARTS order."""
+    return {part: f"{part}/{WEIGHTS_NAME[part]}.safetensors" for part in PARTS if part in convert.FAMILY_PREFIXES[family]}
 
 
 class TensorsByName:
@@ -94,10 +94,11 @@ class TensorsByName:
 
 
 class DiffusersFolder(TensorsByName):
-    """An SDXL diffusers folder read as if it were a single file: single-file names, tensors converted on read.
+    """A diffusers folder (SD 1.x, 2.x or SDXL) read as if it were a single file: single-file names, tensors
+    converted on read.
 
     Each single-file tensor comes from a group of the folder's tensors through `minigen.sd.convert` (a rename; the
-    VAE attention's reshape; bigG's q, k, v fused and its projection transposed). Names and shapes are found by
+    VAE attention's reshape; an OpenCLIP encoder's q, k, v fused and its projection transposed). Names and shapes are found by
     converting meta tensors. Renamed and reshaped tensors keep their bytes, so chunks are read straight from the file;
     the few converted ones are built whole (the last one is kept for the next chunk).
     """
@@ -105,14 +106,16 @@ class DiffusersFolder(TensorsByName):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.metadata: dict[str, str] = {}
-        missing = [rel for rel in DIFFUSERS_FILES.values() if not (self.path / rel).is_file()]
+        try:
+            self.configs = read_diffusers_configs(self.path)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+        self.family = family_of_configs(self.configs)
+        missing = [rel for rel in diffusers_files(self.family).values() if not (self.path / rel).is_file()]
         if missing:
-            raise CheckpointError(f"{self.path}: not an SDXL diffusers folder, it lacks {missing}")
-        self.files = {part: TensorFile(self.path / rel) for part, rel in DIFFUSERS_FILES.items()}
-        configs = {part: json.loads((self.path / part / "config.json").read_text()) for part in ("unet", "vae")}
-        converters = {"unet": lambda sd: convert.unet_to_single_file(sd, configs["unet"]),
-                      "vae": lambda sd: convert.vae_to_single_file(sd, configs["vae"]),
-                      "text_encoder": convert.clip_l_to_single_file, "text_encoder_2": convert.bigg_to_single_file}
+            raise CheckpointError(f"{self.path}: not a complete diffusers folder, it lacks {missing}")
+        self.files = {part: TensorFile(self.path / rel) for part, rel in diffusers_files(self.family).items()}
+        converters = {part: to_file for part, (to_file, _) in convert.part_converters(self.family, self.configs).items()}
         self.sources: dict[str, tuple] = {}  # single-file key -> (converter, file, [its keys], renamed bytes as-is)
         self.header: dict[str, torch.Tensor] = {}  # single-file key -> meta tensor (its shape and dtype)
         self._last: tuple[str | None, torch.Tensor | None] = (None, None)  # the last tensor converted
@@ -184,11 +187,17 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
     return TensorFile(path)
 
 
+def refuse_replacing_other_folder(path: Path) -> None:
+    """A diffusers folder may replace an empty folder or an older diffusers folder, nothing else."""
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / "model_index.json").is_file())):
+        raise FileExistsError(f"{path} exists and is not a diffusers folder; refusing to replace it")
+
+
 class DiffusersFolderWriter(AtomicWriter):
-    """`SafetensorsWriter`'s interface (tensors written by single-file name, in the order of `specs`) writing an SDXL
-    diffusers folder instead: each tensor goes through `convert.to_diffusers` (renamed; bigG's fused q/k/v split in
-    three, its projection transposed; the VAE attention's 1x1 convolutions made linear) into its part's file, which
-    one `SafetensorsWriter` per part streams. Keys no diffusers model holds (`convert.IGNORED_SINGLE_FILE_KEYS`) are
+    """`SafetensorsWriter`'s interface (tensors written by single-file name, in the order of `specs`) writing a
+    diffusers folder instead: each tensor goes through `convert.to_diffusers` (renamed; an OpenCLIP encoder's fused
+    q/k/v split in three, its projection transposed; the VAE attention's 1x1 convolutions made linear) into its part's
+    file, which one `SafetensorsWriter` per part streams. Keys no diffusers model holds (`convert.ignored_key`) are
     left out.
 
     Names, shapes and the configs' agreement with them are settled from meta tensors before anything is written. The
@@ -196,29 +205,29 @@ class DiffusersFolderWriter(AtomicWriter):
     there is replaced then, and `abort()` deletes everything."""
 
     def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 metadata: dict[str, str], configs: dict[str, dict], tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]):
+                 metadata: dict[str, str], configs: dict[str, dict], tokenizers: Mapping[str, CLIPTokenizer]):
         self.path = Path(path)
         self.configs = configs
-        kind = convert.detect_model(specs)
-        if kind != "sdxl":
-            raise CheckpointError(f"a diffusers folder is written for SDXL only; this checkpoint is "
-                                  f"{convert.MODEL_NAMES[kind]}")
-        if self.path.exists() and not (self.path.is_dir() and (not any(self.path.iterdir())
-                                                               or (self.path / "model_index.json").is_file())):
-            raise FileExistsError(f"{self.path} exists and is not a diffusers folder; refusing to replace it")
-        part_specs: dict[str, dict] = {part: {} for part in PARTS}  # part -> {diffusers key: (shape, dtype)}
+        self.family = detect_family(specs)
+        if self.family not in convert.FAMILY_PREFIXES or self.family != family_of_configs(configs):
+            raise CheckpointError(f"cannot write {self.path} as a diffusers folder: the checkpoint is "
+                                  f"{MODEL_NAMES.get(self.family, self.family)}, the configs are "
+                                  f"{MODEL_NAMES[family_of_configs(configs)]}")
+        refuse_replacing_other_folder(self.path)
+        files = diffusers_files(self.family)
+        part_specs: dict[str, dict] = {part: {} for part in files}  # part -> {diffusers key: (shape, dtype)}
         for key, (shape, dtype) in specs.items():
             for part, tensors in self._to_diffusers(key, torch.empty(shape, dtype=dtype, device="meta")).items():
                 part_specs[part] |= {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
-        for part in PARTS:
+        for part in files:
             check_weights(part, configs[part], {k: torch.empty(shape, device="meta")
                                                 for k, (shape, _) in part_specs[part].items()}, str(self.path))
         metadata = {**metadata, "format": "pt"}  # transformers refuses a safetensors file whose metadata lacks it
         self.tmp = temp_folder_beside(self.path)
         self.writers: dict[str, SafetensorsWriter] = {}
         try:
-            save_diffusers_files(self.tmp, configs, tokenizers)
-            for part, rel in DIFFUSERS_FILES.items():
+            save_diffusers_files(self.tmp, configs, self.family, tokenizers)
+            for part, rel in files.items():
                 self.writers[part] = SafetensorsWriter(self.tmp / rel, part_specs[part], metadata)
         except BaseException:
             self.abort()
@@ -227,7 +236,7 @@ class DiffusersFolderWriter(AtomicWriter):
     def _to_diffusers(self, key: str, tensor: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """{part: {diffusers key: tensor}} of one single-file tensor (empty for an ignored key)."""
         try:
-            parts = convert.to_diffusers({key: tensor}, self.configs["unet"], self.configs["vae"])
+            parts = convert.to_diffusers({key: tensor}, self.configs, self.family)
         except KeyError as e:
             raise CheckpointError(f"cannot write {self.path} as a diffusers folder: {e.args[0]}") from None
         return {part: tensors for part, tensors in parts.items() if tensors}
@@ -270,26 +279,35 @@ def output_format_of(out: str | os.PathLike, output_format: str | None = None) -
     return output_format
 
 
-def open_output(out: Path, output_format: str | None, a: TensorFile | DiffusersFolder, configs: str) -> Callable:
+def open_output(out: Path, output_format: str | None, a: TensorFile | DiffusersFolder) -> Callable:
     """open(specs, metadata) -> the writer of `out`. A folder takes A's configs, scheduler and tokenizers when A is a
-    diffusers folder; a single file has none inside, so then they are the `configs` preset's and the bundled ones."""
+    diffusers folder; from a single file, the configs its tensors (or minigen's metadata) give (`detect.detect`) and
+    the bundled tokenizers."""
     if output_format_of(out, output_format) == "single_file":
         return lambda specs, metadata: SafetensorsWriter(out, specs, metadata)
-    if isinstance(a, DiffusersFolder):
-        part_configs = read_diffusers_configs(a.path)
-        tokenizers = sdxl_tokenizers(a.path if (a.path / "tokenizer").is_dir() else None)
-    else:
-        part_configs, tokenizers = get_config(configs), sdxl_tokenizers()
-    return lambda specs, metadata: DiffusersFolderWriter(out, specs, metadata, part_configs, tokenizers)
+    def open_folder(specs, metadata):  # after the output and disk checks: detection may refuse a bad A
+        refuse_replacing_other_folder(out)
+        if isinstance(a, DiffusersFolder):
+            return DiffusersFolderWriter(out, specs, metadata, a.configs, model_tokenizers(a.family, a.path))
+        try:
+            arch = detect({k: a.shape(k) for k in a.keys()}, a.metadata, str(a.path))
+        except ValueError as e:
+            raise CheckpointError(f"cannot write {out} as a diffusers folder: {e}") from None
+        return DiffusersFolderWriter(out, specs, metadata, arch.configs, model_tokenizers(arch.family))
+    return open_folder
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
     """SHA-256 of a whole file, read in 16 MB pieces (the hash A1111 and civitai show for a model). For a diffusers
-    folder, of its four weight files' bytes one after the other (in DIFFUSERS_FILES order)."""
+    folder, of its weight files' bytes one after the other (in PARTS order)."""
     path = Path(path)
     h = hashlib.sha256()
     buf = memoryview(bytearray(chunk_bytes))
-    for file in [path / rel for rel in DIFFUSERS_FILES.values()] if path.is_dir() else [path]:
+    if path.is_dir():
+        files = [path / rel for rel in diffusers_files(family_of_configs(read_diffusers_configs(path))).values()]
+    else:
+        files = [path]
+    for file in files:
         with open(file, "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 h.update(buf[:n])

@@ -5,7 +5,7 @@ same prompt and seed (how far the LoRA moves the picture).
     report = evaluate("sd_xl_base_1.0.safetensors", ["style.safetensors", "runs/lora/"], "prompts.txt", "met",
                       out="outputs/eval", num_images=2, settings=Settings(steps=30, guidance_scale=5.0))
 
-Built only from the pieces: `SDXLPipeline` generates (image i of a prompt comes from `torch.Generator("cpu")
+Built only from the pieces: `Pipeline` generates (image i of a prompt comes from `torch.Generator("cpu")
 .manual_seed(seed + i)`, so the base images equal `sample.py --seed seed+i --num 1`), `minigen.metrics` measures.
 Prompts are encoded once with the base text encoders and reused for every LoRA that leaves them alone (a LoRA with
 text-encoder layers re-encodes with its own); each batch holds several prompts.
@@ -51,7 +51,7 @@ from .lora import remove_lora
 from .sd.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
 from .plot import make_grid, plot_curves, save_png, with_row_labels
 from .sd.convert import unet_name_map
-from .sd.pipeline import SDXLPipeline, check_settings
+from .sd.pipeline import Pipeline, check_settings
 
 FID_DIMS = 2048  # the pool3 features every published FID uses; 64/192/768 are pytorch-fid's --dims options
 KID_SUBSET = 1000  # torch-fidelity's default subset size
@@ -181,12 +181,12 @@ def candidates(lora_specs: Sequence[str]) -> list[Candidate]:
     return rows
 
 
-def lora_touches_text(pipe: SDXLPipeline, lora: Path) -> bool:
+def lora_touches_text(pipe: Pipeline, lora: Path) -> bool:
     """Check that the file fits this model (a clear LoRAFileError naming it if not), before anything is generated;
     True when it has text-encoder layers (its prompts must then be encoded with its own encoders)."""
     parsed, _, _ = read_lora(lora)
-    models = {"unet": pipe.sdxl.unet, "te1": pipe.sdxl.text_encoder, "te2": pipe.sdxl.text_encoder_2}
-    resolve_lora(parsed, models, unet_name_map(pipe.sdxl.unet.config), source=str(lora))
+    models = {"unet": pipe.model.unet, "te1": pipe.model.text_encoder, "te2": pipe.model.text_encoder_2}
+    resolve_lora(parsed, models, unet_name_map(pipe.model.unet.config), source=str(lora))
     return any(component != "unet" for component in parsed)
 
 
@@ -221,13 +221,13 @@ def check_counts(reference: Path, n_reference: int, n_generated: int, dims: int)
 
 # ------------------------------------------------------------------------------------------------- generation
 
-def encode_prompts(pipe: SDXLPipeline, prompts: Sequence[str], settings: Settings) -> list[tuple]:
+def encode_prompts(pipe: Pipeline, prompts: Sequence[str], settings: Settings) -> list[tuple]:
     """Each prompt's (context, pooled) as the pipeline lays them out for one image: ([negative,] positive)."""
     guidance = settings.guidance_scale > 1
     return [pipe.conditioning(p, settings.negative_prompt, 1, guidance) for p in prompts]
 
 
-def generate_batch(pipe: SDXLPipeline, embeddings: list[tuple], seeds: Sequence[int],
+def generate_batch(pipe: Pipeline, embeddings: list[tuple], seeds: Sequence[int],
                    settings: Settings) -> torch.Tensor:
     """One image per (embedding, seed), all in one batch: (B, H, W, 3) uint8."""
     rows = embeddings[0][0].shape[0]  # 2 with guidance: negatives of all prompts first, then positives
@@ -348,7 +348,7 @@ def write_json(path: Path, report: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the job
 
-def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prompts: str | os.PathLike,
+def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts: str | os.PathLike,
              reference: str | os.PathLike, out: str | os.PathLike = "outputs/eval", *, num_images: int = 1,
              seed: int = 0, settings: Settings | None = None, batch_size: int = 4, max_prompts: int | None = None,
              grid_prompts: int = 8, inception_weights: str | os.PathLike | None = None, dims: int = FID_DIMS,
@@ -367,7 +367,7 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     rows = candidates(loras)
     out = Path(out)
     check_can_create(out / "results.json")  # out is a folder, or can be made one
-    if not isinstance(model, SDXLPipeline) and not Path(model).exists():
+    if not isinstance(model, Pipeline) and not Path(model).exists():
         raise FileNotFoundError(errno.ENOENT, "no such model (an SDXL diffusers folder or single file)", str(model))
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
@@ -376,7 +376,7 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
     if net.has_classifier and len(items) < is_splits:
         warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
                       f"got {len(items)}", stacklevel=2)
-    pipe = model if isinstance(model, SDXLPipeline) else SDXLPipeline.from_pretrained(model, dtype, device)
+    pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, dtype, device)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)
 
@@ -413,7 +413,7 @@ def evaluate(model: str | os.PathLike | SDXLPipeline, loras: Sequence[str], prom
                     features[name].append(measured[name])
                 bar.update(len(batch_items))
         if row.lora is not None:
-            for component in (pipe.sdxl.unet, pipe.sdxl.text_encoder, pipe.sdxl.text_encoder_2):
+            for component in (pipe.model.unet, pipe.model.text_encoder, pipe.model.text_encoder_2):
                 remove_lora(component, f"lora{pipe.loras}")
         if not main:  # rank 0 scores (it holds the images) and shares the report at the end
             continue

@@ -24,7 +24,7 @@ from .captions import CaptionedImage, captioned_images, dreambooth_images
 from .datasets import resolve_dataset
 from .images import open_rgb, parse_size
 from .io import load_safetensors, save_safetensors
-from .sd.model import SDXL
+from .sd.model import StableDiffusion
 from .sd.pipeline import encode_prompt, time_ids
 from .training import epoch_seed
 
@@ -59,7 +59,7 @@ def make_batches(buckets: list[tuple[int, int]], batch: int, generator: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def size_multiple(sdxl: SDXL) -> int:
+def size_multiple(sdxl: StableDiffusion) -> int:
     """Image sides this model can take are multiples of this: the VAE's downsampling times the UNet's (32 for SDXL);
     other sides fail deep in the UNet, where its skip connections no longer fit."""
     vae_levels = len(sdxl.vae.config["block_out_channels"]) - 1
@@ -67,7 +67,7 @@ def size_multiple(sdxl: SDXL) -> int:
     return 2 ** (vae_levels + unet_levels)
 
 
-def check_sizes(cfg, sdxl: SDXL) -> None:
+def check_sizes(cfg, sdxl: StableDiffusion) -> None:
     """--bucket-step and --validation-size must fit the model (see size_multiple)."""
     multiple = size_multiple(sdxl)
     if cfg.bucket_step % multiple:
@@ -81,7 +81,7 @@ def check_sizes(cfg, sdxl: SDXL) -> None:
 class TrainingSet:
     """The examples of a run in their buckets, with what can be computed once cached (see the module docstring)."""
 
-    def __init__(self, cfg, sdxl: SDXL, items: list[CaptionedImage], progress: bool = True):
+    def __init__(self, cfg, sdxl: StableDiffusion, items: list[CaptionedImage], progress: bool = True):
         self.cfg, self.sdxl, self.progress = cfg, sdxl, progress
         self.device = sdxl.unet.conv_in.weight.device
         h, w = parse_size(cfg.resolution)

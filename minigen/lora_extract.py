@@ -20,7 +20,8 @@ from .io import CheckpointError, save_safetensors
 from .sd.lora_files import KOHYA_MODEL_VERSIONS, LoRAFileError, kohya_layer, kohya_metadata, read_lora
 from .checkpoint_files import check_output, open_checkpoint
 from .merging import check_same_model
-from .sd.convert import detect_model, lora_targets
+from .sd.convert import lora_targets
+from .sd.detect import detect_family
 
 
 def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +94,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
                              f"there is no LoRA to extract")
         extracted = {"minigen.extracted_from": json.dumps({"base": Path(base).name, "tuned": Path(tuned).name})}
         save_safetensors(tensors, out, kohya_metadata(base_model=Path(base).name, rank=rank, alpha=rank,
-                                                      title=out.stem, model=detect_model(a.keys()), extra=extracted))
+                                                      title=out.stem, model=detect_family(a.keys()), extra=extracted))
         return len(tensors) // 3
     finally:
         a.close()

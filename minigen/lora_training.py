@@ -39,8 +39,8 @@ from .lora_data import TrainingSet, check_sizes, load_examples
 from .plot import plot_curves, save_grid, save_png, with_row_labels
 from .sd.convert import unet_name_map
 from .sd.lora_files import kohya_metadata, save_lora
-from .sd.model import SDXL, load_sdxl
-from .sd.pipeline import SDXLPipeline
+from .sd.model import StableDiffusion, load_model
+from .sd.pipeline import Pipeline
 from .training import (TrainingDiverged, check_finite_before_saving, optimizer_from_tensors,
                        optimizer_to_tensors)
 
@@ -65,7 +65,7 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 # -- the trainer ------------------------------------------------------------------------------------------------
 
 class LoRATrainer:
-    def __init__(self, cfg: LoRATrainConfig, sdxl: SDXL | None = None, progress: bool = True,
+    def __init__(self, cfg: LoRATrainConfig, sdxl: StableDiffusion | None = None, progress: bool = True,
                  allow_pickle: bool = False, device: str | None = None):
         """allow_pickle: accept a pickled --sdxl checkpoint (loaded with weights_only=True). device: this rank's
         (distributed.process_group's), default cfg.device."""
@@ -79,7 +79,7 @@ class LoRATrainer:
         if not (sdxl or cfg.sdxl):
             raise ValueError("--sdxl is required: a diffusers folder, an sd_xl_base_1.0.safetensors-style file, or "
                              "random:tiny")
-        self.sdxl = sdxl or load_sdxl(cfg.sdxl, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle)
+        self.sdxl = sdxl or load_model(cfg.sdxl, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle)
         check_sizes(cfg, self.sdxl)
         self.schedule = NoiseSchedule.from_config({**self.sdxl.scheduler_config,
                                                    "prediction_type": cfg.prediction_type})
@@ -261,7 +261,7 @@ class LoRATrainer:
         h, w = parse_size(cfg.validation_size or cfg.resolution)
         for model in self.models.values():
             model.eval()
-        pipe = SDXLPipeline(self.sdxl)
+        pipe = Pipeline(self.sdxl)
         _, mine = distributed.share(cfg.validation_prompts)
         drawn = [pipe(p, steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale, height=h, width=w,
                       generator=torch.Generator().manual_seed(cfg.validation_seed), output="float")[0].cpu()

@@ -206,7 +206,7 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
 
 
 def _frozen_models(configs: dict[str, dict], dtype: torch.dtype, tracker) -> dict[str, torch.nn.Module]:
-    """The four SDXL parts, frozen, in `dtype` (the VAE in fp32, as load_sdxl keeps it), counted as weights."""
+    """The four SDXL parts, frozen, in `dtype` (the VAE in fp32, as load_model keeps it), counted as weights."""
     from .sd.model import PARTS as MODEL_PARTS, build_model
 
     tracker.part = "weights"
@@ -263,7 +263,7 @@ def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor
 
 def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, width: int, num_images: int = 1,
                   guidance: bool = True) -> MemoryPlan:
-    """Peak memory of drawing `num_images` images, as SDXLPipeline does: the prompt through both text encoders, one
+    """Peak memory of drawing `num_images` images, as Pipeline does: the prompt through both text encoders, one
     denoising step of the UNet (a batch of 2 x num_images with classifier-free guidance), the fp32 VAE decode."""
     start, tracker = time.perf_counter(), LiveStorage()
     with FakeTensorMode(), tracker, torch.no_grad():

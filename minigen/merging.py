@@ -37,7 +37,8 @@ from tqdm import tqdm
 from .checkpoint_files import TensorFile, check_output, open_checkpoint, open_output, sha256_file
 from .io import FLOAT_DTYPES, CheckpointError
 from .sd.lora_files import LoRAFileError, read_lora
-from .sd.convert import MODEL_NAMES, UNET_PREFIX, VAE_PREFIX, detect_model, lora_targets
+from .sd.convert import UNET_PREFIX, VAE_PREFIX, lora_targets
+from .sd.detect import MODEL_NAMES, detect_family
 
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
 UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")  # the groups --block-alphas weights
@@ -166,7 +167,7 @@ def check_same_model(files: list[TensorFile]) -> None:
                 f"{f.path} is not a Stable Diffusion single-file checkpoint: none of its {len(f.keys())} tensors "
                 f"(e.g. {f.keys()[:2]}) is under {UNET_PREFIX}, {VAE_PREFIX} or a text encoder's "
                 f"{' / '.join(TEXT_PREFIXES)}")
-    kinds = [detect_model(f.keys()) for f in files]
+    kinds = [detect_family(f.keys()) for f in files]
     for f, kind in zip(files[1:], kinds[1:]):
         if kind != kinds[0]:
             raise CheckpointError(f"cannot merge different architectures: {files[0].path} is {MODEL_NAMES[kinds[0]]}, "
@@ -195,14 +196,14 @@ def _merge_tensor(step: _Step, method: Method, out_dtype: torch.dtype) -> torch.
 def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike,
                       recipe: MergeRecipe | None = None, c: str | os.PathLike | None = None,
                       strict: bool = False, progress: bool = True, output_format: str | None = None,
-                      configs: str = "sdxl-base", allow_pickle: bool = False) -> MergeReport:
+                      allow_pickle: bool = False) -> MergeReport:
     """Merge checkpoints A and B (and C for add difference), single files or SDXL diffusers folders, into `out`,
     streaming.
 
     The output has A's keys in A's order. Keys of A missing in another input, or of another shape there, keep A's
     tensor (a MergeWarning counts them; `strict` makes a shape mismatch an error). Returns what was done.
     output_format: "single_file" or "diffusers" (an SDXL folder); by default a folder unless `out` ends in
-    .safetensors. A folder written from a single-file A takes the configs of the `configs` preset (`get_config`).
+    .safetensors. A folder written from a single-file A takes the configs its tensors give (`detect.detect`).
     allow_pickle: read .ckpt/.pt inputs (whole, with weights_only=True).
     """
     recipe = recipe or MergeRecipe()
@@ -248,7 +249,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
             report.merged += 1
             return _merge_tensor(step, method, dtype)
 
-        report.output_bytes = _stream_out(out, open_output(out, output_format, files[0], configs), inputs,
+        report.output_bytes = _stream_out(out, open_output(out, output_format, files[0]), inputs,
                                           files[0].metadata, {"type": "minigen", **asdict(recipe)}, specs, steps,
                                           produce, progress)
         return report
@@ -345,12 +346,11 @@ def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: lis
 
 def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                out: str | os.PathLike, dtype: str | None = None, progress: bool = True,
-               output_format: str | None = None, configs: str = "sdxl-base",
-               allow_pickle: bool = False) -> MergeReport:
+               output_format: str | None = None, allow_pickle: bool = False) -> MergeReport:
     """Write `checkpoint` with LoRAs folded in: W + sum of ratio * alpha / rank * up @ down, tensor by tensor.
 
     loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.sd.lora_files`).
-    output_format, configs, allow_pickle: as for `merge_checkpoints`.
+    output_format, allow_pickle: as for `merge_checkpoints`.
     """
     loras = [(Path(p), float(r)) for p, r in loras]
     if dtype is not None and dtype not in FLOAT_DTYPES:
@@ -381,7 +381,7 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
         inputs = {"A": Path(checkpoint)} | {f"LoRA{i}": p for i, (p, _) in enumerate(loras)}
         recipe = {"type": "minigen", "method": "bake_lora", "loras": [[p.name, r] for p, r in loras], "dtype": dtype}
         out = Path(out)
-        report.output_bytes = _stream_out(out, open_output(out, output_format, base, configs), inputs,
+        report.output_bytes = _stream_out(out, open_output(out, output_format, base), inputs,
                                           base.metadata, recipe, specs, steps, produce, progress)
         return report
     finally:

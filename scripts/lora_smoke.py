@@ -13,7 +13,7 @@ import torch
 from minigen.sd.lora_files import load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
-from minigen.sd.model import random_sdxl
+from minigen.sd.model import random_model
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lora-smoke")
 
@@ -32,7 +32,7 @@ def main() -> int:
     print(f"loss on a fixed batch: {before:.4f} -> {after:.4f}")
     missing = [n for n in ("lora.safetensors", "checkpoint.safetensors", "loss.png", "log.jsonl",
                            "samples/progress.png") if not (OUT / n).is_file()]
-    fresh = random_sdxl("tiny")
+    fresh = random_model("tiny")
     x, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     context, pooled = torch.randn(1, 77, 96), torch.randn(1, 32)
     ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])

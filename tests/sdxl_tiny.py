@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from minigen.sd.configs import get_config
-from minigen.sd.tokenizer import sdxl_tokenizers
+from minigen.sd.tokenizer import model_tokenizers
 
 
 def _plain(config: dict) -> dict:
@@ -41,7 +41,7 @@ def build_tiny_pipeline(seed: int = 0):
 
     configs = get_config("tiny")
     tokenizer_dir = _workdir() / f"tokenizers-{seed}"
-    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), sdxl_tokenizers()):
+    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), tuple(model_tokenizers("sdxl").values())):
         tokenizer.save(tokenizer_dir / name)
     torch.manual_seed(seed)
     return diffusers.StableDiffusionXLPipeline(
@@ -72,9 +72,9 @@ def tiny_folder() -> Path:
 @functools.lru_cache(maxsize=None)
 def tiny_single_file() -> Path:
     """`tiny_pipeline()` as one `sd_xl_base_1.0.safetensors`-layout file, written by minigen (fp32).
-    Load it with `load_sdxl(path, configs="tiny")`, or diffusers' `from_single_file(path, config=tiny_folder())`."""
-    from minigen.sd.model import load_sdxl
+    Load it with `load_model(path)`, or diffusers' `from_single_file(path, config=tiny_folder())`."""
+    from minigen.sd.model import load_model
 
     path = _workdir() / "tiny-sdxl.safetensors"
-    load_sdxl(tiny_folder()).save_single_file(path)
+    load_model(tiny_folder()).save_single_file(path)
     return path

@@ -267,7 +267,7 @@ CASES |= {
     "lora-missing": lambda c: (c.bake(str(c.root / "nope.safetensors")), ["nope.safetensors"]),
     "lora-merge-missing": lambda c: (["--lora", str(c.l), "--lora", str(c.root / "nope.safetensors"), "--rank", "2",
                                       "-o", str(c.out)], ["nope.safetensors"]),
-    "b-a-folder": lambda c: (c.merge(c.folder()), ["folder", "not an SDXL diffusers folder"]),
+    "b-a-folder": lambda c: (c.merge(c.folder()), ["folder", "no unet/ folder"]),
     "lora-a-folder": lambda c: (c.bake(str(c.folder())), ["folder"]),
     "vae-a-folder": lambda c: (c.merge(c.b, "--vae", str(c.folder())), ["folder"]),
     "output-under-a-file": lambda c: ([str(c.a), str(c.b), "-o", str(c.l / "out.safetensors")],

@@ -20,7 +20,7 @@ import sample as sample_cli
 from minigen.io import load_safetensors, save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import save_lora
-from minigen.sd.model import random_sdxl
+from minigen.sd.model import random_model
 from minigen.sd.convert import unet_name_map
 
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes)
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 def corpus(tmp_path_factory):
     """The tiny model, a LoRA for it (safetensors and pickled), and bad files."""
     root = tmp_path_factory.mktemp("corpus")
-    sdxl = random_sdxl("tiny")
+    sdxl = random_model("tiny")
     sdxl.save_diffusers(root / "model")
     add_lora(sdxl.unet, "attention", rank=2, alpha=1.0)
     with torch.no_grad():

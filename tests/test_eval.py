@@ -25,7 +25,7 @@ from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import LoRAFileError, save_lora
 from minigen.sd.convert import unet_name_map
-from minigen.sd.pipeline import SDXLPipeline
+from minigen.sd.pipeline import Pipeline
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk, oil painting"]
 SIZE, STEPS, CFG = 32, 2, 3.0  # guidance on, so the negative/positive batching is exercised
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 def make_lora(path, seed, text=False, epoch=None):
     """A rank-2 kohya LoRA on the tiny UNet's attention (and text encoder 2's when `text`) with random weights."""
-    sdxl = SDXLPipeline.from_pretrained(tiny_folder()).sdxl
+    sdxl = Pipeline.from_pretrained(tiny_folder()).model
     add_lora(sdxl.unet, "attention", rank=2, alpha=1.0)
     if text:
         add_lora(sdxl.text_encoder_2, "text", rank=2, alpha=1.0)
@@ -126,7 +126,7 @@ def test_base_images_equal_sample_py(report, tmp_path):
 def test_lora_images_equal_the_pipeline_with_the_lora(report, files):
     """A text-encoder LoRA at 0.7: its prompts re-encoded with its encoders, its images the pipeline's own."""
     _, out = report
-    pipe = SDXLPipeline.from_pretrained(tiny_folder())
+    pipe = Pipeline.from_pretrained(tiny_folder())
     pipe.add_lora(files["text_lora"], 0.7)
     expected = pipe(PROMPTS[1], steps=STEPS, guidance_scale=CFG, sampler="euler_a", height=SIZE, width=SIZE,
                     generator=torch.Generator("cpu").manual_seed(SEED + 1))[0].numpy()
@@ -271,7 +271,7 @@ def test_small_reference_folder_warns_with_the_number_needed(files, tmp_path):
 
 
 def test_pipeline_refuses_embeddings_of_the_wrong_batch():
-    pipe = SDXLPipeline.from_pretrained(tiny_folder())
+    pipe = Pipeline.from_pretrained(tiny_folder())
     context, pooled = pipe.conditioning("a cat", None, 1, guidance=True)  # 2 rows: negative, positive
-    with pytest.raises(ValueError, match="embeddings of 2 and 2 rows do not fit 2 images with guidance"):
+    with pytest.raises(ValueError, match="embeddings of 2 rows do not fit 2 images with guidance"):
         pipe(None, num_images=2, steps=1, height=SIZE, width=SIZE, embeddings=(context, pooled))

@@ -100,14 +100,14 @@ def test_full_size_lora_step_matches_diffusers_and_peft():
 
 def both_pipelines():
     """Full-size SDXL with random weights, all in bf16, one copy of the weights shared by diffusers'
-    StableDiffusionXLPipeline and minigen's SDXLPipeline. (The VAE in bf16 too: diffusers hands a bf16 UNet's latents
+    StableDiffusionXLPipeline and minigen's Pipeline. (The VAE in bf16 too: diffusers hands a bf16 UNet's latents
     to the VAE as they are, so an fp32 VAE beside a bf16 UNet fails there; minigen casts them.)"""
     import diffusers
     import transformers
 
-    from minigen.sd.model import SDXL, build_model
-    from minigen.sd.pipeline import SDXLPipeline
-    from minigen.sd.tokenizer import sdxl_tokenizers
+    from minigen.sd.model import StableDiffusion, build_model
+    from minigen.sd.pipeline import Pipeline
+    from minigen.sd.tokenizer import model_tokenizers
 
     configs = get_config("sdxl-base")
     plain = {part: {k: v for k, v in configs[part].items() if not k.startswith("_")} for part in configs}
@@ -129,8 +129,8 @@ def both_pipelines():
             ours[part] = build_model(part, configs[part])
         ours[part].load_state_dict(theirs[part].state_dict(), assign=True)
         ours[part].eval()
-    tokenizers = sdxl_tokenizers()
-    return theirs, SDXLPipeline(SDXL(**ours, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], configs=configs)), \
+    tokenizers = tuple(model_tokenizers("sdxl").values())
+    return theirs, Pipeline(StableDiffusion("sdxl", **ours, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], configs=configs)), \
         tokenizers, configs
 
 

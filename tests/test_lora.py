@@ -227,7 +227,8 @@ def test_full_size_sdxl_targets_and_kohya_names():
     """On the meta device (no memory): the presets find SDXL's 140 each of to_q/to_k/to_v/to_out.0, and the kohya
     names are the single-file ones A1111 and ComfyUI expect."""
     from minigen.sd.lora_files import kohya_state_dict
-    from minigen.sd import get_config, unet_name_map
+    from minigen.sd import get_config
+    from minigen.sd.convert import unet_name_map
     from minigen.sd.unet import UNet2DConditionModel
     config = get_config("sdxl-base", "unet")
     with torch.device("meta"):

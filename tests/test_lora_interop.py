@@ -15,7 +15,8 @@ import torch
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import kohya_metadata, load_lora, save_lora
-from minigen.sd import get_config, unet_name_map
+from minigen.sd import get_config
+from minigen.sd.convert import unet_name_map
 from minigen.sd.clip import CLIPTextConfig as OurCLIPConfig, CLIPTextModel as OurCLIP
 from minigen.sd.clip import CLIPTextModelWithProjection as OurCLIPWithProjection
 from minigen.sd.unet import UNet2DConditionModel as OurUNet

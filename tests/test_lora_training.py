@@ -20,7 +20,7 @@ from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
 from minigen.training import TrainingDiverged
 from minigen.sd.configs import get_config
-from minigen.sd.model import build_model, random_sdxl
+from minigen.sd.model import build_model, random_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
@@ -140,7 +140,7 @@ def test_training_lowers_loss_writes_files_and_the_lora_reloads(data, tmp_path):
     assert len((run / "log.jsonl").read_text().splitlines()) == 8  # 1 batch x 8 epochs
     assert Image.open(run / "samples/progress.png").size[1] == 9 * Image.open(run / "samples/epoch_0000.png").size[1]
     # the file reloads into a fresh copy of the base model and reproduces the trained model's output
-    fresh = random_sdxl("tiny")
+    fresh = random_model("tiny")
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     context, pooled, ids = torch.randn(1, 77, 96), torch.randn(1, 32), torch.tensor([[16., 16, 0, 0, 16, 16]])
     with torch.no_grad():

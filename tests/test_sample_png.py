@@ -24,8 +24,8 @@ from minigen.png_info import a1111_name, file_hashes, infotext, lora_hash, parse
 from minigen.sampler_names import a1111_names, resolve_sampler
 from minigen.sd.configs import get_config
 from minigen.sd.convert import unet_name_map
-from minigen.sd.model import build_model, random_sdxl
-from minigen.sd.pipeline import SDXLPipeline, load_init_image
+from minigen.sd.model import build_model, random_model
+from minigen.sd.pipeline import Pipeline, load_init_image
 
 BASE = ["--model", "random:tiny", "--prompt", "a red cube", "--steps", "2", "--height", "64", "--width", "64",
         "--device", "cpu"]
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 def files(tmp_path_factory):
     """A kohya LoRA for the tiny model, a VAE of other random weights, an init image."""
     root = tmp_path_factory.mktemp("files")
-    sdxl = random_sdxl("tiny")
+    sdxl = random_model("tiny")
     add_lora(sdxl.unet, "attention", rank=2, alpha=1.0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_img2img_vae_and_micro_conditioning_flags_are_the_pipelines(tmp_path, fi
              "--steps", "4", "--vae", str(files / "other_vae.safetensors"), "--original-size", "128", "96",
              "--crop-top-left", "0", "8", "--target-size", "64", "64"]
     (image,) = draw(tmp_path / "a", *flags)
-    pipe = SDXLPipeline.from_pretrained("random:tiny", vae=files / "other_vae.safetensors")
+    pipe = Pipeline.from_pretrained("random:tiny", vae=files / "other_vae.safetensors")
     expected = pipe("a red cube", steps=4, sampler="euler_a", height=64, width=64, strength=0.5,
                     init_image=load_init_image(files / "init.png"), original_size=(128, 96), crop_top_left=(0, 8),
                     target_size=(64, 64), generator=torch.Generator("cpu").manual_seed(4))

@@ -13,6 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from minigen.sd import convert, get_config
 from minigen.sd.clip import normalize_clip_keys
+from minigen.sd.detect import detect_family
 
 SIZES = ["sdxl-base", "tiny"]
 
@@ -88,9 +89,9 @@ def test_text_encoder_maps_are_inverted_by_diffusers(preset, part):
     config = CLIPTextConfig.from_dict(get_config(preset, part))
     model_class = CLIPTextModel if part == "text_encoder" else CLIPTextModelWithProjection
     ours = normalize_clip_keys(_state_dict(model_class, config, preset))
-    to_single = convert.clip_l_to_single_file if part == "text_encoder" else convert.bigg_to_single_file
-    single = to_single(ours)
     prefix = convert.SINGLE_FILE_PREFIXES[part]
+    to_single = convert.hf_clip_to_single_file if part == "text_encoder" else convert.openclip_to_single_file
+    single = to_single(ours, prefix)
     if part == "text_encoder":
         back = sfu.convert_ldm_clip_checkpoint(single)
         expected_count = 123_060_480 if preset == "sdxl-base" else None
@@ -105,21 +106,22 @@ def test_text_encoder_maps_are_inverted_by_diffusers(preset, part):
     if expected_count:
         assert sum(v.numel() for v in ours.values()) == expected_count
     _assert_same(ours, back, preset)
-    to_diffusers = convert.clip_l_to_diffusers if part == "text_encoder" else convert.bigg_to_diffusers
-    _assert_same(ours, to_diffusers(single), preset)
+    to_diffusers = convert.hf_clip_to_diffusers if part == "text_encoder" else convert.openclip_to_diffusers
+    _assert_same(ours, to_diffusers(single, prefix), preset)
 
 
-def test_detect_model():
-    assert convert.detect_model(["model.diffusion_model.out.2.weight",
-                                 "conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
-    assert convert.detect_model(["model.diffusion_model.out.2.weight",
-                                 "cond_stage_model.transformer.text_model.final_layer_norm.weight"]) == "sd1"
-    assert convert.detect_model(["cond_stage_model.model.ln_final.weight"]) == "sd2"
-    assert convert.detect_model(["conditioner.embedders.0.model.ln_final.weight"]) == "sdxl-refiner"
-    assert convert.detect_model(["down_blocks.0.resnets.0.conv1.weight"]) == "diffusers"
-    assert convert.detect_model(["foo.bar"]) == "unknown"
+def test_detect_family():
+    unet = "model.diffusion_model.out.2.weight"
+    assert detect_family([unet, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                          "conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
+    assert detect_family([unet, "cond_stage_model.transformer.text_model.final_layer_norm.weight"]) == "sd1"
+    assert detect_family([unet, "cond_stage_model.model.ln_final.weight"]) == "sd2"
+    assert detect_family([unet, "conditioner.embedders.0.model.ln_final.weight"]) == "sdxl-refiner"
+    assert detect_family(["cond_stage_model.model.ln_final.weight"]) == "unknown"  # no UNet
+    assert detect_family(["down_blocks.0.resnets.0.conv1.weight"]) == "diffusers"
+    assert detect_family(["foo.bar"]) == "unknown"
 
 
 def test_single_file_split_rejects_foreign_keys():
-    with pytest.raises(KeyError, match="1 keys belong to no SDXL part"):
-        convert.to_diffusers({"cond_stage_model.transformer.x": torch.zeros(1)})
+    with pytest.raises(KeyError, match="1 keys belong to no part of sdxl"):
+        convert.to_diffusers({"cond_stage_model.transformer.x": torch.zeros(1)}, get_config("tiny"), "sdxl")

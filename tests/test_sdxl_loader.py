@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from minigen.io import CheckpointError, load_weights
 from minigen.sd import convert
-from minigen.sd.model import PARTS, load_sdxl
+from minigen.sd.model import PARTS, load_model
 from sdxl_tiny import tiny_folder, tiny_pipeline, tiny_single_file
 
 
@@ -31,7 +31,7 @@ def _assert_equal_weights(ours, ref_model, part, dtype=torch.float32):
 
 @pytest.fixture(scope="module")
 def from_folder():
-    return load_sdxl(tiny_folder())
+    return load_model(tiny_folder())
 
 
 def test_diffusers_folder_loads_with_the_same_weights(from_folder):
@@ -63,7 +63,7 @@ def test_single_file_loads_in_diffusers_from_single_file():
 
 
 def test_single_file_round_trip_and_dtypes():
-    sdxl = load_sdxl(tiny_single_file(), dtype=torch.bfloat16, configs="tiny")
+    sdxl = load_model(tiny_single_file(), dtype=torch.bfloat16)
     assert sdxl.unet.conv_in.weight.dtype == torch.bfloat16
     assert sdxl.text_encoder_2.text_projection.weight.dtype == torch.bfloat16
     assert sdxl.vae.decoder.conv_out.weight.dtype == torch.float32  # SDXL's VAE overflows in fp16/bf16
@@ -79,7 +79,7 @@ def test_saved_diffusers_folder_loads_in_diffusers(from_folder, tmp_path):
     for part in PARTS:
         _assert_equal_weights(getattr(pipe, part), getattr(tiny_pipeline(), part), part)
     assert pipe.tokenizer_2.pad_token == "!"
-    assert load_sdxl(tmp_path / "out").tokenizer_2("a").input_ids.tolist() == \
+    assert load_model(tmp_path / "out").tokenizer_2("a").input_ids.tolist() == \
         from_folder.tokenizer_2("a").input_ids.tolist()
 
 
@@ -89,7 +89,7 @@ def test_separate_vae_replaces_the_checkpoints(tmp_path):
                                      .items() if not k.startswith("_")})
     ldm = convert.vae_to_single_file(vae.state_dict(), vae.config)
     save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "vae.safetensors")
-    sdxl = load_sdxl(tiny_single_file(), configs="tiny", vae=tmp_path / "vae.safetensors")
+    sdxl = load_model(tiny_single_file(), vae=tmp_path / "vae.safetensors")
     _assert_equal_weights(sdxl.vae, vae, "vae")
 
 
@@ -104,32 +104,32 @@ def _write_variant(tmp_path, change):
 def test_errors_name_what_is_wrong(tmp_path):
     key = "model.diffusion_model.out.2.weight"
     missing = _write_variant(tmp_path, lambda t: t.pop(key))
-    with pytest.raises(CheckpointError, match=r"unet does not match its config: missing keys: 1 \(first: conv_out.weight"):
-        load_sdxl(missing, configs="tiny")
+    with pytest.raises(CheckpointError, match=r"an unknown SDXL layout \(no tensor model.diffusion_model.out.2.weight\)"):
+        load_model(missing)
     reshaped = _write_variant(tmp_path, lambda t: t.update({"model.diffusion_model.out.2.bias": torch.zeros(5)}))
     with pytest.raises(CheckpointError, match=r"wrong shapes: 1 \(first: conv_out.bias \(5,\) \(expected \(4,\)\)\)"):
-        load_sdxl(reshaped, configs="tiny")
+        load_model(reshaped)
     foreign = _write_variant(tmp_path, lambda t: t.update({"denoiser.sigmas": torch.zeros(3)}))
-    with pytest.raises(CheckpointError, match=r"1 keys belong to no SDXL part, e.g. \['denoiser.sigmas'\]"):
-        load_sdxl(foreign, configs="tiny")
+    with pytest.raises(CheckpointError, match=r"1 keys belong to no part of sdxl, e.g. \['denoiser.sigmas'\]"):
+        load_model(foreign)
 
     sd1 = tmp_path / "sd15.safetensors"
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3),
                "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(768)}, sd1)
-    with pytest.raises(CheckpointError, match="only SDXL is supported; this file looks like Stable Diffusion 1.x"):
-        load_sdxl(sd1)
+    with pytest.raises(CheckpointError, match=r"an unknown SD 1.x layout \(no tensor model.diffusion_model.input_blocks"):
+        load_model(sd1)
 
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(tiny_single_file().read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated"):
-        load_sdxl(truncated, configs="tiny")
+        load_model(truncated)
 
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}}, ckpt)
     with pytest.raises(CheckpointError, match="pickle.*--allow-pickle"):
-        load_sdxl(ckpt)
-    with pytest.raises(CheckpointError, match="only SDXL is supported; this file looks like an unknown model"):
-        load_sdxl(ckpt, allow_pickle=True)  # allowed: read with weights_only=True, then judged like any file
+        load_model(ckpt)
+    with pytest.raises(CheckpointError, match=r"not a Stable Diffusion single-file checkpoint \(an unknown model; 1 tensors"):
+        load_model(ckpt, allow_pickle=True)  # allowed: read with weights_only=True, then judged like any file
 
 
 def test_folder_without_weights_is_named(tmp_path):
@@ -137,4 +137,4 @@ def test_folder_without_weights_is_named(tmp_path):
     shutil.copytree(tiny_folder(), folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="unet: no weights file"):
-        load_sdxl(folder)
+        load_model(folder)

@@ -112,8 +112,8 @@ def test_full_size_keys_and_shapes_match_diffusers(part):
 
 def test_unsupported_unet_config_is_named():
     config = get_config("tiny", "unet")
-    config["use_linear_projection"] = False
-    with pytest.raises(ValueError, match="use_linear_projection=False is not supported"):
+    config["resnet_time_scale_shift"] = "scale_shift"
+    with pytest.raises(ValueError, match="resnet_time_scale_shift='scale_shift' is not supported"):
         UNet2DConditionModel(config)
 
 

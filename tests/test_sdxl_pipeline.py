@@ -21,8 +21,8 @@ from minigen.io import CheckpointError, save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import save_lora
 from minigen.sd.convert import unet_name_map
-from minigen.sd.model import load_sdxl
-from minigen.sd.pipeline import SDXLPipeline, check_settings, encode_prompt, load_init_image, time_ids
+from minigen.sd.model import load_model
+from minigen.sd.pipeline import Pipeline, check_settings, encode_prompt, load_init_image, time_ids
 
 # fp32 on both sides; the models differ only in operation order (SDPA vs diffusers' attention processors, fused vs
 # separate ops), ~1e-6 per forward. Images are in [0, 1]; a few steps compound this to ~1e-5, so 1e-4 is tight
@@ -41,7 +41,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def ours():
-    return SDXLPipeline.from_pretrained(tiny_folder())
+    return Pipeline.from_pretrained(tiny_folder())
 
 
 def assert_close(a, b, tol):
@@ -66,13 +66,13 @@ def test_encode_prompt_matches_diffusers(ours, reference, negative):
 def test_long_prompt_is_truncated_with_a_warning(ours, reference):
     prompt = " ".join(f"word{i}" for i in range(80))
     with pytest.warns(UserWarning, match="truncated because CLIP can only handle sequences up to 77 tokens"):
-        context, pooled = encode_prompt(ours.sdxl, [prompt])
+        context, pooled = encode_prompt(ours.model, [prompt])
     ref_context, _, ref_pooled, _ = reference.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
     assert_close(context, ref_context, EMBED_TOL)
     assert_close(pooled, ref_pooled, EMBED_TOL)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        encode_prompt(ours.sdxl, ["a short prompt"])
+        encode_prompt(ours.model, ["a short prompt"])
 
 
 def test_time_ids_are_original_crop_target():
@@ -150,23 +150,28 @@ def test_bad_settings_are_refused(kwargs, message):
 
 def test_bad_model_paths_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        SDXLPipeline.from_pretrained(tmp_path / "missing")
+        Pipeline.from_pretrained(tmp_path / "missing")
+    other = tmp_path / "kandinsky"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": []}))
+    with pytest.raises(ValueError, match="KandinskyPipeline, not Stable Diffusion"):
+        Pipeline.from_pretrained(other)
     sd15 = tmp_path / "sd15"
     sd15.mkdir()
     (sd15 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": [],
                                                        "text_encoder": []}))
-    with pytest.raises(ValueError, match="StableDiffusionPipeline, not SDXL"):
-        SDXLPipeline.from_pretrained(sd15)
+    with pytest.raises(FileNotFoundError, match="sd15: no unet/ folder"):  # an SD 1.x folder without its parts
+        Pipeline.from_pretrained(sd15)
     not_a_model = tmp_path / "weights.safetensors"
     save_safetensors({"conv.weight": torch.zeros(2, 2)}, not_a_model)
-    with pytest.raises(CheckpointError, match="only SDXL is supported"):
-        SDXLPipeline.from_pretrained(not_a_model)
+    with pytest.raises(CheckpointError, match=r"not a Stable Diffusion single-file checkpoint \(an unknown model"):
+        Pipeline.from_pretrained(not_a_model)
 
 
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
     """A kohya LoRA on the tiny UNet's attention and on text encoder 2, with random (non-zero) up and down."""
-    sdxl = load_sdxl(tiny_folder())
+    sdxl = load_model(tiny_folder())
     add_lora(sdxl.unet, "attention", rank=2, alpha=1.0)
     add_lora(sdxl.text_encoder_2, "text", rank=2, alpha=1.0)
     g = torch.Generator().manual_seed(0)
@@ -194,7 +199,7 @@ def test_cli_writes_the_pipelines_images_and_applies_loras(ours, tmp_path, lora_
     assert len(images) == 2 and all((i == e.numpy()).all() for i, e in zip(images, expected))
     with_lora = run_cli(tmp_path / "lora", "--lora", f"{lora_file}:0.9")
     assert np.abs(with_lora[0].astype(int) - images[0]).max() > 10  # the LoRA changes the image
-    lora_pipe = SDXLPipeline.from_pretrained(tiny_folder())
+    lora_pipe = Pipeline.from_pretrained(tiny_folder())
     lora_pipe.add_lora(lora_file, 0.9)
     expected = lora_pipe("a cat", steps=2, height=16, width=24, num_images=2, sampler="dpmpp_2m",
                          generator=torch.Generator("cpu").manual_seed(5))

@@ -5,7 +5,7 @@ import random
 import pytest
 import transformers
 
-from minigen.sd.tokenizer import (BUNDLED_VOCAB, EOS, CLIPTokenizer, clean_text, sdxl_tokenizers, split_words)
+from minigen.sd.tokenizer import (BUNDLED_VOCAB, EOS, CLIPTokenizer, clean_text, model_tokenizers, split_words)
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
@@ -40,7 +40,7 @@ def random_prompts(n: int = 150, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ours():
-    return sdxl_tokenizers()  # bundled vocabulary: (tokenizer, tokenizer_2)
+    return tuple(model_tokenizers("sdxl").values())  # bundled vocabulary: (tokenizer, tokenizer_2)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_folder_round_trip_and_transformers_written_folder(ours, reference, tmp_
     (tmp_path / "root").mkdir()
     ours[0].save(tmp_path / "root" / "tokenizer")
     ours[1].save(tmp_path / "root" / "tokenizer_2")
-    first, second = sdxl_tokenizers(tmp_path / "root")
+    first, second = model_tokenizers("sdxl", tmp_path / "root").values()
     assert (first.pad_id, second.pad_id) == (49407, 0)
 
 

@@ -1,11 +1,13 @@
-"""Stable Diffusion models (SDXL today; SD 1.x and 2.x join it): UNet, VAE, text encoders, tokenizer, the key maps between checkpoint formats, LoRA files, and a loader.
+"""Stable Diffusion 1.x, 2.x and XL: UNet, VAE, text encoders, tokenizer, the key maps between checkpoint formats,
+the architecture read from a file's weights, LoRA files, a loader and the text-to-image pipeline.
 
-Module names follow diffusers, so a diffusers folder loads with no renaming; `convert` maps single-file names.
+Module names follow diffusers, so a diffusers folder loads with no renaming; `convert` maps single-file names,
+`detect` finds which model a single file holds.
 """
 
 from .configs import SDXL_BASE, TINY, get_config
-from .convert import detect_model, unet_module_to_diffusers, unet_module_to_sgm, unet_name_map, vae_name_map
-from .model import SDXL, load_sdxl
+from .detect import detect, detect_family
+from .model import StableDiffusion, load_model, random_model
 
-__all__ = ["SDXL", "SDXL_BASE", "TINY", "get_config", "load_sdxl", "detect_model", "unet_module_to_diffusers",
-           "unet_module_to_sgm", "unet_name_map", "vae_name_map"]
+__all__ = ["StableDiffusion", "SDXL_BASE", "TINY", "get_config", "load_model", "random_model", "detect",
+           "detect_family"]

@@ -1,10 +1,13 @@
-"""SDXL configurations, as the config.json files of a diffusers folder hold them.
+"""Stable Diffusion configurations, as the config.json files of a diffusers folder hold them.
 
 `SDXL_BASE` is Stable Diffusion XL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0): its `unet/`, `vae/`,
-`text_encoder/`, `text_encoder_2/` and `scheduler/` configs. `TINY` keeps the same structure at toy widths, for
-tests and smoke runs: three resolution levels of which two use cross-attention, transformer depth 2 at the lowest
-level, head dim (16) different from every channel count, two text encoders of different widths, the second with 10
-layers (diffusers' single-file detection looks for `resblocks.9`), the real vocabulary size and 77 positions.
+`text_encoder/`, `text_encoder_2/` and `scheduler/` configs; `SD15` is Stable Diffusion 1.5 (one text encoder,
+CLIP ViT-L), `SD21` Stable Diffusion 2.1 768-v (OpenCLIP ViT-H, v-prediction). The `tiny*` presets keep each
+family's structure at toy widths, for tests and smoke runs: SDXL's three levels of which two use cross-attention,
+transformer depth 2 at the lowest level, head dim (16) different from every channel count, two text encoders of
+different widths, the second with 10 layers (diffusers' single-file detection looks for `resblocks.9`); SD 1.x's
+four levels with 1x1-conv projections and one head count everywhere; SD 2.x's linear projections and v-prediction.
+All keep the real vocabulary size and 77 positions.
 
 Every function returns a fresh dict, so callers may change it.
 """
@@ -170,13 +173,71 @@ TINY = {
     "scheduler": _SCHEDULER_BASE,
 }
 
-PRESETS = {"sdxl-base": SDXL_BASE, "tiny": TINY}
+# ------------------------------------------------------------------------------------------- SD 1.x and 2.x
+
+_UNET_SD15 = {
+    **{k: v for k, v in _UNET_BASE.items() if k not in ("addition_embed_type_num_heads", "addition_time_embed_dim",
+                                                         "projection_class_embeddings_input_dim")},
+    "addition_embed_type": None,
+    "attention_head_dim": 8,  # 8 heads at every level (head dim 40, 80, 160)
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "sample_size": 64,
+    "transformer_layers_per_block": 1,
+    "use_linear_projection": False,  # 1x1 convolutions into and out of each transformer
+}
+
+_UNET_SD21 = {**_UNET_SD15, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+              "use_linear_projection": True, "upcast_attention": True, "sample_size": 96}
+
+_VAE_SD = {**_VAE_BASE, "scaling_factor": 0.18215, "sample_size": 512}
+
+_TEXT_ENCODER_SD21 = {  # OpenCLIP ViT-H/14 text tower without its last layer (SD 2 reads the penultimate one)
+    **_CLIP_TEXT_COMMON,
+    "architectures": ["CLIPTextModel"],
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "projection_dim": 512,
+}
+
+_SCHEDULER_SD15 = {**_SCHEDULER_BASE, "_class_name": "PNDMScheduler"}
+_SCHEDULER_SD21 = {**_SCHEDULER_BASE, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+
+SD15 = {"unet": _UNET_SD15, "vae": _VAE_SD, "text_encoder": _TEXT_ENCODER_BASE, "scheduler": _SCHEDULER_SD15}
+SD21 = {"unet": _UNET_SD21, "vae": {**_VAE_SD, "sample_size": 768}, "text_encoder": _TEXT_ENCODER_SD21,
+        "scheduler": _SCHEDULER_SD21}
+
+_TINY_SD_VAE = {**TINY["vae"], "scaling_factor": 0.18215}
+TINY_SD1 = {
+    "unet": {**_UNET_SD15, "block_out_channels": [32, 32, 64, 64], "attention_head_dim": 2, "cross_attention_dim": 32,
+             "sample_size": 16},
+    "vae": _TINY_SD_VAE,
+    "text_encoder": TINY["text_encoder"],
+    "scheduler": _SCHEDULER_SD15,
+}
+TINY_SD2 = {
+    "unet": {**_UNET_SD21, "block_out_channels": [32, 32, 64, 64], "attention_head_dim": [2, 2, 4, 4],
+             "cross_attention_dim": 48, "sample_size": 16},
+    "vae": _TINY_SD_VAE,
+    "text_encoder": {**_TEXT_ENCODER_SD21, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4,
+                     "num_hidden_layers": 4, "projection_dim": 32},
+    "scheduler": _SCHEDULER_SD21,
+}
+
+PRESETS = {"sdxl-base": SDXL_BASE, "tiny": TINY, "sd15": SD15, "sd21": SD21, "tiny-sd1": TINY_SD1,
+           "tiny-sd2": TINY_SD2}
 
 
 def get_config(preset: str = "sdxl-base", part: str | None = None) -> dict:
-    """A fresh copy of a preset's configs ({"unet", "vae", "text_encoder", "text_encoder_2", "scheduler"}) or one part."""
+    """A fresh copy of a preset's configs ({"unet", "vae", "text_encoder", "text_encoder_2" (SDXL), "scheduler"}) or
+    one part."""
     if preset not in PRESETS:
-        raise KeyError(f"unknown SDXL preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise KeyError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
     configs = PRESETS[preset]
     if part is not None and part not in configs:
         raise KeyError(f"unknown part {part!r}; choose from {sorted(configs)}")

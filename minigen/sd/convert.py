@@ -1,11 +1,14 @@
-"""Key maps between diffusers names and the single-file (SGM/LDM) names of an SDXL checkpoint, both ways.
+"""Key maps between diffusers names and the single-file (SGM/LDM) names of a Stable Diffusion checkpoint, both ways.
 
-A single file such as `sd_xl_base_1.0.safetensors` holds four models under four prefixes:
+A single file such as `sd_xl_base_1.0.safetensors` or `v1-5-pruned-emaonly.safetensors` holds its models under
+prefixes that depend on the family (`FAMILY_PREFIXES`):
 
-    model.diffusion_model.                    UNet, SGM names      (input_blocks.4.1.transformer_blocks.0.attn1.to_q)
-    first_stage_model.                        VAE, LDM names       (encoder.down.0.block.1.nin_shortcut)
-    conditioner.embedders.0.transformer.      CLIP ViT-L, the HF layout (text_model.encoder.layers.0...)
-    conditioner.embedders.1.model.            OpenCLIP bigG layout (transformer.resblocks.0.attn.in_proj_weight)
+    model.diffusion_model.               UNet, SGM names  (input_blocks.4.1.transformer_blocks.0.attn1.to_q)
+    first_stage_model.                   VAE, LDM names   (encoder.down.0.block.1.nin_shortcut)
+    cond_stage_model.transformer.        SD 1.x: CLIP ViT-L, the HF layout (text_model.encoder.layers.0...)
+    cond_stage_model.model.              SD 2.x: OpenCLIP ViT-H layout (transformer.resblocks.0.attn.in_proj_weight)
+    conditioner.embedders.0.transformer. SDXL: CLIP ViT-L, the HF layout
+    conditioner.embedders.1.model.       SDXL: OpenCLIP bigG layout (the refiner has it alone, at embedders.0)
 
 minigen's modules use diffusers' names, so a diffusers folder loads as it is and this file maps the rest:
 - the UNet and VAE by *module-path prefixes* built from their configs (`unet_name_map`, `vae_name_map`). A prefix
@@ -13,9 +16,11 @@ minigen's modules use diffusers' names, so a diffusers folder loads as it is and
   `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` into kohya's
   `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`;
 - the VAE's mid-block attention, stored as 1x1 convolutions in LDM files and as linear layers in diffusers;
-- bigG, whose attention stores q, k and v fused in one `in_proj_weight` and whose projection is stored transposed.
+- OpenCLIP towers, whose attention stores q, k and v fused in one `in_proj_weight` and whose projection is stored
+  transposed.
 
-Facts learned from diffusers' `loaders/single_file_utils.py`; the code is minigen's own.
+Facts learned from diffusers' `loaders/single_file_utils.py` and ComfyUI's `supported_models.py`; the code is
+minigen's own.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -32,16 +37,39 @@ from .configs import get_config
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
-BIGG_PREFIX = "conditioner.embedders.1.model."
-SINGLE_FILE_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_L_PREFIX,
-                        "text_encoder_2": BIGG_PREFIX}
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L
+BIGG_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP bigG
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
+
+# family -> {part: single-file prefix}; a text prefix ending in "transformer." holds the HF layout, "model." OpenCLIP's
+FAMILY_PREFIXES = {
+    "sd1": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": SD1_TEXT_PREFIX},
+    "sd2": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": SD2_TEXT_PREFIX},
+    "sdxl": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_L_PREFIX, "text_encoder_2": BIGG_PREFIX},
+    "sdxl-refiner": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder_2": REFINER_TEXT_PREFIX},
+}
+SINGLE_FILE_PREFIXES = FAMILY_PREFIXES["sdxl"]
 
 # Keys real single files carry that no minigen/diffusers module holds: dropped when loading.
-IGNORED_SINGLE_FILE_KEYS = (
-    CLIP_L_PREFIX + "text_model.embeddings.position_ids",  # a buffer older transformers saved
-    BIGG_PREFIX + "logit_scale",  # CLIP's contrastive temperature, unused for text encoding
-)
+IGNORED_SUFFIXES = ("text_model.embeddings.position_ids", "embeddings.position_ids",  # a buffer older transformers saved
+                    "model.logit_scale")  # CLIP's contrastive temperature, unused for text encoding
+IGNORED_KEYS = {  # the original LDM training state: its noise schedule buffers, EMA bookkeeping, markers
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "v_pred", "ztsnr", "model_ema.decay", "model_ema.num_updates"}
+# SD 2's text encoder is OpenCLIP ViT-H without its last block (it reads the penultimate layer); diffusers drops
+# block 23 of a file, so minigen does too.
+SD2_UNUSED_BLOCK = "transformer.resblocks.23."
+
+
+def ignored_key(key: str) -> bool:
+    """True for a single-file key that no model part holds (see IGNORED_KEYS, IGNORED_SUFFIXES)."""
+    return key in IGNORED_KEYS or key.startswith("model_ema.") or (
+        key.startswith(("cond_stage_model.", "conditioner.")) and key.endswith(IGNORED_SUFFIXES)) or \
+        key.startswith(SD2_TEXT_PREFIX + SD2_UNUSED_BLOCK) or key == SD2_TEXT_PREFIX + "text_projection"
 
 
 class NameMap:
@@ -99,9 +127,10 @@ def _unet_prefixes(config: dict) -> dict[str, str]:
     prefixes = {
         "conv_in": "input_blocks.0.0",
         "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
         "conv_norm_out": "out.0", "conv_out": "out.2",
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL's added conditioning
+        prefixes.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
 
     def resnet(diffusers: str, sgm: str) -> None:
         for d_part, s_part in _UNET_RESNET_PARTS.items():
@@ -119,9 +148,12 @@ def _unet_prefixes(config: dict) -> dict[str, str]:
                 prefixes[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
         if i < len(down) - 1:
             prefixes[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (layers + 1)}.0.op"
-    resnet("mid_block.resnets.0", "middle_block.0")
-    prefixes["mid_block.attentions.0"] = "middle_block.1"
-    resnet("mid_block.resnets.1", "middle_block.2")
+    mid_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid_type is not None:
+        resnet("mid_block.resnets.0", "middle_block.0")
+    if mid_type == "UNetMidBlock2DCrossAttn":
+        prefixes["mid_block.attentions.0"] = "middle_block.1"
+        resnet("mid_block.resnets.1", "middle_block.2")
     for i, block_type in enumerate(up):
         attention = block_type.startswith("CrossAttn")
         for j in range(layers + 1):
@@ -203,19 +235,20 @@ _BIGG_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.we
              "text_model.final_layer_norm.bias": "ln_final.bias"}
 
 
-def clip_l_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIP ViT-L (diffusers `text_encoder`) -> `conditioner.embedders.0.transformer.*` (same HF layout)."""
-    return {CLIP_L_PREFIX + k: v for k, v in normalize_clip_keys(state_dict).items()}
+def hf_clip_to_single_file(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A diffusers/transformers CLIP text model -> `prefix` + the same HF layout (`text_model.encoder.layers...`)."""
+    return {prefix + k: v for k, v in normalize_clip_keys(state_dict).items()}
 
 
-def clip_l_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`conditioner.embedders.0.transformer.*` (prefix already removed or not) -> diffusers `text_encoder` keys."""
-    return normalize_clip_keys({k.removeprefix(CLIP_L_PREFIX): v for k, v in state_dict.items()})
+def hf_clip_to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """`prefix` + HF layout (prefix already removed or not) -> diffusers `text_encoder` keys."""
+    return normalize_clip_keys({k.removeprefix(prefix): v for k, v in state_dict.items()
+                                if not ignored_key(prefix + k.removeprefix(prefix))})
 
 
-def bigg_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP bigG (diffusers `text_encoder_2`) -> `conditioner.embedders.1.model.*`: fuse q/k/v, transpose the
-    projection."""
+def openclip_to_single_file(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower in diffusers/transformers names (bigG, ViT-H) -> `prefix` + OpenCLIP names: q/k/v
+    fused, the projection (if the model has one) transposed."""
     sd = normalize_clip_keys(state_dict)
     out = {}
     for key, value in sd.items():
@@ -236,17 +269,19 @@ def bigg_to_single_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
             module, kind = part.rsplit(".", 1)
             out[f"{block}.{BIGG_LAYER_PARTS[module]}.{kind}"] = value
         else:
-            raise KeyError(f"text_encoder_2: no single-file name for {key!r}")
-    return {BIGG_PREFIX + k: v for k, v in out.items()}
+            raise KeyError(f"OpenCLIP text encoder: no single-file name for {key!r}")
+    return {prefix + k: v for k, v in out.items()}
 
 
-def bigg_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`conditioner.embedders.1.model.*` (prefix already removed or not) -> diffusers `text_encoder_2` keys."""
+def openclip_to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """`prefix` + OpenCLIP names (prefix already removed or not) -> diffusers/transformers text-encoder keys."""
     top = {v: k for k, v in _BIGG_TOP.items()}
     parts = {v: k for k, v in BIGG_LAYER_PARTS.items()}
     out = {}
     for key, value in state_dict.items():
-        key = key.removeprefix(BIGG_PREFIX)
+        key = key.removeprefix(prefix)
+        if ignored_key(prefix + key):
+            continue
         if key in top:
             out[top[key]] = value
         elif key == "text_projection":
@@ -260,10 +295,19 @@ def bigg_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
                     out[f"{pre}self_attn.{p}_proj.{kind}"] = chunk.contiguous()
             else:
                 module, kind = part.rsplit(".", 1)
+                if module not in parts:
+                    raise KeyError(f"OpenCLIP text encoder: unknown single-file key {prefix + key!r}")
                 out[pre + parts[module] + "." + kind] = value
-        elif BIGG_PREFIX + key not in IGNORED_SINGLE_FILE_KEYS:
-            raise KeyError(f"text_encoder_2: unknown single-file key {BIGG_PREFIX + key!r}")
+        else:
+            raise KeyError(f"OpenCLIP text encoder: unknown single-file key {prefix + key!r}")
     return out
+
+
+def _text_converters(prefix: str) -> tuple[Callable, Callable]:
+    """(to single file, to diffusers) of the text encoder stored under `prefix`: HF layout or OpenCLIP's."""
+    if prefix.endswith(".transformer."):
+        return hf_clip_to_single_file, hf_clip_to_diffusers
+    return openclip_to_single_file, openclip_to_diffusers
 
 
 # ------------------------------------------------------------------------------------------ whole checkpoints
@@ -299,68 +343,54 @@ def vae_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping | N
     return out
 
 
-def split_single_file(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict], list[str]]:
-    """Split a single-file state dict by model prefix: ({part: {key without prefix: tensor}}, unknown keys)."""
-    parts: dict[str, dict] = {part: {} for part in SINGLE_FILE_PREFIXES}
+def part_converters(family: str, configs: Mapping[str, Mapping]) -> dict[str, tuple[Callable, Callable]]:
+    """{part: (diffusers state dict -> single-file tensors, single-file tensors -> diffusers state dict)}."""
+    converters = {"unet": (lambda sd: unet_to_single_file(sd, configs["unet"]),
+                           lambda sd: unet_to_diffusers(sd, configs["unet"])),
+                  "vae": (lambda sd: vae_to_single_file(sd, configs["vae"]),
+                          lambda sd: vae_to_diffusers(sd, configs["vae"]))}
+    for part, prefix in FAMILY_PREFIXES[family].items():
+        if part.startswith("text_encoder"):
+            to_file, to_diffusers = _text_converters(prefix)
+            converters[part] = (functools.partial(to_file, prefix=prefix),
+                                functools.partial(to_diffusers, prefix=prefix))
+    return converters
+
+
+def split_single_file(state_dict: Mapping[str, torch.Tensor], family: str) -> tuple[dict[str, dict], list[str]]:
+    """Split a single-file state dict by part prefix: ({part: {key: tensor}}, keys of no part). Ignored keys (see
+    `ignored_key`) are dropped."""
+    prefixes = FAMILY_PREFIXES[family]
+    parts: dict[str, dict] = {part: {} for part in prefixes}
     unknown = []
     for key, value in state_dict.items():
-        if key in IGNORED_SINGLE_FILE_KEYS:
+        if ignored_key(key):
             continue
-        for part, prefix in SINGLE_FILE_PREFIXES.items():
+        for part, prefix in prefixes.items():
             if key.startswith(prefix):
-                parts[part][key.removeprefix(prefix)] = value
+                parts[part][key] = value
                 break
         else:
             unknown.append(key)
     return parts, unknown
 
 
-def to_single_file(unet: Mapping, vae: Mapping, text_encoder: Mapping, text_encoder_2: Mapping,
-                   unet_config: Mapping | None = None, vae_config: Mapping | None = None) -> dict:
-    """Four diffusers state dicts -> one single-file state dict (`sd_xl_base_1.0.safetensors` layout)."""
-    return {**unet_to_single_file(unet, unet_config), **vae_to_single_file(vae, vae_config),
-            **clip_l_to_single_file(text_encoder), **bigg_to_single_file(text_encoder_2)}
+def to_single_file(states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Mapping],
+                   family: str) -> dict:
+    """{part: diffusers state dict} -> one single-file state dict in the family's layout."""
+    converters = part_converters(family, configs)
+    return {k: v for part, sd in states.items() for k, v in converters[part][0](sd).items()}
 
 
-def to_diffusers(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping | None = None,
-                 vae_config: Mapping | None = None) -> dict[str, dict]:
-    """One single-file state dict -> {"unet", "vae", "text_encoder", "text_encoder_2": diffusers state dict}.
-    Keys under none of the four prefixes are a KeyError (first few named)."""
-    parts, unknown = split_single_file(state_dict)
+def to_diffusers(state_dict: Mapping[str, torch.Tensor], configs: Mapping[str, Mapping],
+                 family: str) -> dict[str, dict]:
+    """One single-file state dict -> {part: diffusers state dict} for the family's parts.
+    Keys under no part's prefix (and not ignored) are a KeyError (first few named)."""
+    parts, unknown = split_single_file(state_dict, family)
     if unknown:
-        raise KeyError(f"{len(unknown)} keys belong to no SDXL part, e.g. {unknown[:5]}")
-    return {"unet": unet_to_diffusers(parts["unet"], unet_config),
-            "vae": vae_to_diffusers(parts["vae"], vae_config),
-            "text_encoder": clip_l_to_diffusers(parts["text_encoder"]),
-            "text_encoder_2": bigg_to_diffusers(parts["text_encoder_2"])}
-
-
-# ------------------------------------------------------------------------------------------------- detection
-
-MODEL_NAMES = {
-    "sdxl": "Stable Diffusion XL (base)",
-    "sdxl-refiner": "Stable Diffusion XL refiner",
-    "sd2": "Stable Diffusion 2.x",
-    "sd1": "Stable Diffusion 1.x",
-    "diffusers": "a diffusers-format state dict (not a single-file checkpoint)",
-    "unknown": "an unknown model",
-}
-
-
-def detect_model(keys: Iterable[str]) -> str:
-    """Name the model family of a checkpoint from its keys: one of MODEL_NAMES."""
-    keys = set(keys)
-    if any(k.startswith(BIGG_PREFIX) for k in keys) and any(k.startswith(UNET_PREFIX) for k in keys):
-        return "sdxl"
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        return "sdxl-refiner"  # the refiner has only the bigG encoder, at index 0
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"  # OpenCLIP ViT-H
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"  # OpenAI CLIP ViT-L alone
-    if any(k.startswith(("down_blocks.", "unet.down_blocks.")) for k in keys):
-        return "diffusers"
-    return "unknown"
+        raise KeyError(f"{len(unknown)} keys belong to no part of {family}, e.g. {unknown[:5]}")
+    converters = part_converters(family, configs)
+    return {part: converters[part][1](sd) for part, sd in parts.items()}
 
 
 # ------------------------------------------------------------------------------------------------ LoRA targets

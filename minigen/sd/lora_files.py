@@ -114,7 +114,7 @@ def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
     return out
 
 
-# model family (convert.detect_model) -> (sd-scripts' ss_base_model_version, SAI modelspec architecture)
+# model family (detect.detect_family) -> (sd-scripts' ss_base_model_version, SAI modelspec architecture)
 KOHYA_MODEL_VERSIONS = {"sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
                         "sd2": ("sd_v2", "stable-diffusion-v2/lora"), "sd1": ("sd_v1", "stable-diffusion-v1/lora")}
 

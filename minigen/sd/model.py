@@ -1,8 +1,10 @@
-"""Load and save a whole SDXL model: a diffusers folder or a single-file checkpoint, in and out.
+"""Load and save a whole Stable Diffusion model (SD 1.x, SD 2.x, SDXL): a diffusers folder or a single-file
+checkpoint, in and out. The architecture is read from the weights (`detect.py`), so no config is needed.
 
-    sdxl = load_sdxl("sd_xl_base_1.0.safetensors", dtype=torch.bfloat16, device="cuda")
-    sdxl = load_sdxl("stable-diffusion-xl-base-1.0/", vae="sdxl-vae-fp16-fix.safetensors")
-    sdxl.save_single_file("out.safetensors"); sdxl.save_diffusers("out/")
+    model = load_model("sd_xl_base_1.0.safetensors", dtype=torch.bfloat16, device="cuda")
+    model = load_model("v1-5-pruned-emaonly.safetensors")                       # SD 1.x, found from its tensors
+    model = load_model("stable-diffusion-xl-base-1.0/", vae="sdxl-vae-fp16-fix.safetensors")
+    model.save_single_file("out.safetensors"); model.save_diffusers("out/")
 
 Each model is built on the meta device (no memory) and the loaded tensors are assigned to it
 (`load_state_dict(assign=True)`), so a 7 GB file needs about 7 GB, not twice that. Keys and shapes are checked
@@ -25,98 +27,127 @@ from ..io import CheckpointError, SafetensorsWriter, load_weights
 from . import convert
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .configs import get_config
-from .tokenizer import CLIPTokenizer, sdxl_tokenizers
+from .convert import FAMILY_PREFIXES
+from .detect import CONFIGS_METADATA, PREDICTIONS, Architecture, base_preset, detect, family_of_configs, layout_name
+from .tokenizer import CLIPTokenizer, model_tokenizers
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # every part a family may have, in a fixed order
 WEIGHTS_NAME = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model", "text_encoder_2": "model"}
 
-# What diffusers needs to read a saved folder as a StableDiffusionXLPipeline.
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionXLPipeline",
-    "_diffusers_version": "0.19.0.dev0",
-    "force_zeros_for_empty_prompt": True,
-    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
+
+def model_index(family: str) -> dict:
+    """What diffusers needs to read a saved folder as the family's pipeline."""
+    pipeline = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                "sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}[family]
+    index = {"_class_name": pipeline, "_diffusers_version": "0.19.0.dev0",
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    for part, tokenizer, cls in (("text_encoder", "tokenizer", "CLIPTextModel"),
+                                 ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection")):
+        present = part in FAMILY_PREFIXES[family]
+        index[part] = ["transformers", cls] if present else [None, None]
+        index[tokenizer] = ["transformers", "CLIPTokenizer"] if present else [None, None]
+    if family.startswith("sdxl"):
+        index["force_zeros_for_empty_prompt"] = family == "sdxl"
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    return index
 
 
 def build_model(part: str, config: Mapping) -> nn.Module:
-    """An SDXL part from its config.json dict, with default-initialised weights (use `torch.device("meta")` to
-    allocate nothing)."""
+    """A part from its config.json dict, with default-initialised weights (use `torch.device("meta")` to allocate
+    nothing)."""
     if part == "unet":
         return UNet2DConditionModel(config)
     if part == "vae":
         return AutoencoderKL(config)
-    text_class = CLIPTextModel if part == "text_encoder" else CLIPTextModelWithProjection
+    text_class = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
     return text_class(CLIPTextConfig.from_dict(config))
 
 
 @dataclass
-class SDXL:
-    """The parts of an SDXL model, and the config.json dicts they were built from (`configs["scheduler"]` is the
-    noise schedule the model was trained with)."""
+class StableDiffusion:
+    """The parts of a Stable Diffusion model, and the config.json dicts they were built from (`configs["scheduler"]`
+    is the noise schedule the model was trained with). family: "sd1", "sd2", "sdxl" or "sdxl-refiner"; a part the
+    family lacks is None (SD 1.x/2.x have one text encoder, the refiner only `text_encoder_2`)."""
 
+    family: str
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: CLIPTextModelWithProjection
-    tokenizer: CLIPTokenizer
-    tokenizer_2: CLIPTokenizer
+    text_encoder: CLIPTextModel | None
+    text_encoder_2: CLIPTextModelWithProjection | None
+    tokenizer: CLIPTokenizer | None
+    tokenizer_2: CLIPTokenizer | None
     configs: dict[str, dict]
 
     @property
     def scheduler_config(self) -> dict:
         return self.configs["scheduler"]
 
+    @property
+    def architecture(self) -> Architecture:
+        return Architecture(self.family, self.configs, layout_name(self.family, self.configs["unet"]))
+
+    def describe(self) -> str:
+        """One line naming what was loaded: `SD 1.x UNet, 859.5M params, eps`."""
+        return self.architecture.describe(sum(p.numel() for p in self.unet.parameters()))
+
     def models(self) -> dict[str, nn.Module]:
-        return {part: getattr(self, part) for part in PARTS}
+        return {part: getattr(self, part) for part in PARTS if getattr(self, part) is not None}
 
     def lora_components(self) -> dict[str, nn.Module]:
         """The parts a LoRA file can change, by the component names of minigen.sd.lora_files."""
-        return {"unet": self.unet, "te1": self.text_encoder, "te2": self.text_encoder_2}
+        components = {"unet": self.unet, "te1": self.text_encoder, "te2": self.text_encoder_2}
+        return {name: model for name, model in components.items() if model is not None}
 
     def save_diffusers(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        """Write a diffusers folder (what `StableDiffusionXLPipeline.from_pretrained` and `load_sdxl` read)."""
+        """Write a diffusers folder (what diffusers' `from_pretrained` and `load_model` read)."""
         folder = Path(folder)
-        save_diffusers_files(folder, self.configs, (self.tokenizer, self.tokenizer_2))
+        save_diffusers_files(folder, self.configs, self.family, self.tokenizers())
         for part, model in self.models().items():
             _save_tensors(model.state_dict(), folder / part / f"{WEIGHTS_NAME[part]}.safetensors", dtype)
 
+    def tokenizers(self) -> dict[str, CLIPTokenizer]:
+        return {name: t for name, t in (("tokenizer", self.tokenizer), ("tokenizer_2", self.tokenizer_2)) if t}
+
     def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        """Write one safetensors file in the `sd_xl_base_1.0.safetensors` layout (A1111, ComfyUI, diffusers'
-        `from_single_file`). `dtype` casts every floating-point tensor; by default each keeps its own."""
-        state = {part: model.state_dict() for part, model in self.models().items()}
-        tensors = convert.to_single_file(state["unet"], state["vae"], state["text_encoder"], state["text_encoder_2"],
-                                         self.configs["unet"], self.configs["vae"])
-        _save_tensors(tensors, path, dtype)
+        """Write one safetensors file in the family's layout (`sd_xl_base_1.0.safetensors`,
+        `v1-5-pruned-emaonly.safetensors`: A1111, ComfyUI, diffusers' `from_single_file`). `dtype` casts every
+        floating-point tensor; by default each keeps its own. The configs go into the metadata (`minigen.configs`),
+        so layouts the tensor shapes alone do not settle load back exactly."""
+        states = {part: model.state_dict() for part, model in self.models().items()}
+        tensors = convert.to_single_file(states, self.configs, self.family)
+        _save_tensors(tensors, path, dtype, {CONFIGS_METADATA: json.dumps(self.configs, sort_keys=True)})
 
 
-def save_diffusers_files(folder: Path, configs: Mapping[str, Mapping],
-                         tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]) -> None:
-    """Everything of a diffusers folder but the weights: each part's config.json, the scheduler's config, the two
+def save_diffusers_files(folder: Path, configs: Mapping[str, Mapping], family: str,
+                         tokenizers: Mapping[str, CLIPTokenizer]) -> None:
+    """Everything of a diffusers folder but the weights: each part's config.json, the scheduler's config, the
     tokenizer folders and model_index.json."""
     for part in PARTS:
-        _write_json(folder / part / "config.json", configs[part])
-    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), tokenizers):
+        if part in configs:
+            _write_json(folder / part / "config.json", configs[part])
+    for name, tokenizer in tokenizers.items():
         tokenizer.save(folder / name)
     _write_json(folder / "scheduler" / "scheduler_config.json", configs["scheduler"])
-    _write_json(folder / "model_index.json", MODEL_INDEX)
+    _write_json(folder / "model_index.json", model_index(family))
 
 
 def read_diffusers_configs(folder: Path) -> dict[str, dict]:
-    """The config dicts of a diffusers folder's parts, and its scheduler's (SDXL base's if it has none)."""
-    configs = {part: _read_config(folder / part) for part in PARTS}
+    """The config dicts of a diffusers folder's parts (those it has) and its scheduler's (the family's default if it
+    has none)."""
+    configs = {part: _read_config(folder / part) for part in PARTS if (folder / part).is_dir()}
+    for part in ("unet", "vae"):
+        if part not in configs:
+            raise FileNotFoundError(f"{folder}: no {part}/ folder (is this a diffusers Stable Diffusion folder?)")
+    if not any(part in configs for part in ("text_encoder", "text_encoder_2")):
+        raise FileNotFoundError(f"{folder}: no text_encoder/ folder (is this a diffusers Stable Diffusion folder?)")
     scheduler = folder / "scheduler" / "scheduler_config.json"
     configs["scheduler"] = read_json(scheduler) if scheduler.is_file() \
-        else get_config("sdxl-base", "scheduler")
+        else get_config(base_preset(family_of_configs(configs)), "scheduler")
     return configs
 
 
@@ -136,12 +167,13 @@ def _write_json(path: Path, obj) -> None:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype | None) -> None:
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype | None,
+                  metadata: Mapping[str, str] | None = None) -> None:
     """Stream `tensors` to a safetensors file, casting floating-point ones to `dtype` one at a time."""
     def target(t):
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
     specs = {name: (tuple(t.shape), target(t)) for name, t in tensors.items()}
-    with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
+    with SafetensorsWriter(path, specs, {"format": "pt", **(metadata or {})}) as writer:
         for name, t in tensors.items():
             writer.write(name, t.to(target(t)))
 
@@ -206,7 +238,7 @@ def _read_folder_weights(folder: Path, stem: str, allow_pickle: bool) -> dict[st
 def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (is this a diffusers SDXL folder?)")
+        raise FileNotFoundError(f"{folder}: no config.json (is this a diffusers Stable Diffusion folder?)")
     return read_json(path)
 
 
@@ -226,66 +258,81 @@ def _read_vae(path: Path, config: Mapping, allow_pickle: bool) -> tuple[dict, di
     return dict(config), tensors
 
 
-RANDOM = "random:"  # `load_sdxl("random:tiny")`: a model of a preset's sizes with random weights, no file needed
+RANDOM = "random:"  # `load_model("random:tiny")`: a model of a preset's sizes with random weights, no file needed
 
 
-def random_sdxl(preset: str = "tiny", seed: int = 0) -> SDXL:
-    """An SDXL with random weights at a preset's sizes: "tiny" (SDXL's structure at toy widths, for tests, smoke runs
-    and trying every tool in seconds) or "sdxl-base" (the full size)."""
+def random_model(preset: str = "tiny", seed: int = 0) -> StableDiffusion:
+    """A model with random weights at a preset's sizes (`configs.PRESETS`): "tiny", "tiny-sd1", "tiny-sd2" (each
+    family's structure at toy widths, for tests, smoke runs and trying every tool in seconds) or a full size
+    ("sdxl-base", "sd15", "sd21")."""
     configs = get_config(preset)
+    family = family_of_configs(configs)
     torch.manual_seed(seed)
-    models = {part: build_model(part, configs[part]) for part in PARTS}
-    tokenizer, tokenizer_2 = sdxl_tokenizers()
-    return SDXL(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2, configs=configs)
+    models = {part: build_model(part, configs[part]) if part in configs else None for part in PARTS}
+    tokenizers = model_tokenizers(family)
+    return StableDiffusion(family, **models, tokenizer=tokenizers.get("tokenizer"),
+                           tokenizer_2=tokenizers.get("tokenizer_2"), configs=configs)
 
 
-def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              vae: str | os.PathLike | None = None, allow_pickle: bool = False,
-              configs: str | Mapping[str, Mapping] = "sdxl-base", vae_dtype: torch.dtype = torch.float32) -> SDXL:
-    """Load SDXL from a diffusers folder or a single-file checkpoint.
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               vae: str | os.PathLike | None = None, allow_pickle: bool = False, prediction: str | None = None,
+               vae_dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """Load SD 1.x, SD 2.x or SDXL from a diffusers folder or a single-file checkpoint.
 
-    dtype/device: where the UNet and text encoders go; the VAE gets `vae_dtype` (fp32: SDXL's VAE overflows in fp16).
+    dtype/device: where the UNet and text encoders go; the VAE gets `vae_dtype` (fp32: SD's VAEs overflow in fp16).
     vae: a replacement VAE (file or folder), e.g. the fp16-fix VAE.
     allow_pickle: accept .ckpt/.bin pickles (loaded with weights_only=True); refused otherwise.
-    configs: for a single file, which has none inside: a preset name of `configs.py` or a dict of config dicts.
+    prediction: "epsilon" or "v_prediction", for a file that does not say (SD 2.x 768-v); overrides the file.
+    A single file's architecture is read from its tensors (`detect.detect`); a folder's from its configs.
     Tokenizers come from the folder's tokenizer/ and tokenizer_2/, or the bundled CLIP vocabulary.
-    path "random:<preset>" builds `random_sdxl(preset)` instead (a `vae` file then replaces its VAE too).
+    path "random:<preset>" builds `random_model(preset)` instead (a `vae` file then replaces its VAE too).
     """
     if str(path).startswith(RANDOM):
         try:
-            sdxl = random_sdxl(str(path).removeprefix(RANDOM))
+            model = random_model(str(path).removeprefix(RANDOM))
         except KeyError as e:
             raise ValueError(f"{path}: {e.args[0]}") from None
+        if prediction:
+            model.configs["scheduler"]["prediction_type"] = PREDICTIONS[prediction]
         if vae is not None:
-            config, state = _read_vae(Path(vae), sdxl.configs["vae"], allow_pickle)
-            sdxl.vae = assemble("vae", config, state, vae_dtype, device, str(vae))
-        for part, model in sdxl.models().items():
-            model.to(device, vae_dtype if part == "vae" else dtype)
-        return sdxl
+            config, state = _read_vae(Path(vae), model.configs["vae"], allow_pickle)
+            model.vae = assemble("vae", config, state, vae_dtype, device, str(vae))
+        for part, module in model.models().items():
+            module.to(device, vae_dtype if part == "vae" else dtype)
+        return model
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such SDXL checkpoint: {path}")
+        raise FileNotFoundError(f"no such checkpoint: {path}")
     if path.is_dir():
         configs = read_diffusers_configs(path)
-        states = {part: _read_folder_weights(path / part, WEIGHTS_NAME[part], allow_pickle) for part in PARTS}
-        tokenizers = sdxl_tokenizers(path if (path / "tokenizer").is_dir() else None)
+        if prediction:
+            configs["scheduler"]["prediction_type"] = PREDICTIONS[prediction]
+        family = family_of_configs(configs)
+        states = {part: _read_folder_weights(path / part, WEIGHTS_NAME[part], allow_pickle)
+                  for part in PARTS if part in configs}
+        tokenizers = model_tokenizers(family, path)
     else:
-        configs = get_config(configs) if isinstance(configs, str) else {k: dict(v) for k, v in configs.items()}
-        tensors, _ = load_weights(path, allow_pickle=allow_pickle)
-        kind = convert.detect_model(tensors)
-        if kind != "sdxl":
-            raise CheckpointError(f"{path}: only SDXL is supported; this file looks like {convert.MODEL_NAMES[kind]}")
+        tensors, metadata = load_weights(path, allow_pickle=allow_pickle)
         try:
-            states = convert.to_diffusers(tensors, configs["unet"], configs["vae"])
+            arch = detect({k: tuple(t.shape) for k, t in tensors.items()}, metadata or {}, str(path), prediction)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        family, configs = arch.family, arch.configs
+        try:
+            states = convert.to_diffusers(tensors, configs, family)
         except KeyError as e:
             raise CheckpointError(f"{path}: {e.args[0]}") from None
         del tensors
-        tokenizers = sdxl_tokenizers()
+        tokenizers = model_tokenizers(family)
     if vae is not None:
         configs["vae"], states["vae"] = _read_vae(Path(vae), configs["vae"], allow_pickle)
     models = {}
     for part in PARTS:
+        if part not in states:
+            models[part] = None
+            continue
         source = str(vae) if part == "vae" and vae is not None else str(path)
         models[part] = assemble(part, configs[part], states.pop(part), vae_dtype if part == "vae" else dtype,
                                 device, source)
-    return SDXL(**models, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], configs=configs)
+    return StableDiffusion(family, **models, tokenizer=tokenizers.get("tokenizer"),
+                           tokenizer_2=tokenizers.get("tokenizer_2"), configs=configs)

@@ -1,21 +1,27 @@
-"""SDXL text-to-image: prompts -> two text encoders -> the sampling loop over the UNet -> VAE decode -> images.
+"""Stable Diffusion text-to-image (SD 1.x, 2.x, SDXL): prompts -> text encoder(s) -> the sampling loop over the
+UNet -> VAE decode -> images.
 
-Every step is the one diffusers' StableDiffusionXLPipeline takes, in the same order, so that for the same model,
-settings and `torch.Generator` the images are the same:
+Every step is the one diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline takes, in the same order, so
+that for the same model, settings and `torch.Generator` the images are the same:
 
-    pipe = SDXLPipeline.from_pretrained("stable-diffusion-xl-base-1.0/", dtype=torch.bfloat16, device="cuda")
+    pipe = Pipeline.from_pretrained("stable-diffusion-xl-base-1.0/", dtype=torch.bfloat16, device="cuda")
     images = pipe("a photo of an astronaut riding a horse on mars", steps=30, guidance_scale=5.0,
                   generator=torch.Generator("cpu").manual_seed(0))        # (B, H, W, 3) uint8
     save_images(images, "out/", "astronaut")
 
-1. Prompt: each encoder's penultimate hidden state, concatenated (B, 77, 768 + 1280); the pooled prompt is the second
-   encoder's projected end-of-text state (B, 1280). With no negative prompt, the negative embeddings are zeros
-   (`force_zeros_for_empty_prompt`, SDXL's default), not the encoding of "".
-2. Micro-conditioning ("SDXL", Podell et al. 2023, sec. 2.2): the UNet also sees (original height, width, crop top,
-   left, target height, width); by default the generated size with no crop.
+1. Prompt. SD 1.x/2.x: the encoder's last hidden state after its final layer norm (B, 77, 768 or 1024); with CLIP
+   skip N (A1111's count: 2 = the penultimate layer, what anime models were trained with) the hidden state N - 1
+   layers earlier, layer-normed. The negative prompt is the encoding of "" when none is given.
+   SDXL: each encoder's penultimate hidden state, not normed, concatenated (B, 77, 768 + 1280); the pooled prompt is
+   the second encoder's projected end-of-text state (B, 1280). With no negative prompt, the negative embeddings are
+   zeros (`force_zeros_for_empty_prompt`, SDXL's default), not the encoding of "".
+2. Micro-conditioning (SDXL only; "SDXL", Podell et al. 2023, sec. 2.2): the UNet also sees (original height, width,
+   crop top, left, target height, width); by default the generated size with no crop.
 3. Latents: unit noise from the generator, (B, 4, H/8, W/8), scaled by the sampler; then the sampler's loop
-   (`minigen.diffusion.sample`) with classifier-free guidance over the batch [negative, positive].
-4. Decode: latents / scaling_factor through the VAE in fp32, (x + 1) / 2 clamped, *255 rounded, uint8.
+   (`minigen.diffusion.sample`) with classifier-free guidance over the batch [negative, positive]. The model predicts
+   noise or v (SD 2.x 768-v), as its scheduler config says.
+4. Decode: latents / scaling_factor (0.18215 for SD 1/2, 0.13025 for SDXL) through the VAE in fp32, (x + 1) / 2
+   clamped, *255 rounded, uint8.
 """
 
 from __future__ import annotations
@@ -36,13 +42,13 @@ from ..atomic import atomic_write
 from ..lora import remove_lora
 from .lora_files import load_lora
 from .convert import unet_name_map
-from .model import RANDOM, SDXL, load_sdxl, read_json
+from .model import RANDOM, StableDiffusion, load_model, read_json
 
-SDXL_VAE_SCALE = 8  # pixels per latent in each direction: SDXL's VAE halves the size three times
+VAE_SCALE = 8  # pixels per latent in each direction: every SD VAE halves the size three times
 
 
 def check_settings(sampler: str, steps: int, height: int, width: int, num_images: int = 1,
-                   vae_scale: int = SDXL_VAE_SCALE, strength: float = 1.0, karras: bool = False) -> None:
+                   vae_scale: int = VAE_SCALE, strength: float = 1.0, karras: bool = False) -> None:
     """Refuse settings that cannot make an image, naming what is wrong, before any model runs. strength: img2img's."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -67,25 +73,37 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
 
 
-def encode_prompt(sdxl: SDXL, prompts: Sequence[str], *, warn_truncated: bool = True,
-                  keep_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts through both encoders: context (B, 77, 2048) and pooled (B, 1280), in the text encoders' dtype.
+def encode_prompt(model: StableDiffusion, prompts: Sequence[str], *, clip_skip: int = 1, warn_truncated: bool = True,
+                  keep_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts through the text encoder(s): context (B, 77, D) and pooled (B, 1280; None for SD 1.x/2.x), in the
+    text encoders' dtype. clip_skip: A1111's count, 1 = no skip (see the module's doc).
 
     Text past 75 tokens is cut off with a warning naming it, as diffusers warns. (diffusers warns only for the
     prompt; minigen also warns for the negative prompt, whose cut-off text is dropped just the same.) LoRA training
     passes `warn_truncated=False` (diffusers' trainer cuts captions silently) and `keep_grad=True` (a text-encoder
     LoRA trains through this); sampling runs without gradients.
     """
-    contexts = []
+    if clip_skip < 1:
+        raise ValueError(f"clip skip must be >= 1 (1: no skip, 2: the penultimate layer), got {clip_skip}")
+    contexts, out = [], None
     with contextlib.nullcontext() if keep_grad else torch.no_grad():
-        for tokenizer, encoder in ((sdxl.tokenizer, sdxl.text_encoder), (sdxl.tokenizer_2, sdxl.text_encoder_2)):
+        for tokenizer, encoder in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)):
+            if encoder is None:
+                continue
+            if clip_skip >= len(encoder.text_model.encoder.layers) + 1:
+                raise ValueError(f"clip skip {clip_skip} leaves no layer of a {len(encoder.text_model.encoder.layers)}"
+                                 f"-layer text encoder")
             tokens = tokenizer(list(prompts))
             for cut in filter(None, tokens.truncated) if warn_truncated else ():
                 warnings.warn("The following part of your input was truncated because CLIP can only handle "
                               f"sequences up to {tokenizer.max_length} tokens: {cut}", stacklevel=3)
             out = encoder(tokens.input_ids.to(encoder.text_model.embeddings.token_embedding.weight.device))
-            contexts.append(out.hidden_states[-2])  # (B, 77, D_i): the penultimate layer, not final-normed
-    return torch.cat(contexts, dim=-1), out.text_embeds  # (B, 77, 768 + 1280), (B, 1280) from encoder 2
+            if model.family.startswith("sdxl"):  # the penultimate layer (or earlier), not final-normed
+                contexts.append(out.hidden_states[-1 - clip_skip])  # (B, 77, D_i)
+            else:  # the last layer (or earlier), final-normed: diffusers' clip_skip is A1111's minus one
+                contexts.append(encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip]))
+    pooled = out.text_embeds if model.text_encoder_2 is not None else None  # (B, 1280) from encoder 2
+    return torch.cat(contexts, dim=-1), pooled
 
 
 def unit_to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -112,7 +130,7 @@ def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, star
 
 
 def load_init_image(path: str | os.PathLike, height: int | None = None, width: int | None = None,
-                    vae_scale: int = SDXL_VAE_SCALE) -> torch.Tensor:
+                    vae_scale: int = VAE_SCALE) -> torch.Tensor:
     """An img2img starting image as (1, 3, H, W) fp32 in [0, 1], as diffusers' VaeImageProcessor prepares it: resized
     with Lanczos to height x width, each by default its own rounded down to a multiple of `vae_scale`.
     ValueError names the file when it cannot be read or is smaller than one latent."""
@@ -132,34 +150,38 @@ def load_init_image(path: str | os.PathLike, height: int | None = None, width: i
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
-class SDXLPipeline:
-    """Text to image with an `SDXL` model (see `minigen.sd.model.load_sdxl`)."""
+class Pipeline:
+    """Text to image with a Stable Diffusion model (see `minigen.sd.model.load_model`). force_zeros_for_empty_prompt:
+    SDXL's zero negative embeddings when no negative prompt is given (SD 1.x/2.x always encode "")."""
 
-    def __init__(self, sdxl: SDXL, force_zeros_for_empty_prompt: bool = True):
-        self.sdxl = sdxl
-        self.schedule = NoiseSchedule.from_config(sdxl.scheduler_config)
+    def __init__(self, model: StableDiffusion, force_zeros_for_empty_prompt: bool = True):
+        if model.family == "sdxl-refiner":
+            raise ValueError("the SDXL refiner is not supported for sampling yet (it is an img2img model conditioned "
+                             "on an aesthetic score); load, merge and LoRA-train it, sample with a base model")
+        self.model = model
+        self.schedule = NoiseSchedule.from_config(model.scheduler_config)
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.loras = 0  # adapters added so far, each named lora1, lora2, ...
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", **load_kwargs) -> "SDXLPipeline":
-        """A diffusers folder or a single-file SDXL checkpoint; errors name a missing path or a non-SDXL model.
-        A folder's model_index.json may turn off `force_zeros_for_empty_prompt` (SDXL base keeps it on).
-        "random:<preset>" is a random model of a preset's sizes (see `load_sdxl`)."""
+                        device: str | torch.device = "cpu", **load_kwargs) -> "Pipeline":
+        """A diffusers folder or a single-file checkpoint (SD 1.x, 2.x, SDXL); errors name a missing path or another
+        kind of model. A folder's model_index.json may turn off `force_zeros_for_empty_prompt` (SDXL base keeps it on).
+        "random:<preset>" is a random model of a preset's sizes (see `load_model`)."""
         if str(path).startswith(RANDOM):
-            return cls(load_sdxl(path, dtype=dtype, device=device, **load_kwargs))
+            return cls(load_model(path, dtype=dtype, device=device, **load_kwargs))
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model path does not exist: {path}")
         force_zeros = True
         if (path / "model_index.json").is_file():
             index = read_json(path / "model_index.json")
-            if "text_encoder_2" not in index or "unet" not in index:
+            if "unet" not in index or not {"text_encoder", "text_encoder_2"} & index.keys():
                 raise ValueError(f"{path} is a diffusers folder of {index.get('_class_name', 'another model')}, "
-                                 "not SDXL (it lacks text_encoder_2 or unet)")
+                                 "not Stable Diffusion (it lacks a unet or a text encoder)")
             force_zeros = index.get("force_zeros_for_empty_prompt", True)
-        return cls(load_sdxl(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
+        return cls(load_model(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
 
     def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> str:
         """Apply a LoRA file (kohya or diffusers/peft layout; UNet and/or text encoders) on top of the model, as
@@ -168,37 +190,39 @@ class SDXLPipeline:
         Returns the adapter's name, for `remove_lora`."""
         self.loras += 1
         name = f"lora{self.loras}"
-        load_lora(path, self.sdxl.lora_components(), name=name, multiplier=multiplier,
-                  unet_names=unet_name_map(self.sdxl.unet.config), allow_pickle=allow_pickle)
+        load_lora(path, self.model.lora_components(), name=name, multiplier=multiplier,
+                  unet_names=unet_name_map(self.model.unet.config), allow_pickle=allow_pickle)
         return name
 
     def remove_lora(self, name: str) -> None:
         """Take the adapter `add_lora` named `name` off the model: its outputs are the base model's again."""
-        for model in self.sdxl.lora_components().values():
+        for model in self.model.lora_components().values():
             remove_lora(model, name)
 
     @property
     def vae_scale(self) -> int:
         """Pixels per latent: the VAE halves the size once per level but the last (8 for SDXL)."""
-        return 2 ** (len(self.sdxl.vae.config["block_out_channels"]) - 1)
+        return 2 ** (len(self.model.vae.config["block_out_channels"]) - 1)
 
     @property
     def device(self) -> torch.device:
-        return self.sdxl.unet.conv_in.weight.device
+        return self.model.unet.conv_in.weight.device
 
-    def conditioning(self, prompt: str, negative_prompt: str | None, num_images: int,
-                     guidance: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context (N, 77, 2048) and pooled (N, 1280) for the UNet: N = num_images, or 2 * num_images ordered
-        [negative..., positive...] when guiding, as diffusers batches them."""
-        context, pooled = encode_prompt(self.sdxl, [prompt])  # (1, 77, 2048), (1, 1280)
+    def conditioning(self, prompt: str, negative_prompt: str | None, num_images: int, guidance: bool,
+                     clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context (N, 77, D) and pooled (N, 1280; None for SD 1.x/2.x) for the UNet: N = num_images, or
+        2 * num_images ordered [negative..., positive...] when guiding, as diffusers batches them."""
+        context, pooled = encode_prompt(self.model, [prompt], clip_skip=clip_skip)  # (1, 77, D), (1, 1280) | None
         if guidance:
-            if negative_prompt is None and self.force_zeros_for_empty_prompt:
+            if negative_prompt is None and self.force_zeros_for_empty_prompt and pooled is not None:
                 negative = torch.zeros_like(context), torch.zeros_like(pooled)
             else:
-                negative = encode_prompt(self.sdxl, [negative_prompt or ""])
-            context, pooled = torch.cat([negative[0], context]), torch.cat([negative[1], pooled])
+                negative = encode_prompt(self.model, [negative_prompt or ""], clip_skip=clip_skip)
+            context = torch.cat([negative[0], context])
+            pooled = None if pooled is None else torch.cat([negative[1], pooled])
         # (G, ...) -> (G * num_images, ...): each of the G prompts repeated num_images times
-        return context.repeat_interleave(num_images, 0), pooled.repeat_interleave(num_images, 0)
+        return context.repeat_interleave(num_images, 0), \
+            None if pooled is None else pooled.repeat_interleave(num_images, 0)
 
     @torch.no_grad()
     def __call__(self, prompt: str, negative_prompt: str | None = None, *, steps: int = 30,
@@ -207,11 +231,13 @@ class SDXLPipeline:
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, output: str = "uint8",
-                 progress: bool = False, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 init_image: torch.Tensor | None = None, strength: float = 0.3) -> torch.Tensor:
+                 progress: bool = False, embeddings: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 init_image: torch.Tensor | None = None, strength: float = 0.3, clip_skip: int = 1) -> torch.Tensor:
         """Generate `num_images` images of `prompt`: (num_images, height, width, 3) uint8 on the CPU, or with
         output="float" (num_images, 3, height, width) fp32 in [0, 1] (diffusers' output_type="pt").
 
+        clip_skip: A1111's count (1: none; 2: the penultimate layer). original_size, crop_top_left, target_size:
+        SDXL's micro-conditioning (ignored by SD 1.x/2.x).
         guidance_scale > 1 turns on classifier-free guidance (as in diffusers); guidance_rescale in [0, 1] pulls the
         guided prediction towards the conditional one's std. eta is DDIM's. One generator draws the whole batch's
         noise, as diffusers does; a list gives one generator per image.
@@ -232,21 +258,26 @@ class SDXLPipeline:
                              f"{height}x{width}")
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
-        unet, vae = self.sdxl.unet, self.sdxl.vae
+        unet, vae = self.model.unet, self.model.vae
         guidance = guidance_scale > 1
         if embeddings is None:
-            context, pooled = self.conditioning(prompt, negative_prompt, num_images, guidance)
+            context, pooled = self.conditioning(prompt, negative_prompt, num_images, guidance, clip_skip)
         else:
             context, pooled = embeddings
-            if context.shape[0] != num_images * (2 if guidance else 1) or pooled.shape[0] != context.shape[0]:
-                raise ValueError(f"embeddings of {context.shape[0]} and {pooled.shape[0]} rows do not fit "
+            if context.shape[0] != num_images * (2 if guidance else 1) or \
+                    (pooled is not None and pooled.shape[0] != context.shape[0]):
+                raise ValueError(f"embeddings of {context.shape[0]} rows do not fit "
                                  f"{num_images} images {'with' if guidance else 'without'} guidance")
         dtype, device = unet.conv_in.weight.dtype, self.device
-        context, pooled = context.to(device, dtype), pooled.to(device, dtype)
-        ids = time_ids(original_size or (height, width), crop_top_left, target_size or (height, width))
-        ids = ids.to(device, dtype).expand(context.shape[0], -1)  # (N, 6): the same for negative and positive
+        context = context.to(device, dtype)
+        if pooled is not None:  # SDXL: the pooled prompt and the micro-conditioning, the same for negative/positive
+            pooled = pooled.to(device, dtype)
+            ids = time_ids(original_size or (height, width), crop_top_left, target_size or (height, width))
+            ids = ids.to(device, dtype).expand(context.shape[0], -1)  # (N, 6)
+        else:
+            ids = None
 
-        def unet_fn(x, t):  # x (N, 4, h, w) -> predicted noise; latents stay fp32 between steps
+        def unet_fn(x, t):  # x (N, 4, h, w) -> predicted noise (or v); latents stay fp32 between steps
             return unet(x.to(dtype), t, context, pooled, ids).float()
 
         model_fn = guided(unet_fn, guidance_scale, guidance_rescale) if guidance else unet_fn
@@ -255,7 +286,7 @@ class SDXLPipeline:
         latents = sample(model_fn, shape, self.schedule, sampler, steps, karras=karras, eta=eta, init=init,
                          strength=strength, generator=generator, device=device, progress=progress)  # (B, 4, h, w)
         # Patch: decoded in the VAE's own dtype, fp32 by default (diffusers keeps an fp16/bf16 VAE's dtype unless
-        # force_upcast); SDXL's VAE overflows in fp16, and its cost is small next to the UNet's.
+        # force_upcast); SD's VAEs overflow in fp16, and its cost is small next to the UNet's.
         vae_param = vae.post_quant_conv.weight
         images = vae.decode((latents / vae.scaling_factor).to(vae_param.device, vae_param.dtype))  # (B, 3, H, W)
         images = (images.float() * 0.5 + 0.5).clamp(0, 1).cpu()
@@ -266,7 +297,7 @@ class SDXLPipeline:
         """img2img's clean latents (num_images, 4, h, w) fp32, scaled, as diffusers' prepare_latents makes them: a
         sample of the VAE's latent distribution drawn from the generator (before the starting noise), the image
         repeated over the batch; with one generator per image, each copy is encoded and sampled with its own."""
-        vae = self.sdxl.vae
+        vae = self.model.vae
         param = vae.post_quant_conv.weight
         x = (images * 2 - 1).to(param.device, param.dtype)  # [0, 1] -> [-1, 1]
         if isinstance(generator, (list, tuple)):

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer in pure Python, as SDXL's two text encoders use it.
+"""CLIP's byte-level BPE tokenizer in pure Python, as the Stable Diffusion text encoders use it.
 
 text -> clean (html-unescape, NFC, collapse whitespace, lowercase) -> split into words with CLIP's pattern ->
 UTF-8 bytes of each word as printable characters -> BPE merges (the last symbol of a word carries "</w>") -> ids,
@@ -275,11 +275,19 @@ class CLIPTokenizer:
         return TokenizedPrompts(input_ids, truncated)
 
 
-def sdxl_tokenizers(root: str | os.PathLike | None = None) -> tuple[CLIPTokenizer, CLIPTokenizer]:
-    """SDXL's (tokenizer, tokenizer_2): from a diffusers folder's `tokenizer/` and `tokenizer_2/`, or, with no
-    folder, the bundled vocabulary padded as SDXL pads (<|endoftext|> for CLIP-L, "!" for bigG)."""
-    if root is None:
-        first = CLIPTokenizer.bundled()
-        return first, first.with_pad_token("!")
-    root = Path(root)
-    return CLIPTokenizer.from_folder(root / "tokenizer"), CLIPTokenizer.from_folder(root / "tokenizer_2")
+# The padding each text encoder was trained with: CLIP ViT-L (SD 1.x, SDXL's first) pads with <|endoftext|>, the
+# OpenCLIP towers (SD 2.x's ViT-H, SDXL's bigG) with "!".
+PAD_TOKENS = {"text_encoder": {"sd1": EOS, "sd2": "!", "sdxl": EOS}, "text_encoder_2": {"sdxl": "!", "sdxl-refiner": "!"}}
+
+
+def model_tokenizers(family: str, root: str | os.PathLike | None = None) -> dict[str, CLIPTokenizer]:
+    """{"tokenizer": ..., "tokenizer_2": ...} for the family's text encoders: from a diffusers folder's `tokenizer/`
+    and `tokenizer_2/` where it has them, else the bundled vocabulary padded as the family pads."""
+    bundled = CLIPTokenizer.bundled()
+    tokenizers = {}
+    for part, name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if family in PAD_TOKENS[part]:
+            folder = Path(root) / name if root is not None else None
+            tokenizers[name] = CLIPTokenizer.from_folder(folder) if folder is not None and folder.is_dir() \
+                else bundled.with_pad_token(PAD_TOKENS[part][family])
+    return tokenizers
