@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,8 +31,8 @@ from .data import ImageFolder
 from .datasets import resolve_dataset
 from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
 from .plot import Panel, plot_panels, save_grid
-from .training import (TrainingDiverged, check_finite_before_saving, epoch_seed, optimizer_from_tensors,
-                       optimizer_to_tensors, run_settings)
+from .training import (StopRequest, TrainingDiverged, check_finite_before_saving, epoch_seed,
+                       optimizer_from_tensors, optimizer_to_tensors, run_settings)
 
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
 LOSSES = ("bce", "wgan-gp", "hinge")
@@ -326,32 +325,6 @@ def load_generator(path: str | Path, device: str = "cpu") -> tuple[gan.Generator
 # A per-epoch metric (FID during training, say): called with the trainer after each epoch's grid; its {name: value}
 # is written to log.jsonl and drawn in the third panel of curves.png.
 EpochHook = Callable[[GANTrainer], dict[str, float]]
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration; the same signal again stops at
-    once. (torchrun passes the signal it gets to every rank; a rank that gets one alone stops all: see `agree`.)"""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
-        for s in self.SIGNALS:
-            signal.signal(s, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signum, self.previous[signum])
-        print(f"\nstopping after this iteration to save a checkpoint ({signal.Signals(signum).name} again to quit at "
-              f"once){distributed.rank_label()}", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for s in self.SIGNALS:
-            signal.signal(s, self.previous[s])
 
 
 def read_log(path: Path, up_to_iteration: int) -> list[dict]:
