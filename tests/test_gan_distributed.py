@@ -18,6 +18,7 @@ from minigen import gan_distributed
 from minigen.gan_trainer import GANConfig, GANTrainer, train
 from minigen.io import load_safetensors
 from test_distributed import flags, torchrun
+import test_train_gan
 
 # Every random draw that must be split by position: flips, noise, soft labels, label flips. 12 images, global batch 4:
 # 3 iterations per epoch. A learning rate 10x the default, so the weights move far beyond the tolerance.
@@ -27,11 +28,12 @@ ITERATIONS = 9
 # The ranks' sums of half-batch gradients and batch moments vs one batch's: summation order, in fp32 (measured: 5e-7).
 FP32_ROUNDING = dict(rtol=1e-5, atol=1e-6)
 
+folder = test_train_gan.folder  # the fixture: 12 small random pictures
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
-def config(data, out, batch: int) -> GANConfig:
-    return GANConfig(data=str(data), out=str(out), batch=batch, size=(32, 32), ngf=4, ndf=4, nz=8, grid=4, epochs=3,
+def config(images, out, batch: int) -> GANConfig:
+    return GANConfig(data=str(images), out=str(out), batch=batch, size=(32, 32), ngf=4, ndf=4, nz=8, grid=4, epochs=3,
                      hflip=True, real_label=(0.7, 1.0), label_flip=0.2, lr=2e-3, sync_bn=True)
 
 
@@ -51,25 +53,16 @@ def assert_close_all(ours: dict, theirs: dict, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def two_ranks(data, tmp_path_factory):
+def two_ranks(folder, tmp_path_factory):
     """An uninterrupted two-rank run, batch 2 per rank, G's and D's state after every iteration."""
     root = tmp_path_factory.mktemp("two")
-    job = torchrun("train_gan", flags(TRAINING | dict(data=data, batch=2, out=root / "run")),
+    job = torchrun("train_gan", flags(TRAINING | dict(data=folder, batch=2, out=root / "run")),
                    {"record": str(root / "steps.safetensors")})
     assert job.returncode == 0, job.stderr[-3000:]
     return root
 
 
-def test_two_ranks_of_batch_b_train_what_one_process_of_batch_2b_trains(two_ranks, data, tmp_path, monkeypatch):
+def test_two_ranks_of_batch_b_train_what_one_process_of_batch_2b_trains(two_ranks, folder, tmp_path, monkeypatch):
     run = two_ranks / "run"
     assert [(r["iteration"], r["epoch"]) for r in log_of(run) if "loss_d" in r] == \
         [(i, (i - 1) // 3 + 1) for i in range(1, ITERATIONS + 1)]  # an epoch is one pass: 12 images, 3 iterations
@@ -85,7 +78,7 @@ def test_two_ranks_of_batch_b_train_what_one_process_of_batch_2b_trains(two_rank
             snapshots.update({f"{self.iteration}/{name}.{k}": v.clone() for k, v in model.state_dict().items()})
         return stats
     monkeypatch.setattr(GANTrainer, "step", recording_step)
-    assert train(config(data, tmp_path, batch=4), progress=False) == "done"
+    assert train(config(folder, tmp_path, batch=4), progress=False) == "done"
     two = load_file(two_ranks / "steps.safetensors")
     assert_close_all(two, snapshots, "two ranks vs one process")
     first, last = snapshots["1/G.net.0.weight"], snapshots[f"{ITERATIONS}/G.net.0.weight"]
@@ -97,10 +90,10 @@ def test_two_ranks_of_batch_b_train_what_one_process_of_batch_2b_trains(two_rank
         assert np.abs(np.asarray(one, dtype=int) - np.asarray(two, dtype=int)).max() <= 1  # rank 0 draws the grid
 
 
-def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_exactly(two_ranks, data, tmp_path):
+def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_exactly(two_ranks, folder, tmp_path):
     out = tmp_path / "stopped"
     # rank 1 alone gets SIGTERM during iteration 5, in the middle of epoch 2
-    job = torchrun("train_gan", flags(TRAINING | dict(data=data, batch=2, out=out)), {"sigterm": [1, 5]})
+    job = torchrun("train_gan", flags(TRAINING | dict(data=folder, batch=2, out=out)), {"sigterm": [1, 5]})
     assert job.returncode != 0  # the ranks exit with 130 (interrupted)
     assert "stopping after this iteration to save a checkpoint (SIGTERM again to quit at once) (rank 1 of 2)" \
         in job.stderr
@@ -119,17 +112,17 @@ def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_exactly(two_ranks, d
     assert log_of(out) == log_of(two_ranks / "run")
 
     # one process with batch 4 (batch x ranks kept) continues as the two ranks did, to rounding
-    assert train(config(data, tmp_path / "one", batch=4), resume=saved, progress=False) == "done"
+    assert train(config(folder, tmp_path / "one", batch=4), resume=saved, progress=False) == "done"
     assert_close_all(weights_of(tmp_path / "one" / "checkpoint.safetensors"), weights_of(checkpoint), "resumed on one")
     # with batch 2 the global batch halves: it goes on from the same image of the epoch, with a warning
     with pytest.warns(UserWarning, match="not an exact resume; continuing after image 8"):
-        assert train(config(data, tmp_path / "b2", batch=2), resume=saved, progress=False) == "done"
+        assert train(config(folder, tmp_path / "b2", batch=2), resume=saved, progress=False) == "done"
     iterations = [r["iteration"] for r in log_of(tmp_path / "b2") if "loss_d" in r]
     assert iterations == list(range(6, 6 + 2 + 6))  # 2 more of epoch 2's 6 (8 images seen), then epoch 3's 6
 
 
-def test_a_failing_rank_ends_the_job_with_its_message(data, tmp_path):
-    job = torchrun("train_gan", flags(TRAINING | dict(data=data, batch=2, out=tmp_path)), {"fail": [1, 2]})
+def test_a_failing_rank_ends_the_job_with_its_message(folder, tmp_path):
+    job = torchrun("train_gan", flags(TRAINING | dict(data=folder, batch=2, out=tmp_path)), {"fail": [1, 2]})
     assert job.returncode != 0
     assert "train_gan.py (rank 1 of 2): error: rank 1 broke at iteration 2" in job.stderr
 
