@@ -185,9 +185,9 @@ class GANTrainer:
                                             torch.where(flip, real_target, fake_target))
             loss_d = gan.bce_d_loss(real_score, fake_score, real_target.to(self.device), fake_target.to(self.device))
         elif cfg.loss == "wgan-gp":
+            mix = self.mine(torch.rand(n, 1, 1, 1, generator=self.rng))  # (B, 1, 1, 1)
             loss_d = (gan.wgan_d_loss(real_score, fake_score)
-                      + cfg.gp_lambda * gan.gradient_penalty(self.D, real, fake,
-                                                             mix=self.mine(torch.rand(n, 1, 1, 1, generator=self.rng))))
+                      + cfg.gp_lambda * gan.gradient_penalty(self.D, real, fake, mix=mix))
         else:
             loss_d = gan.hinge_d_loss(real_score, fake_score)
         self.opt_d.zero_grad(set_to_none=True)
@@ -407,14 +407,13 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
                     return "interrupted"
             trainer.epoch, trainer.batch_index = epoch + 1, 0
             if main:
-                end_epoch(trainer, records, log, epoch_hooks, title=f"DCGAN {cfg.size[0]}x{cfg.size[1]} on "
-                          f"{Path(cfg.data).name}, {cfg.loss}", seconds=time.perf_counter() - start)
+                end_epoch(trainer, records, log, epoch_hooks, seconds=time.perf_counter() - start)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 trainer.save(checkpoint)
     return "done"
 
 
-def end_epoch(trainer: GANTrainer, records: list[dict], log: TextIO, epoch_hooks: Iterable[EpochHook], title: str,
+def end_epoch(trainer: GANTrainer, records: list[dict], log: TextIO, epoch_hooks: Iterable[EpochHook],
               seconds: float) -> None:
     """Rank 0's work after an epoch: the grid, the hooks' metrics (logged), the curves and a line on stderr."""
     cfg, epoch, out = trainer.cfg, trainer.epoch, Path(trainer.cfg.out)
@@ -428,7 +427,7 @@ def end_epoch(trainer: GANTrainer, records: list[dict], log: TextIO, epoch_hooks
         records.append(record)
         log.write(json.dumps(record) + "\n")
     log.flush()
-    draw_curves(records, out / "curves.png", title)
+    draw_curves(records, out / "curves.png", f"DCGAN {cfg.size[0]}x{cfg.size[1]} on {Path(cfg.data).name}, {cfg.loss}")
     last = next(r for r in reversed(records) if "loss_d" in r)
     print(f"epoch {epoch}/{cfg.epochs}: {seconds:.1f} s, D loss {last['loss_d']:.3f}, G loss {last['loss_g']:.3f}, "
           f"grid {grid}", file=sys.stderr)

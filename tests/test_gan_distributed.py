@@ -86,8 +86,8 @@ def test_two_ranks_of_batch_b_train_what_one_process_of_batch_2b_trains(two_rank
     def losses(out):
         return [r[k] for r in log_of(out) if "loss_d" in r for k in ("loss_d", "loss_g")]
     assert losses(tmp_path) == pytest.approx(losses(run), rel=1e-5)  # rank 0 logs the means over the ranks
-    with Image.open(tmp_path / "samples" / "epoch_0003.png") as one, Image.open(run / "samples" / "epoch_0003.png") as two:
-        assert np.abs(np.asarray(one, dtype=int) - np.asarray(two, dtype=int)).max() <= 1  # rank 0 draws the grid
+    grids = [np.asarray(Image.open(out / "samples" / "epoch_0003.png"), dtype=int) for out in (tmp_path, run)]
+    assert np.abs(grids[0] - grids[1]).max() <= 1  # rank 0 draws the grid as one process does (8-bit rounding)
 
 
 def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_exactly(two_ranks, folder, tmp_path):
