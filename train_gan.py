@@ -5,9 +5,12 @@
     python train_gan.py --resume runs/gan/checkpoint.safetensors              # continues with the saved settings
     python train_gan.py --config configs/demo.conf --fid-every 5              # FID vs the training set, logged
     python train_gan.py --sample 1000 --checkpoint runs/gan/checkpoint.safetensors --out runs/gan/fake
+    torchrun --nproc_per_node 4 train_gan.py --config configs/demo.conf --device cuda --sync-bn   # data-parallel
 
 A preset (configs/*.conf) is a file of the same flags, one per line, `#` comments allowed; flags given on the command
 line after it win. With --resume the run's saved settings come first, then the preset, then the command line.
+Under torchrun every rank trains on its --batch rows of each global batch (--batch x ranks images; see
+docs/distributed.md); only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from minigen import cli
+from minigen import cli, distributed
 from minigen.training import run_settings
 from minigen.images import parse_size
 from minigen.gan_fid import fid_hook
@@ -42,6 +45,8 @@ HELP = {
     "batch": "batch size", "epochs": "total epochs (a resumed run stops at the same total)", "seed": "random seed",
     "grid": "images in each epoch's grid", "save_every": "epochs between checkpoints", "out": "output folder",
     "device": "cpu, cuda, cuda:1, ...", "channels_last": "use the channels-last memory layout (faster on GPUs)",
+    "sync_bn": "under torchrun: batch norm over the global batch (one exchange per layer and pass); without it each "
+               "rank's batch norm normalises its own --batch images",
     "fid_every": "every N epochs, FID of --fid-samples generated images against the training set; 0 = off",
     "fid_samples": "generated images per FID (fixed noise, so epochs compare)",
     "fid_dims": "Inception features for FID: 64, 192, 768 or 2048",
@@ -98,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(paths)} images to {args.out}")
         return 0
     progress = not getattr(args, "quiet", False)
-    # Built before training: missing Inception weights stop the run now, not after the first epoch.
-    hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every else []
-    status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress)
+    with distributed.process_group(cfg.device) as device:
+        writer = distributed.is_main()  # rank 0 (or the only process) prints and writes
+        # Built before training (rank 0 runs the hooks): missing Inception weights stop the run now, not after an epoch.
+        hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every and writer else []
+        status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress, device=device)
     if status == "interrupted":
         return 130
-    out = Path(cfg.out)
-    print(f"grid:       {out / 'samples' / f'epoch_{cfg.epochs:04d}.png'}\ncurves:     {out / 'curves.png'}\n"
-          f"checkpoint: {out / 'checkpoint.safetensors'}")
+    if writer:
+        out = Path(cfg.out)
+        print(f"grid:       {out / 'samples' / f'epoch_{cfg.epochs:04d}.png'}\ncurves:     {out / 'curves.png'}\n"
+              f"checkpoint: {out / 'checkpoint.safetensors'}")
     return 0
 
 

@@ -48,10 +48,12 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.batch(torch.tensor([i]))[0]
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images at `indices` as float (B, 3, H, W) in [-1, 1], each mirrored with probability 1/2 if hflip."""
-        x = self.images[indices].float().div_(127.5).sub_(1.0)
-        if self.hflip:
-            flip = torch.rand(len(indices), generator=generator) < 0.5
+    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None,
+              rows: slice = slice(None)) -> torch.Tensor:
+        """Images at indices[rows] as float (B, 3, H, W) in [-1, 1], each mirrored with probability 1/2 if hflip. The
+        flips are drawn for all of `indices` (a global batch), so a rank's rows are mirrored as one process's are."""
+        flip = torch.rand(len(indices), generator=generator)[rows] < 0.5 if self.hflip else None  # (B,)
+        x = self.images[indices[rows]].float().div_(127.5).sub_(1.0)
+        if flip is not None:
             x[flip] = x[flip].flip(-1)
         return x

@@ -1,4 +1,4 @@
-"""Several processes, one job: what LoRA training, `fid.py` and `eval.py` share under `torchrun` (the GAN next).
+"""Several processes, one job: what LoRA and GAN training, `fid.py` and `eval.py` share under `torchrun`.
 
     torchrun --nproc_per_node 4 train_lora.py ...                                    # one machine, 4 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train_lora.py ...
@@ -126,6 +126,20 @@ def sum_across_ranks(value: torch.Tensor, what: str) -> torch.Tensor:
     with waiting_for(what):
         dist.all_reduce(total)
     return total.to(value.device)
+
+
+class SumAcrossRanksWithGrad(torch.autograd.Function):
+    """`sum_across_ranks` that autograd can pass through: every rank's input feeds every rank's output, so the gradient
+    of each input is the sum over the ranks of the outputs' gradients (one more exchange in the backward pass)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, what: str) -> torch.Tensor:
+        ctx.what = what
+        return sum_across_ranks(value, what)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return sum_across_ranks(grad, f"the gradients of {ctx.what}"), None
 
 
 def all_true(flag: bool, what: str) -> bool:

@@ -143,9 +143,10 @@ def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = e x + (1 - e) G(z), e ~ U[0, 1] per sample (WGAN-GP)."""
-    e = torch.rand(real.shape[0], 1, 1, 1, generator=generator).to(real.device)  # (B, 1, 1, 1)
+                     generator: torch.Generator | None = None, mix: torch.Tensor | None = None) -> torch.Tensor:
+    """E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = e x + (1 - e) G(z), e ~ U[0, 1] per sample (WGAN-GP). mix: the
+    weights e, (B, 1, 1, 1), when the caller draws them (default: from `generator`)."""
+    e = (torch.rand(real.shape[0], 1, 1, 1, generator=generator) if mix is None else mix).to(real.device)
     x_hat = (e * real + (1 - e) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)  # (B, 3, H, W)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

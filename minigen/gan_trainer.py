@@ -3,6 +3,7 @@
 Everything random during training (noise, soft labels, flips, hflips, the gradient penalty's mixing) draws from one
 CPU `torch.Generator`, and each epoch's shuffle from a generator seeded by (seed, epoch). Its state goes into every
 checkpoint with the weights and optimizer moments, so a resumed run repeats the uninterrupted one bit for bit on CPU.
+Under `torchrun` every rank trains on its rows of each global batch (minigen/gan_distributed.py says how).
 
 Outputs in `out/`: samples/epoch_0001.png (a grid from one fixed noise batch), log.jsonl (one line per iteration,
 one per epoch), curves.png (losses, D outputs, and any per-epoch metrics), checkpoint.safetensors.
@@ -14,24 +15,24 @@ import copy
 import dataclasses
 import json
 import math
-import signal
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TextIO
 
 import torch
 from tqdm import tqdm
 
-from . import cli, gan
+from . import cli, distributed, gan, gan_distributed
 from .atomic import atomic_write, check_can_create, naming
 from .data import ImageFolder
 from .datasets import resolve_dataset
 from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
 from .plot import Panel, plot_panels, save_grid
-from .training import (TrainingDiverged, check_finite_before_saving, epoch_seed, optimizer_from_tensors,
-                       optimizer_to_tensors, run_settings)
+from .training import (StopRequest, TrainingDiverged, check_finite_before_saving, epoch_seed,
+                       optimizer_from_tensors, optimizer_to_tensors, run_settings)
 
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
 LOSSES = ("bce", "wgan-gp", "hinge")
@@ -81,6 +82,7 @@ class GANConfig:
     out: str = "runs/gan"
     device: str = "cpu"
     channels_last: bool = False
+    sync_bn: bool = False             # under torchrun: batch norm over the global batch, not each rank's own rows
     fid_every: int = 0                # epochs between FIDs of samples vs the training set (minigen.gan_fid); 0 = off
     fid_samples: int = 1000           # generated images per FID, from one fixed noise seed
     fid_dims: int = 2048              # Inception features: 64, 192, 768 or 2048
@@ -121,12 +123,17 @@ class GANTrainer:
     weights around the game's equilibrium, which a fast generator learning rate makes large.
     """
 
-    def __init__(self, cfg: GANConfig):
+    def __init__(self, cfg: GANConfig, device: str | None = None):
+        """device: this rank's (distributed.process_group's), default cfg.device."""
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
-        torch.manual_seed(cfg.seed)  # the weight init
+        self.device = torch.device(device or cfg.device)
+        self.ranks = distributed.world_size()
+        torch.manual_seed(cfg.seed)  # the weight init, on the CPU: the same on every rank
         self.G = gan.Generator(cfg.size, cfg.nz, cfg.ngf, cfg.g_act).to(self.device)
         self.D = gan.Discriminator(cfg.size, cfg.ndf, cfg.d_norm, cfg.spectral_norm).to(self.device)
+        if cfg.sync_bn:
+            gan_distributed.sync_batch_norm(self.G)
+            gan_distributed.sync_batch_norm(self.D)
         if cfg.channels_last:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
@@ -153,31 +160,39 @@ class GANTrainer:
             for group in opt.param_groups:
                 group["lr"] = lr * factor
 
+    def mine(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of random `values` drawn for the whole global batch (all of them with one process)."""
+        return values[gan_distributed.my_rows(len(values))]
+
     def step(self, real: torch.Tensor) -> dict[str, float]:
-        """One discriminator update, and a generator update every n_critic-th call. real: (B, 3, H, W) in [-1, 1]."""
+        """One discriminator update, and a generator update every n_critic-th call. real: (B, 3, H, W) in [-1, 1],
+        this rank's rows of a global batch of B x ranks: its random numbers are drawn for all of them."""
         cfg, b = self.cfg, real.shape[0]
+        n = b * self.ranks
         if cfg.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         self.set_learning_rates()
-        z = torch.randn(b, cfg.nz, generator=self.rng).to(self.device)  # (B, nz)
+        z = self.mine(torch.randn(n, cfg.nz, generator=self.rng)).to(self.device)  # (B, nz)
         fake = self.G(z)  # (B, 3, H, W)
 
         real_score, fake_score = self.D(real), self.D(fake.detach())  # (B,) logits
         if cfg.loss == "bce":
-            real_target = gan.soft_labels(b, *cfg.real_label, generator=self.rng)
-            fake_target = gan.soft_labels(b, *cfg.fake_label, generator=self.rng)
+            real_target = self.mine(gan.soft_labels(n, *cfg.real_label, generator=self.rng))  # (B,)
+            fake_target = self.mine(gan.soft_labels(n, *cfg.fake_label, generator=self.rng))
             if cfg.label_flip > 0:
-                flip = torch.rand(b, generator=self.rng) < cfg.label_flip
+                flip = self.mine(torch.rand(n, generator=self.rng)) < cfg.label_flip
                 real_target, fake_target = (torch.where(flip, fake_target, real_target),
                                             torch.where(flip, real_target, fake_target))
             loss_d = gan.bce_d_loss(real_score, fake_score, real_target.to(self.device), fake_target.to(self.device))
         elif cfg.loss == "wgan-gp":
+            mix = self.mine(torch.rand(n, 1, 1, 1, generator=self.rng))  # (B, 1, 1, 1)
             loss_d = (gan.wgan_d_loss(real_score, fake_score)
-                      + cfg.gp_lambda * gan.gradient_penalty(self.D, real, fake, generator=self.rng))
+                      + cfg.gp_lambda * gan.gradient_penalty(self.D, real, fake, mix=mix))
         else:
             loss_d = gan.hinge_d_loss(real_score, fake_score)
         self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        (loss_d / self.ranks).backward()  # each rank's share of the global batch's mean; summed next
+        distributed.sum_gradients(list(self.D.parameters()), "the other ranks' D gradients")
         self.opt_d.step()
 
         if (self.iteration + 1) % cfg.n_critic == 0:
@@ -186,7 +201,8 @@ class GANTrainer:
             score = self.D(fake)
             loss_g = gan.bce_g_loss(score) if cfg.loss == "bce" else gan.wgan_g_loss(score)
             self.opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            (loss_g / self.ranks).backward()
+            distributed.sum_gradients(list(self.G.parameters()), "the other ranks' G gradients")
             self.opt_g.step()
             self.D.requires_grad_(True)
             if self.G_ema is not None:
@@ -224,21 +240,24 @@ class GANTrainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the checkpoint atomically; a NaN or infinity anywhere in it (a BatchNorm running variance, an Adam
-        moment) raises TrainingDiverged instead, leaving the file at `path` as it was."""
+        """Write the checkpoint atomically (rank 0; every rank calls it); a NaN or infinity anywhere in it (a BatchNorm
+        running variance, an Adam moment) raises TrainingDiverged instead, on every rank, leaving the file as it was."""
         tensors = {f"G.{k}": v for k, v in self.G.state_dict().items()}
         tensors |= {f"D.{k}": v for k, v in self.D.state_dict().items()}
         if self.G_ema is not None:
             tensors |= {f"G_ema.{k}": v for k, v in self.G_ema.state_dict().items()}
         metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg)),
                     "iteration": str(self.iteration), "epoch": str(self.epoch), "batch_index": str(self.batch_index),
-                    "last_g_loss": repr(self.last_g_loss)}
+                    "last_g_loss": repr(self.last_g_loss), "global_batch": str(self.cfg.batch * self.ranks),
+                    "ranks": str(self.ranks)}
         for name, opt in (("opt_g", self.opt_g), ("opt_d", self.opt_d)):
             opt_tensors, metadata[name] = optimizer_to_tensors(opt, name)
             tensors |= opt_tensors
         tensors["rng"] = self.rng.get_state()  # uint8
         tensors["fixed_noise"] = self.fixed_noise
         check_finite_before_saving(tensors, path, f"by iteration {self.iteration}")
+        if not distributed.is_main():
+            return
         with naming(path):
             save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
@@ -262,7 +281,10 @@ class GANTrainer:
             self.rng.set_state(tensors["rng"])
             self.fixed_noise = tensors["fixed_noise"]
             self.iteration, self.epoch = int(metadata["iteration"]), int(metadata["epoch"])
-            self.batch_index, self.last_g_loss = int(metadata["batch_index"]), float(metadata["last_g_loss"])
+            self.last_g_loss = float(metadata["last_g_loss"])
+            self.batch_index = gan_distributed.resume_position(  # from another --batch x ranks: a warning
+                int(metadata["batch_index"]), int(metadata.get("global_batch", saved["batch"])),
+                self.cfg.batch * self.ranks)
         except (KeyError, ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing keys, shapes
             raise CheckpointError(f"{path}: an incomplete or inconsistent DCGAN checkpoint ({type(e).__name__}: "
                                   f"{e})") from None
@@ -305,26 +327,6 @@ def load_generator(path: str | Path, device: str = "cpu") -> tuple[gan.Generator
 EpochHook = Callable[[GANTrainer], dict[str, float]]
 
 
-class StopRequest:
-    """Ctrl-C (SIGINT) asks the loop to stop after the current iteration; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\nstopping after this iteration to save a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
 def read_log(path: Path, up_to_iteration: int) -> list[dict]:
     """The log records of the iterations a resumed run keeps (later ones, from after the checkpoint, are dropped)."""
     if not path.exists():
@@ -350,34 +352,41 @@ def draw_curves(records: list[dict], path: Path, title: str) -> None:
 
 
 def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterable[EpochHook] = (),
-          progress: bool = True) -> str:
-    """Run (or continue) training; return 'done' or 'interrupted'. A NaN loss raises TrainingDiverged."""
+          progress: bool = True, device: str | None = None) -> str:
+    """Run (or continue) training; return 'done' or 'interrupted'. A NaN loss raises TrainingDiverged. Under torchrun
+    every rank calls it (device: its own); rank 0 alone writes, prints and runs the epoch hooks."""
+    main = distributed.is_main()
+    progress = progress and main
     out = Path(cfg.out)
     check_can_create(out, folder=True, what="--out")
     dataset = ImageFolder(resolve_dataset(cfg.data), cfg.size, cfg.hflip, progress=progress)
-    n_batches = len(dataset) // cfg.batch
+    ranks = distributed.world_size()
+    global_batch = cfg.batch * ranks
+    n_batches = len(dataset) // global_batch
     if n_batches == 0:
-        raise ValueError(f"--batch {cfg.batch} is larger than the dataset ({len(dataset)} images in {cfg.data})")
-    trainer = GANTrainer(cfg)
+        raise ValueError(f"--batch {cfg.batch} x {ranks} rank(s) is larger than the dataset ({len(dataset)} images in "
+                         f"{cfg.data})")
+    trainer = GANTrainer(cfg, device)
     checkpoint, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
     if resume:
         trainer.load(resume)
     records = read_log(log_path, trainer.iteration) if resume else []
-    with atomic_write(log_path, "w") as f:  # the log as of the checkpoint (nothing, for a new run)
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    title = f"DCGAN {cfg.size[0]}x{cfg.size[1]} on {Path(cfg.data).name}, {cfg.loss}"
-    print(f"training on {len(dataset)} images, {n_batches} iterations per epoch, epochs {trainer.epoch + 1}.."
-          f"{cfg.epochs}; outputs in {out}", file=sys.stderr)
+    if main:
+        with atomic_write(log_path, "w") as f:  # the log as of the checkpoint (nothing, for a new run)
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        print(f"training on {len(dataset)} images, {n_batches} iterations per epoch of {global_batch} ({cfg.batch} x "
+              f"{ranks} rank(s)), epochs {trainer.epoch + 1}..{cfg.epochs}; outputs in {out}", file=sys.stderr)
 
-    with open(log_path, "a") as log, StopRequest() as stop:
+    with open(log_path if main else os.devnull, "a") as log, StopRequest() as stop:
         for epoch in range(trainer.epoch, cfg.epochs):
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
             bar = tqdm(range(trainer.batch_index, n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not progress, leave=False, unit="it")
             start = time.perf_counter()
             for b in bar:
-                real = dataset.batch(order[b * cfg.batch:(b + 1) * cfg.batch], generator=trainer.rng)
-                stats = trainer.step(real.to(trainer.device))
+                indices = order[b * global_batch:(b + 1) * global_batch]
+                real = dataset.batch(indices, generator=trainer.rng, rows=gan_distributed.my_rows(global_batch))
+                stats, stopping = gan_distributed.agree(trainer.step(real.to(trainer.device)), stop.requested)
                 g_updated = trainer.iteration >= cfg.n_critic  # before that, loss_g is NaN by design
                 if not math.isfinite(stats["loss_d"]) or (g_updated and not math.isfinite(stats["loss_g"])):
                     kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint yet"
@@ -389,30 +398,39 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
                 log.write(json.dumps(record) + "\n")
                 trainer.epoch, trainer.batch_index = epoch, b + 1
                 bar.set_postfix(d=f"{stats['loss_d']:.3f}", g=f"{stats['loss_g']:.3f}", refresh=False)
-                if stop.requested:
+                if stopping:
                     log.flush()
                     trainer.save(checkpoint)
-                    print(f"interrupted at iteration {trainer.iteration}; saved {checkpoint}; continue with "
-                          f"--resume {checkpoint}", file=sys.stderr)
+                    if main:
+                        print(f"interrupted at iteration {trainer.iteration}; saved {checkpoint}; continue with "
+                              f"--resume {checkpoint}", file=sys.stderr)
                     return "interrupted"
             trainer.epoch, trainer.batch_index = epoch + 1, 0
-            grid = out / "samples" / f"epoch_{epoch + 1:04d}.png"
-            save_grid(trainer.generate(trainer.fixed_noise), grid, nrow=int(math.sqrt(cfg.grid) + 0.5))
-            metrics = {}
-            for hook in epoch_hooks:
-                metrics |= hook(trainer)
-            if metrics:
-                record = {"iteration": trainer.iteration, "epoch": epoch + 1, "metrics": metrics}
-                records.append(record)
-                log.write(json.dumps(record) + "\n")
-            log.flush()
-            draw_curves(records, out / "curves.png", title)
+            if main:
+                end_epoch(trainer, records, log, epoch_hooks, seconds=time.perf_counter() - start)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 trainer.save(checkpoint)
-            last = next(r for r in reversed(records) if "loss_d" in r)
-            print(f"epoch {epoch + 1}/{cfg.epochs}: {time.perf_counter() - start:.1f} s, D loss {last['loss_d']:.3f}, "
-                  f"G loss {last['loss_g']:.3f}, grid {grid}", file=sys.stderr)
     return "done"
+
+
+def end_epoch(trainer: GANTrainer, records: list[dict], log: TextIO, epoch_hooks: Iterable[EpochHook],
+              seconds: float) -> None:
+    """Rank 0's work after an epoch: the grid, the hooks' metrics (logged), the curves and a line on stderr."""
+    cfg, epoch, out = trainer.cfg, trainer.epoch, Path(trainer.cfg.out)
+    grid = out / "samples" / f"epoch_{epoch:04d}.png"
+    save_grid(trainer.generate(trainer.fixed_noise), grid, nrow=int(math.sqrt(cfg.grid) + 0.5))
+    metrics = {}
+    for hook in epoch_hooks:
+        metrics |= hook(trainer)
+    if metrics:
+        record = {"iteration": trainer.iteration, "epoch": epoch, "metrics": metrics}
+        records.append(record)
+        log.write(json.dumps(record) + "\n")
+    log.flush()
+    draw_curves(records, out / "curves.png", f"DCGAN {cfg.size[0]}x{cfg.size[1]} on {Path(cfg.data).name}, {cfg.loss}")
+    last = next(r for r in reversed(records) if "loss_d" in r)
+    print(f"epoch {epoch}/{cfg.epochs}: {seconds:.1f} s, D loss {last['loss_d']:.3f}, G loss {last['loss_g']:.3f}, "
+          f"grid {grid}", file=sys.stderr)
 
 
 def sample_to_folder(checkpoint: str | Path, n: int, out: str | Path, batch: int = 64, seed: int = 0,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from . import distributed
 from .io import CheckpointError, first_non_finite
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
@@ -71,3 +74,30 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration; the same signal again stops at
+    once. (torchrun passes the signal it gets to every rank; a rank that gets one alone stops all: see
+    gan_distributed.agree.)"""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        for s in self.SIGNALS:
+            signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self.previous[signum])
+        print(f"\nstopping after this iteration to save a checkpoint ({signal.Signals(signum).name} again to quit at "
+              f"once){distributed.rank_label()}", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s in self.SIGNALS:
+            signal.signal(s, self.previous[s])

@@ -6,11 +6,14 @@ HOOKS_JSON, all optional:
   "stop_after": N      training stops after N optimizer steps and saves a checkpoint (the last save of a killed run)
   "record": PATH       rank 0 writes the LoRA weights after every optimizer step to PATH (keys "STEP/NAME")
   "fail": [RANK, STEP] that rank raises ValueError("rank RANK broke at step STEP") when it reaches that step
+For train_gan a step is an iteration, "record" writes G's and D's state dicts (keys "ITERATION/G.NAME"), and
+  "sigterm": [RANK, ITERATION] that rank sends itself SIGTERM during that iteration
 """
 
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,11 +23,29 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from minigen.gan_trainer import GANTrainer  # noqa: E402
 from minigen.lora_training import LoRATrainer  # noqa: E402
 
 
-def install_hooks(hooks: dict) -> dict:
-    rank = int(os.environ.get("RANK", "0"))
+def install_gan_hooks(hooks: dict, rank: int) -> dict:
+    recorded: dict = {}
+    step = GANTrainer.step
+
+    def hooked_step(self, real):
+        if hooks.get("fail") == [rank, self.iteration + 1]:
+            raise ValueError(f"rank {rank} broke at iteration {self.iteration + 1}")
+        if hooks.get("sigterm") == [rank, self.iteration + 1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        stats = step(self, real)
+        if "record" in hooks and rank == 0:
+            for name, model in (("G", self.G), ("D", self.D)):
+                recorded.update({f"{self.iteration}/{name}.{k}": v.clone() for k, v in model.state_dict().items()})
+        return stats
+    GANTrainer.step = hooked_step
+    return recorded
+
+
+def install_lora_hooks(hooks: dict, rank: int) -> dict:
     recorded: dict = {}
     if "stop_after" in hooks:
         train = LoRATrainer.train
@@ -50,7 +71,8 @@ def install_hooks(hooks: dict) -> dict:
 def main() -> int:
     hooks, program, argv = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
-    recorded = install_hooks(hooks)
+    rank = int(os.environ.get("RANK", "0"))
+    recorded = (install_gan_hooks if program == "train_gan" else install_lora_hooks)(hooks, rank)
     code = importlib.import_module(program).main(argv)
     if recorded:
         save_file(recorded, hooks["record"])
