@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from minigen import cli
+from minigen import cli, speed
 from minigen.training import run_settings
 from minigen.images import parse_size
 from minigen.gan_fid import fid_hook
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint to sample from")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
+    speed.add_speed_args(p, ("tf32", "compile"), "G and D (G only with wgan-gp, whose penalty needs a double backward)")
     for field in dataclasses.fields(GANConfig):
         flag, default = "--" + field.name.replace("_", "-"), field.default
         text = f"{HELP[field.name]} (default: {default})"
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not getattr(args, "quiet", False)
     # Built before training: missing Inception weights stop the run now, not after the first epoch.
     hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every else []
-    status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress)
+    with speed.switched(speed.speed_from_args(args), cfg.device) as fast:
+        status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress, speed=fast)
     if status == "interrupted":
         return 130
     out = Path(cfg.out)

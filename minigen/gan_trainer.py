@@ -30,6 +30,7 @@ from .data import ImageFolder
 from .datasets import resolve_dataset
 from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
 from .plot import Panel, plot_panels, save_grid
+from .speed import Speed, prepare_model
 from .training import (TrainingDiverged, check_finite_before_saving, epoch_seed, optimizer_from_tensors,
                        optimizer_to_tensors, run_settings)
 
@@ -121,7 +122,7 @@ class GANTrainer:
     weights around the game's equilibrium, which a fast generator learning rate makes large.
     """
 
-    def __init__(self, cfg: GANConfig):
+    def __init__(self, cfg: GANConfig, speed: Speed = Speed()):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)  # the weight init
@@ -131,6 +132,9 @@ class GANTrainer:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if cfg.ema_halflife else None
+        prepare_model(self.G, speed)  # --compile (channels-last is cfg.channels_last, above)
+        if cfg.loss != "wgan-gp":  # the gradient penalty differentiates D twice: torch.compile has no double backward
+            prepare_model(self.D, speed)
         self.opt_g = self.make_optimizer(self.G, cfg.lr)
         self.opt_d = self.make_optimizer(self.D, cfg.lr_d or cfg.lr)
         self.rng = torch.Generator().manual_seed(cfg.seed)
@@ -350,15 +354,16 @@ def draw_curves(records: list[dict], path: Path, title: str) -> None:
 
 
 def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterable[EpochHook] = (),
-          progress: bool = True) -> str:
-    """Run (or continue) training; return 'done' or 'interrupted'. A NaN loss raises TrainingDiverged."""
+          progress: bool = True, speed: Speed = Speed()) -> str:
+    """Run (or continue) training; return 'done' or 'interrupted'. A NaN loss raises TrainingDiverged.
+    speed: --compile (minigen/speed.py)."""
     out = Path(cfg.out)
     check_can_create(out, folder=True, what="--out")
     dataset = ImageFolder(resolve_dataset(cfg.data), cfg.size, cfg.hflip, progress=progress)
     n_batches = len(dataset) // cfg.batch
     if n_batches == 0:
         raise ValueError(f"--batch {cfg.batch} is larger than the dataset ({len(dataset)} images in {cfg.data})")
-    trainer = GANTrainer(cfg)
+    trainer = GANTrainer(cfg, speed)
     checkpoint, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
     if resume:
         trainer.load(resume)
