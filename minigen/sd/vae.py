@@ -138,30 +138,30 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """images (B, 3, H, W) in [-1, 1] -> distribution over latents (B, 4, H/8, W/8), not yet scaled."""
-        return DiagonalGaussian(torch.cat([self.encode_moments(x) for x in self.slices(images)]))
+        return DiagonalGaussian(torch.cat([self.in_tiles(self.moments, x, self.tile_size, self.tile_latents)
+                                           for x in self.slices(images)]))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (B, 4, h, w), already divided by scaling_factor -> images (B, 3, 8h, 8w), about [-1, 1]."""
-        return torch.cat([self.decode_slice(z) for z in self.slices(latents)])
+        return torch.cat([self.in_tiles(self.pixels, z, self.tile_latents, self.tile_size)
+                          for z in self.slices(latents)])
+
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """images (b, 3, H, W) -> mean and logvar (b, 8, H/8, W/8)."""
+        return self.quant_conv(self.encoder(images))
+
+    def pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (b, 4, h, w) -> images (b, 3, 8h, 8w)."""
+        return self.decoder(self.post_quant_conv(latents))
 
     def slices(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return batch.split(1) if self.slicing else (batch,)
 
-    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """images (b, 3, H, W) -> mean and logvar (b, 8, H/8, W/8), in tiles when tiling and larger than a tile."""
-        def coder(x):
-            return self.quant_conv(self.encoder(x))
-        if self.tiling and max(images.shape[2:]) > self.tile_size:
-            return tiled(coder, images, self.tile_size, self.tile_latents)
-        return coder(images)
-
-    def decode_slice(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (b, 4, h, w) -> images (b, 3, 8h, 8w), in tiles when tiling and larger than a tile."""
-        def coder(z):
-            return self.decoder(self.post_quant_conv(z))
-        if self.tiling and max(latents.shape[2:]) > self.tile_latents:
-            return tiled(coder, latents, self.tile_latents, self.tile_size)
-        return coder(latents)
+    def in_tiles(self, coder, x: torch.Tensor, tile: int, out_tile: int) -> torch.Tensor:
+        """coder(x), in overlapping tiles of side `tile` when tiling and x is larger than one."""
+        if self.tiling and max(x.shape[2:]) > tile:
+            return tiled(coder, x, tile, out_tile)
+        return coder(x)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Encode, sample, decode: a reconstruction."""
