@@ -140,7 +140,7 @@ def test_a_cuda_only_kernel_on_the_cpu_is_one_line_exit_2(capsys, tmp_path):
                                      "efficient", "--out", str(tmp_path)], capsys, "--sdpa efficient", "CUDA")
 
 
-@pytest.mark.slow  # torch.compile on the CPU: about a minute of compiling on 2 busy cores
+@pytest.mark.slow  # torch.compile on the CPU: 345 s of compiling measured on 2 busy cores
 def test_compile_gives_the_eager_outputs(tiny_unet):
     config, unet, inputs = tiny_unet
     G = gan.Generator((32, 32), 8, 8).eval()
