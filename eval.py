@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigen import cli, distributed
+from minigen import cli, distributed, speed
 from minigen.evaluate import Settings, evaluate, markdown_table
 from minigen.inception import FEATURE_DIMS
 from minigen.sampler_names import karras_of, resolve_sampler
@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-prompts", type=cli.number(int, 1), default=8, help="prompts (rows) shown in each grid")
     p.add_argument("--out", default="outputs/eval")
     cli.add_device_args(p)
+    speed.add_speed_args(p, ("tf32", "channels_last", "sdpa", "vae_slicing"), "the UNet and VAE")
     args = p.parse_args(argv)
     for name in ("height", "width"):
         if getattr(args, name) % 8:
@@ -68,11 +69,12 @@ def main(argv=None) -> int:
     sampler, named_karras = args.sampler
     settings = Settings(args.steps, args.cfg, sampler, karras_of(named_karras, args.karras), args.height, args.width,
                         args.negative)
-    with distributed.process_group(args.device) as device:  # under torchrun: this rank's device
+    # under torchrun: this rank's device
+    with distributed.process_group(args.device) as device, speed.switched(speed.speed_from_args(args), device) as fast:
         report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
                           seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
                           grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
-                          is_splits=args.is_splits, device=device, dtype=cli.chosen_dtype(args))
+                          is_splits=args.is_splits, device=device, dtype=cli.chosen_dtype(args), speed=fast)
         if not distributed.is_main():
             return 0
     print(markdown_table(report["rows"]), end="")

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from minigen import cli
+from minigen import cli, speed
 from minigen.atomic import check_can_create
 from minigen.memory_plan import check_fits, model_configs, plan_sampling
 from minigen.png_info import file_hashes, png_text, read_png_settings
@@ -34,7 +34,8 @@ from minigen.sd.pipeline import Pipeline, check_settings, image_path, load_init_
 # not grant permission to unpickle. Not --device: a redraw may run elsewhere (bitwise equal on the same device).
 SETTINGS = ("model", "prompt", "negative", "steps", "cfg", "rescale", "sampler", "karras", "eta", "seed", "height",
             "width", "num", "lora", "vae", "init_image", "strength", "original_size", "crop_top_left", "target_size",
-            "dtype")
+            "dtype", "vae_tiling")  # not the other speed switches: they change nothing but rounding
+SWITCHES = ("karras", "vae_tiling")  # flags without a value
 PAIRS = ("original_size", "crop_top_left", "target_size")  # flags of two numbers
 DEFAULT_SIZE = 1024
 DEFAULT_STRENGTH = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline's
@@ -99,6 +100,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled model or LoRA files (.ckpt, .bin, .pt) you trust; loaded with weights_only=True")
     cli.add_device_args(p)
+    speed.add_speed_args(p, ("tf32", "compile", "channels_last", "sdpa", "vae_slicing", "vae_tiling"),
+                         "the UNet (and channels-last the VAE)")
     return p
 
 
@@ -111,13 +114,14 @@ def settings_argv(settings: dict) -> list[str]:
             raise ValueError(f"unknown setting {key!r}")
         if value is None or value is False:
             continue
-        if key == "karras" and value is True:
+        if key in SWITCHES and value is True:
             argv.append(flag)
         elif key in PAIRS and isinstance(value, list) and len(value) == 2:
             argv += [flag, *map(str, value)]
         elif key == "lora" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             argv += [f"{flag}={spec}" for spec in value]
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool) and key not in (*PAIRS, "lora"):
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool) and key not in (*PAIRS, "lora",
+                                                                                              *SWITCHES):
             argv.append(f"{flag}={value}")  # `=`: a value starting with '-' stays a value
         else:
             raise ValueError(f"setting {key}={value!r} is not a value of {flag}")
@@ -183,7 +187,24 @@ def settings_of(args: argparse.Namespace, sampler: str, karras: bool, seed: int,
             "strength": (args.strength or DEFAULT_STRENGTH) if args.init_image else None,
             "original_size": args.original_size, "crop_top_left": args.crop_top_left,
             "target_size": args.target_size,
-            "dtype": cli.chosen_dtype_name(args)}
+            "dtype": cli.chosen_dtype_name(args), "vae_tiling": speed.speed_from_args(args).vae_tiling}
+
+
+def draw(args: argparse.Namespace, settings: dict, init: torch.Tensor | None, height: int, width: int, sampler: str,
+         karras: bool, switches: speed.Speed) -> torch.Tensor:
+    """Load the model and its LoRAs, and draw the batch: (num, H, W, 3) uint8."""
+    pipe = Pipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device,
+                                    allow_pickle=args.allow_pickle, vae=args.vae, prediction=args.prediction)
+    print(pipe.model.describe())
+    for spec in settings["lora"]:
+        path, _, multiplier = spec.rpartition(":")
+        pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+    speed.prepare_sdxl(pipe.model, switches)  # after the LoRAs: a compiled UNet would recompile for each
+    return pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale,
+                sampler=sampler, karras=karras, eta=args.eta, height=height, width=width, num_images=args.num,
+                init_image=init, strength=settings["strength"] or 1.0, original_size=args.original_size,
+                crop_top_left=args.crop_top_left or (0, 0), target_size=args.target_size, clip_skip=args.clip_skip,
+                generator=torch.Generator("cpu").manual_seed(settings["seed"]), progress=True)
 
 
 @cli.entry("sample.py")
@@ -216,19 +237,9 @@ def main(argv=None) -> int:
         if args.plan:
             return 0
         check_fits(plan, torch.device(args.device), force=args.force)
-    pipe = Pipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device,
-                                    allow_pickle=args.allow_pickle, vae=args.vae, prediction=args.prediction)
-    print(pipe.model.describe())
-    for spec in settings["lora"]:
-        path, _, multiplier = spec.rpartition(":")
-        pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
-    hashes = None if args.no_hash else file_hashes(settings, lambda line: print(line, file=sys.stderr))
-    images = pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg,
-                  guidance_rescale=args.rescale, sampler=sampler, karras=karras, eta=args.eta,
-                  height=height, width=width, num_images=args.num, init_image=init,
-                  strength=settings["strength"] or 1.0, original_size=args.original_size,
-                  crop_top_left=args.crop_top_left or (0, 0), target_size=args.target_size, clip_skip=args.clip_skip,
-                  generator=torch.Generator("cpu").manual_seed(settings["seed"]), progress=True)
+    with speed.switched(speed.speed_from_args(args), args.device) as switches:
+        hashes = None if args.no_hash else file_hashes(settings, lambda line: print(line, file=sys.stderr))
+        images = draw(args, settings, init, height, width, sampler, karras, switches)
     first = args.index or 0
     if args.index is not None:  # --from-png of one image of a batch: the batch redrawn, that image written
         images = images[first:first + 1]

@@ -20,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from minigen import cli, distributed
+from minigen import cli, distributed, speed
 from minigen.training import run_settings
 from minigen.images import parse_size
 from minigen.gan_fid import fid_hook
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint to sample from")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
+    speed.add_speed_args(p, ("tf32", "compile"), "G and D (G only with wgan-gp, whose penalty needs a double backward)")
     for field in dataclasses.fields(GANConfig):
         flag, default = "--" + field.name.replace("_", "-"), field.default
         text = f"{HELP[field.name]} (default: {default})"
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         writer = distributed.is_main()  # rank 0 (or the only process) prints and writes
         # Built before training (rank 0 runs the hooks): missing Inception weights stop the run now, not after an epoch.
         hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every and writer else []
-        status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress, device=device)
+        with speed.switched(speed.speed_from_args(args), device) as fast:
+            status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress,
+                           device=device, speed=fast)
     if status == "interrupted":
         return 130
     if writer:

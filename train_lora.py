@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minigen import cli, distributed
+from minigen import cli, distributed, speed
 from minigen.training import run_settings
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer, load_checkpoint
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickled --sdxl checkpoint (.ckpt, .bin) you trust; loaded with weights_only=True")
+    speed.add_speed_args(p, ("tf32", "compile", "channels_last", "sdpa", "fused_optimizer"), "the UNet")
     hints = typing.get_type_hints(LoRATrainConfig)
     for f in dataclasses.fields(LoRATrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -82,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     if "plan" in args:
         print(plan_lora_step(cfg).describe())
         return 0
-    with distributed.process_group(cfg.device) as device:
+    with distributed.process_group(cfg.device) as device, speed.switched(speed.speed_from_args(args), device) as fast:
         if device.startswith("cuda"):
             plan = plan_lora_step(cfg)
             if distributed.is_main():
                 print(plan.describe())
             check_fits(plan, torch.device(device), force="force" in args)
         trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
-                              allow_pickle=getattr(args, "allow_pickle", False), device=device)
+                              allow_pickle=getattr(args, "allow_pickle", False), device=device, speed=fast)
         if "resume" in args:
             trainer.load_checkpoint(args.resume)
         trainer.train()

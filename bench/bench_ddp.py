@@ -8,7 +8,7 @@ Markdown table. Each rank gets --threads CPU threads (default 1: N ranks on N co
 
 GAN step: `GANTrainer.step` (D and G updates, gradients summed over ranks) and `gan_distributed.agree` (the losses
 and stop flag), with --sync-bn: its bytes are G's and D's gradients plus the batch-norm moments. LoRA step: the tiny
-SDXL's UNet (`random_sdxl("tiny")`) with attention LoRA, forward, backward, `distributed.sum_gradients` over the
+SDXL's UNet (`random_model("tiny")`) with attention LoRA, forward, backward, `distributed.sum_gradients` over the
 adapters, AdamW: its bytes are the adapters' fp32 gradients alone, never the frozen UNet's.
 """
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from minigen import distributed, gan_distributed
 from minigen.gan_trainer import GANConfig, GANTrainer
 from minigen.lora import add_lora, lora_parameters
-from minigen.sd.model import random_sdxl
+from minigen.sd.model import random_model
 
 # (per-rank batch, GAN size, GAN widths, LoRA latent side, timed steps)
 SETTINGS = {"full": (16, (64, 64), 16, 16, 5), "smoke": (2, (32, 32), 4, 8, 1)}
@@ -69,7 +69,7 @@ def gan_step(device: str, batch: int, size: tuple[int, int], width: int) -> tupl
 
 def lora_step(device: str, batch: int, side: int) -> tuple[Callable[[], None], int]:
     """One LoRA training step of the tiny SDXL UNet, and the bytes of its adapters."""
-    unet = random_sdxl("tiny").unet.to(device)
+    unet = random_model("tiny").unet.to(device)
     add_lora(unet, "attention", rank=4)
     params = lora_parameters(unet)
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -47,6 +47,10 @@ SUITE = [
     ("FID: feature extraction, Fréchet step, fid.py end to end", "bench_fid",
      ["--device", "cuda", "--images", "1000", "--batch-size", "100"],
      ["--images", "4", "--batch-size", "4", "--workers", "1", "--frechet-dims", "32"]),
+    ("Speed switches against their defaults (minigen/speed.py): SDXL UNet, LoRA step and VAE at 1024x1024 bf16, "
+     "DCGAN 64x64", "bench_speed",
+     ["--device", "cuda", "--full", "--repeats", "3", "--compile"],
+     ["--repeats", "1"]),
     ("DCGAN training step, 64x64, widths 64, batch 128", "bench_gan",
      ["--device", "cuda", "--ngf", "64", "--ndf", "64", "--batch", "128", "--iters", "20"],
      ["--ngf", "8", "--ndf", "8", "--batch", "4", "--iters", "1"]),

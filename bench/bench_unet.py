@@ -88,11 +88,12 @@ def build(impl: str, config: dict, device, dtype, weights: dict | None = None):
 
 def make_inputs(config: dict, batch: int, latent: int, device, dtype) -> dict:
     g = torch.Generator().manual_seed(1)
+    text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]  # SDXL: 1280
     inputs = {
         "sample": torch.randn(batch, 4, latent, latent, generator=g),
         "timestep": torch.full((batch,), 500.0),
         "encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"], generator=g),
-        "text_embeds": torch.randn(batch, 1280, generator=g),
+        "text_embeds": torch.randn(batch, text_dim, generator=g),
         "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch),
     }
     return {k: v.to(device=device, dtype=dtype) for k, v in inputs.items()}

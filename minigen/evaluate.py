@@ -52,6 +52,7 @@ from .sd.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lo
 from .plot import make_grid, plot_curves, save_png, with_row_labels
 from .sd.convert import unet_name_map
 from .sd.pipeline import Pipeline, check_settings
+from .speed import Speed, prepare_sdxl
 
 FID_DIMS = 2048  # the pool3 features every published FID uses; 64/192/768 are pytorch-fid's --dims options
 KID_SUBSET = 1000  # torch-fidelity's default subset size
@@ -353,8 +354,10 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
              seed: int = 0, settings: Settings | None = None, batch_size: int = 4, max_prompts: int | None = None,
              grid_prompts: int = 8, inception_weights: str | os.PathLike | None = None, dims: int = FID_DIMS,
              is_splits: int = 10,
-             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
+             speed: Speed = Speed()) -> dict:
     """The whole judgement (see the module docstring); returns the report written to results.json.
+    speed: --channels-last, --vae-slicing (minigen/speed.py); not --compile, which each LoRA would undo.
 
     Everything that can be wrong is checked before the first image: settings, prompts, the reference folder and its
     size, each LoRA against the model, the Inception weights.
@@ -377,6 +380,7 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
         warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
                       f"got {len(items)}", stacklevel=2)
     pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, dtype, device)
+    prepare_sdxl(pipe.model, speed)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)
 

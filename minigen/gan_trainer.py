@@ -31,6 +31,7 @@ from .data import ImageFolder
 from .datasets import resolve_dataset
 from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
 from .plot import Panel, plot_panels, save_grid
+from .speed import Speed, prepare_model
 from .training import (StopRequest, TrainingDiverged, check_finite_before_saving, epoch_seed,
                        optimizer_from_tensors, optimizer_to_tensors, run_settings)
 
@@ -123,8 +124,8 @@ class GANTrainer:
     weights around the game's equilibrium, which a fast generator learning rate makes large.
     """
 
-    def __init__(self, cfg: GANConfig, device: str | None = None):
-        """device: this rank's (distributed.process_group's), default cfg.device."""
+    def __init__(self, cfg: GANConfig, device: str | None = None, speed: Speed = Speed()):
+        """device: this rank's (distributed.process_group's), default cfg.device. speed: --compile (minigen/speed.py)."""
         self.cfg = cfg
         self.device = torch.device(device or cfg.device)
         self.ranks = distributed.world_size()
@@ -138,6 +139,9 @@ class GANTrainer:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if cfg.ema_halflife else None
+        prepare_model(self.G, speed)  # --compile (channels-last is cfg.channels_last, above)
+        if cfg.loss != "wgan-gp":  # the gradient penalty differentiates D twice: torch.compile has no double backward
+            prepare_model(self.D, speed)
         self.opt_g = self.make_optimizer(self.G, cfg.lr)
         self.opt_d = self.make_optimizer(self.D, cfg.lr_d or cfg.lr)
         self.rng = torch.Generator().manual_seed(cfg.seed)
@@ -352,9 +356,10 @@ def draw_curves(records: list[dict], path: Path, title: str) -> None:
 
 
 def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterable[EpochHook] = (),
-          progress: bool = True, device: str | None = None) -> str:
+          progress: bool = True, device: str | None = None, speed: Speed = Speed()) -> str:
     """Run (or continue) training; return 'done' or 'interrupted'. A NaN loss raises TrainingDiverged. Under torchrun
-    every rank calls it (device: its own); rank 0 alone writes, prints and runs the epoch hooks."""
+    every rank calls it (device: its own); rank 0 alone writes, prints and runs the epoch hooks. speed: --compile
+    (minigen/speed.py)."""
     main = distributed.is_main()
     progress = progress and main
     out = Path(cfg.out)
@@ -366,7 +371,7 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
     if n_batches == 0:
         raise ValueError(f"--batch {cfg.batch} x {ranks} rank(s) is larger than the dataset ({len(dataset)} images in "
                          f"{cfg.data})")
-    trainer = GANTrainer(cfg, device)
+    trainer = GANTrainer(cfg, device, speed)
     checkpoint, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
     if resume:
         trainer.load(resume)

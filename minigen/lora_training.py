@@ -41,6 +41,7 @@ from .sd.convert import unet_name_map
 from .sd.lora_files import kohya_metadata, save_lora
 from .sd.model import StableDiffusion, load_model
 from .sd.pipeline import Pipeline
+from .speed import Speed, optimizer_kernel, prepare_model
 from .training import (TrainingDiverged, check_finite_before_saving, optimizer_from_tensors,
                        optimizer_to_tensors)
 
@@ -66,9 +67,9 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 
 class LoRATrainer:
     def __init__(self, cfg: LoRATrainConfig, sdxl: StableDiffusion | None = None, progress: bool = True,
-                 allow_pickle: bool = False, device: str | None = None):
+                 allow_pickle: bool = False, device: str | None = None, speed: Speed = Speed()):
         """allow_pickle: accept a pickled --sdxl checkpoint (loaded with weights_only=True). device: this rank's
-        (distributed.process_group's), default cfg.device."""
+        (distributed.process_group's), default cfg.device. speed: --compile, --channels-last, --fused-optimizer."""
         self.cfg, self.progress = cfg, progress and distributed.is_main()
         self.device = torch.device(device or cfg.device)
         self.ranks = distributed.world_size()
@@ -95,6 +96,8 @@ class LoRATrainer:
         if cfg.gradient_checkpointing:
             for model in self.models.values():
                 model.set_gradient_checkpointing(True)
+        prepare_model(self.sdxl.unet, speed)  # after add_lora: compiled with its adapters
+        self.speed = speed
         unet_params = [p for p in self.sdxl.unet.parameters() if p.requires_grad]
         te_params = [p for c in ("te1", "te2") if c in self.models for p in self.models[c].parameters()
                      if p.requires_grad]
@@ -113,7 +116,8 @@ class LoRATrainer:
     def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         cfg = self.cfg
         if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                                     **optimizer_kernel((p for g in groups for p in g["params"]), self.speed))
         if cfg.optimizer == "adafactor":  # seed 000: memory-light second moments, fixed lr
             return torch.optim.Adafactor(groups, lr=cfg.lr)
         return torch.optim.SGD(groups, lr=cfg.lr)

@@ -2,6 +2,8 @@
 
 `encode` gives a diagonal Gaussian over latents; diffusion runs on `sample() * scaling_factor` (0.13025 for SDXL)
 and `decode` takes latents already divided by it. SDXL's VAE overflows in fp16, so it stays fp32 unless asked.
+`vae.slicing = True` decodes and encodes a batch one image at a time; `vae.tiling = True` decodes and encodes images
+larger than the config's `sample_size` in overlapping tiles (`tiles.py`), as diffusers' enable_slicing/enable_tiling.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from .tiles import tiled
 
 EPS = 1e-6  # the VAE's GroupNorm epsilon (diffusers' resnet_eps for the autoencoder)
 
@@ -128,14 +131,37 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(latent, config["out_channels"], channels, layers, groups)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
         self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        self.slicing = self.tiling = False
+        sample_size = config.get("sample_size", 32)  # diffusers' default; a [h, w] list tiles by its first side
+        self.tile_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size  # pixels
+        self.tile_latents = self.tile_size // 2 ** (len(channels) - 1)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """images (B, 3, H, W) in [-1, 1] -> distribution over latents (B, 4, H/8, W/8), not yet scaled."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        return DiagonalGaussian(torch.cat([self.in_tiles(self.moments, x, self.tile_size, self.tile_latents)
+                                           for x in self.slices(images)]))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (B, 4, h, w), already divided by scaling_factor -> images (B, 3, 8h, 8w), about [-1, 1]."""
+        return torch.cat([self.in_tiles(self.pixels, z, self.tile_latents, self.tile_size)
+                          for z in self.slices(latents)])
+
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """images (b, 3, H, W) -> mean and logvar (b, 8, H/8, W/8)."""
+        return self.quant_conv(self.encoder(images))
+
+    def pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (b, 4, h, w) -> images (b, 3, 8h, 8w)."""
         return self.decoder(self.post_quant_conv(latents))
+
+    def slices(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return batch.split(1) if self.slicing else (batch,)
+
+    def in_tiles(self, coder, x: torch.Tensor, tile: int, out_tile: int) -> torch.Tensor:
+        """coder(x), in overlapping tiles of side `tile` when tiling and x is larger than one."""
+        if self.tiling and max(x.shape[2:]) > tile:
+            return tiled(coder, x, tile, out_tile)
+        return coder(x)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Encode, sample, decode: a reconstruction."""
