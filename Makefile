@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # environment, run e.g. `make test TORCH=` to keep it.
 TORCH  ?= torch==2.13.0
 PIP    := pip==26.3
-# GPUS=N runs the training and evaluation targets (lora, fid, eval) data-parallel on N processes with torchrun.
+# GPUS=N runs the training and evaluation targets (gan, lora, fid, eval) data-parallel on N processes with torchrun.
 GPUS   ?=
 LAUNCH  = $(if $(GPUS),$(BIN)/torchrun --nproc_per_node $(GPUS),$(BIN)/python)
 # Every test-only package at an exact version, all in one list (see requirements/test.in for why each is there).
@@ -65,7 +65,7 @@ clean: ## remove .venv and caches (keeps runs/ and ~/.cache/minigen)
 	rm -rf $(VENV) .venv-upgrade .pytest_cache minigen.egg-info
 
 # ---- DCGAN ----
-.PHONY: demo gan gan-sample bench-gan
+.PHONY: demo gan gan-sample bench-gan bench-ddp
 GAN_CONFIG ?= configs/gan_002_v3.conf
 GAN_ARGS   ?=
 GAN_RUN    ?= runs/gan_002_v3
@@ -74,14 +74,17 @@ N          ?= 1000
 demo: $(RUNTIME) ## train a small DCGAN on 4,009 Twemoji at 64x64 on the CPU (about 6 minutes on 2 cores); prints the grid and curve paths
 	$(BIN)/python train_gan.py --config configs/demo.conf $(GAN_ARGS)
 
-gan: $(RUNTIME) ## train a DCGAN from a preset: GAN_CONFIG=configs/gan_000.conf GAN_ARGS="--data met --epochs 50"
-	$(BIN)/python train_gan.py --config $(GAN_CONFIG) $(GAN_ARGS)
+gan: $(RUNTIME) ## train a DCGAN from a preset: GAN_CONFIG=configs/gan_000.conf GAN_ARGS="--data met --epochs 50" (GPUS=4: on four, add --sync-bn)
+	$(LAUNCH) train_gan.py --config $(GAN_CONFIG) $(GAN_ARGS)
 
 gan-sample: $(RUNTIME) ## write N=1000 PNGs from GAN_RUN's checkpoint into GAN_RUN/fake (for fid.py)
 	$(BIN)/python train_gan.py --sample $(N) --checkpoint $(GAN_RUN)/checkpoint.safetensors --out $(GAN_RUN)/fake
 
 bench-gan: $(RUNTIME) ## DCGAN training images/s and FLOP/s vs this machine's matmul peak (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_gan.py $(BENCH_ARGS)
+
+bench-ddp: $(RUNTIME) ## data-parallel images/s, scaling and bytes exchanged per step, GAN and LoRA (BENCH_ARGS="--device cuda --procs 1 2 4 8")
+	$(BIN)/python bench/bench_ddp.py $(BENCH_ARGS)
 
 # ---- FID, KID, IS, PSNR (fid.py) ----
 .PHONY: fid fid-weights bench-fid
@@ -96,10 +99,10 @@ fid: $(RUNTIME) ## FID between two folders or .npz files: make fid A=real/ B=fak
 bench-fid: $(TESTDEPS) ## feature extraction images/s, minigen vs pytorch-fid, and Fréchet distance timing (BENCH_ARGS="--device cuda")
 	$(BIN)/python bench/bench_fid.py $(BENCH_ARGS)
 
-# ---- SDXL models (minigen/sd/) ----
-.PHONY: test-sdxl bench-unet bench-gpu
-test-sdxl: $(TESTDEPS) ## run the SDXL model, key-map and loader tests
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py
+# ---- Stable Diffusion models: SD 1.x, 2.x, SDXL (minigen/sd/) ----
+.PHONY: test-sd bench-unet bench-gpu
+test-sd: $(TESTDEPS) ## run the model, key-map, architecture-detection and loader tests (SD 1.x, 2.x, SDXL)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_sdxl_convert.py tests/test_sdxl_models.py tests/test_sdxl_loader.py tests/test_sd_detect.py
 
 bench-gpu: $(TESTDEPS) ## the GPU suite: every bench at full size vs its reference, plan vs measured memory; writes bench-gpu.md/.json (SMOKE=1: on the CPU, tiny)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_gpu.py $(if $(SMOKE),--smoke) $(BENCH_ARGS)
@@ -117,8 +120,8 @@ bench-sample: $(TESTDEPS) ## the samplers' own per-step work vs diffusers' sched
 MODEL ?=
 PROMPT ?= a photo of an astronaut riding a horse on mars
 SAMPLE_ARGS ?=
-sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/sdxl PROMPT="..." SAMPLE_ARGS="--steps 30 --seed 0"
-	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
+sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/model PROMPT="..." SAMPLE_ARGS="--steps 30 --seed 0" (MODEL=random:tiny to try)
+	$(if $(MODEL),,$(error set MODEL=path to an SD 1.x/2.x/SDXL diffusers folder or .safetensors file, or random:tiny))
 	$(BIN)/python sample.py --model "$(MODEL)" --prompt "$(PROMPT)" $(SAMPLE_ARGS)
 
 # ---- LoRA training ----
@@ -152,8 +155,8 @@ LORA      ?=
 PROMPTS   ?=
 REF       ?=
 EVAL_ARGS ?=
-eval: $(RUNTIME) ## base vs LoRAs: make eval MODEL=sdxl LORA="a.safetensors runs/lora/" PROMPTS=prompts.txt REF=met [EVAL_ARGS="--num 2"]
-	$(if $(MODEL),,$(error set MODEL=path to an SDXL diffusers folder or .safetensors file))
+eval: $(RUNTIME) ## base vs LoRAs: make eval MODEL=model LORA="a.safetensors runs/lora/" PROMPTS=prompts.txt REF=met [EVAL_ARGS="--num 2"]
+	$(if $(MODEL),,$(error set MODEL=path to an SD 1.x/2.x/SDXL diffusers folder or .safetensors file))
 	$(if $(PROMPTS),,$(error set PROMPTS=a prompt file (one a line) or a captioned dataset folder))
 	$(if $(REF),,$(error set REF=a reference image folder or built-in dataset (met, twemoji)))
 	$(LAUNCH) eval.py --model "$(MODEL)" $(foreach l,$(LORA),--lora "$(l)") --prompts "$(PROMPTS)" --ref "$(REF)" $(EVAL_ARGS)

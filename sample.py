@@ -199,7 +199,7 @@ def draw(args: argparse.Namespace, settings: dict, init: torch.Tensor | None, he
     for spec in settings["lora"]:
         path, _, multiplier = spec.rpartition(":")
         pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
-    speed.prepare_sdxl(pipe.model, switches)  # after the LoRAs: a compiled UNet would recompile for each
+    speed.prepare_pipeline_model(pipe.model, switches)  # after the LoRAs: a compiled UNet would recompile for each
     return pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale,
                 sampler=sampler, karras=karras, eta=args.eta, height=height, width=width, num_images=args.num,
                 init_image=init, strength=settings["strength"] or 1.0, original_size=args.original_size,

@@ -52,7 +52,7 @@ from .sd.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lo
 from .plot import make_grid, plot_curves, save_png, with_row_labels
 from .sd.convert import unet_name_map
 from .sd.pipeline import Pipeline, check_settings
-from .speed import Speed, prepare_sdxl
+from .speed import Speed, prepare_pipeline_model
 
 FID_DIMS = 2048  # the pool3 features every published FID uses; 64/192/768 are pytorch-fid's --dims options
 KID_SUBSET = 1000  # torch-fidelity's default subset size
@@ -380,7 +380,7 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
         warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
                       f"got {len(items)}", stacklevel=2)
     pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, dtype, device)
-    prepare_sdxl(pipe.model, speed)
+    prepare_pipeline_model(pipe.model, speed)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)
 

@@ -158,12 +158,12 @@ def prepare_model(model: nn.Module, speed: Speed) -> nn.Module:
     return model
 
 
-def prepare_sdxl(sdxl, speed: Speed) -> None:
-    """An SDXL model (minigen.sd.model.SDXL) for sampling: the UNet channels-last and compiled, the VAE channels-last,
-    sliced and tiled as asked. The VAE is not compiled: it runs once per image."""
-    prepare_model(sdxl.unet, speed)
-    prepare_model(sdxl.vae, dataclasses.replace(speed, compile=False))
-    sdxl.vae.slicing, sdxl.vae.tiling = speed.vae_slicing, speed.vae_tiling
+def prepare_pipeline_model(model, speed: Speed) -> None:
+    """A Stable Diffusion model (minigen.sd.model.StableDiffusion) for sampling: the UNet channels-last and compiled,
+    the VAE channels-last, sliced and tiled as asked. The VAE is not compiled: it runs once per image."""
+    prepare_model(model.unet, speed)
+    prepare_model(model.vae, dataclasses.replace(speed, compile=False))
+    model.vae.slicing, model.vae.tiling = speed.vae_slicing, speed.vae_tiling
 
 
 def optimizer_kernel(params: Iterable[torch.Tensor], speed: Speed) -> dict:
