@@ -26,7 +26,7 @@ from typing import Iterable, Mapping
 
 from .configs import PRESETS, get_config
 from .convert import FAMILY_PREFIXES, UNET_PREFIX, VAE_PREFIX
-from .unet import unet_depths
+from .unet import MID_BLOCKS, unet_depths
 
 CONFIGS_METADATA = "minigen.configs"  # safetensors metadata key: json of {part: config dict}
 PREDICTIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
@@ -146,8 +146,6 @@ def _configs_from_shapes(shapes: Mapping[str, tuple[int, ...]], family: str) -> 
     base = get_config(base_preset(family))
     configs = {"unet": {**base["unet"], **_unet_config(shapes, family)},
                "vae": {**base["vae"], **_vae_config(shapes)}}
-    if family == "sdxl-refiner":
-        configs["unet"]["addition_time_embed_dim"] = 256  # aesthetic score + 4 size numbers, 256 each
     for part, prefix in FAMILY_PREFIXES[family].items():
         if part.startswith("text_encoder"):
             template = base.get(part) or base["text_encoder_2"]
@@ -170,10 +168,10 @@ def _layout(part: str, config: Mapping) -> tuple:
     if part == "unet":
         keys = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
                 "use_linear_projection", "addition_embed_type", "projection_class_embeddings_input_dim")
-        return tuple(config.get(k) for k in keys) + (unet_depths(config), config.get("mid_block_type", "UNetMidBlock2DCrossAttn"))
-    keys = {"vae": ("block_out_channels", "layers_per_block", "latent_channels"),
-            }.get(part, ("hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act"))
-    return tuple(config.get(k) for k in keys)
+        return tuple(config.get(k) for k in keys) + (unet_depths(config), config.get("mid_block_type", MID_BLOCKS[0]))
+    if part == "vae":
+        return tuple(config.get(k) for k in ("block_out_channels", "layers_per_block", "latent_channels"))
+    return tuple(config.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act"))
 
 
 def _known_preset(configs: Mapping[str, Mapping], family: str) -> dict | None:
@@ -196,7 +194,8 @@ def _unet_config(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict:
     p = UNET_PREFIX
     conv_in = shapes[p + "input_blocks.0.0.weight"]  # (C0, in, 3, 3)
     inputs = _count(shapes, re.escape(p) + r"input_blocks\.(\d+)\.")
-    downsamplers = sorted(int(m[1]) for k in shapes if (m := re.match(re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    downsampler = re.compile(re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight$")
+    downsamplers = sorted(int(m[1]) for k in shapes if (m := downsampler.match(k)))
     layers = downsamplers[0] - 1 if downsamplers else inputs - 1
     levels = len(downsamplers) + 1
     if inputs != levels * (layers + 1):
