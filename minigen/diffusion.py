@@ -12,7 +12,9 @@ where `model_fn(x_in, t)` returns the model's raw output (epsilon, v or x0 per `
 
 Notation: VP ("variance preserving") samples are x_t = alpha_t * x0 + sigma_t * eps with alpha_t^2 + sigma_t^2 = 1 and
 alpha_t^2 = alphas_cumprod[t]; VE ("variance exploding", Karras et al.) samples are x = x0 + sigma * eps with
-sigma = sigma_t / alpha_t. DDPM, DDIM and DPM++ step in VP space, Euler in VE space.
+sigma = sigma_t / alpha_t. DDPM, DDIM and DPM++ step in VP space, Euler in VE space. A zero-terminal-SNR schedule
+(`rescale_betas_zero_snr`, Lin et al. 2023) ends at alpha_T = 0, sigma = inf: Euler and DPM++ start from a finite
+stand-in for it, as diffusers does (`ve_sigmas`).
 """
 
 from __future__ import annotations
@@ -220,7 +222,7 @@ class NoiseSchedule:
                 final = torch.tensor(1.0) if self.set_alpha_to_one else a[0]
             a_t = a[torch.from_numpy(ts)]  # (N,)
             a_prev = torch.stack([a[p] if p >= 0 else final for p in prev.tolist()])  # (N,)
-            sig = torch.cat([((1 - a_t) / a_t) ** 0.5, torch.zeros(1)])
+            sig = torch.cat([((1 - a_t) / a_t) ** 0.5, torch.zeros(1)])  # inf at SNR 0: these step with a_t itself
             return Plan(torch.from_numpy(ts), sig, a_t**0.5, (1 - a_t) ** 0.5, a_t, a_prev, 1.0)
         if sampler == "dpmpp_2m":
             ts = spaced_timesteps(T, steps, spacing, offset, points=steps + 1)
@@ -421,7 +423,8 @@ def sample(model_fn, x_or_shape, schedule: NoiseSchedule, sampler: str = "euler"
     if schedule.prediction_type == "epsilon" and bool((plan.alpha == 0).any()):
         raise ValueError(f"the {sampler!r} sampler calls the model at zero SNR (alpha_bar = 0, the last timestep of "
                          "a zero-terminal-SNR schedule), where x_0 = (x - eps) / 0 cannot come from an epsilon "
-                         "prediction (diffusers returns NaN); such models predict v (Lin et al. 2023, section 3.2)")
+                         "prediction (diffusers returns NaN); such models predict v (Lin et al. 2023, section 3.2), "
+                         "else sample with euler, euler_a or dpmpp_2m (sigma ~4096 there)")
     if init is not None:  # img2img: `init` noised to the level of the first step left
         device = device or init.device
         noise = randn(init.shape, generator, device, dtype)
