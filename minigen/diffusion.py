@@ -12,7 +12,9 @@ where `model_fn(x_in, t)` returns the model's raw output (epsilon, v or x0 per `
 
 Notation: VP ("variance preserving") samples are x_t = alpha_t * x0 + sigma_t * eps with alpha_t^2 + sigma_t^2 = 1 and
 alpha_t^2 = alphas_cumprod[t]; VE ("variance exploding", Karras et al.) samples are x = x0 + sigma * eps with
-sigma = sigma_t / alpha_t. DDPM, DDIM and DPM++ step in VP space, Euler in VE space.
+sigma = sigma_t / alpha_t. DDPM, DDIM and DPM++ step in VP space, Euler in VE space. A zero-terminal-SNR schedule
+(`rescale_betas_zero_snr`, Lin et al. 2023) ends at alpha_T = 0, sigma = inf: Euler and DPM++ start from a finite
+stand-in for it, as diffusers does (`ve_sigmas`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,33 @@ def make_betas(kind: str, num_train_timesteps: int, beta_start: float, beta_end:
     if kind in ("squaredcos_cap_v2", "cosine"):
         return cosine_betas(num_train_timesteps)
     raise ValueError(f"unknown beta schedule {kind!r}; expected one of {BETA_SCHEDULES}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last alphas_cumprod is exactly 0 (zero terminal SNR), the first unchanged.
+
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed" (Lin et al. 2023, Algorithm 1): sqrt(alpha_bar_t)
+    is shifted so its last value is 0 and scaled so its first keeps its value, then turned back into betas. The last
+    beta becomes 1: x_T is pure noise, as sampling assumes. Same float32 operations, in the same order, as diffusers.
+    """
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()  # (T,) sqrt(alpha_bar_t)
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))  # (T,) from sqrt(alpha_bar_0) down to 0
+    alphas_cumprod = root**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])  # undo the cumprod
+    return 1 - alphas
+
+
+def ve_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The VE noise level sqrt((1 - alpha_bar) / alpha_bar) of each training timestep, in float32 as diffusers does.
+
+    At zero terminal SNR the last alpha_bar is 0 and its sigma infinite; Euler and DPM-Solver start from that sigma,
+    so diffusers' schedulers lift it to 2**-24 (fp16's smallest subnormal): a finite first sigma of ~4096. DDPM and
+    DDIM step with alpha_bar itself, 0 included, as diffusers' do.
+    """
+    if alphas_cumprod[-1] == 0:
+        alphas_cumprod = torch.cat([alphas_cumprod[:-1], torch.tensor([2.0**-24])])
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # (T,)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
@@ -106,6 +135,7 @@ class NoiseSchedule:
     timestep_spacing: str = "leading"
     steps_offset: int = 1
     set_alpha_to_one: bool = False  # DDIM's last step lands on alphas_cumprod[0] instead of 1
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023): x_T carries no signal at all
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -113,21 +143,22 @@ class NoiseSchedule:
         if self.timestep_spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {self.timestep_spacing!r}; expected one of {SPACINGS}")
         self.betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)  # (T,)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # (T,) alpha_bar_t
-        # VE noise level of each training timestep, computed in float32 as diffusers does.
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # (T,)
+        if self.rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # (T,) alpha_bar_t; the last may be 0
+        self.sigmas = ve_sigmas(self.alphas_cumprod)  # (T,) always finite
 
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
         """Read a diffusers `scheduler_config.json` (any of its schedulers); refuse options minigen does not implement."""
         unsupported = {"trained_betas": None, "clip_sample": False, "thresholding": False,
-                       "rescale_betas_zero_snr": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                       "use_exponential_sigmas": False, "use_beta_sigmas": False,
                        "timestep_type": "discrete", "interpolation_type": "linear", "final_sigmas_type": "zero"}
         for key, supported in unsupported.items():
             if config.get(key, supported) != supported:
                 raise ValueError(f"scheduler option {key}={config[key]!r} is not supported (only {supported!r})")
         fields = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-                  "timestep_spacing", "steps_offset", "set_alpha_to_one")
+                  "timestep_spacing", "steps_offset", "set_alpha_to_one", "rescale_betas_zero_snr")
         return cls(**{k: config[k] for k in fields if k in config})
 
     # ------------------------------------------------------------------------------ training: q(x_t | x_0), targets
@@ -151,16 +182,22 @@ class NoiseSchedule:
         return x0
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of integer timesteps t."""
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of integer timesteps t; 0 at the last timestep of a
+        zero-terminal-SNR schedule (1 - alpha_bar_t is never 0: alpha_bar_0 < 1)."""
         a = self.alphas_cumprod.to(t.device)[t]
         return a / (1 - a)
 
     def min_snr_weight(self, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-        """Per-sample MSE weight of Min-SNR-gamma (Hang et al. 2023) for this schedule's prediction type: (B,)."""
+        """Per-sample MSE weight of Min-SNR-gamma (Hang et al. 2023) for this schedule's prediction type: (B,).
+
+        The weight of the x_0 loss is min(SNR, gamma); an epsilon or v loss is that times the factor between the
+        losses (1 / SNR, 1 / (SNR + 1)). At zero SNR (zero terminal SNR's last timestep) v's weight is 0, and
+        epsilon's min(SNR, gamma) / SNR is taken at its limit, 1, instead of 0 / 0.
+        """
         snr = self.snr(t)
-        clipped = torch.clamp(snr, max=gamma)
         if self.prediction_type == "epsilon":
-            return clipped / snr
+            return torch.clamp(gamma / snr, max=1.0)  # = min(SNR, gamma) / SNR; gamma / 0 = inf clamps to 1
+        clipped = torch.clamp(snr, max=gamma)
         if self.prediction_type == "v_prediction":
             return clipped / (snr + 1)
         return clipped
@@ -185,7 +222,7 @@ class NoiseSchedule:
                 final = torch.tensor(1.0) if self.set_alpha_to_one else a[0]
             a_t = a[torch.from_numpy(ts)]  # (N,)
             a_prev = torch.stack([a[p] if p >= 0 else final for p in prev.tolist()])  # (N,)
-            sig = torch.cat([((1 - a_t) / a_t) ** 0.5, torch.zeros(1)])
+            sig = torch.cat([((1 - a_t) / a_t) ** 0.5, torch.zeros(1)])  # inf at SNR 0: these step with a_t itself
             return Plan(torch.from_numpy(ts), sig, a_t**0.5, (1 - a_t) ** 0.5, a_t, a_prev, 1.0)
         if sampler == "dpmpp_2m":
             ts = spaced_timesteps(T, steps, spacing, offset, points=steps + 1)
@@ -383,6 +420,12 @@ def sample(model_fn, x_or_shape, schedule: NoiseSchedule, sampler: str = "euler"
         if start >= steps:
             raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
         plan = plan.from_step(start)
+    if schedule.prediction_type == "epsilon" and bool((plan.alpha == 0).any()):
+        raise ValueError(f"the {sampler!r} sampler calls the model at zero SNR (alpha_bar = 0, the last timestep of "
+                         "a zero-terminal-SNR schedule), where x_0 = (x - eps) / 0 cannot come from an epsilon "
+                         "prediction (diffusers returns NaN); such models predict v (Lin et al. 2023, section 3.2), "
+                         "else sample with euler, euler_a or dpmpp_2m (sigma ~4096 there)")
+    if init is not None:  # img2img: `init` noised to the level of the first step left
         device = device or init.device
         noise = randn(init.shape, generator, device, dtype)
         if sampler in ("euler", "euler_a"):

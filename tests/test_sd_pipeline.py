@@ -4,7 +4,8 @@ layout, v-prediction).
 
 The proof of issue 14: the same images for the same seed with every sampler, with and without CLIP skip; the folder
 diffusers saves loads in minigen and the single file minigen writes loads in diffusers' `from_single_file`; the
-architecture is read from a single file's tensors alone.
+architecture is read from a single file's tensors alone. A file marked `ztsnr` samples with zero terminal SNR, as
+diffusers does with rescale_betas_zero_snr.
 """
 
 import functools
@@ -98,6 +99,44 @@ def test_images_equal_diffusers(preset, sampler, karras, scheduler_class, schedu
     images = ours(preset)("a red cube", "blurry", steps=3, sampler=sampler, karras=karras, output="float",
                           generator=torch.Generator("cpu").manual_seed(5), **settings)
     assert images.shape == ref.shape == (1, 3, 16, 24)
+    assert_close_to_scale(images, ref, IMAGE_TOL, min_scale=1.0)
+
+
+ZTSNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}  # what detect sets for a `ztsnr` marker
+
+
+@functools.lru_cache(maxsize=None)
+def ztsnr_pipeline() -> Pipeline:
+    """tiny-sd2 written as a zero-terminal-SNR v-prediction file is distributed (NoobAI-XL v-pred): the empty
+    `v_pred` and `ztsnr` marker tensors of sd-scripts and ComfyUI, no metadata; loaded back with no flags."""
+    folder = Path(tempfile.mkdtemp(prefix="minigen-ztsnr-"))
+    ours("tiny-sd2").model.save_single_file(folder / "sd2.safetensors")
+    tensors, _ = load_weights(folder / "sd2.safetensors")
+    markers = {"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}
+    save_file({**{k: v.contiguous() for k, v in tensors.items()}, **markers}, folder / "ztsnr.safetensors")
+    return Pipeline(load_model(folder / "ztsnr.safetensors"))
+
+
+def test_ztsnr_marker_loads_the_rescaled_schedule():
+    pipe = ztsnr_pipeline()
+    assert pipe.model.family == "sd2"
+    assert {k: pipe.model.scheduler_config[k] for k in ZTSNR} == ZTSNR
+    assert pipe.schedule.prediction_type == "v_prediction"  # from the `v_pred` marker
+    assert pipe.schedule.alphas_cumprod[-1] == 0  # Lin et al. 2023, Algorithm 1
+    assert pipe.schedule.alphas_cumprod[0] == ours("tiny-sd2").schedule.alphas_cumprod[0]
+
+
+@pytest.mark.parametrize("sampler,karras,scheduler_class,scheduler_args", SAMPLERS,
+                         ids=[s + ("-karras" if k else "") for s, k, _, _ in SAMPLERS])
+def test_ztsnr_images_equal_diffusers(sampler, karras, scheduler_class, scheduler_args):
+    """The ztsnr file's images are diffusers' with rescale_betas_zero_snr and trailing spacing, every sampler from
+    SNR 0; with guidance rescale 0.7, which Lin et al. 2023 (section 3.4) pair with zero terminal SNR."""
+    settings = dict(height=16, width=24, guidance_scale=4.0, guidance_rescale=0.7)
+    ref = reference_images(reference("tiny-sd2"), scheduler_class, {**scheduler_args, **ZTSNR}, prompt="a red cube",
+                           negative_prompt="blurry", num_inference_steps=3,
+                           generator=torch.Generator("cpu").manual_seed(5), **settings)
+    images = ztsnr_pipeline()("a red cube", "blurry", steps=3, sampler=sampler, karras=karras, output="float",
+                              generator=torch.Generator("cpu").manual_seed(5), **settings)
     assert_close_to_scale(images, ref, IMAGE_TOL, min_scale=1.0)
 
 
