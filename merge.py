@@ -3,6 +3,7 @@
     python merge.py A.safetensors B.safetensors -o merged.safetensors --alpha 0.3
     python merge.py A.safetensors B.safetensors --c C.safetensors --method add_difference -o out.safetensors
     python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0.2,0.5,0.8 --dtype fp16
+    python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0,1,1,1,1,1,1,1,1,.5,0,0,0,0,0,0,0,0,0
     python merge.py A.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.5 -o baked.safetensors
     python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out (SDXL)
     python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
@@ -37,8 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=sorted(METHODS), default="weighted_sum",
                    help="weighted_sum: (1 - alpha) * A + alpha * B; add_difference: A + alpha * (B - C)")
     p.add_argument("--alpha", type=cli.number(float), default=0.5, help="weight of B (default 0.5)")
-    p.add_argument("--block-alphas", metavar="IN,MID,OUT",
-                   help="alphas for the UNet's input, middle and output blocks (other keys use --alpha)")
+    p.add_argument("--block-alphas", metavar="W,W,...",
+                   help="alphas by UNet block: 3 (input, middle, output blocks), or one per block as A1111's Merge "
+                        "Block Weighted and supermerger write them (SD 1.x/2.x: 25, IN00..IN11,M00,OUT00..OUT11; "
+                        "SDXL: 19, IN00..IN08,M00,OUT00..OUT08), optionally with BASE (the text encoders) first: "
+                        "26 / 20. Keys not weighted use --alpha")
     p.add_argument("--vae", default="copy", help="'copy' (from A, the default), 'merge', or a VAE .safetensors to put in")
     p.add_argument("--skip-text-encoders", action="store_true", help="copy the text encoders from A unmerged")
     p.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), help="output dtype of float tensors (default: as in A)")
@@ -55,15 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_block_alphas(text: str | None) -> tuple[float, float, float] | None:
+def parse_block_alphas(text: str | None) -> tuple[float, ...] | None:
+    """The numbers of --block-alphas; whether their count fits the model is `merging.block_weights`' to say."""
     if text is None:
         return None
     try:
         alphas = tuple(float(x) for x in text.split(","))
     except ValueError:
-        alphas = ()
-    if len(alphas) != 3:
-        raise ValueError(f"--block-alphas needs three numbers (input, middle, output), got {text!r}")
+        raise ValueError(f"--block-alphas takes numbers separated by commas, got {text!r}") from None
     for alpha in alphas:
         cli.check_number("--block-alphas", alpha)
     return alphas
