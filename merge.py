@@ -8,6 +8,10 @@
     python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out (SDXL)
     python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
     python merge.py --lora style.safetensors:0.7 --lora detail.safetensors:0.3 --rank 32 -o merged_lora.safetensors
+    python merge.py --config configs/merge_004.conf waifu.safetensors orangemix.safetensors -o merged.safetensors
+
+A preset (configs/merge_*.conf) is a file of the same flags, `#` comments allowed; flags given on the command line
+win over it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="merge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a preset: a file of flags (configs/merge_*.conf)")
     p.add_argument("a", nargs="?", help="checkpoint A (single-file .safetensors or an SDXL diffusers folder); its keys "
                                         "and order are the output's. With --rank: the base model")
     p.add_argument("b", nargs="?", help="checkpoint B (file or diffusers folder). With --rank: the fine-tuned model to "
@@ -56,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="read pickled checkpoints (.ckpt, .pt, .pth, .bin): they can run code when loaded, so only "
                         "from a source you trust (loaded with weights_only=True, whole into memory)")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
-    return p.parse_args(argv)
+    return p.parse_args(cli.preset_then(sys.argv[1:] if argv is None else argv))
 
 
 def parse_block_alphas(text: str | None) -> tuple[float, ...] | None:
