@@ -3,10 +3,15 @@
     python merge.py A.safetensors B.safetensors -o merged.safetensors --alpha 0.3
     python merge.py A.safetensors B.safetensors --c C.safetensors --method add_difference -o out.safetensors
     python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0.2,0.5,0.8 --dtype fp16
+    python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0,1,1,1,1,1,1,1,1,.5,0,0,0,0,0,0,0,0,0
     python merge.py A.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.5 -o baked.safetensors
     python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out (SDXL)
     python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
     python merge.py --lora style.safetensors:0.7 --lora detail.safetensors:0.3 --rank 32 -o merged_lora.safetensors
+    python merge.py --config configs/merge_004.conf waifu.safetensors orangemix.safetensors -o merged.safetensors
+
+A preset (configs/merge_*.conf) is a file of the same flags, `#` comments allowed; flags given on the command line
+win over it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="merge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a preset: a file of flags (configs/merge_*.conf)")
     p.add_argument("a", nargs="?", help="checkpoint A (single-file .safetensors or an SDXL diffusers folder); its keys "
                                         "and order are the output's. With --rank: the base model")
     p.add_argument("b", nargs="?", help="checkpoint B (file or diffusers folder). With --rank: the fine-tuned model to "
@@ -37,8 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=sorted(METHODS), default="weighted_sum",
                    help="weighted_sum: (1 - alpha) * A + alpha * B; add_difference: A + alpha * (B - C)")
     p.add_argument("--alpha", type=cli.number(float), default=0.5, help="weight of B (default 0.5)")
-    p.add_argument("--block-alphas", metavar="IN,MID,OUT",
-                   help="alphas for the UNet's input, middle and output blocks (other keys use --alpha)")
+    p.add_argument("--block-alphas", metavar="W,W,...",
+                   help="alphas by UNet block: 3 (input, middle, output blocks), or one per block as A1111's Merge "
+                        "Block Weighted and supermerger write them (SD 1.x/2.x: 25, IN00..IN11,M00,OUT00..OUT11; "
+                        "SDXL: 19, IN00..IN08,M00,OUT00..OUT08), optionally with BASE (the text encoders) first: "
+                        "26 / 20. Keys not weighted use --alpha")
     p.add_argument("--vae", default="copy", help="'copy' (from A, the default), 'merge', or a VAE .safetensors to put in")
     p.add_argument("--skip-text-encoders", action="store_true", help="copy the text encoders from A unmerged")
     p.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), help="output dtype of float tensors (default: as in A)")
@@ -52,18 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="read pickled checkpoints (.ckpt, .pt, .pth, .bin): they can run code when loaded, so only "
                         "from a source you trust (loaded with weights_only=True, whole into memory)")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
-    return p.parse_args(argv)
+    return p.parse_args(cli.preset_then(sys.argv[1:] if argv is None else argv))
 
 
-def parse_block_alphas(text: str | None) -> tuple[float, float, float] | None:
+def parse_block_alphas(text: str | None) -> tuple[float, ...] | None:
+    """The numbers of --block-alphas; whether their count fits the model is `merging.block_weights`' to say."""
     if text is None:
         return None
     try:
         alphas = tuple(float(x) for x in text.split(","))
     except ValueError:
-        alphas = ()
-    if len(alphas) != 3:
-        raise ValueError(f"--block-alphas needs three numbers (input, middle, output), got {text!r}")
+        raise ValueError(f"--block-alphas takes numbers separated by commas, got {text!r}") from None
     for alpha in alphas:
         cli.check_number("--block-alphas", alpha)
     return alphas

@@ -193,6 +193,15 @@ def read_preset(path: str) -> list[str]:
         raise ValueError(f"preset {path}: {e}") from None
 
 
+def preset_then(argv: list[str]) -> list[str]:
+    """`argv` with the flags of the preset its `--config` names put first, so the command line's own flags win (for a
+    parser with ordinary defaults, which has no saved settings to layer under them)."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    config = finder.parse_known_args(argv)[0].config
+    return read_preset(config) + argv if config else argv
+
+
 def layered_settings(parser: argparse.ArgumentParser, argv: list[str], fields: set[str],
                      saved: Callable[[str], dict]) -> tuple[argparse.Namespace, dict]:
     """Parse `argv` with a parser built with `argument_default=SUPPRESS`; return (the flags given, the settings).

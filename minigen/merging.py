@@ -8,8 +8,9 @@ Methods (per tensor; fp32 arithmetic with one rounding to the output dtype):
 
 Components are told apart by the single-file key prefixes: `first_stage_model.` is the VAE (copied from A by
 default, as seed 004 does: merged VAEs make anime models worse), `conditioner.embedders.` / `cond_stage_model.` are the
-text encoders (merged unless skipped), `model.diffusion_model.` is the UNet (optionally with one alpha per input,
-middle and output blocks). Everything else (EMA copies, schedule buffers, integer position ids) is copied from A.
+text encoders (merged unless skipped), `model.diffusion_model.` is the UNet (block-weighted merging gives each of its
+blocks an alpha: `block_weights`). Everything else (EMA copies, schedule buffers, integer position ids) is copied
+from A.
 SDXL diffusers folders are read through the same single-file names (`DiffusersFolder`), and written from them
 (`DiffusersFolderWriter`, still tensor by tensor) when the output is not a `.safetensors` name.
 
@@ -41,7 +42,7 @@ from .sd.convert import UNET_PREFIX, VAE_PREFIX, lora_targets
 from .sd.detect import MODEL_NAMES, detect_family
 
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
-UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")  # the groups --block-alphas weights
+BLOCK_GROUPS = ("IN", "M", "OUT")  # the UNet's input blocks, middle block, output blocks: in this order
 
 CHUNK = 1 << 20  # elements read and computed at once: fp32 temporaries of 4 MB, whatever the tensor's size
 
@@ -54,7 +55,7 @@ class MergeWarning(UserWarning):
 class MergeRecipe:
     method: str = "weighted_sum"  # or "add_difference"
     alpha: float = 0.5
-    block_alphas: tuple[float, float, float] | None = None  # UNet input, middle, output blocks; others use alpha
+    block_alphas: tuple[float, ...] | None = None  # 3 (IN, MID, OUT) or one per UNet block, BASE optionally first
     vae: str = "copy"  # "copy" (from A), "merge", or the path of a VAE file to put in
     merge_text_encoders: bool = True
     dtype: str | None = None  # "fp16", "bf16", "fp32"; None keeps each tensor's dtype from A
@@ -104,14 +105,55 @@ def component(key: str) -> str:
     return "other"
 
 
-def alpha_for(key: str, recipe: MergeRecipe) -> float:
-    """The recipe's alpha, or its block alpha for keys inside the UNet's input, middle or output blocks."""
-    if recipe.block_alphas is not None and key.startswith(UNET_PREFIX):
-        rest = key[len(UNET_PREFIX):]
-        for i, prefix in enumerate(UNET_BLOCKS):
-            if rest.startswith(prefix):
-                return recipe.block_alphas[i]
-    return recipe.alpha
+# Block-weighted merging names the UNet's blocks as A1111's Merge Block Weighted extension and supermerger do:
+# INnn for input_blocks.nn, M00 for middle_block, OUTnn for output_blocks.nn (IN00..IN11, M00, OUT00..OUT11 in
+# SD 1.x/2.x: 25; IN00..IN08, M00, OUT00..OUT08 in SDXL: 19), and BASE for everything merged outside the UNet
+# (the text encoders; the VAE too with --vae merge).
+
+def block_of(key: str) -> str:
+    """The block whose weight a single-file key takes: "IN03", "M00", "OUT11"; "stem" for the UNet's layers before its
+    blocks (time and label embeddings), "head" for those after them (`out.`); "BASE" outside the UNet."""
+    if not key.startswith(UNET_PREFIX):
+        return "BASE"
+    group, _, rest = key[len(UNET_PREFIX):].partition(".")
+    number = rest.partition(".")[0]
+    if group == "middle_block":
+        return "M00"
+    if group in ("input_blocks", "output_blocks") and number.isdigit():
+        return f"{'IN' if group == 'input_blocks' else 'OUT'}{int(number):02d}"
+    return "head" if group == "out" else "stem"
+
+
+def _group(block: str) -> int:
+    """0, 1, 2 for an input, the middle, an output block (by name)."""
+    return BLOCK_GROUPS.index(block.rstrip("0123456789"))
+
+
+def unet_blocks(keys: list[str]) -> list[str]:
+    """The UNet blocks a checkpoint's keys hold, by name, in order: IN.., M00, OUT.."""
+    names = {block_of(k) for k in keys} - {"stem", "head", "BASE"}
+    return sorted(names, key=lambda name: (_group(name), name))
+
+
+def block_weights(alphas: tuple[float, ...], keys: list[str]) -> dict[str, float]:
+    """{block name (`block_of`'s): alpha} from a recipe's block alphas, for the checkpoint with these keys; keys of a
+    block not named take the recipe's alpha.
+
+    3 numbers weight every input block, the middle block and every output block (the stem, head and BASE keep the
+    alpha). One number per UNet block weights each (MBW's form: the stem goes with IN00 and the head with the last
+    OUT block, as bbc-mc's Merge Block Weighted does); one more, first, is BASE's. Any other count is a ValueError
+    naming the counts this checkpoint's architecture takes."""
+    blocks = unet_blocks(keys)
+    if not blocks:
+        raise ValueError("--block-alphas weights the UNet's blocks, and the checkpoint has none")
+    if len(alphas) == 3:
+        return {name: alphas[_group(name)] for name in blocks}
+    if len(alphas) not in (len(blocks), len(blocks) + 1):
+        raise ValueError(f"--block-alphas takes 3 numbers (IN, MID, OUT), {len(blocks)} (one per UNet block of "
+                         f"{MODEL_NAMES[detect_family(keys)]}: {blocks[0]}..{blocks[-1]}) or {len(blocks) + 1} "
+                         f"(BASE, for the text encoders, first); got {len(alphas)}")
+    named = dict(zip((["BASE"] if len(alphas) > len(blocks) else []) + blocks, alphas))
+    return named | {"stem": named[blocks[0]], "head": named[blocks[-1]]}
 
 
 @dataclass
@@ -121,9 +163,10 @@ class _Step:
     alpha: float = 0.0
 
 
-def _plan(files: list[TensorFile], vae_file: TensorFile | None, recipe: MergeRecipe, strict: bool,
-          report: MergeReport) -> list[_Step]:
-    """Decide, from the headers only, where each of A's tensors comes from."""
+def _plan(files: list[TensorFile], vae_file: TensorFile | None, recipe: MergeRecipe, weights: dict[str, float],
+          strict: bool, report: MergeReport) -> list[_Step]:
+    """Decide, from the headers only, where each of A's tensors comes from, and at which alpha (`weights`: the
+    alpha of each block named in it, `block_weights`)."""
     a, others = files[0], files[1:]
     steps = []
     for key in a.keys():
@@ -150,7 +193,7 @@ def _plan(files: list[TensorFile], vae_file: TensorFile | None, recipe: MergeRec
         elif vae_file is not None and kind == "vae":
             steps.append(_Step(key, candidates))
         else:
-            steps.append(_Step(key, [(a, key)] + candidates, alpha_for(key, recipe)))
+            steps.append(_Step(key, [(a, key)] + candidates, weights.get(block_of(key), recipe.alpha)))
     if strict and report.shape_mismatches:
         listed = "\n  ".join(f"{k}: {sa} vs {sb}" for k, sa, sb in report.shape_mismatches[:20])
         raise CheckpointError(f"{len(report.shape_mismatches)} tensors differ in shape (strict mode):\n  {listed}")
@@ -233,8 +276,9 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
             files.append(open_checkpoint(p, allow_pickle))
         vae_file = open_checkpoint(vae_path, allow_pickle) if vae_path is not None else None
         check_same_model(files)
+        weights = block_weights(recipe.block_alphas, files[0].keys()) if recipe.block_alphas else {}
         report = MergeReport()
-        steps = _plan(files, vae_file, recipe, strict, report)
+        steps = _plan(files, vae_file, recipe, weights, strict, report)
         if vae_file is not None and not any(s.sources[0][0] is vae_file for s in steps):
             raise CheckpointError(f"{vae_path} holds none of the VAE's single-file tensors (e.g. "
                                   f"{next((k for k in files[0].keys() if component(k) == 'vae'), VAE_PREFIX + '*')}, with or without "

@@ -309,7 +309,8 @@ CASES |= {
     "alpha-inf": lambda c: (c.merge(c.b, "--alpha", "inf"), ["--alpha", "finite"]),
     "alpha-not-a-number": lambda c: (c.merge(c.b, "--alpha", "half"), ["--alpha"]),
     "block-alphas-nan": lambda c: (c.merge(c.b, "--block-alphas", "nan,0,1"), ["--block-alphas", "finite"]),
-    "block-alphas-two": lambda c: (c.merge(c.b, "--block-alphas", "0.1,0.2"), ["--block-alphas"]),
+    # the corpus's UNet has one block (IN01): 3 numbers (IN, MID, OUT), 1, or 2 (BASE first) fit it
+    "block-alphas-count": lambda c: (c.merge(c.b, "--block-alphas", "0.1,0.2,0.3,0.4"), ["--block-alphas", "got 4"]),
     "block-alphas-words": lambda c: (c.merge(c.b, "--block-alphas", "a,b,c"), ["--block-alphas"]),
     "lora-ratio-nan": lambda c: (c.bake(f"{c.l}:nan"), ["l.safetensors", "finite"]),
     "lora-ratio-word": lambda c: (c.bake(f"{c.l}:abc"), ["l.safetensors", "abc"]),
