@@ -262,9 +262,9 @@ RANDOM = "random:"  # `load_model("random:tiny")`: a model of a preset's sizes w
 
 
 def random_model(preset: str = "tiny", seed: int = 0) -> StableDiffusion:
-    """A model with random weights at a preset's sizes (`configs.PRESETS`): "tiny", "tiny-sd1", "tiny-sd2" (each
-    family's structure at toy widths, for tests, smoke runs and trying every tool in seconds) or a full size
-    ("sdxl-base", "sd15", "sd21")."""
+    """A model with random weights at a preset's sizes (`configs.PRESETS`): "tiny", "tiny-refiner", "tiny-sd1",
+    "tiny-sd2" (each family's structure at toy widths, for tests, smoke runs and trying every tool in seconds) or a
+    full size ("sdxl-base", "sd15", "sd21")."""
     configs = get_config(preset)
     family = family_of_configs(configs)
     torch.manual_seed(seed)
