@@ -52,6 +52,8 @@ def model_index(family: str) -> dict:
         index[tokenizer] = ["transformers", "CLIPTokenizer"] if present else [None, None]
     if family.startswith("sdxl"):
         index["force_zeros_for_empty_prompt"] = family == "sdxl"
+    if family == "sdxl-refiner":  # its UNet takes an aesthetic score where the base takes the target size
+        index["requires_aesthetics_score"] = True
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     return index
