@@ -252,3 +252,10 @@ def test_cli_refuses_conditioning_the_model_does_not_take(tmp_path, capsys, mode
             "--out", str(tmp_path), "--device", "cpu", *extra]
     assert_clean_error(sample_cli.main, args, capsys, message)
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_sample_plan_of_a_refiner_folder(capsys):
+    """The plan a CUDA run makes first: the refiner's one text encoder and five time ids."""
+    assert sample_cli.main(["--model", str(reference_folder()), "--prompt", "x", "--height", "16", "--width", "16",
+                            "--plan", "--device", "cpu"]) == 0
+    assert "memory plan (1 image(s) of 16x16" in capsys.readouterr().out
