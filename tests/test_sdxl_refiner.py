@@ -22,7 +22,7 @@ from cli_errors import assert_clean_error
 from PIL import Image
 from safetensors.torch import save_file
 
-from close import assert_close_to_scale
+from close import assert_close_to_scale, reference_images
 import sample as sample_cli
 from minigen.io import load_weights
 from minigen.png_info import read_png_settings
@@ -118,16 +118,6 @@ def test_time_ids_match_diffusers(ours, reference):
                                                      (16, 24), torch.float32, text_encoder_projection_dim=32)
     assert torch.equal(ids, torch.cat([negative.repeat(2, 1), positive.repeat(2, 1)]))
     assert ours.added_time_ids(1, False, (16, 24), None, (0, 0), None, None, None).tolist() == [[16, 24, 0, 0, 6.0]]
-
-
-def reference_images(reference, scheduler_class, scheduler_args, **kwargs):
-    """diffusers' images as float (B, 3, H, W) in [0, 1], with the scheduler swapped in for this run."""
-    default = reference.scheduler
-    reference.scheduler = scheduler_class.from_config(default.config, **scheduler_args)
-    try:
-        return reference(output_type="pt", **kwargs).images
-    finally:
-        reference.scheduler = default
 
 
 SAMPLERS = [("euler", False, diffusers.EulerDiscreteScheduler, {}),
