@@ -1,15 +1,19 @@
-"""Text to image with a Stable Diffusion checkpoint (SD 1.x, 2.x, SDXL): the images diffusers gives for a seed.
+"""Text to image with a Stable Diffusion checkpoint (SD 1.x, 2.x, SDXL and its refiner): the images diffusers gives
+for a seed.
 
     python sample.py --model sd_xl_base_1.0.safetensors --prompt "a photo of an astronaut riding a horse on mars" \
         --steps 30 --cfg 5 --sampler "DPM++ 2M Karras" --seed 0 --num 4 --lora style.safetensors:0.8 --out outputs/
     python sample.py --from-png outputs/0-002.png --steps 40      # the same image again, but with 40 steps
+    python sample.py --model sd_xl_refiner_1.0.safetensors --prompt "..." --init-image outputs/0-002.png \
+        --strength 0.3 --seed 0                                   # refined by the SDXL refiner (img2img)
 
 --model: a diffusers folder, a single-file checkpoint, or random:tiny (a random model, to try things in seconds). One
 `--seed` draws the noise of the whole batch (as diffusers' `generator=torch.Generator("cpu").manual_seed(seed)` with
 `num_images_per_prompt`); with no seed a random one is chosen and printed. Images are written as
 <out>/<seed>-000.png, <seed>-001.png, ..., each holding its settings (A1111's `parameters` text and minigen's JSON,
 see minigen/png_info.py). --sampler takes minigen's, A1111's and ComfyUI's names. --init-image turns it into img2img
-(diffusers' StableDiffusionXLImg2ImgPipeline). --from-png IMG redraws IMG from its settings; flags after it override.
+(diffusers' StableDiffusionXLImg2ImgPipeline; the refiner's aesthetic scores: --aesthetic-score,
+--negative-aesthetic-score). --from-png IMG redraws IMG from its settings; flags after it override.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler
 from minigen.sd.lora_files import parse_lora_spec
 from minigen.sd.model import RANDOM
-from minigen.sd.pipeline import Pipeline, check_settings, image_path, load_init_image, save_images
+from minigen.sd.pipeline import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, Pipeline, check_settings, image_path,
+                                 load_init_image, save_images)
 
 # The flags a PNG keeps (minigen/png_info.py): every one that changes the pixels. Not --allow-pickle: a picture must
 # not grant permission to unpickle. Not --device: a redraw may run elsewhere (bitwise equal on the same device).
 SETTINGS = ("model", "prompt", "negative", "steps", "cfg", "rescale", "sampler", "karras", "eta", "seed", "height",
             "width", "num", "lora", "vae", "init_image", "strength", "original_size", "crop_top_left", "target_size",
-            "dtype", "vae_tiling")  # not the other speed switches: they change nothing but rounding
+            "aesthetic_score", "negative_aesthetic_score", "dtype",
+            "vae_tiling")  # not the other speed switches: they change nothing but rounding
 SWITCHES = ("karras", "vae_tiling")  # flags without a value
 PAIRS = ("original_size", "crop_top_left", "target_size")  # flags of two numbers
 DEFAULT_SIZE = 1024
@@ -52,9 +58,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0], exit_on_error=exit_on_error)
     p.add_argument("--from-png", metavar="IMG", help="redraw IMG from the settings in it (minigen's, or A1111's "
                    "text); flags given override them (--lora replaces its LoRAs), and --num or --seed draw the whole new batch")
-    p.add_argument("--model", help="SD 1.x, 2.x or SDXL: a diffusers folder, a single .safetensors file (its "
-                   "architecture is read from the weights), or random:tiny / random:tiny-sd1 / random:tiny-sd2 "
-                   "(required unless --from-png)")
+    p.add_argument("--model", help="SD 1.x, 2.x, SDXL or the SDXL refiner: a diffusers folder, a single .safetensors "
+                   "file (its architecture is read from the weights), or random:tiny / random:tiny-refiner / "
+                   "random:tiny-sd1 / random:tiny-sd2 (required unless --from-png)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None,
                    help="what the model predicts, for a file that does not say (SD 2.x 768-v models: v); "
                         "default: the file's or folder's own, else eps")
@@ -91,7 +97,13 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--crop-top-left", type=cli.number(int, 0), nargs=2, metavar=("Y", "X"),
                    help="SDXL micro-conditioning: the crop's top-left corner (default 0 0)")
     p.add_argument("--target-size", type=cli.number(int, 1), nargs=2, metavar=("H", "W"),
-                   help="SDXL micro-conditioning: the size aimed for (default: the output's)")
+                   help="SDXL micro-conditioning: the size aimed for (default: the output's; not the refiner's)")
+    p.add_argument("--aesthetic-score", type=cli.number(float), default=None,
+                   help=f"SDXL refiner only: the aesthetic score the prompt is conditioned on "
+                        f"(default {AESTHETIC_SCORE})")
+    p.add_argument("--negative-aesthetic-score", type=cli.number(float), default=None,
+                   help=f"SDXL refiner only: the aesthetic score the negative prompt is conditioned on "
+                        f"(default {NEGATIVE_AESTHETIC_SCORE})")
     p.add_argument("--plan", action="store_true",
                    help="print the memory the drawing needs (no weights loaded, no GPU needed), then exit")
     p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
@@ -186,7 +198,8 @@ def settings_of(args: argparse.Namespace, sampler: str, karras: bool, seed: int,
             "init_image": absolute(args.init_image),
             "strength": (args.strength or DEFAULT_STRENGTH) if args.init_image else None,
             "original_size": args.original_size, "crop_top_left": args.crop_top_left,
-            "target_size": args.target_size,
+            "target_size": args.target_size, "aesthetic_score": args.aesthetic_score,
+            "negative_aesthetic_score": args.negative_aesthetic_score,
             "dtype": cli.chosen_dtype_name(args), "vae_tiling": speed.speed_from_args(args).vae_tiling}
 
 
@@ -204,6 +217,7 @@ def draw(args: argparse.Namespace, settings: dict, init: torch.Tensor | None, he
                 sampler=sampler, karras=karras, eta=args.eta, height=height, width=width, num_images=args.num,
                 init_image=init, strength=settings["strength"] or 1.0, original_size=args.original_size,
                 crop_top_left=args.crop_top_left or (0, 0), target_size=args.target_size, clip_skip=args.clip_skip,
+                aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                 generator=torch.Generator("cpu").manual_seed(settings["seed"]), progress=True)
 
 

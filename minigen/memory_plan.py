@@ -206,12 +206,13 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
 
 
 def _frozen_models(configs: dict[str, dict], dtype: torch.dtype, tracker) -> dict[str, torch.nn.Module]:
-    """The four SDXL parts, frozen, in `dtype` (the VAE in fp32, as load_model keeps it), counted as weights."""
+    """The parts the configs have (SDXL's four; the refiner's and SD 1.x/2.x's three), frozen, in `dtype` (the VAE in
+    fp32, as load_model keeps it), counted as weights."""
     from .sd.model import PARTS as MODEL_PARTS, build_model
 
     tracker.part = "weights"
     models = {}
-    for part in MODEL_PARTS:  # made in their dtype: converting fake tensors with .to() is not supported
+    for part in (p for p in MODEL_PARTS if p in configs):  # made in their dtype: fake tensors cannot .to()
         with default_dtype(torch.float32 if part == "vae" else dtype):
             models[part] = build_model(part, configs[part]).requires_grad_(False)
     for model in models.values():
@@ -263,20 +264,20 @@ def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor
 
 def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, width: int, num_images: int = 1,
                   guidance: bool = True) -> MemoryPlan:
-    """Peak memory of drawing `num_images` images, as Pipeline does: the prompt through both text encoders, one
+    """Peak memory of drawing `num_images` images, as Pipeline does: the prompt through the text encoder(s), one
     denoising step of the UNet (a batch of 2 x num_images with classifier-free guidance), the fp32 VAE decode."""
     start, tracker = time.perf_counter(), LiveStorage()
     with FakeTensorMode(), tracker, torch.no_grad():
         models = _frozen_models(configs, dtype, tracker)
         tracker.part = "activations"
         ids = torch.zeros(1, 77, dtype=torch.long)
-        hidden = [models[p](ids).hidden_states[-2] for p in ("text_encoder", "text_encoder_2")]
+        hidden = [models[p](ids).hidden_states[-2] for p in ("text_encoder", "text_encoder_2") if p in models]
         rows = num_images * (2 if guidance else 1)
-        context = torch.cat(hidden, dim=-1).to(dtype).expand(rows, -1, -1)  # (N, 77, 2048)
-        pooled = torch.zeros(rows, models["text_encoder_2"].config.projection_dim, dtype=dtype)
+        context = torch.cat(hidden, dim=-1).to(dtype).expand(rows, -1, -1)  # (N, 77, 2048 for SDXL)
+        pooled, time_ids = _added_conditioning(models, rows, dtype)
         factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
         latents = torch.zeros(rows, 4, height // factor, width // factor, dtype=dtype)
-        models["unet"](latents, torch.tensor([999] * rows), context, pooled, torch.zeros(rows, 6, dtype=dtype))
+        models["unet"](latents, torch.tensor([999] * rows), context, pooled, time_ids)
         del latents, context, pooled, hidden
         models["vae"].decode(torch.zeros(num_images, 4, height // factor, width // factor))  # (N, 3, H, W) fp32
     setting = f"{num_images} image(s) of {height}x{width}, {str(dtype).removeprefix('torch.')}" + \
@@ -284,3 +285,14 @@ def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, wid
     advice = (["--dtype bf16 (the UNet and text encoders in half the memory)"] if dtype == torch.float32 else []) + \
         ([f"--num {max(1, num_images // 2)}"] if num_images > 1 else []) + ["a smaller --height/--width"]
     return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting, advice)
+
+
+def _added_conditioning(models: dict[str, torch.nn.Module], rows: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Zero pooled text (N, P) and time ids (N, 6; the refiner's 5) for an SDXL UNet; None, None for SD 1.x/2.x."""
+    unet = models["unet"]
+    if unet.config.get("addition_embed_type") != "text_time":
+        return None, None
+    width = models["text_encoder_2"].config.projection_dim
+    ids = (unet.config["projection_class_embeddings_input_dim"] - width) // unet.config["addition_time_embed_dim"]
+    return torch.zeros(rows, width, dtype=dtype), torch.zeros(rows, ids, dtype=dtype)

@@ -139,6 +139,9 @@ def infotext(settings: dict, index: int, hashes: dict | None = None) -> str:
         "Original size": "x".join(map(str, settings["original_size"][::-1])) if settings.get("original_size") else None,
         "Crop top left": "x".join(map(str, settings["crop_top_left"])) if settings.get("crop_top_left") else None,
         "Target size": "x".join(map(str, settings["target_size"][::-1])) if settings.get("target_size") else None,
+        "Aesthetic score": number(settings["aesthetic_score"]) if settings.get("aesthetic_score") is not None else None,
+        "Negative aesthetic score": number(settings["negative_aesthetic_score"])
+        if settings.get("negative_aesthetic_score") is not None else None,
         "Version": f"minigen {__version__}",
     }
     line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
@@ -195,6 +198,7 @@ def settings_from_infotext(text: str) -> tuple[dict, int | None, dict[str, str]]
         "rescale": numeric("Guidance rescale", float, 0.0), "original_size": pair("Original size"),
         "crop_top_left": [int(c) for c in crop] if len(crop) == 2 and all(c.isdigit() for c in crop) else None,
         "target_size": pair("Target size"), "strength": numeric("Denoising strength"),
+        "aesthetic_score": numeric("Aesthetic score"), "negative_aesthetic_score": numeric("Negative aesthetic score"),
     }
     unlocated = {"--model": f"the model {params.get('Model', '(unnamed)')!r}"}
     if loras:

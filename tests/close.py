@@ -1,4 +1,5 @@
-"""The parity assertion the tests share: two tensors agree to a tolerance relative to the reference's scale."""
+"""What the parity tests share: the assertion that two tensors agree to a tolerance relative to the reference's scale,
+and diffusers' images drawn with another scheduler."""
 
 from __future__ import annotations
 
@@ -12,3 +13,14 @@ def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, tol: float, min
     scale = max(want.float().abs().max().item(), min_scale)
     error = (got.float() - want.float()).abs().max().item()
     assert error <= tol * scale, f"max error {error:.3g} is {error / max(scale, 1e-30):.3g} of the scale {scale:.3g}"
+
+
+def reference_images(pipe, scheduler_class, scheduler_args: dict, **kwargs) -> torch.Tensor:
+    """A diffusers pipeline's images as float (B, 3, H, W) in [0, 1], with `scheduler_class` made from its scheduler's
+    config and `scheduler_args` swapped in for this run."""
+    default = pipe.scheduler
+    pipe.scheduler = scheduler_class.from_config(default.config, **scheduler_args)
+    try:
+        return pipe(output_type="pt", **kwargs).images
+    finally:
+        pipe.scheduler = default

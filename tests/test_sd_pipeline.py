@@ -19,7 +19,7 @@ import transformers
 from PIL import Image
 from safetensors.torch import save_file
 
-from close import assert_close_to_scale
+from close import assert_close_to_scale, reference_images
 import sample as sample_cli
 from minigen.io import load_weights
 from minigen.sd.configs import get_config
@@ -77,15 +77,6 @@ SAMPLERS = [
     ("dpmpp_2m", False, diffusers.DPMSolverMultistepScheduler, {}),
     ("dpmpp_2m", True, diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 ]
-
-
-def reference_images(pipe, scheduler_class, scheduler_args, **kwargs):
-    default = pipe.scheduler
-    pipe.scheduler = scheduler_class.from_config(default.config, **scheduler_args)
-    try:
-        return pipe(output_type="pt", **kwargs).images
-    finally:
-        pipe.scheduler = default
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

@@ -15,7 +15,7 @@ from PIL import Image
 from cli_errors import assert_clean_error
 from sdxl_tiny import tiny_folder, tiny_pipeline
 
-from close import assert_close_to_scale
+from close import assert_close_to_scale, reference_images
 import sample as sample_cli
 from minigen.io import CheckpointError, save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
@@ -89,16 +89,6 @@ SAMPLERS = [
     ("dpmpp_2m", False, diffusers.DPMSolverMultistepScheduler, {}),
     ("dpmpp_2m", True, diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 ]
-
-
-def reference_images(reference, scheduler_class, scheduler_args, **kwargs):
-    """diffusers' images as float (B, 3, H, W) in [0, 1], with the scheduler swapped in for this run."""
-    default = reference.scheduler
-    reference.scheduler = scheduler_class.from_config(default.config, **scheduler_args)
-    try:
-        return reference(output_type="pt", **kwargs).images
-    finally:
-        reference.scheduler = default
 
 
 @pytest.mark.parametrize("sampler,karras,scheduler_class,scheduler_args", SAMPLERS,

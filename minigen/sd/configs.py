@@ -6,8 +6,9 @@ CLIP ViT-L), `SD21` Stable Diffusion 2.1 768-v (OpenCLIP ViT-H, v-prediction). T
 family's structure at toy widths, for tests and smoke runs: SDXL's three levels of which two use cross-attention,
 transformer depth 2 at the lowest level, head dim (16) different from every channel count, two text encoders of
 different widths, the second with 10 layers (diffusers' single-file detection looks for `resblocks.9`); SD 1.x's
-four levels with 1x1-conv projections and one head count everywhere; SD 2.x's linear projections and v-prediction.
-All keep the real vocabulary size and 77 positions.
+four levels with 1x1-conv projections and one head count everywhere; SD 2.x's linear projections and v-prediction;
+the SDXL refiner's bigG alone, four levels and five time ids ("tiny-refiner"). All keep the real vocabulary size
+and 77 positions.
 
 Every function returns a fresh dict, so callers may change it.
 """
@@ -173,6 +174,26 @@ TINY = {
     "scheduler": _SCHEDULER_BASE,
 }
 
+# The SDXL refiner's structure at toy widths: bigG alone, so the context is its width (the real one: 1280) and the
+# added conditioning its projection plus five time ids (original h, w, crop top, left, aesthetic score; the real
+# one: 1280 + 5 * 256 = 2560); four levels with attention in the middle two, one transformer depth everywhere (4 in
+# the real one), the mid block at the last level's width.
+TINY_REFINER = {
+    "unet": {
+        **TINY["unet"],
+        "block_out_channels": [32, 64, 96, 96],
+        "attention_head_dim": [2, 4, 6, 6],  # heads; head dim 16 at every level
+        "transformer_layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 64,  # text_encoder_2's width
+        "projection_class_embeddings_input_dim": 32 + 5 * 8,  # text_encoder_2 projection + 5 time ids * 8
+    },
+    "vae": TINY["vae"],
+    "text_encoder_2": TINY["text_encoder_2"],
+    "scheduler": _SCHEDULER_BASE,
+}
+
 # ------------------------------------------------------------------------------------------- SD 1.x and 2.x
 
 _UNET_SD15 = {
@@ -229,8 +250,8 @@ TINY_SD2 = {
     "scheduler": _SCHEDULER_SD21,
 }
 
-PRESETS = {"sdxl-base": SDXL_BASE, "tiny": TINY, "sd15": SD15, "sd21": SD21, "tiny-sd1": TINY_SD1,
-           "tiny-sd2": TINY_SD2}
+PRESETS = {"sdxl-base": SDXL_BASE, "tiny": TINY, "tiny-refiner": TINY_REFINER, "sd15": SD15, "sd21": SD21,
+           "tiny-sd1": TINY_SD1, "tiny-sd2": TINY_SD2}
 
 
 def get_config(preset: str = "sdxl-base", part: str | None = None) -> dict:

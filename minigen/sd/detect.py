@@ -7,7 +7,8 @@ ComfyUI's model detection does (facts from its `model_detection.py` and `support
     levels      the downsamplers' positions in `input_blocks`; channels from each level's first resnet
     attention   a level has cross-attention when its blocks hold a `proj_in`; depth = its `transformer_blocks` count,
                 read per block (SSD-1B and Vega drop blocks unevenly); 1x1-conv or linear projection from proj_in's rank
-    context     attn2.to_k's input width; added conditioning from `label_emb` (SDXL)
+    context     attn2.to_k's input width; added conditioning from `label_emb` (SDXL), whose input is the pooled
+                width plus one embedding per time id (6; the refiner's 5)
     text        layers counted, widths from the embedding and MLP shapes; HF layout = CLIP ViT-L (quick_gelu),
                 OpenCLIP layout = gelu
 
@@ -150,6 +151,11 @@ def _configs_from_shapes(shapes: Mapping[str, tuple[int, ...]], family: str) -> 
         if part.startswith("text_encoder"):
             template = base.get(part) or base["text_encoder_2"]
             configs[part] = {**template, **_text_config(shapes, prefix)}
+    if configs["unet"]["addition_embed_type"] == "text_time":  # label_emb's input: the pooled text, then the time ids
+        ids = 5 if family == "sdxl-refiner" else 6
+        unet = configs["unet"]
+        unet["addition_time_embed_dim"] = (unet["projection_class_embeddings_input_dim"]
+                                           - configs["text_encoder_2"]["projection_dim"]) // ids
     known = _known_preset(configs, family)
     if known is not None:  # a layout minigen has a preset of: its head counts too (no shape holds them)
         for part in configs:

@@ -52,6 +52,8 @@ def model_index(family: str) -> dict:
         index[tokenizer] = ["transformers", "CLIPTokenizer"] if present else [None, None]
     if family.startswith("sdxl"):
         index["force_zeros_for_empty_prompt"] = family == "sdxl"
+    if family == "sdxl-refiner":  # its UNet takes an aesthetic score where the base takes the target size
+        index["requires_aesthetics_score"] = True
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     return index
@@ -262,9 +264,9 @@ RANDOM = "random:"  # `load_model("random:tiny")`: a model of a preset's sizes w
 
 
 def random_model(preset: str = "tiny", seed: int = 0) -> StableDiffusion:
-    """A model with random weights at a preset's sizes (`configs.PRESETS`): "tiny", "tiny-sd1", "tiny-sd2" (each
-    family's structure at toy widths, for tests, smoke runs and trying every tool in seconds) or a full size
-    ("sdxl-base", "sd15", "sd21")."""
+    """A model with random weights at a preset's sizes (`configs.PRESETS`): "tiny", "tiny-refiner", "tiny-sd1",
+    "tiny-sd2" (each family's structure at toy widths, for tests, smoke runs and trying every tool in seconds) or a
+    full size ("sdxl-base", "sd15", "sd21")."""
     configs = get_config(preset)
     family = family_of_configs(configs)
     torch.manual_seed(seed)

@@ -1,8 +1,9 @@
-"""Stable Diffusion text-to-image (SD 1.x, 2.x, SDXL): prompts -> text encoder(s) -> the sampling loop over the
-UNet -> VAE decode -> images.
+"""Stable Diffusion text-to-image and img2img (SD 1.x, 2.x, SDXL and its refiner): prompts -> text encoder(s) ->
+the sampling loop over the UNet -> VAE decode -> images.
 
-Every step is the one diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline takes, in the same order, so
-that for the same model, settings and `torch.Generator` the images are the same:
+Every step is the one diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline (the refiner:
+StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score) takes, in the same order, so that for the same
+model, settings and `torch.Generator` the images are the same:
 
     pipe = Pipeline.from_pretrained("stable-diffusion-xl-base-1.0/", dtype=torch.bfloat16, device="cuda")
     images = pipe("a photo of an astronaut riding a horse on mars", steps=30, guidance_scale=5.0,
@@ -15,8 +16,14 @@ that for the same model, settings and `torch.Generator` the images are the same:
    SDXL: each encoder's penultimate hidden state, not normed, concatenated (B, 77, 768 + 1280); the pooled prompt is
    the second encoder's projected end-of-text state (B, 1280). With no negative prompt, the negative embeddings are
    zeros (`force_zeros_for_empty_prompt`, SDXL's default), not the encoding of "".
+   SDXL refiner: bigG alone, its penultimate hidden state (B, 77, 1280) and pooled projection; with no negative
+   prompt, the encoding of "" (its model_index.json turns force_zeros_for_empty_prompt off). The refiner is meant
+   for img2img on a base model's image (strength ~0.3); diffusers' denoising_start/denoising_end hand-over of
+   latents between base and refiner is not implemented.
 2. Micro-conditioning (SDXL only; "SDXL", Podell et al. 2023, sec. 2.2): the UNet also sees (original height, width,
-   crop top, left, target height, width); by default the generated size with no crop.
+   crop top, left, target height, width); by default the generated size with no crop. The refiner sees an aesthetic
+   score in place of the target size: by default 6 with the prompt and 2.5 with the negative prompt (diffusers'),
+   steering towards the look of highly rated training images and away from that of poorly rated ones.
 3. Latents: unit noise from the generator, (B, 4, H/8, W/8), scaled by the sampler; then the sampler's loop
    (`minigen.diffusion.sample`) with classifier-free guidance over the batch [negative, positive]. The model predicts
    noise or v (SD 2.x 768-v), as its scheduler config says.
@@ -42,9 +49,11 @@ from ..atomic import atomic_write
 from ..lora import remove_lora
 from .lora_files import load_lora
 from .convert import unet_name_map
+from .detect import FAMILY_NAMES
 from .model import RANDOM, StableDiffusion, load_model, read_json
 
 VAE_SCALE = 8  # pixels per latent in each direction: every SD VAE halves the size three times
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's defaults (diffusers')
 
 
 def check_settings(sampler: str, steps: int, height: int, width: int, num_images: int = 1,
@@ -71,6 +80,12 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
              target_size: tuple[int, int]) -> torch.Tensor:
     """SDXL's micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), as floats (6,)."""
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+def aesthetic_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                       aesthetic_score: float) -> torch.Tensor:
+    """The SDXL refiner's micro-conditioning: (orig_h, orig_w, crop_top, crop_left, aesthetic_score), floats (5,)."""
+    return torch.tensor([*original_size, *crop_top_left, aesthetic_score], dtype=torch.float32)
 
 
 def encode_prompt(model: StableDiffusion, prompts: Sequence[str], *, clip_skip: int = 1, warn_truncated: bool = True,
@@ -151,30 +166,30 @@ def load_init_image(path: str | os.PathLike, height: int | None = None, width: i
 
 
 class Pipeline:
-    """Text to image with a Stable Diffusion model (see `minigen.sd.model.load_model`). force_zeros_for_empty_prompt:
-    SDXL's zero negative embeddings when no negative prompt is given (SD 1.x/2.x always encode "")."""
+    """Text to image and img2img with a Stable Diffusion model (see `minigen.sd.model.load_model`).
+    force_zeros_for_empty_prompt: zero negative embeddings when no negative prompt is given; by default the family's
+    (on for SDXL base, off for the refiner, as their model_index.json say; SD 1.x/2.x always encode "")."""
 
-    def __init__(self, model: StableDiffusion, force_zeros_for_empty_prompt: bool = True):
-        if model.family == "sdxl-refiner":
-            raise ValueError("the SDXL refiner is not supported for sampling yet (it is an img2img model conditioned "
-                             "on an aesthetic score); load, merge and LoRA-train it, sample with a base model")
+    def __init__(self, model: StableDiffusion, force_zeros_for_empty_prompt: bool | None = None):
         self.model = model
         self.schedule = NoiseSchedule.from_config(model.scheduler_config)
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.force_zeros_for_empty_prompt = model.family != "sdxl-refiner" if force_zeros_for_empty_prompt is None \
+            else force_zeros_for_empty_prompt
         self.loras = 0  # adapters added so far, each named lora1, lora2, ...
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", **load_kwargs) -> "Pipeline":
-        """A diffusers folder or a single-file checkpoint (SD 1.x, 2.x, SDXL); errors name a missing path or another
-        kind of model. A folder's model_index.json may turn off `force_zeros_for_empty_prompt` (SDXL base keeps it on).
+        """A diffusers folder or a single-file checkpoint (SD 1.x, 2.x, SDXL, the refiner); errors name a missing path
+        or another kind of model. A folder's model_index.json sets `force_zeros_for_empty_prompt` (on unless it says
+        not, as in diffusers); a single file gets its family's default.
         "random:<preset>" is a random model of a preset's sizes (see `load_model`)."""
         if str(path).startswith(RANDOM):
             return cls(load_model(path, dtype=dtype, device=device, **load_kwargs))
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model path does not exist: {path}")
-        force_zeros = True
+        force_zeros = None
         if (path / "model_index.json").is_file():
             index = read_json(path / "model_index.json")
             if "unet" not in index or not {"text_encoder", "text_encoder_2"} & index.keys():
@@ -232,12 +247,14 @@ class Pipeline:
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, output: str = "uint8",
                  progress: bool = False, embeddings: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                 init_image: torch.Tensor | None = None, strength: float = 0.3, clip_skip: int = 1) -> torch.Tensor:
+                 init_image: torch.Tensor | None = None, strength: float = 0.3, clip_skip: int = 1,
+                 aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None) -> torch.Tensor:
         """Generate `num_images` images of `prompt`: (num_images, height, width, 3) uint8 on the CPU, or with
         output="float" (num_images, 3, height, width) fp32 in [0, 1] (diffusers' output_type="pt").
 
         clip_skip: A1111's count (1: none; 2: the penultimate layer). original_size, crop_top_left, target_size:
-        SDXL's micro-conditioning (ignored by SD 1.x/2.x).
+        SDXL's micro-conditioning (ignored by SD 1.x/2.x); the refiner takes aesthetic_score and
+        negative_aesthetic_score (default 6.0 and 2.5) in place of target_size (see `added_time_ids`).
         guidance_scale > 1 turns on classifier-free guidance (as in diffusers); guidance_rescale in [0, 1] pulls the
         guided prediction towards the conditional one's std. eta is DDIM's. One generator draws the whole batch's
         noise, as diffusers does; a list gives one generator per image.
@@ -260,6 +277,8 @@ class Pipeline:
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         unet, vae = self.model.unet, self.model.vae
         guidance = guidance_scale > 1
+        ids = self.added_time_ids(num_images, guidance, (height, width), original_size, crop_top_left, target_size,
+                                  aesthetic_score, negative_aesthetic_score)  # (N, 6 or 5); None for SD 1.x/2.x
         if embeddings is None:
             context, pooled = self.conditioning(prompt, negative_prompt, num_images, guidance, clip_skip)
         else:
@@ -270,12 +289,8 @@ class Pipeline:
                                  f"{num_images} images {'with' if guidance else 'without'} guidance")
         dtype, device = unet.conv_in.weight.dtype, self.device
         context = context.to(device, dtype)
-        if pooled is not None:  # SDXL: the pooled prompt and the micro-conditioning, the same for negative/positive
-            pooled = pooled.to(device, dtype)
-            ids = time_ids(original_size or (height, width), crop_top_left, target_size or (height, width))
-            ids = ids.to(device, dtype).expand(context.shape[0], -1)  # (N, 6)
-        else:
-            ids = None
+        if pooled is not None:  # SDXL: the pooled prompt and the micro-conditioning
+            pooled, ids = pooled.to(device, dtype), ids.to(device, dtype)
 
         def unet_fn(x, t):  # x (N, 4, h, w) -> predicted noise (or v); latents stay fp32 between steps
             return unet(x.to(dtype), t, context, pooled, ids).float()
@@ -291,6 +306,33 @@ class Pipeline:
         images = vae.decode((latents / vae.scaling_factor).to(vae_param.device, vae_param.dtype))  # (B, 3, H, W)
         images = (images.float() * 0.5 + 0.5).clamp(0, 1).cpu()
         return unit_to_uint8(images) if output == "uint8" else images
+
+    def added_time_ids(self, num_images: int, guidance: bool, size: tuple[int, int],
+                       original_size: tuple[int, int] | None, crop_top_left: tuple[int, int],
+                       target_size: tuple[int, int] | None, aesthetic_score: float | None,
+                       negative_aesthetic_score: float | None) -> torch.Tensor | None:
+        """SDXL's micro-conditioning for each row of the batch, ordered as `conditioning` orders them; sizes default
+        to the generated `size`. SDXL: (N, 6), the same for negative and positive rows. The refiner: (N, 5), an
+        aesthetic score in place of the target size, its negative rows with negative_aesthetic_score and no crop,
+        as diffusers' StableDiffusionXLImg2ImgPipeline makes them (its negative_crops_coords_top_left keeps its
+        default (0, 0) whatever the crop). None for SD 1.x/2.x, which ignore these settings."""
+        family = self.model.family
+        if family == "sdxl-refiner" and target_size is not None:
+            raise ValueError("target_size: the SDXL refiner is conditioned on an aesthetic score, not a target size")
+        if family != "sdxl-refiner" and (aesthetic_score, negative_aesthetic_score) != (None, None):
+            raise ValueError(f"aesthetic scores condition the SDXL refiner only, not {FAMILY_NAMES[family]}")
+        rows, original_size = num_images * (2 if guidance else 1), original_size or size
+        if family == "sdxl":
+            return time_ids(original_size, crop_top_left, target_size or size).expand(rows, -1)  # (N, 6)
+        if family != "sdxl-refiner":
+            return None
+        positive = aesthetic_time_ids(original_size, crop_top_left,
+                                      AESTHETIC_SCORE if aesthetic_score is None else aesthetic_score)
+        if not guidance:
+            return positive.expand(rows, -1)  # (N, 5)
+        negative = aesthetic_time_ids(original_size, (0, 0), NEGATIVE_AESTHETIC_SCORE
+                                      if negative_aesthetic_score is None else negative_aesthetic_score)
+        return torch.stack([negative, positive]).repeat_interleave(num_images, 0)  # (2 * num_images, 5)
 
     def encode_init_image(self, images: torch.Tensor, num_images: int,
                           generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
