@@ -366,9 +366,8 @@ def lora_family(parsed: Mapping[str, Mapping[str, dict]], metadata: Mapping[str,
     family, evidence = _metadata_family(metadata)
     if family:
         return family, evidence
-    if "te2" in parsed:
-        return ("sdxl" if "te1" in parsed else "sdxl-refiner"), \
-            f"its layers include SDXL's second text encoder's, e.g. {next(iter(parsed['te2']))}"
+    if "te2" in parsed:  # (a LoRA may train the second encoder alone: no sign of the refiner)
+        return "sdxl", f"its layers include SDXL's second text encoder's, e.g. {next(iter(parsed['te2']))}"
     for name, e in parsed.get("unet", {}).items():
         width = e["down"].shape[1]  # (rank, in)
         if name.replace(".", "_").endswith("attn2_to_k") and width in CROSS_ATTENTION_WIDTHS:
@@ -379,9 +378,10 @@ def lora_family(parsed: Mapping[str, Mapping[str, dict]], metadata: Mapping[str,
 def check_lora_family(parsed: Mapping[str, Mapping[str, dict]], metadata: Mapping[str, str], family: str,
                       source: str) -> None:
     """Refuse (LoRAFileError naming both) a LoRA that says it was made for another family than the model's.
-    A family minigen does not know (a diffusers folder, "unknown") is not checked."""
+    A family minigen does not know (a diffusers folder, "unknown") is not checked. SDXL base and refiner count as
+    one here: what tells them apart is shapes, which `resolve_lora` checks layer by layer."""
     theirs, evidence = lora_family(parsed, metadata)
-    if theirs and family in FAMILY_NAMES and theirs != family:
+    if theirs and family in FAMILY_NAMES and theirs.split("-")[0] != family.split("-")[0]:
         raise LoRAFileError(f"{source} is a LoRA for {FAMILY_NAMES[theirs]} ({evidence}), the model is "
                             f"{FAMILY_NAMES[family]}")
 
