@@ -125,16 +125,19 @@ sample: $(RUNTIME) ## text to image: make sample MODEL=path/to/model PROMPT="...
 	$(BIN)/python sample.py --model "$(MODEL)" --prompt "$(PROMPT)" $(SAMPLE_ARGS)
 
 # ---- LoRA training ----
-.PHONY: lora lora-smoke bench-lora
+.PHONY: lora lora-smoke lora-smoke-sd1 bench-lora
 LORA_CONFIG ?= configs/lora_000.conf
 LORA_ARGS   ?=
 
-lora: $(RUNTIME) ## train an SDXL LoRA (GPUS=4: on four): make lora SDXL=sd_xl_base_1.0.safetensors DATA=folder [LORA_CONFIG=configs/lora_001.conf]
-	@test -n "$(SDXL)" -a -n "$(DATA)" || { echo "usage: make lora SDXL=path DATA=path [LORA_CONFIG=...] [LORA_ARGS=...]"; exit 2; }
-	$(LAUNCH) train_lora.py --config $(LORA_CONFIG) --sdxl $(SDXL) --data $(DATA) $(LORA_ARGS)
+lora: $(RUNTIME) ## train a LoRA on SD 1.x, 2.x or SDXL (GPUS=4: on four): make lora MODEL=sd_xl_base_1.0.safetensors DATA=folder [LORA_CONFIG=configs/lora_001.conf]
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make lora MODEL=path DATA=path [LORA_CONFIG=...] [LORA_ARGS=...]"; exit 2; }
+	$(LAUNCH) train_lora.py --config $(LORA_CONFIG) --model $(MODEL) --data $(DATA) $(LORA_ARGS)
 
 lora-smoke: $(RUNTIME) ## the whole LoRA loop on CPU in minutes: random tiny SDXL, the Met paintings; writes runs/lora-smoke
 	$(BIN)/python scripts/lora_smoke.py runs/lora-smoke
+
+lora-smoke-sd1: $(RUNTIME) ## the same on a random tiny SD 1.x: writes runs/lora-smoke-sd1
+	$(BIN)/python scripts/lora_smoke.py runs/lora-smoke-sd1 tiny-sd1
 
 bench-lora: $(TESTDEPS) ## one LoRA training step, minigen vs diffusers+peft (BENCH_ARGS="--device cuda --full")
 	$(BIN)/python bench/bench_lora.py $(BENCH_ARGS)

@@ -1,7 +1,8 @@
-"""Train a LoRA for SDXL on a captioned image folder, or continue a run.
+"""Train a LoRA for Stable Diffusion (SD 1.x, 2.x, SDXL) on a captioned image folder, or continue a run.
 
-    python train_lora.py --config configs/lora_001.conf --sdxl sd_xl_base_1.0.safetensors --data conan/
-    python train_lora.py --sdxl sdxl-base/ --data met --rank 16 --lr 1e-4 --validation-prompts "a harbour at dusk"
+    python train_lora.py --config configs/lora_001.conf --model sd_xl_base_1.0.safetensors --data conan/
+    python train_lora.py --model sdxl-base/ --data met --rank 16 --lr 1e-4 --validation-prompts "a harbour at dusk"
+    python train_lora.py --model v1-5-pruned-emaonly.safetensors --data anime/ --clip-skip 2 --resolution 512
     python train_lora.py --resume runs/lora/checkpoint.safetensors          # continues with the saved settings
     torchrun --nproc_per_node 4 train_lora.py --config ...                  # data-parallel on 4 GPUs
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -32,7 +34,11 @@ from minigen.memory_plan import check_fits, plan_lora_step
 
 HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, InvokeAI, sd-scripts) or diffusers "
                   "(read fully by diffusers and peft only)",
-        "sdxl": "a diffusers folder, a single .safetensors file, or random:tiny (a random tiny SDXL, to try things)",
+        "model": "SD 1.x, 2.x or SDXL: a diffusers folder, a single .safetensors file, or random:tiny-sd1, "
+                 "random:tiny-sd2, random:tiny (a random tiny model of that family, to try things)",
+        "clip_skip": "encode captions and validation prompts from this layer, A1111's count (2: the penultimate "
+                     "layer, what many SD 1.x anime models were trained with); written into the LoRA's metadata",
+        "prediction_type": "epsilon or v_prediction (default: the model's own, read from its scheduler config)",
         "device": "cuda, cuda:1, cpu, ... (given nowhere: cuda when torch sees a GPU, else the CPU, with a warning)"}
 
 
@@ -48,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the memory plan of one training step (no weights loaded, no GPU needed), then exit")
     p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="accept a pickled --sdxl checkpoint (.ckpt, .bin) you trust; loaded with weights_only=True")
+                   help="accept a pickled --model checkpoint (.ckpt, .bin) you trust; loaded with weights_only=True")
+    p.add_argument("--sdxl", dest="model", help="the old name of --model (deprecated)")
     speed.add_speed_args(p, ("tf32", "compile", "channels_last", "sdpa", "fused_optimizer"), "the UNet")
     hints = typing.get_type_hints(LoRATrainConfig)
     for f in dataclasses.fields(LoRATrainConfig):
@@ -65,14 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def saved_settings(checkpoint: str) -> dict:
-    return run_settings(load_checkpoint(checkpoint)[1], checkpoint, LoRATrainConfig)
+    metadata = load_checkpoint(checkpoint)[1]
+    return run_settings(renamed_settings(metadata), checkpoint, LoRATrainConfig)
+
+
+def renamed_settings(metadata: dict[str, str]) -> dict[str, str]:
+    """A checkpoint's metadata with its settings in today's names: runs before --model saved it as `sdxl`."""
+    try:
+        settings = json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError):
+        return metadata  # run_settings names the problem
+    if isinstance(settings, dict) and "sdxl" in settings:
+        settings["model"] = settings.pop("sdxl")
+        return {**metadata, "config": json.dumps(settings)}
+    return metadata
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
     fields = {f.name for f in dataclasses.fields(LoRATrainConfig)}
     args, settings = cli.layered_settings(build_parser(), argv, fields, saved_settings)
     if "plan" not in args:  # no device given anywhere: a GPU when there is one, else the CPU with a warning
-        settings["device"] = cli.resolve_device(settings.get("device"), "a LoRA step of full-size SDXL takes minutes")
+        settings["device"] = cli.resolve_device(settings.get("device"), "a LoRA step of a full-size model takes minutes")
     return args, LoRATrainConfig(**settings)
 
 

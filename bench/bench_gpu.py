@@ -84,7 +84,7 @@ def plan_against_measured(smoke: bool) -> list[dict]:
     the smoke run the same steps on real CPU tensors, counted by the plan's own tracker."""
     rows = []
     for checkpointing in (True,) if smoke else (True, False):
-        cfg = LoRATrainConfig(sdxl="random:tiny" if smoke else "random:sdxl-base", resolution="64" if smoke else "1024",
+        cfg = LoRATrainConfig(model="random:tiny" if smoke else "random:sdxl-base", resolution="64" if smoke else "1024",
                               rank=16, mixed_precision="bf16", gradient_checkpointing=checkpointing, batch=1)
         plan = plan_lora_step(cfg)
         if smoke:
@@ -93,7 +93,7 @@ def plan_against_measured(smoke: bool) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             with torch.device("cuda"):
-                _two_steps(cfg, model_configs(cfg.sdxl), 1024, 1024)
+                _two_steps(cfg, model_configs(cfg.model), 1024, 1024)
             measured = torch.cuda.max_memory_allocated() - base
             gc.collect()
             torch.cuda.empty_cache()

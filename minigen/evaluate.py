@@ -47,8 +47,7 @@ from .datasets import BUILTIN_DATASETS, resolve_dataset
 from .images import list_images, open_rgb
 from .atomic import atomic_write, check_can_create
 from .io import read_header
-from .lora import remove_lora
-from .sd.lora_files import LoRAFileError, parse_lora_spec, read_lora, resolve_lora
+from .sd.lora_files import LoRAFileError, check_lora_family, parse_lora_spec, read_lora, resolve_lora
 from .plot import make_grid, plot_curves, save_png, with_row_labels
 from .sd.convert import unet_name_map
 from .sd.pipeline import Pipeline, check_settings
@@ -183,10 +182,12 @@ def candidates(lora_specs: Sequence[str]) -> list[Candidate]:
 
 
 def lora_touches_text(pipe: Pipeline, lora: Path) -> bool:
-    """Check that the file fits this model (a clear LoRAFileError naming it if not), before anything is generated;
-    True when it has text-encoder layers (its prompts must then be encoded with its own encoders)."""
-    parsed, _, _ = read_lora(lora)
-    models = {"unet": pipe.model.unet, "te1": pipe.model.text_encoder, "te2": pipe.model.text_encoder_2}
+    """Check that the file fits this model (a clear LoRAFileError naming it if not: a LoRA made for another family
+    names both), before anything is generated; True when it has text-encoder layers (its prompts must then be encoded
+    with its own encoders)."""
+    parsed, _, metadata = read_lora(lora)
+    check_lora_family(parsed, metadata, pipe.model.family, str(lora))
+    models = pipe.model.lora_components()
     resolve_lora(parsed, models, unet_name_map(pipe.model.unet.config), source=str(lora))
     return any(component != "unet" for component in parsed)
 
@@ -232,8 +233,9 @@ def generate_batch(pipe: Pipeline, embeddings: list[tuple], seeds: Sequence[int]
                    settings: Settings) -> torch.Tensor:
     """One image per (embedding, seed), all in one batch: (B, H, W, 3) uint8."""
     rows = embeddings[0][0].shape[0]  # 2 with guidance: negatives of all prompts first, then positives
-    context = torch.cat([e[0][g: g + 1] for g in range(rows) for e in embeddings])  # (rows * B, 77, 2048)
-    pooled = torch.cat([e[1][g: g + 1] for g in range(rows) for e in embeddings])  # (rows * B, 1280)
+    context = torch.cat([e[0][g: g + 1] for g in range(rows) for e in embeddings])  # (rows * B, 77, D)
+    pooled = None if embeddings[0][1] is None else \
+        torch.cat([e[1][g: g + 1] for g in range(rows) for e in embeddings])  # (rows * B, 1280); SD 1/2: none
     kwargs = {k: v for k, v in asdict(settings).items() if k != "negative_prompt"}
     return pipe(None, num_images=len(seeds), generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 embeddings=(context, pooled), **kwargs)
@@ -417,8 +419,7 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
                     features[name].append(measured[name])
                 bar.update(len(batch_items))
         if row.lora is not None:
-            for component in (pipe.model.unet, pipe.model.text_encoder, pipe.model.text_encoder_2):
-                remove_lora(component, f"lora{pipe.loras}")
+            pipe.remove_lora(f"lora{pipe.loras}")
         if not main:  # rank 0 scores (it holds the images) and shares the report at the end
             continue
         result = {"model": row.name, "lora": str(row.lora) if row.lora else None, "multiplier": row.multiplier,

@@ -19,13 +19,14 @@ NUMBER_RANGES = {
     "batch": (1, None), "grad_accum": (1, None), "max_grad_norm": (0, None), "epochs": (1, None),
     "seed": cli.SEED_RANGE, "save_every_epochs": (1, None), "save_every_steps": (0, None),
     "validation_steps": (1, None), "validation_seed": cli.SEED_RANGE, "guidance_scale": (0, None),
+    "clip_skip": (1, None),
 }
 
 
 @dataclass
 class LoRATrainConfig:
     # model and data
-    sdxl: str = ""  # a diffusers folder or single file; "random:tiny" builds a random tiny SDXL (tests, smoke)
+    model: str = ""  # SD 1.x, 2.x or SDXL: a diffusers folder or single file; "random:tiny-sd1" etc. (tests, smoke)
     data: str = ""  # a folder of images with captions, or a built-in dataset ("met")
     caption_prefix: str = ""  # e.g. a trigger word, or seed 001's "Still from the Anime, "
     caption_fallback: str = ""  # caption of images without one
@@ -46,9 +47,10 @@ class LoRATrainConfig:
     targets: str = "attention"  # attention (to_q/k/v/out.0, as the seeds), kohya (also proj_in/out, feed-forward)
     lora_dropout: float = 0.0
     train_text_encoder: bool = False
+    clip_skip: int = 1  # A1111's count for the captions' (and validation prompts') encoding: 2 = penultimate layer
     text_encoder_lr: float = 0.0  # 0: same as lr
     # objective
-    prediction_type: str = "epsilon"  # epsilon or v_prediction
+    prediction_type: str = ""  # empty: the model's (its scheduler config: v_prediction for SD 2 768-v); or epsilon, v_prediction
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0: off
     # optimisation
@@ -78,7 +80,7 @@ class LoRATrainConfig:
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "adafactor", "sgd"), "lr_scheduler": ("constant", "cosine", "linear"),
-                   "mixed_precision": tuple(MIXED_PRECISION), "prediction_type": ("epsilon", "v_prediction"),
+                   "mixed_precision": tuple(MIXED_PRECISION), "prediction_type": ("", "epsilon", "v_prediction"),
                    "cache_latents": ("memory", "disk", "off"), "format": ("kohya", "diffusers")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

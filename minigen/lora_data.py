@@ -37,7 +37,7 @@ class Example:
     item: CaptionedImage
     bucket: tuple[int, int]
     latents: torch.Tensor | None = None  # (4, H/8, W/8) scaled, when cached
-    time_ids: torch.Tensor | None = None  # (6,) for the cached crop
+    time_ids: torch.Tensor | None = None  # (6,) for the cached crop; SDXL only (SD 1/2 have no micro-conditioning)
 
 
 def load_examples(cfg) -> list[CaptionedImage]:
@@ -59,17 +59,17 @@ def make_batches(buckets: list[tuple[int, int]], batch: int, generator: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def size_multiple(sdxl: StableDiffusion) -> int:
-    """Image sides this model can take are multiples of this: the VAE's downsampling times the UNet's (32 for SDXL);
-    other sides fail deep in the UNet, where its skip connections no longer fit."""
-    vae_levels = len(sdxl.vae.config["block_out_channels"]) - 1
-    unet_levels = len(sdxl.unet.config["block_out_channels"]) - 1
+def size_multiple(model: StableDiffusion) -> int:
+    """Image sides this model can take are multiples of this: the VAE's downsampling times the UNet's (32 for SDXL,
+    64 for SD 1/2); other sides fail deep in the UNet, where its skip connections no longer fit."""
+    vae_levels = len(model.vae.config["block_out_channels"]) - 1
+    unet_levels = len(model.unet.config["block_out_channels"]) - 1
     return 2 ** (vae_levels + unet_levels)
 
 
-def check_sizes(cfg, sdxl: StableDiffusion) -> None:
+def check_sizes(cfg, model: StableDiffusion) -> None:
     """--bucket-step and --validation-size must fit the model (see size_multiple)."""
-    multiple = size_multiple(sdxl)
+    multiple = size_multiple(model)
     if cfg.bucket_step % multiple:
         raise ValueError(f"--bucket-step must be a multiple of {multiple} for this model, got {cfg.bucket_step}")
     h, w = parse_size(cfg.validation_size or cfg.resolution)
@@ -81,9 +81,10 @@ def check_sizes(cfg, sdxl: StableDiffusion) -> None:
 class TrainingSet:
     """The examples of a run in their buckets, with what can be computed once cached (see the module docstring)."""
 
-    def __init__(self, cfg, sdxl: StableDiffusion, items: list[CaptionedImage], progress: bool = True):
-        self.cfg, self.sdxl, self.progress = cfg, sdxl, progress
-        self.device = sdxl.unet.conv_in.weight.device
+    def __init__(self, cfg, model: StableDiffusion, items: list[CaptionedImage], progress: bool = True):
+        self.cfg, self.model, self.progress = cfg, model, progress
+        self.device = model.unet.conv_in.weight.device
+        self.added_conditioning = model.text_encoder_2 is not None  # pooled prompt and time ids: SDXL only
         h, w = parse_size(cfg.resolution)
         self.buckets = make_buckets(h * w, cfg.bucket_step, min_side=min(256, h, w))
         self.examples = self.bucketed(items)
@@ -117,10 +118,10 @@ class TrainingSet:
         return examples
 
     def encode_images(self, examples: list[Example], generators: list[torch.Generator]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Open, crop and VAE-encode a batch of one bucket, each image's flip, crop and latent sample drawn from its own
-        generator: scaled latents (B, 4, h, w) and time ids (B, 6)."""
-        cfg, vae = self.cfg, self.sdxl.vae
+        generator: scaled latents (B, 4, h, w) and time ids (B, 6; None for SD 1/2)."""
+        cfg, vae = self.cfg, self.model.vae
         prepared = []
         for e, g in zip(examples, generators):
             flip = cfg.flip and bool(torch.rand((), generator=g) < 0.5)
@@ -130,7 +131,8 @@ class TrainingSet:
             posterior = vae.encode(pixels)
             noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
             latents = posterior.mean + posterior.std * noise.to(posterior.mean)  # a sample, (B, 4, h, w)
-        ids = torch.stack([time_ids(p.original_size, p.crop_top_left, e.bucket) for p, e in zip(prepared, examples)])
+        ids = torch.stack([time_ids(p.original_size, p.crop_top_left, e.bucket) for p, e in zip(prepared, examples)]) \
+            if self.added_conditioning else None
         return latents.float() * vae.scaling_factor, ids
 
     def cache_latents(self) -> None:
@@ -142,48 +144,59 @@ class TrainingSet:
         cached, meta = load_safetensors(path) if cfg.cache_latents == "disk" and path.is_file() else ({}, {})
         if distributed.all_true(meta.get("key") == key, "every rank to look for the latent cache"):
             for i, e in enumerate(examples):
-                e.latents, e.time_ids = cached[f"{i}.latents"], cached[f"{i}.time_ids"]
+                e.latents, e.time_ids = cached[f"{i}.latents"], cached.get(f"{i}.time_ids")
             return
         start, mine = distributed.share(examples)
         encoded = {}
         for i, e in enumerate(tqdm(mine, desc="caching latents", unit="img", disable=not self.progress, leave=False)):
             generator = torch.Generator().manual_seed(distributed.derived_seed(cfg.seed, "latents", start + i))
             latents, ids = self.encode_images([e], [generator])
-            encoded[start + i] = (latents[0].cpu(), ids[0])
+            encoded[start + i] = (latents[0].cpu(), None if ids is None else ids[0])
         for part in distributed.gather_objects(encoded, "the other ranks' share of the latent cache"):
             for i, (latents, ids) in part.items():
                 examples[i].latents, examples[i].time_ids = latents, ids
         if cfg.cache_latents == "disk" and distributed.is_main():
-            tensors = {f"{i}.{k}": getattr(e, k) for i, e in enumerate(examples) for k in ("latents", "time_ids")}
+            tensors = {f"{i}.{k}": getattr(e, k) for i, e in enumerate(examples) for k in ("latents", "time_ids")
+                       if getattr(e, k) is not None}
             save_safetensors(tensors, path, {"key": key})
 
     @torch.no_grad()
-    def cache_text(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each distinct caption (and "" for caption dropout) through the frozen text encoders once."""
+    def cache_text(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each distinct caption (and "" for caption dropout) through the frozen text encoders once: {caption: (context
+        (77, D), pooled (P,) or None for SD 1/2)}."""
         captions = sorted({e.item.caption for e in self.examples} | ({""} if self.cfg.caption_dropout else set()))
         _, mine = distributed.share(captions, TEXT_BATCH)  # whole chunks: each caption in the batch it has alone
         encoded = {}
         for k in range(0, len(mine), TEXT_BATCH):
             chunk = list(mine[k:k + TEXT_BATCH])
-            context, pooled = encode_prompt(self.sdxl, chunk, warn_truncated=False, keep_grad=True)
-            encoded |= {c: (context[i].cpu(), pooled[i].cpu()) for i, c in enumerate(chunk)}
+            context, pooled = self.encode(chunk)
+            encoded |= {c: (context[i].cpu(), None if pooled is None else pooled[i].cpu()) for i, c in enumerate(chunk)}
         parts = distributed.gather_objects(encoded, "the other ranks' share of the caption cache")
         return {caption: value for part in parts for caption, value in part.items()}
 
     def latents(self, examples: list[Example], generators: list[torch.Generator]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch's scaled latents (B, 4, h, w) on the device and time ids (B, 6): cached, or encoded now."""
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's scaled latents (B, 4, h, w) on the device and time ids (B, 6; None for SD 1/2): cached, or
+        encoded now."""
         if examples[0].latents is None:
             return self.encode_images(examples, generators)
-        return torch.stack([e.latents for e in examples]).to(self.device), torch.stack([e.time_ids for e in examples])
+        latents = torch.stack([e.latents for e in examples]).to(self.device)
+        return latents, torch.stack([e.time_ids for e in examples]) if self.added_conditioning else None
 
-    def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context (B, 77, 2048) and pooled (B, 1280) of the captions: cached, or through the (trained) encoders."""
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Captions through the text encoder(s) at the run's CLIP skip, with gradients (a text-encoder LoRA trains
+        through this): context (B, 77, D), pooled (B, P) or None for SD 1/2."""
+        return encode_prompt(self.model, captions, clip_skip=self.cfg.clip_skip, warn_truncated=False, keep_grad=True)
+
+    def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context (B, 77, D) and pooled (B, P; None for SD 1/2) of the captions: cached, or through the (trained)
+        encoders."""
         if self.text_cache is None:
-            return encode_prompt(self.sdxl, captions, warn_truncated=False, keep_grad=True)
+            return self.encode(captions)
         context = torch.stack([self.text_cache[c][0] for c in captions]).to(self.device)
-        pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(self.device)
-        return context, pooled
+        if not self.added_conditioning:
+            return context, None
+        return context, torch.stack([self.text_cache[c][1] for c in captions]).to(self.device)
 
     def sample_generators(self, epoch: int, batch_index: int, first: int, count: int) -> list[torch.Generator]:
         """The generators of samples first..first+count-1 of global batch `batch_index` of `epoch` (noise, timestep,

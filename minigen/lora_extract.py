@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .io import CheckpointError, save_safetensors
-from .sd.lora_files import KOHYA_MODEL_VERSIONS, LoRAFileError, kohya_layer, kohya_metadata, read_lora
+from .sd.lora_files import LoRAFileError, family_of_metadata, kohya_layer, kohya_metadata, kohya_prefix, read_lora
 from .checkpoint_files import check_output, open_checkpoint
 from .merging import check_same_model
 from .sd.convert import lora_targets
@@ -57,9 +57,9 @@ def _lora_bytes(shapes: list[tuple[int, ...]], rank: int) -> int:
     return sum(4 * (rank * (shape[0] + math.prod(shape[1:])) + 1) for shape in shapes) + (1 << 20)
 
 
-def _layer(component: str, name: str, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+def _layer(component: str, name: str, up: torch.Tensor, down: torch.Tensor, family: str) -> dict[str, torch.Tensor]:
     """One layer's kohya keys; alpha = rank (scale 1)."""
-    return kohya_layer(component, name, up, down, alpha=down.shape[0])
+    return kohya_layer(kohya_prefix(component, family), name, up, down, alpha=down.shape[0])
 
 
 def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, rank: int = 32,
@@ -80,6 +80,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
         targets = {(c, n): (key, third) for (c, n), (key, third) in lora_targets(a.keys()).items()
                    if "." in n and is_lora_layer(c, n, a.shape(key))}  # dotted names only: each layer once
         check_output(out, [Path(base), Path(tuned)], _lora_bytes([a.shape(k) for k, _ in targets.values()], rank))
+        family = detect_family(a.keys())
         tensors = {}
         for (component, name), (key, third) in tqdm(targets.items(), desc="extract", disable=not progress):
             if key not in b.header or b.shape(key) != a.shape(key):
@@ -88,13 +89,13 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
             if third is not None:
                 diff = diff.view(3, -1, *diff.shape[1:])[third]  # bigG's q, k or v rows of the fused in_proj
             if diff.abs().max() > min_diff:
-                tensors |= _layer(component, name, *low_rank(diff, rank, clamp_quantile))
+                tensors |= _layer(component, name, *low_rank(diff, rank, clamp_quantile), family=family)
         if not tensors:
             raise ValueError(f"{base} and {tuned} do not differ on any LoRA layer (by more than {min_diff}): "
                              f"there is no LoRA to extract")
         extracted = {"minigen.extracted_from": json.dumps({"base": Path(base).name, "tuned": Path(tuned).name})}
         save_safetensors(tensors, out, kohya_metadata(base_model=Path(base).name, rank=rank, alpha=rank,
-                                                      title=out.stem, model=detect_family(a.keys()), extra=extracted))
+                                                      title=out.stem, model=family, extra=extracted))
         return len(tensors) // 3
     finally:
         a.close()
@@ -108,12 +109,12 @@ def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.Path
     loras = [(Path(p), float(r)) for p, r in loras]
     check_output(Path(out), [p for p, _ in loras], sum(p.stat().st_size for p, _ in loras) + (1 << 20))
     deltas: dict[tuple[str, str], torch.Tensor] = {}
-    versions = []  # the inputs' sd-scripts model versions: the output says the first one's family
+    families = []  # the families the inputs' metadata names: the output says the first one's
     for path, ratio in loras:
         if not math.isfinite(ratio):
             raise ValueError(f"{path}: the LoRA's ratio must be a finite number, got {ratio}")
         parsed, fmt, metadata = read_lora(path)
-        versions.append(metadata.get("ss_base_model_version"))
+        families.append(family_of_metadata(metadata))
         if fmt != "kohya":
             raise LoRAFileError(f"{path}: merging LoRAs needs kohya files (got {fmt})")
         for component, entries in parsed.items():
@@ -129,9 +130,9 @@ def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.Path
     for (component, name), delta in deltas.items():
         if not torch.isfinite(delta).all():
             raise LoRAFileError(f"{component} layer {name}: the weighted sum of the LoRAs overflows float32")
-        tensors |= _layer(component, name, *low_rank(delta, rank, clamp_quantile))
+        tensors |= _layer(component, name, *low_rank(delta, rank, clamp_quantile), family=families[0] or "sdxl")
     merged = {"minigen.merged_loras": json.dumps([[p.name, r] for p, r in loras])}
-    model = next((m for m, (v, _) in KOHYA_MODEL_VERSIONS.items() if v == versions[0]), "sdxl")
+    model = families[0] or "sdxl"
     save_safetensors(tensors, out, kohya_metadata(rank=rank, alpha=rank, title=Path(out).stem, model=model,
                                                   extra=merged))
     return len(deltas)

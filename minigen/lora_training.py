@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of SDXL: freeze the model, train low-rank adapters on a captioned image folder (`train_lora.py`).
+"""LoRA fine-tuning of Stable Diffusion (SD 1.x, 2.x, SDXL): freeze the model, train low-rank adapters on a captioned image folder (`train_lora.py`).
 
 One training step (diffusers' train_text_to_image_lora_sdxl.py and kohya's sdxl_train_network.py do the same):
 
@@ -6,6 +6,7 @@ One training step (diffusers' train_text_to_image_lora_sdxl.py and kohya's sdxl_
     noise    = N(0, 1) + noise_offset * N(0, 1) per channel   # the offset lets the model shift overall brightness
     t        ~ U{0, ..., 999};  x_t = sqrt(a_t) latents + sqrt(1 - a_t) noise
     loss     = w(t) * || UNet(x_t, t, text, pooled, time ids) - target ||^2     target: noise (epsilon) or v
+               (pooled and time ids: SDXL only; the target the model's scheduler config names, v for SD 2 768-v)
                w(t) = min-SNR-gamma weight (Hang et al. 2023), times prior_loss_weight for DreamBooth class images
 
 Everything random about one sample (noise, timestep, caption dropout, random crop) draws from a generator seeded by
@@ -66,9 +67,9 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 # -- the trainer ------------------------------------------------------------------------------------------------
 
 class LoRATrainer:
-    def __init__(self, cfg: LoRATrainConfig, sdxl: StableDiffusion | None = None, progress: bool = True,
+    def __init__(self, cfg: LoRATrainConfig, model: StableDiffusion | None = None, progress: bool = True,
                  allow_pickle: bool = False, device: str | None = None, speed: Speed = Speed()):
-        """allow_pickle: accept a pickled --sdxl checkpoint (loaded with weights_only=True). device: this rank's
+        """model: the loaded model, instead of loading cfg.model. allow_pickle: accept a pickled --model checkpoint (loaded with weights_only=True). device: this rank's
         (distributed.process_group's), default cfg.device. speed: --compile, --channels-last, --fused-optimizer."""
         self.cfg, self.progress = cfg, progress and distributed.is_main()
         self.device = torch.device(device or cfg.device)
@@ -77,17 +78,17 @@ class LoRATrainer:
         self.out = Path(cfg.out)
         check_can_create(self.out, folder=True, what="--out")
         items = load_examples(cfg)[: cfg.max_images or None]  # bad data stops the run before the model loads
-        if not (sdxl or cfg.sdxl):
-            raise ValueError("--sdxl is required: a diffusers folder, an sd_xl_base_1.0.safetensors-style file, or "
-                             "random:tiny")
-        self.sdxl = sdxl or load_model(cfg.sdxl, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle)
-        check_sizes(cfg, self.sdxl)
-        self.schedule = NoiseSchedule.from_config({**self.sdxl.scheduler_config,
-                                                   "prediction_type": cfg.prediction_type})
+        if not (model or cfg.model):
+            raise ValueError("--model is required: a diffusers folder, a single file (v1-5-pruned-emaonly.safetensors, "
+                             "sd_xl_base_1.0.safetensors, ...), or random:tiny-sd1 / random:tiny-sd2 / random:tiny")
+        self.model = model or load_model(cfg.model, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle)
+        check_sizes(cfg, self.model)
+        prediction = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}  # else the model's
+        self.schedule = NoiseSchedule.from_config({**self.model.scheduler_config, **prediction})
         torch.manual_seed(cfg.seed)  # LoRA init
-        self.models = {c: m for c, m in self.sdxl.lora_components().items() if c == "unet" or cfg.train_text_encoder}
+        self.models = {c: m for c, m in self.model.lora_components().items() if c == "unet" or cfg.train_text_encoder}
         alpha = cfg.alpha or None
-        add_lora(self.sdxl.unet, cfg.targets, cfg.rank, alpha, dropout=cfg.lora_dropout)
+        add_lora(self.model.unet, cfg.targets, cfg.rank, alpha, dropout=cfg.lora_dropout)
         for component in ("te1", "te2"):
             if component in self.models:
                 add_lora(self.models[component], "text", cfg.rank, alpha, dropout=cfg.lora_dropout)
@@ -96,9 +97,9 @@ class LoRATrainer:
         if cfg.gradient_checkpointing:
             for model in self.models.values():
                 model.set_gradient_checkpointing(True)
-        prepare_model(self.sdxl.unet, speed)  # after add_lora: compiled with its adapters
+        prepare_model(self.model.unet, speed)  # after add_lora: compiled with its adapters
         self.speed = speed
-        unet_params = [p for p in self.sdxl.unet.parameters() if p.requires_grad]
+        unet_params = [p for p in self.model.unet.parameters() if p.requires_grad]
         te_params = [p for c in ("te1", "te2") if c in self.models for p in self.models[c].parameters()
                      if p.requires_grad]
         groups = [{"params": unet_params, "lr": cfg.lr}]
@@ -107,7 +108,7 @@ class LoRATrainer:
         self.optimizer = self.make_optimizer(groups)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.data = TrainingSet(cfg, self.sdxl, items, self.progress)
+        self.data = TrainingSet(cfg, self.model, items, self.progress)
         self.steps_per_epoch = math.ceil(len(self.data.epoch_batches(0, self.ranks)) / cfg.grad_accum)
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -130,9 +131,9 @@ class LoRATrainer:
     def loss(self, batch: list[int], generators: list[torch.Generator], global_size: int) -> torch.Tensor:
         """The weighted loss of `batch` (this rank's samples), summed and divided by `global_size`, the number of
         samples in the global batch: summed over the ranks it is the global batch's mean loss."""
-        cfg, unet = self.cfg, self.sdxl.unet
+        cfg, unet = self.cfg, self.model.unet
         examples = [self.data.examples[i] for i in batch]
-        latents, ids = self.data.latents(examples, generators)  # (B, 4, h, w), (B, 6)
+        latents, ids = self.data.latents(examples, generators)  # (B, 4, h, w), (B, 6) or None (SD 1/2)
         captions = [drop_captions([e.item.caption], cfg.caption_dropout, g)[0] for e, g in zip(examples, generators)]
         shape = latents.shape[1:]  # (4, h, w)
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
@@ -143,9 +144,11 @@ class LoRATrainer:
         noisy = self.schedule.add_noise(latents, noise, t)
         target = self.schedule.target(latents, noise, t)
         with torch.autocast(self.device.type, self.dtype, enabled=cfg.mixed_precision != "no"):
-            context, pooled = self.data.text(captions)
+            context, pooled = self.data.text(captions)  # (B, 77, D), (B, P) or None (SD 1/2)
             w = unet.conv_in.weight.dtype
-            pred = unet(noisy.to(w), t, context.to(w), pooled.to(w), ids.to(self.device, w))
+            if pooled is not None:  # SDXL's added conditioning
+                pooled, ids = pooled.to(w), ids.to(self.device, w)
+            pred = unet(noisy.to(w), t, context.to(w), pooled, ids)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         weight = torch.tensor([cfg.prior_loss_weight if e.item.is_class_image else 1.0 for e in examples],
                               device=self.device)
@@ -265,10 +268,11 @@ class LoRATrainer:
         h, w = parse_size(cfg.validation_size or cfg.resolution)
         for model in self.models.values():
             model.eval()
-        pipe = Pipeline(self.sdxl)
+        pipe = Pipeline(self.model)
         _, mine = distributed.share(cfg.validation_prompts)
         drawn = [pipe(p, steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale, height=h, width=w,
-                      generator=torch.Generator().manual_seed(cfg.validation_seed), output="float")[0].cpu()
+                      clip_skip=cfg.clip_skip, generator=torch.Generator().manual_seed(cfg.validation_seed),
+                      output="float")[0].cpu()
                  for p in mine]  # each (3, H, W) in [0, 1]
         images = [image for part in distributed.gather_objects(drawn, "the other ranks' validation images")
                   for image in part]
@@ -303,13 +307,15 @@ class LoRATrainer:
             return
         cfg = self.cfg
         h, w = parse_size(cfg.resolution)
-        metadata = kohya_metadata(base_model=Path(cfg.sdxl).name, rank=cfg.rank, alpha=cfg.alpha or cfg.rank,
+        metadata = kohya_metadata(base_model=Path(cfg.model).name, rank=cfg.rank, alpha=cfg.alpha or cfg.rank,
                                   resolution=(w, h), trigger_phrase=cfg.caption_prefix.strip(" ,") or
-                                  cfg.instance_prompt, steps=self.step, epoch=self.epoch,
-                                  title=self.out.name, extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer})
+                                  cfg.instance_prompt, steps=self.step, epoch=self.epoch, title=self.out.name,
+                                  model=self.model.family, prediction=self.schedule.prediction_type,
+                                  clip_skip=cfg.clip_skip,
+                                  extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer})
         with naming(path):
             save_lora(path, self.lora_file_contents(), cfg.format, metadata,
-                      unet_names=unet_name_map(dict(self.sdxl.unet.config)))
+                      unet_names=unet_name_map(dict(self.model.unet.config)), family=self.model.family)
 
     def save_checkpoint(self) -> Path:
         """out/checkpoint.safetensors: LoRA weights, optimizer, scheduler, grad scaler and RNG states (atomic).

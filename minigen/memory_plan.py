@@ -131,9 +131,11 @@ def check_fits(plan: MemoryPlan, device: torch.device, force: bool = False) -> N
 
 
 def model_configs(spec: str) -> dict[str, dict]:
-    """The configs of `--sdxl` without reading a weight: random:<preset>, a diffusers folder's own, or SDXL base's
-    for a single file."""
+    """The configs of `--model` without reading a weight: random:<preset>, a diffusers folder's own, or those a
+    single safetensors file's header shows (its tensors' names and shapes, `sd.detect`)."""
+    from .io import read_header
     from .sd.configs import get_config
+    from .sd.detect import detect
     from .sd.model import read_diffusers_configs
 
     if spec.startswith("random:"):
@@ -145,7 +147,8 @@ def model_configs(spec: str) -> dict[str, dict]:
         raise FileNotFoundError(2, "no such model file or folder", spec)
     if Path(spec).is_dir():
         return read_diffusers_configs(Path(spec))
-    return get_config("sdxl-base")
+    header, metadata = read_header(spec)
+    return detect({k: tuple(v["shape"]) for k, v in header.items()}, metadata, spec).configs
 
 
 def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = True) -> MemoryPlan:
@@ -154,7 +157,7 @@ def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = Tru
     from .images import parse_size
 
     start = time.perf_counter()
-    configs = configs or model_configs(cfg.sdxl)
+    configs = configs or model_configs(cfg.model)
     h, w = parse_size(cfg.resolution)
     h, w = max(cfg.bucket_step, h // cfg.bucket_step * cfg.bucket_step), max(cfg.bucket_step,
                                                                             w // cfg.bucket_step * cfg.bucket_step)
@@ -181,7 +184,7 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
     trained = {"unet": models["unet"]}
     add_lora(models["unet"], cfg.targets, cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
     if cfg.train_text_encoder:
-        for part in ("text_encoder", "text_encoder_2"):
+        for part in text_encoders(models):
             add_lora(models[part], "text", cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
             trained[part] = models[part]
     if cfg.gradient_checkpointing:
@@ -203,6 +206,11 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def text_encoders(models: dict[str, torch.nn.Module]) -> list[str]:
+    """The text-encoder parts a model has: both for SDXL, one for SD 1/2."""
+    return [part for part in ("text_encoder", "text_encoder_2") if part in models]
 
 
 def _frozen_models(configs: dict[str, dict], dtype: torch.dtype, tracker) -> dict[str, torch.nn.Module]:
@@ -243,23 +251,37 @@ def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor
         latents = torch.randn(B, 4, h // factor, w // factor)
     with torch.autocast(latents.device.type, dtype, enabled=cfg.mixed_precision != "no"):
         if cfg.train_text_encoder:
-            ids = torch.zeros(B, 77, dtype=torch.long)
-            contexts = []
-            for part in ("text_encoder", "text_encoder_2"):
-                out = models[part](ids)
-                contexts.append(out.hidden_states[-2])
-            context, pooled = torch.cat(contexts, dim=-1), out.text_embeds
+            context, pooled = _encode(models, torch.zeros(B, 77, dtype=torch.long))
         else:  # cached: read from memory, moved to the device per batch
-            width = sum(models[p].config.hidden_size for p in ("text_encoder", "text_encoder_2"))
+            width = sum(models[p].config.hidden_size for p in text_encoders(models))
             context = torch.randn(B, 77, width)
-            pooled = torch.randn(B, models["text_encoder_2"].config.projection_dim)
+            pooled = torch.randn(B, models["text_encoder_2"].config.projection_dim) if "text_encoder_2" in models \
+                else None
         weight_dtype = unet.conv_in.weight.dtype
-        time_ids = torch.zeros(B, 6)
+        pooled, time_ids = _added_conditioning(models, pooled, weight_dtype)
         t = torch.randint(0, 1000, (B,))
         noise = torch.randn_like(latents)
-        pred = unet(latents.to(weight_dtype), t, context.to(weight_dtype), pooled.to(weight_dtype),
-                    time_ids.to(weight_dtype))
+        pred = unet(latents.to(weight_dtype), t, context.to(weight_dtype), pooled, time_ids)
     return F.mse_loss(pred.float(), noise)
+
+
+def _encode(models: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (B, 77) through the text encoder(s) as encode_prompt sends them: context (B, 77, D) and pooled (B, P)
+    or None for SD 1/2. Any layer's hidden state costs the same memory: the penultimate one is taken."""
+    outs = [models[part](ids) for part in text_encoders(models)]
+    context = torch.cat([out.hidden_states[-2] for out in outs], dim=-1)
+    return context, outs[-1].text_embeds if "text_encoder_2" in models else None
+
+
+def _added_conditioning(models: dict, pooled: torch.Tensor | None,
+                        dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SDXL's pooled prompt (B, P) and zero time ids (B, 6; the refiner's 5) in `dtype`; (None, None) for SD 1/2,
+    whose UNet takes neither."""
+    unet = models["unet"]
+    if pooled is None or unet.config.get("addition_embed_type") != "text_time":
+        return None, None
+    ids = (unet.config["projection_class_embeddings_input_dim"] - pooled.shape[-1]) // unet.config["addition_time_embed_dim"]
+    return pooled.to(dtype), torch.zeros(pooled.shape[0], ids, dtype=dtype)
 
 
 def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, width: int, num_images: int = 1,
@@ -270,15 +292,14 @@ def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, wid
     with FakeTensorMode(), tracker, torch.no_grad():
         models = _frozen_models(configs, dtype, tracker)
         tracker.part = "activations"
-        ids = torch.zeros(1, 77, dtype=torch.long)
-        hidden = [models[p](ids).hidden_states[-2] for p in ("text_encoder", "text_encoder_2") if p in models]
+        context, pooled = _encode(models, torch.zeros(1, 77, dtype=torch.long))  # (1, 77, D), (1, P) or None
         rows = num_images * (2 if guidance else 1)
-        context = torch.cat(hidden, dim=-1).to(dtype).expand(rows, -1, -1)  # (N, 77, 2048 for SDXL)
-        pooled, time_ids = _added_conditioning(models, rows, dtype)
+        context = context.to(dtype).expand(rows, -1, -1)  # (N, 77, D)
+        pooled, time_ids = _added_conditioning(models, None if pooled is None else pooled.expand(rows, -1), dtype)
         factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
         latents = torch.zeros(rows, 4, height // factor, width // factor, dtype=dtype)
         models["unet"](latents, torch.tensor([999] * rows), context, pooled, time_ids)
-        del latents, context, pooled, hidden
+        del latents, context, pooled, time_ids
         models["vae"].decode(torch.zeros(num_images, 4, height // factor, width // factor))  # (N, 3, H, W) fp32
     setting = f"{num_images} image(s) of {height}x{width}, {str(dtype).removeprefix('torch.')}" + \
               (", classifier-free guidance" if guidance else "")
@@ -287,12 +308,3 @@ def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, wid
     return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting, advice)
 
 
-def _added_conditioning(models: dict[str, torch.nn.Module], rows: int,
-                        dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Zero pooled text (N, P) and time ids (N, 6; the refiner's 5) for an SDXL UNet; None, None for SD 1.x/2.x."""
-    unet = models["unet"]
-    if unet.config.get("addition_embed_type") != "text_time":
-        return None, None
-    width = models["text_encoder_2"].config.projection_dim
-    ids = (unet.config["projection_class_embeddings_input_dim"] - width) // unet.config["addition_time_embed_dim"]
-    return torch.zeros(rows, width, dtype=dtype), torch.zeros(rows, ids, dtype=dtype)

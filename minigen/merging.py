@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .checkpoint_files import TensorFile, check_output, open_checkpoint, open_output, sha256_file
 from .io import FLOAT_DTYPES, CheckpointError
-from .sd.lora_files import LoRAFileError, read_lora
+from .sd.lora_files import LoRAFileError, check_lora_family, read_lora
 from .sd.convert import UNET_PREFIX, VAE_PREFIX, lora_targets
 from .sd.detect import MODEL_NAMES, detect_family
 
@@ -369,9 +369,11 @@ def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: lis
                  ) -> dict[str, list[tuple[int | None, float, torch.Tensor, torch.Tensor]]]:
     """{checkpoint key: [(third, ratio * alpha / rank, up (out, r), down (r, in...))]} from the LoRA files."""
     targets = lora_targets(keys)
+    family = detect_family(keys)
     deltas: dict[str, list] = {}
     for path, ratio in loras:
-        parsed, _, _ = read_lora(path)
+        parsed, _, metadata = read_lora(path)
+        check_lora_family(parsed, metadata, family, str(path))
         unmatched = [f"{c}:{n}" for c, entries in parsed.items() for n in entries if (c, n) not in targets]
         if unmatched:
             raise LoRAFileError(f"{path}: {len(unmatched)} layers match no tensor of the checkpoint, e.g. "

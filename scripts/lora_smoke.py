@@ -1,5 +1,5 @@
 """`make lora-smoke`: the whole LoRA training loop on the CPU in a few minutes, on a random tiny SDXL-architecture
-model and the built-in Met paintings with their captions. Checks that the loss falls on a fixed batch, the files
+model (or SD 1.x / 2.x: `python scripts/lora_smoke.py OUT tiny-sd1`) and the built-in Met paintings with their captions. Checks that the loss falls on a fixed batch, the files
 are written, and the LoRA file reloads into a fresh copy of the model and changes its output.
 Sizes are tiny (the tiny VAE scales by 2, so 64x96 images are 32x48 latents); the code path is the real one."""
 
@@ -16,11 +16,12 @@ from minigen.lora_training import LoRATrainer
 from minigen.sd.model import random_model
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lora-smoke")
+PRESET = sys.argv[2] if len(sys.argv) > 2 else "tiny"  # tiny (SDXL), tiny-sd1 or tiny-sd2
 
 
 def main() -> int:
     torch.set_num_threads(1)  # a tiny model: thread hand-offs cost more than they gain (30x on a busy 2-core box)
-    cfg = LoRATrainConfig(sdxl="random:tiny", data="met", max_images=16, resolution="64x96", rank=8, lr=3e-2,
+    cfg = LoRATrainConfig(model=f"random:{PRESET}", data="met", max_images=16, resolution="64x96", rank=8, lr=3e-2,
                           targets="kohya", batch=4, epochs=5, caption_prefix="a Met painting, ", out=str(OUT),
                           validation_prompts=["a Met painting, a harbour at dusk", "a Met painting, a portrait"],
                           validation_steps=4, validation_size="64x64")
@@ -32,10 +33,11 @@ def main() -> int:
     print(f"loss on a fixed batch: {before:.4f} -> {after:.4f}")
     missing = [n for n in ("lora.safetensors", "checkpoint.safetensors", "loss.png", "log.jsonl",
                            "samples/progress.png") if not (OUT / n).is_file()]
-    fresh = random_model("tiny")
+    fresh = random_model(PRESET)
     x, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
-    context, pooled = torch.randn(1, 77, 96), torch.randn(1, 32)
-    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+    context = torch.randn(1, 77, fresh.unet.config["cross_attention_dim"])
+    sdxl = fresh.text_encoder_2 is not None  # SDXL's UNet also takes a pooled prompt and time ids
+    pooled, ids = (torch.randn(1, 32), torch.tensor([[64.0, 64, 0, 0, 64, 64]])) if sdxl else (None, None)
     with torch.no_grad():
         base = fresh.unet(x, t, context, pooled, ids)
         load_lora(OUT / "lora.safetensors", {"unet": fresh.unet})

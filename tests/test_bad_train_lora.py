@@ -27,7 +27,7 @@ from minigen.lora_training import LoRATrainer
 from minigen.training import TrainingDiverged
 
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes)
-TINY = ["--sdxl", "random:tiny", "--resolution", "16x16", "--bucket-step", "16", "--batch", "2", "--quiet",
+TINY = ["--model", "random:tiny", "--resolution", "16x16", "--bucket-step", "16", "--batch", "2", "--quiet",
         "--validation-steps", "1", "--validation-size", "16x16"]
 
 
@@ -139,13 +139,13 @@ FILE_CASES = {
     "data-empty": (lambda c, o: base(c, o) + ["--data", str(c / "empty")], "empty"),
     "class-data-without-prompt": (lambda c, o: base(c, o) + ["--instance-prompt", "sks", "--class-data",
                                                              str(c / "data")], "class prompt"),
-    "sdxl-missing": (lambda c, o: base(c, o) + ["--sdxl", str(c / "missing.safetensors")], "missing.safetensors"),
-    "sdxl-not-given": (lambda c, o: base(c, o) + ["--sdxl", ""], "--sdxl"),
-    "sdxl-a-text-file": (lambda c, o: base(c, o) + ["--sdxl", str(c / "file")], "file"),
-    "sdxl-folder-without-configs": (lambda c, o: base(c, o) + ["--sdxl", str(c / "empty")], "empty"),
-    "sdxl-pickle-refused": (lambda c, o: base(c, o) + ["--sdxl", str(c / "model.ckpt")], "model.ckpt",
+    "model-missing": (lambda c, o: base(c, o) + ["--model", str(c / "missing.safetensors")], "missing.safetensors"),
+    "model-not-given": (lambda c, o: base(c, o) + ["--model", ""], "--model"),
+    "model-a-text-file": (lambda c, o: base(c, o) + ["--model", str(c / "file")], "file"),
+    "model-folder-without-configs": (lambda c, o: base(c, o) + ["--model", str(c / "empty")], "empty"),
+    "model-pickle-refused": (lambda c, o: base(c, o) + ["--model", str(c / "model.ckpt")], "model.ckpt",
                             "--allow-pickle"),
-    "sdxl-pickle-allowed-but-broken": (lambda c, o: base(c, o) + ["--sdxl", str(c / "model.ckpt"), "--allow-pickle"],
+    "model-pickle-allowed-but-broken": (lambda c, o: base(c, o) + ["--model", str(c / "model.ckpt"), "--allow-pickle"],
                                        "model.ckpt", "weights_only"),
     "out-under-a-file": (lambda c, o: base(c, c / "file" / "run"), "--out", "file"),
     "out-name-too-long": (lambda c, o: base(c, o / LONG_NAME), "--out", "longer than"),
@@ -191,7 +191,7 @@ def test_only_written_outputs_are_printed(corpus):
 
 def resumable_run(corpus, out):
     shutil.copytree(corpus / "run", out)
-    cfg = LoRATrainConfig(sdxl="random:tiny", data=str(corpus / "data"), resolution="16x16", bucket_step=16,
+    cfg = LoRATrainConfig(model="random:tiny", data=str(corpus / "data"), resolution="16x16", bucket_step=16,
                           batch=2, epochs=2, out=str(out))
     trainer = LoRATrainer(cfg, progress=False)
     trainer.load_checkpoint(out / "checkpoint.safetensors")

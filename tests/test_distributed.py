@@ -32,7 +32,7 @@ LAUNCH_TIMEOUT_S = 150  # a hang fails the test instead of CI
 # noise offset, min-SNR, a text-encoder LoRA with its own rate, gradient checkpointing, warm-up and cosine. SGD: its
 # step is linear in the gradient, so the comparison sees the gradients' rounding; Adam divides by sqrt(v) and turns
 # the rounding of near-zero gradients into ~1e-4 of a step (AdamW runs agree to ~2e-5 after 4 steps).
-TRAINING = dict(sdxl="random:tiny", resolution="16x16", bucket_step=16, rank=4, optimizer="sgd", lr=50.0, epochs=2,
+TRAINING = dict(model="random:tiny", resolution="16x16", bucket_step=16, rank=4, optimizer="sgd", lr=50.0, epochs=2,
                 random_crop=True, flip=True, cache_latents="off", caption_dropout=0.3, noise_offset=0.1, min_snr_gamma=5.0,
                 train_text_encoder=True, text_encoder_lr=5e-3, gradient_checkpointing=True, warmup_steps=1,
                 lr_scheduler="cosine", validation_prompts=["a red square", "a blue square", "a green square"],

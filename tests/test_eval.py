@@ -171,7 +171,7 @@ def lora_run(tmp_path_factory, files):
         Image.open(image).save(data / image.name)
         (data / image.with_suffix(".txt").name).write_text("a smooth colour field")
     out = tmp_path_factory.mktemp("lora_runs") / "run"
-    assert train_lora.main(["--sdxl", "random:tiny", "--data", str(data), "--resolution", "16x16",
+    assert train_lora.main(["--model", "random:tiny", "--data", str(data), "--resolution", "16x16",
                             "--bucket-step", "16", "--batch", "4", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
     return out
 

@@ -117,7 +117,7 @@ def data(tmp_path):
 
 
 def tiny_config(data, out, **kw) -> LoRATrainConfig:
-    settings = dict(sdxl="random:tiny", data=str(data), resolution="16x16", bucket_step=16, rank=4, lr=1e-2,
+    settings = dict(model="random:tiny", data=str(data), resolution="16x16", bucket_step=16, rank=4, lr=1e-2,
                     batch=2, epochs=1, out=str(out), validation_steps=2, validation_size="16x16")
     return LoRATrainConfig(**(settings | kw))
 
@@ -147,7 +147,7 @@ def test_training_lowers_loss_writes_files_and_the_lora_reloads(data, tmp_path):
         base = fresh.unet(x, t, context, pooled, ids)
         metadata = load_lora(run / "lora.safetensors", {"unet": fresh.unet})
         loaded = fresh.unet(x, t, context, pooled, ids)
-        trained = trainer.sdxl.unet.eval()(x, t, context, pooled, ids)
+        trained = trainer.model.unet.eval()(x, t, context, pooled, ids)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_steps"] == "8"
     assert (loaded - base).abs().max() > 1e-3  # the LoRA changes the output...
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)  # ...exactly as training left it
@@ -187,7 +187,7 @@ def test_mixed_precision_keeps_lora_weights_fp32(data, tmp_path, precision, dtyp
     trainer = LoRATrainer(tiny_config(data, tmp_path / precision, mixed_precision=precision), progress=False)
     trainer.train()
     assert trainer.scaler.is_enabled() == (precision == "fp16")  # fp16 needs loss scaling; bf16's range does not
-    assert trainer.sdxl.unet.conv_in.weight.dtype == dtype
+    assert trainer.model.unet.conv_in.weight.dtype == dtype
     assert all(p.dtype == torch.float32 for p in trainer.trainable().values())
     assert trainer.step == 2 and torch.isfinite(torch.tensor(trainer.records[-1]["loss"]))
 
@@ -265,7 +265,7 @@ def test_cli_trains_and_resumes_with_the_saved_settings(data, tmp_path, capsys):
     import train_lora
 
     out = tmp_path / "cli"
-    flags = ["--sdxl", "random:tiny", "--data", str(data), "--resolution", "16x16", "--bucket-step", "16",
+    flags = ["--model", "random:tiny", "--data", str(data), "--resolution", "16x16", "--bucket-step", "16",
              "--batch", "2", "--out", str(out), "--quiet", "--validation-prompts", "a red square",
              "--validation-steps", "1", "--validation-size", "16x16"]
     assert train_lora.main(flags) == 0

@@ -21,7 +21,7 @@ import torch
 
 import train_lora
 from minigen.lora_config import LoRATrainConfig
-from minigen.memory_plan import GB, check_fits, plan_lora_step, plan_sampling
+from minigen.memory_plan import GB, check_fits, model_configs, plan_lora_step, plan_sampling
 from minigen.sd.configs import get_config
 
 MEASURE = textwrap.dedent("""
@@ -35,7 +35,7 @@ MEASURE = textwrap.dedent("""
 
     settings, h, w = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     cfg = LoRATrainConfig(**settings)
-    configs = model_configs(cfg.sdxl)
+    configs = model_configs(cfg.model)
     _two_steps(LoRATrainConfig(**{**settings, "resolution": "64"}), configs, 64, 64)  # warm-up
     open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
     base = status("VmRSS")
@@ -67,17 +67,17 @@ SLOW_CASES = {
 @pytest.mark.parametrize("settings", [pytest.param(v, id=k) for k, v in CASES.items()]
                          + [pytest.param(v, id=k, marks=pytest.mark.slow) for k, v in SLOW_CASES.items()])
 def test_plan_is_within_15_percent_of_the_measured_peak(settings):
-    cfg = LoRATrainConfig(sdxl="random:tiny", **settings)
+    cfg = LoRATrainConfig(model="random:tiny", **settings)
     plan = plan_lora_step(cfg)
     side = int(settings["resolution"])
-    measured = measured_peak({"sdxl": "random:tiny", **settings}, side, side)
+    measured = measured_peak({"model": "random:tiny", **settings}, side, side)
     assert measured > 50e6, "too little memory to measure against the resident set's noise"
     assert abs(plan.peak - measured) <= 0.15 * measured, f"plan {plan.peak / 1e6:.0f} MB, measured {measured / 1e6:.0f} MB"
     assert sum(plan.parts.values()) == plan.peak and plan.parts["activations"] > 0
 
 
 def test_the_plan_grows_with_what_costs_memory():
-    base = dict(sdxl="random:tiny", resolution="64", batch=1)
+    base = dict(model="random:tiny", resolution="64", batch=1)
     plain = plan_lora_step(LoRATrainConfig(**base))
     assert plan_lora_step(LoRATrainConfig(**base, gradient_checkpointing=True)).parts["activations"] \
         < plain.parts["activations"]
@@ -89,7 +89,7 @@ def test_the_plan_grows_with_what_costs_memory():
 @pytest.mark.slow
 def test_full_size_sdxl_plan_matches_the_measured_peak():
     """The real SDXL base architecture (random weights, bf16) at a small resolution: ~9 GB resident."""
-    settings = dict(sdxl="random:sdxl-base", resolution="256", batch=1, mixed_precision="bf16",
+    settings = dict(model="random:sdxl-base", resolution="256", batch=1, mixed_precision="bf16",
                     gradient_checkpointing=True, rank=16)
     plan = plan_lora_step(LoRATrainConfig(**settings))
     measured = measured_peak(settings, 256, 256)
@@ -97,7 +97,7 @@ def test_full_size_sdxl_plan_matches_the_measured_peak():
 
 
 def test_train_lora_plan_flag_prints_the_plan_and_loads_nothing(tmp_path, capsys):
-    assert train_lora.main(["--sdxl", "random:tiny", "--data", str(tmp_path / "no-such-folder"), "--plan",
+    assert train_lora.main(["--model", "random:tiny", "--data", str(tmp_path / "no-such-folder"), "--plan",
                             "--resolution", "64", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "memory plan (64x64, batch 1, rank 4" in out and "GB of tensors" in out
@@ -118,7 +118,7 @@ def test_sample_plan_flag_prints_the_plan_and_draws_nothing(tmp_path, capsys):
 
 
 def test_a_run_that_does_not_fit_is_refused_with_the_switches_that_help(monkeypatch):
-    cfg = LoRATrainConfig(sdxl="random:tiny", resolution="64", batch=2)
+    cfg = LoRATrainConfig(model="random:tiny", resolution="64", batch=2)
     plan = plan_lora_step(cfg)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(plan.peak / 2), 80 * 10**9))
     with pytest.raises(ValueError, match="--gradient-checkpointing.*--mixed-precision bf16.*--force"):
@@ -129,3 +129,25 @@ def test_a_run_that_does_not_fit_is_refused_with_the_switches_that_help(monkeypa
     assert "--force" in str(caught[0].message)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
     check_fits(plan, torch.device("cuda"))  # fits: no error
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd1", "tiny-sd2"])
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet-and-text-encoder"])
+def test_sd1_and_sd2_plans_equal_the_same_steps_on_real_tensors(preset, train_text_encoder):
+    """SD 1/2 have one text encoder, no pooled prompt and no time ids: the plan traces their real step. Fake and
+    real tensors hold the same bytes, so the plan is the traced peak of the real step to within 1%."""
+    cfg = LoRATrainConfig(model=f"random:{preset}", resolution="64", batch=2, train_text_encoder=train_text_encoder)
+    plan, real = plan_lora_step(cfg), plan_lora_step(cfg, fake=False)
+    assert abs(plan.peak - real.peak) <= 0.01 * real.peak and plan.parts["activations"] > 0
+    assert ("text encoders trained" in plan.setting) == train_text_encoder
+
+
+def test_plan_of_an_sd1_single_file_reads_its_architecture_from_the_header(tmp_path, capsys):
+    from minigen.sd.model import random_model
+
+    model = random_model("tiny-sd1")
+    model.save_single_file(tmp_path / "sd1.safetensors")
+    assert model_configs(str(tmp_path / "sd1.safetensors")) == model.configs
+    assert train_lora.main(["--model", str(tmp_path / "sd1.safetensors"), "--data", str(tmp_path / "none"),
+                            "--plan", "--resolution", "64", "--out", str(tmp_path / "run")]) == 0
+    assert "memory plan (64x64, batch 1" in capsys.readouterr().out

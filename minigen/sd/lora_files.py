@@ -3,10 +3,14 @@
 Inside minigen a LoRA is {component: {module path: LoRATensors}}, components "unet", "te1", "te2", module paths in
 diffusers/transformers names (minigen's SDXL modules share them).
 
-- kohya (sd-scripts; what A1111, ComfyUI, Forge and diffusers all load): `lora_unet_<SGM path, dots as _>`,
-  `lora_te1_text_model_...`, `lora_te2_...`, each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`.
-  The UNet part is written with single-file (SGM) block names, e.g. `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
-  made with `minigen.sd.convert`'s UNet name map; reading accepts SGM or diffusers block names.
+- kohya (sd-scripts; what A1111, ComfyUI, Forge and diffusers all load): `lora_unet_<module path, dots as _>` and
+  the text encoders' transformers paths, each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`. sd-scripts
+  names layers by the module paths of the UNet it trains, which differs by family:
+  SDXL: its own SGM UNet, `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q` (made with
+  `minigen.sd.convert`'s UNet name map), encoders `lora_te1_text_model_...` and `lora_te2_...`;
+  SD 1.x/2.x: the diffusers UNet, `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`, and the one
+  encoder `lora_te_text_model_encoder_layers_0_self_attn_q_proj`.
+  Reading accepts SGM or diffusers block names and `lora_te_` or `lora_te1_` for any family.
 - diffusers/peft: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.`, `text_encoder_2.`. peft stores
   no alpha: W' = W + B A, alpha == rank. minigen bakes scale = alpha/rank into lora_B when writing, so every reader
   (with or without diffusers' `lora_adapter_metadata`) gets the same weights; it reads that metadata when present.
@@ -31,10 +35,12 @@ from torch import nn
 from ..io import CheckpointError, first_non_finite, load_weights, save_safetensors
 from ..lora import LoRATensors, add_lora_weights
 from .convert import NameMap, unet_name_map
+from .detect import FAMILY_NAMES
 
 COMPONENTS = ("unet", "te1", "te2")
-KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
-KOHYA_READ_PREFIX = {**{p: c for c, p in KOHYA_PREFIX.items()}, "lora_te_": "te1"}  # lora_te_: SD 1.x's one encoder
+KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}  # SDXL's
+ONE_ENCODER_PREFIX = "lora_te_"  # sd-scripts' prefix for the one text encoder of SD 1.x/2.x
+KOHYA_READ_PREFIX = {**{p: c for c, p in KOHYA_PREFIX.items()}, ONE_ENCODER_PREFIX: "te1"}
 DIFFUSERS_PREFIX = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
 LoRA = dict[str, dict[str, LoRATensors]]  # {component: {module path: LoRATensors}}
 
@@ -57,17 +63,18 @@ def _te_path(path: str) -> str:
 # ----------------------------------------------------------------------------------------------------------- writing
 
 def save_lora(path: str | os.PathLike, lora: LoRA, format: str = "kohya", metadata: Mapping[str, str] | None = None,
-              unet_names: NameMap | None = None, dtype: torch.dtype | None = None) -> None:
+              unet_names: NameMap | None = None, dtype: torch.dtype | None = None, family: str = "sdxl") -> None:
     """Write `lora` ({component: {module path: LoRATensors}}) as a kohya or diffusers file (atomic).
 
-    unet_names: the UNet's diffusers <-> SGM name map, for kohya's UNet names (default: SDXL base's).
+    family: the model's ("sd1", "sd2", "sdxl", "sdxl-refiner"), which decides kohya's names (see the module's doc).
+    unet_names: the UNet's diffusers <-> SGM name map, for SDXL's kohya UNet names (default: SDXL base's).
     dtype: the tensors' dtype in the file (default: as they are, fp32 from training)."""
     unknown = set(lora) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown LoRA components {sorted(unknown)}; expected some of {COMPONENTS}")
     metadata = dict(metadata or {})
     if format == "kohya":
-        tensors = kohya_state_dict(lora, unet_names or unet_name_map())
+        tensors = kohya_state_dict(lora, unet_names or unet_name_map(), family)
     elif format == "diffusers":
         tensors = diffusers_state_dict(lora)
         warnings.warn(f"{path}: {DIFFUSERS_FORMAT_NOTE}", stacklevel=2)
@@ -79,25 +86,30 @@ def save_lora(path: str | os.PathLike, lora: LoRA, format: str = "kohya", metada
     save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
 
-def kohya_state_dict(lora: LoRA, unet_names: NameMap) -> dict[str, torch.Tensor]:
-    """kohya keys: `lora_unet_<SGM path>` / `lora_te1_text_model_...` with `.lora_down.weight`, `.lora_up.weight`,
-    `.alpha` (a 0-d tensor, as sd-scripts stores it)."""
+def kohya_state_dict(lora: LoRA, unet_names: NameMap, family: str = "sdxl") -> dict[str, torch.Tensor]:
+    """kohya keys as sd-scripts writes them for `family`: SDXL `lora_unet_<SGM path>` / `lora_te1_text_model_...`,
+    SD 1.x/2.x `lora_unet_<diffusers path>` / `lora_te_text_model_...`; each with `.lora_down.weight`,
+    `.lora_up.weight`, `.alpha` (a 0-d tensor, as sd-scripts stores it)."""
     out = {}
     for component, modules in lora.items():
         for path, t in modules.items():
-            if component == "unet":
-                path = unet_names.to_single_file(path)  # KeyError names a path the map lacks
-            else:
+            if component != "unet":
                 path = _te_path(path)
-            out |= kohya_layer(component, path, t.up, t.down, t.alpha)
+            elif family.startswith("sdxl"):
+                path = unet_names.to_single_file(path)  # KeyError names a path the map lacks
+            out |= kohya_layer(kohya_prefix(component, family), path, t.up, t.down, t.alpha)
     return out
 
 
-def kohya_layer(component: str, single_file_path: str, up: torch.Tensor, down: torch.Tensor,
-                alpha: float) -> dict[str, torch.Tensor]:
+def kohya_prefix(component: str, family: str) -> str:
+    """sd-scripts' name prefix of a component's layers: SD 1.x/2.x's one text encoder is `lora_te_`."""
+    return ONE_ENCODER_PREFIX if component == "te1" and family in ("sd1", "sd2") else KOHYA_PREFIX[component]
+
+
+def kohya_layer(prefix: str, path: str, up: torch.Tensor, down: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
     """One layer's kohya keys: `<prefix><path with dots as underscores>.lora_down.weight`, `.lora_up.weight`,
-    `.alpha`. The path is the single-file one (SGM for the UNet, transformers' for the text encoders)."""
-    name = KOHYA_PREFIX[component] + single_file_path.replace(".", "_")
+    `.alpha`. prefix: `lora_unet_`, `lora_te_`, `lora_te1_`, ... (KOHYA_PREFIX)."""
+    name = prefix + path.replace(".", "_")
     return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
             f"{name}.alpha": torch.tensor(float(alpha))}
 
@@ -114,26 +126,50 @@ def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
     return out
 
 
-# model family (detect.detect_family) -> (sd-scripts' ss_base_model_version, SAI modelspec architecture)
-KOHYA_MODEL_VERSIONS = {"sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
-                        "sd2": ("sd_v2", "stable-diffusion-v2/lora"), "sd1": ("sd_v1", "stable-diffusion-v1/lora")}
+# model family -> (sd-scripts' ss_base_model_version, SAI modelspec.architecture without "/lora"), from sd-scripts'
+# library/model_util.py (get_model_version_str_for_sd1_sd2) and library/sai_model_spec.py (build_metadata)
+KOHYA_MODEL_VERSIONS = {"sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+                        "sd2": ("sd_v2", "stable-diffusion-v2-512"), "sd1": ("sd_v1", "stable-diffusion-v1")}
+SD2_768_V = "stable-diffusion-v2-768-v"  # SD 2's architecture when it predicts v
+# sd-scripts writes SD 1/2 LoRAs as on diffusers modules, SDXL's as on SGM ones (sai_model_spec.build_metadata)
+IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers"}
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def model_version(family: str, v_prediction: bool = False) -> tuple[str, str]:
+    """(ss_base_model_version, modelspec.architecture) of a LoRA for `family`: sd-scripts appends "_v" to an SD 1/2
+    version that predicts v (`sd_v2_v`) and names SD 2 768-v's architecture apart."""
+    version, architecture = KOHYA_MODEL_VERSIONS.get(family, KOHYA_MODEL_VERSIONS["sdxl"])
+    if v_prediction and family in ("sd1", "sd2"):
+        version += "_v"
+        architecture = SD2_768_V if family == "sd2" else architecture
+    return version, architecture + "/lora"
 
 
 def kohya_metadata(*, base_model: str = "", rank: int, alpha: float, resolution: tuple[int, int] = (1024, 1024),
                    trigger_phrase: str = "", steps: int = 0, epoch: int = 0, title: str = "LoRA",
-                   date: str = "", model: str = "sdxl", extra: Mapping[str, object] | None = None) -> dict[str, str]:
+                   date: str = "", model: str = "sdxl", prediction: str = "epsilon", clip_skip: int = 1,
+                   extra: Mapping[str, object] | None = None) -> dict[str, str]:
     """The `ss_*` keys sd-scripts writes (A1111 and kohya's GUI show them) and the SAI `modelspec.*` keys (1.0.1).
-    model: the family the LoRA is for (a key of KOHYA_MODEL_VERSIONS)."""
+    model: the family the LoRA is for (a key of KOHYA_MODEL_VERSIONS). prediction: "epsilon" or "v_prediction".
+    clip_skip: A1111's count the captions were encoded with (1: none), sd-scripts' `ss_clip_skip`."""
     w, h = resolution
-    version, architecture = KOHYA_MODEL_VERSIONS.get(model, KOHYA_MODEL_VERSIONS["sdxl"])
+    v = prediction == "v_prediction"
+    version, architecture = model_version(model, v)
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
         "ss_base_model_version": version, "ss_sd_model_name": base_model, "ss_resolution": f"({w}, {h})",
         "ss_steps": str(steps), "ss_epoch": str(epoch), "ss_output_name": title,
+        "ss_v2": str(model == "sd2"), "ss_v_parameterization": str(v),
+        # sd-scripts writes its --clip_skip as given: None when not given
+        "ss_clip_skip": str(clip_skip) if clip_skip > 1 else "None",
         "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": architecture,
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": title, "modelspec.resolution": f"{w}x{h}", "modelspec.prediction_type": "epsilon",
+        "modelspec.implementation": IMPLEMENTATION.get(model, SGM_IMPLEMENTATION),
+        "modelspec.title": title, "modelspec.resolution": f"{w}x{h}",
+        "modelspec.prediction_type": "v" if v else "epsilon",
     }
+    if clip_skip > 1:
+        meta["modelspec.encoder_layer"] = str(clip_skip)
     if trigger_phrase:
         meta["modelspec.trigger_phrase"] = trigger_phrase
     if date:
@@ -299,12 +335,66 @@ def resolve_lora(parsed: dict[str, dict[str, dict]], models: Mapping[str, nn.Mod
     return lora
 
 
+# What says which model family a LoRA was made for, most explicit first.
+# sd-scripts' ss_base_model_version prefix -> family (`sd_v2_v`: SD 2 predicting v)
+VERSION_FAMILIES = {"sdxl": "sdxl", "sd_v1": "sd1", "sd_v2": "sd2"}
+# SAI modelspec.architecture prefix -> family, most specific first
+ARCHITECTURE_FAMILIES = {"stable-diffusion-xl-v1-refiner": "sdxl-refiner", "stable-diffusion-xl": "sdxl",
+                         "stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2"}
+# the text width the UNet's cross-attention takes (attn2.to_k's input) in each family's released models
+CROSS_ATTENTION_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+
+
+def family_of_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The family a LoRA file's metadata names (sd-scripts' or SAI's key), or None."""
+    return _metadata_family(metadata)[0]
+
+
+def _metadata_family(metadata: Mapping[str, str]) -> tuple[str | None, str]:
+    for key, families in (("ss_base_model_version", VERSION_FAMILIES), ("modelspec.architecture", ARCHITECTURE_FAMILIES)):
+        value = metadata.get(key, "")
+        family = next((f for prefix, f in families.items() if value.startswith(prefix)), None)
+        if family:
+            return family, f"its metadata has {key} {value}"
+    return None, ""
+
+
+def lora_family(parsed: Mapping[str, Mapping[str, dict]], metadata: Mapping[str, str]) -> tuple[str | None, str]:
+    """(family, what says so) of the model a parsed LoRA file (`read_lora`) was made for; (None, "") when nothing
+    does. Read from its metadata, else its layers: a second text encoder's means SDXL, and a cross-attention layer's
+    input width that of a released family (768 SD 1.x, 1024 SD 2.x, 2048 SDXL)."""
+    family, evidence = _metadata_family(metadata)
+    if family:
+        return family, evidence
+    if "te2" in parsed:  # (a LoRA may train the second encoder alone: no sign of the refiner)
+        return "sdxl", f"its layers include SDXL's second text encoder's, e.g. {next(iter(parsed['te2']))}"
+    for name, e in parsed.get("unet", {}).items():
+        width = e["down"].shape[1]  # (rank, in)
+        if name.replace(".", "_").endswith("attn2_to_k") and width in CROSS_ATTENTION_WIDTHS:
+            return CROSS_ATTENTION_WIDTHS[width], f"its cross-attention layer {name} takes {width}-wide text"
+    return None, ""
+
+
+def check_lora_family(parsed: Mapping[str, Mapping[str, dict]], metadata: Mapping[str, str], family: str,
+                      source: str) -> None:
+    """Refuse (LoRAFileError naming both) a LoRA that says it was made for another family than the model's.
+    A family minigen does not know (a diffusers folder, "unknown") is not checked. SDXL base and refiner count as
+    one here: what tells them apart is shapes, which `resolve_lora` checks layer by layer."""
+    theirs, evidence = lora_family(parsed, metadata)
+    if theirs and family in FAMILY_NAMES and theirs.split("-")[0] != family.split("-")[0]:
+        raise LoRAFileError(f"{source} is a LoRA for {FAMILY_NAMES[theirs]} ({evidence}), the model is "
+                            f"{FAMILY_NAMES[family]}")
+
+
 def load_lora(path: str | os.PathLike, models: Mapping[str, nn.Module], name: str = "default",
-              multiplier: float = 1.0, unet_names: NameMap | None = None, allow_pickle: bool = False
-              ) -> dict[str, str]:
+              multiplier: float = 1.0, unet_names: NameMap | None = None, allow_pickle: bool = False,
+              family: str | None = None) -> dict[str, str]:
     """Read a LoRA file of any supported layout and add it to `models` ({"unet", "te1", "te2"}: module) as the
-    adapter `name` with `multiplier`. Returns the file's metadata. allow_pickle: see read_lora."""
+    adapter `name` with `multiplier`. Returns the file's metadata. allow_pickle: see read_lora.
+    family: the model's; a LoRA made for another is refused first (check_lora_family)."""
     parsed, _, metadata = read_lora(path, allow_pickle)
+    if family is not None:
+        check_lora_family(parsed, metadata, family, str(path))
     lora = resolve_lora(parsed, models, unet_names, source=str(path))
     for component, weights in lora.items():
         add_lora_weights(models[component], weights, name, multiplier)

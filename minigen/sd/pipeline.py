@@ -206,7 +206,8 @@ class Pipeline:
         self.loras += 1
         name = f"lora{self.loras}"
         load_lora(path, self.model.lora_components(), name=name, multiplier=multiplier,
-                  unet_names=unet_name_map(self.model.unet.config), allow_pickle=allow_pickle)
+                  unet_names=unet_name_map(self.model.unet.config), allow_pickle=allow_pickle,
+                  family=self.model.family)
         return name
 
     def remove_lora(self, name: str) -> None:
