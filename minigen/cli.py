@@ -196,7 +196,7 @@ def read_preset(path: str) -> list[str]:
 def preset_then(argv: list[str]) -> list[str]:
     """`argv` with the flags of the preset its `--config` names put first, so the command line's own flags win (for a
     parser with ordinary defaults, which has no saved settings to layer under them)."""
-    finder = argparse.ArgumentParser(add_help=False)
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--c` (merge's C) is not `--config`
     finder.add_argument("--config")
     config = finder.parse_known_args(argv)[0].config
     return read_preset(config) + argv if config else argv

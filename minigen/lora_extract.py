@@ -21,7 +21,7 @@ from .sd.lora_files import LoRAFileError, family_of_metadata, kohya_layer, kohya
 from .checkpoint_files import check_output, open_checkpoint
 from .merging import check_same_model
 from .sd.convert import lora_targets
-from .sd.detect import detect_family
+from .sd.detect import detect_family, kohya_unet_names
 
 
 def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +78,11 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
     try:
         check_same_model([a, b])
         targets = {(c, n): (key, third) for (c, n), (key, third) in lora_targets(a.keys()).items()
-                   if "." in n and is_lora_layer(c, n, a.shape(key))}  # dotted names only: each layer once
+                   if "." in n and is_lora_layer(c, n, a.shape(key))}  # dotted SGM names only: each layer once
         check_output(out, [Path(base), Path(tuned)], _lora_bytes([a.shape(k) for k, _ in targets.values()], rank))
         family = detect_family(a.keys())
+        # SD 1.x/2.x LoRAs name UNet layers by diffusers paths, as sd-scripts writes them
+        unet_names = kohya_unet_names({k: a.shape(k) for k in a.keys()}, a.metadata, str(base))
         tensors = {}
         for (component, name), (key, third) in tqdm(targets.items(), desc="extract", disable=not progress):
             if key not in b.header or b.shape(key) != a.shape(key):
@@ -89,6 +91,8 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
             if third is not None:
                 diff = diff.view(3, -1, *diff.shape[1:])[third]  # bigG's q, k or v rows of the fused in_proj
             if diff.abs().max() > min_diff:
+                if component == "unet" and unet_names is not None:
+                    name = unet_names.to_diffusers(name)
                 tensors |= _layer(component, name, *low_rank(diff, rank, clamp_quantile), family=family)
         if not tensors:
             raise ValueError(f"{base} and {tuned} do not differ on any LoRA layer (by more than {min_diff}): "

@@ -35,11 +35,11 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from .checkpoint_files import TensorFile, check_output, open_checkpoint, open_output, sha256_file
+from .checkpoint_files import DiffusersFolder, TensorFile, check_output, open_checkpoint, open_output, sha256_file
 from .io import FLOAT_DTYPES, CheckpointError
 from .sd.lora_files import LoRAFileError, check_lora_family, read_lora
 from .sd.convert import UNET_PREFIX, VAE_PREFIX, lora_targets
-from .sd.detect import MODEL_NAMES, detect_family
+from .sd.detect import MODEL_NAMES, detect_family, kohya_unet_names
 
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
 BLOCK_GROUPS = ("IN", "M", "OUT")  # the UNet's input blocks, middle block, output blocks: in this order
@@ -365,10 +365,14 @@ def _warn_about(report: MergeReport) -> None:
 
 # ------------------------------------------------------------------------------------------------- LoRA baking
 
-def _lora_deltas(keys: list[str], shapes: dict[str, tuple[int, ...]], loras: list[tuple[Path, float]]
+def _lora_deltas(base: TensorFile | DiffusersFolder, loras: list[tuple[Path, float]]
                  ) -> dict[str, list[tuple[int | None, float, torch.Tensor, torch.Tensor]]]:
     """{checkpoint key: [(third, ratio * alpha / rank, up (out, r), down (r, in...))]} from the LoRA files."""
-    targets = lora_targets(keys)
+    keys, shapes = base.keys(), {k: base.shape(k) for k in base.keys()}
+    try:
+        targets = lora_targets(keys, kohya_unet_names(shapes, base.metadata, str(base.path)))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     family = detect_family(keys)
     deltas: dict[str, list] = {}
     for path, ratio in loras:
@@ -407,7 +411,7 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
     base = open_checkpoint(checkpoint, allow_pickle)
     try:
         check_same_model([base])
-        deltas = _lora_deltas(base.keys(), {k: base.shape(k) for k in base.keys()}, loras)
+        deltas = _lora_deltas(base, loras)
         steps = [_Step(k, [(base, k)]) for k in base.keys()]
         specs = _output_specs(steps, dtype)
         report = MergeReport()

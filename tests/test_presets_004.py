@@ -4,7 +4,6 @@ preset does what the seed did."""
 
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,10 +49,6 @@ def test_merge_preset_gives_b_70_percent_and_keeps_a_vae(tmp_path, capsys):
 
 def lora_parse(preset: str):
     """train_lora.py's own reading of a preset, with the checkpoint and data given on the command line."""
-    # The checkpoint flag is --model (it replaces --sdxl on the sd-lora branch). Until that lands here, the parse is
-    # expected to fail; once both branches are merged, delete this check.
-    if not any("--model" in a.option_strings for a in train_lora.build_parser()._actions):
-        pytest.xfail("train_lora.py has no --model yet (it comes with the sd-lora branch)")
     return train_lora.parse(["--config", str(CONFIGS / preset), "--model", "merged_004.safetensors",
                              "--data", "asuka/", "--device", "cpu"])[1]
 

@@ -395,31 +395,39 @@ def to_diffusers(state_dict: Mapping[str, torch.Tensor], configs: Mapping[str, M
 
 # ------------------------------------------------------------------------------------------------ LoRA targets
 
-TE1_PREFIXES = (CLIP_L_PREFIX, "cond_stage_model.transformer.")  # CLIP ViT-L in SDXL, in SD 1.x
+TE1_PREFIXES = (CLIP_L_PREFIX, SD1_TEXT_PREFIX)  # CLIP ViT-L in SDXL, in SD 1.x: the HF layout
+OPENCLIP_COMPONENTS = {BIGG_PREFIX: "te2", REFINER_TEXT_PREFIX: "te2", SD2_TEXT_PREFIX: "te1"}  # fused q/k/v
 
-def lora_targets(keys: list[str]) -> dict[tuple[str, str], tuple[str, int | None]]:
+
+def lora_targets(keys: list[str], unet_names: NameMap | None = None) -> dict[tuple[str, str], tuple[str, int | None]]:
     """{(component, layer name as LoRA files write it): (checkpoint key, third of its rows or None)} of a single file.
 
-    kohya names are module paths with dots as underscores: the UNet's SGM paths (`input_blocks_4_1_..._to_q`) and the
-    text encoders' transformers paths (`text_model_encoder_layers_0_self_attn_q_proj`). bigG stores q, k and v fused
-    in one `in_proj_weight` (3 * width, width): its q/k/v LoRAs land on the first, second or third of those rows.
-    Dotted forms are registered too, for diffusers/peft files of the text encoders.
+    kohya names are module paths with dots as underscores: for SDXL the UNet's SGM paths
+    (`input_blocks_4_1_..._to_q`), for SD 1.x/2.x its diffusers paths (`down_blocks_0_attentions_0_...`: give
+    `unet_names`, the UNet's name map, to register those too), and the text encoders' transformers paths
+    (`text_model_encoder_layers_0_self_attn_q_proj`). OpenCLIP towers (bigG, SD 2's ViT-H) store q, k and v fused in
+    one `in_proj_weight` (3 * width, width): their q/k/v LoRAs land on the first, second or third of those rows.
+    Dotted forms are registered too, for diffusers/peft files.
     """
     targets = {}
-    bigg_to_hf = {sf: hf for hf, sf in BIGG_LAYER_PARTS.items()}  # OpenCLIP module -> transformers module
-    bigg_layer = re.compile(re.escape(BIGG_PREFIX) + r"transformer\.resblocks\.(\d+)\.(.+)")
+    openclip_to_hf = {sf: hf for hf, sf in BIGG_LAYER_PARTS.items()}  # OpenCLIP module -> transformers module
+    openclip_layer = re.compile("(" + "|".join(map(re.escape, OPENCLIP_COMPONENTS)) +
+                                r")transformer\.resblocks\.(\d+)\.(.+)")
     for key in keys:
         found = []  # (component, dotted layer name, third)
         if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
-            found.append(("unet", key[len(UNET_PREFIX):-len(".weight")], None))
+            path = key[len(UNET_PREFIX):-len(".weight")]
+            found.append(("unet", path, None))
+            if unet_names is not None:
+                found.append(("unet", unet_names.to_diffusers(path), None))
         elif key.startswith(TE1_PREFIXES) and key.endswith(".weight"):
             found.append(("te1", key.split(".transformer.", 1)[1][:-len(".weight")], None))
-        elif m := bigg_layer.fullmatch(key):
-            hf = f"text_model.encoder.layers.{m[1]}."
-            if m[2] == "attn.in_proj_weight":
-                found += [("te2", f"{hf}self_attn.{p}_proj", i) for i, p in enumerate("qkv")]
-            elif m[2].endswith(".weight") and m[2][:-len(".weight")] in bigg_to_hf:
-                found.append(("te2", hf + bigg_to_hf[m[2][:-len(".weight")]], None))
+        elif m := openclip_layer.fullmatch(key):
+            component, hf = OPENCLIP_COMPONENTS[m[1]], f"text_model.encoder.layers.{m[2]}."
+            if m[3] == "attn.in_proj_weight":
+                found += [(component, f"{hf}self_attn.{p}_proj", i) for i, p in enumerate("qkv")]
+            elif m[3].endswith(".weight") and m[3][:-len(".weight")] in openclip_to_hf:
+                found.append((component, hf + openclip_to_hf[m[3][:-len(".weight")]], None))
         for component, name, third in found:
             targets[(component, name)] = targets[(component, name.replace(".", "_"))] = (key, third)
     return targets

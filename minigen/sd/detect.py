@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .configs import PRESETS, get_config
-from .convert import FAMILY_PREFIXES, UNET_PREFIX, VAE_PREFIX
+from .convert import FAMILY_PREFIXES, UNET_PREFIX, VAE_PREFIX, unet_name_map
 from .unet import MID_BLOCKS, unet_depths
 
 CONFIGS_METADATA = "minigen.configs"  # safetensors metadata key: json of {part: config dict}
@@ -118,6 +118,14 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], s
     if "ztsnr" in shapes:  # zero terminal SNR (Lin et al. 2023): rescaled betas, sampled with trailing spacing
         configs["scheduler"].update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return Architecture(family, configs, layout_name(family, configs["unet"]))
+
+
+def kohya_unet_names(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], source: str):
+    """The UNet name map kohya's LoRA files of this checkpoint's family need to be resolved against it: SD 1.x/2.x
+    LoRAs name UNet layers by diffusers paths (SDXL's by the single file's own SGM paths: None)."""
+    if detect_family(shapes) not in ("sd1", "sd2"):
+        return None
+    return unet_name_map(detect(shapes, metadata, source).configs["unet"])
 
 
 def base_preset(family: str) -> str:
