@@ -43,7 +43,7 @@ from .sd.lora_files import kohya_metadata, save_lora
 from .sd.model import StableDiffusion, load_model
 from .sd.pipeline import Pipeline
 from .speed import Speed, optimizer_kernel, prepare_model
-from .training import (TrainingDiverged, check_finite_before_saving, optimizer_from_tensors,
+from .training import (StopRequest, TrainingDiverged, check_finite_before_saving, optimizer_from_tensors,
                        optimizer_to_tensors)
 
 CHECKPOINT_FORMAT = "minigen-lora-train-1"
@@ -178,7 +178,12 @@ class LoRATrainer:
 
     def train(self, stop_after_steps: int | None = None) -> str:
         """Run to cfg.epochs (or stop after `stop_after_steps` more optimizer steps, saving a checkpoint: used to
-        test resuming). Returns "done" or "stopped"."""
+        test resuming). Returns "done", "stopped", or "interrupted" when Ctrl-C or SIGTERM reached any rank: every
+        rank stops at the same optimizer step and rank 0 saves a checkpoint there."""
+        with StopRequest() as stop:
+            return self._train(stop_after_steps, stop)
+
+    def _train(self, stop_after_steps: int | None, stop: StopRequest) -> str:
         cfg = self.cfg
         main = distributed.is_main()
         if main:
@@ -196,6 +201,7 @@ class LoRATrainer:
                    disable=not self.progress)
         for model in self.models.values():
             model.train()
+        stop_all = False
         while self.epoch < cfg.epochs:
             batches = self.data.epoch_batches(self.epoch, self.ranks)
             window: list[float] = []
@@ -204,7 +210,10 @@ class LoRATrainer:
                 first, mine = distributed.my_part(whole, cfg.batch)  # a rank may get fewer samples, or none
                 generators = self.data.sample_generators(self.epoch, self.batch_in_epoch, first, len(mine))
                 loss = self.loss(mine, generators, len(whole)) if mine else torch.zeros((), device=self.device)
-                total = distributed.sum_across_ranks(loss, "the other ranks' losses")  # a NaN anywhere stops all
+                # one exchange: the loss (a NaN anywhere stops all) and whether any rank was asked to stop
+                votes = torch.stack([loss.detach().float(), torch.tensor(float(stop.requested), device=loss.device)])
+                total, stopping = distributed.sum_across_ranks(votes, "the other ranks' losses and stop requests")
+                stop_all = stop_all or bool(stopping > 0)
                 if not torch.isfinite(total):
                     raise TrainingDiverged(f"the loss became {total.item()} at step {self.step} (epoch "
                                            f"{self.epoch + 1}); the last checkpoint in {self.out} is left as it was")
@@ -227,6 +236,9 @@ class LoRATrainer:
                         self.save_checkpoint()
                         bar.close()
                         return "stopped"
+                    if stop_all:  # at an optimizer step: nothing half-accumulated is lost
+                        bar.close()
+                        return self.interrupted()
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs:
                 self.save_checkpoint()  # first: it checks everything (LoRA weights too) for NaN before any write
@@ -238,6 +250,14 @@ class LoRATrainer:
         bar.close()
         self.save_lora(self.out / "lora.safetensors")
         return "done"
+
+    def interrupted(self) -> str:
+        """Save where the run stands (rank 0) and say how to continue."""
+        checkpoint = self.save_checkpoint()
+        if distributed.is_main():
+            print(f"interrupted at step {self.step}; saved {checkpoint}; continue with "
+                  f"python train_lora.py --resume {checkpoint}")
+        return "interrupted"
 
     def read_log(self, path: Path) -> list[dict]:
         """The log's records up to this run's step (a resumed run drops those written after its checkpoint)."""

@@ -187,6 +187,25 @@ def test_a_failing_rank_ends_the_job_with_its_message_and_the_run_resumes_exactl
     assert other.epoch == 2 and other.step > died_at
 
 
+def test_sigterm_on_one_rank_stops_all_at_one_step_and_the_run_resumes_exactly(two_ranks, data, tmp_path):
+    root, _ = two_ranks
+    out = tmp_path / "stopped"
+    # rank 1 alone gets SIGTERM while computing step 2's loss (its share of epoch 1's second batch): both ranks
+    # finish step 2, rank 0 saves, all exit
+    job = torchrun("train_lora", flags(TRAINING | dict(data=data, batch=2, out=out, quiet=True)), {"sigterm": [1, 1]})
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("interrupted at step 2; saved") == 1  # one save, by rank 0
+    checkpoint = out / "checkpoint.safetensors"
+    assert load_safetensors(checkpoint)[1]["step"] == "2"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    resumed = torchrun("train_lora", ["--resume", str(checkpoint), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole, parts = lora_of(root / "run" / "checkpoint.safetensors"), lora_of(checkpoint)
+    for name in whole:
+        assert torch.equal(whole[name], parts[name]), name  # as if never stopped, bit for bit
+
+
 @pytest.fixture(scope="module")
 def image_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid")

@@ -6,6 +6,8 @@ each step is a few milliseconds of model time; the real settings differ only in 
 
 import codecs
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from PIL import Image
 
 from minigen.buckets import make_buckets, nearest_bucket, prepare_image
 from minigen.captions import captioned_images, dreambooth_images, read_caption
-from minigen.io import CheckpointError
+from minigen.io import CheckpointError, load_safetensors
 from minigen.sd.lora_files import LoRAFileError, load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
@@ -180,6 +182,23 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     with pytest.raises(CheckpointError, match="LoRA tensors"):  # a run with other settings refuses it
         LoRATrainer(tiny_config(data, tmp_path / "x"), progress=False).load_checkpoint(
             tmp_path / "parts" / "checkpoint.safetensors")
+
+
+def test_ctrl_c_saves_at_the_next_step_and_says_how_to_resume(data, tmp_path, capsys):
+    trainer = LoRATrainer(tiny_config(data, tmp_path / "run", epochs=2, batch=1), progress=False)
+    loss = trainer.loss
+
+    def interrupted_loss(*args):  # Ctrl-C while the second step's loss is computed
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*args)
+    trainer.loss = interrupted_loss
+    assert trainer.train() == "interrupted"
+    assert trainer.step == 2  # that step finished: nothing half-done is lost
+    checkpoint = tmp_path / "run" / "checkpoint.safetensors"
+    assert load_safetensors(checkpoint)[1]["step"] == "2"
+    assert f"python train_lora.py --resume {checkpoint}" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])

@@ -6,6 +6,7 @@ HOOKS_JSON, all optional:
   "stop_after": N      training stops after N optimizer steps and saves a checkpoint (the last save of a killed run)
   "record": PATH       rank 0 writes the LoRA weights after every optimizer step to PATH (keys "STEP/NAME")
   "fail": [RANK, STEP] that rank raises ValueError("rank RANK broke at step STEP") when it reaches that step
+  "sigterm": [RANK, STEP] that rank sends itself SIGTERM while computing the loss after STEP optimizer steps
 For train_gan a step is an iteration, "record" writes G's and D's state dicts (keys "ITERATION/G.NAME"), and
   "sigterm": [RANK, ITERATION] that rank sends itself SIGTERM during that iteration
 """
@@ -57,14 +58,16 @@ def install_lora_hooks(hooks: dict, rank: int) -> dict:
             step(self)
             recorded.update({f"{self.step}/{k}": v.detach().clone() for k, v in self.trainable().items()})
         LoRATrainer.optimizer_step = recording_step
-    if "fail" in hooks and hooks["fail"][0] == rank:
-        loss = LoRATrainer.loss
+    loss = LoRATrainer.loss
 
-        def failing_loss(self, *args):
-            if self.step == hooks["fail"][1]:
-                raise ValueError(f"rank {rank} broke at step {self.step}")
-            return loss(self, *args)
-        LoRATrainer.loss = failing_loss
+    def hooked_loss(self, *args):
+        if hooks.get("fail") == [rank, self.step]:
+            raise ValueError(f"rank {rank} broke at step {self.step}")
+        if hooks.get("sigterm") == [rank, self.step]:
+            hooks.pop("sigterm")  # once: the signal stops the run at the next optimizer step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(self, *args)
+    LoRATrainer.loss = hooked_loss
     return recorded
 
 
