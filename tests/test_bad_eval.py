@@ -39,7 +39,7 @@ def build_corpus(root: Path) -> None:
     (root / "regular_file").write_text("a file, not a folder")
     (root / "model").mkdir()  # exists: the cases fail before it is loaded
     (root / "other_pipeline").mkdir()
-    (root / "other_pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+    (root / "other_pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline",
                                                                           "unet": ["diffusers", "UNet2DConditionModel"]}))
     (root / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # empty safetensors
     write_lora(root / "lora.safetensors")
@@ -114,7 +114,7 @@ CASES = {
                                         ["run_checkpoint_only", "checkpoint.safetensors are not LoRA files"]),
     # models and weights (these load the Inception first: the SDXL model comes last)
     "model-missing": (["--model", "{root}/nowhere"], ["nowhere", "no such model"]),
-    "model-of-another-pipeline": (["--model", "{root}/other_pipeline"], ["other_pipeline", "not SDXL"]),
+    "model-of-another-pipeline": (["--model", "{root}/other_pipeline"], ["other_pipeline", "KandinskyV22Pipeline, not Stable Diffusion"]),
     "model-empty-safetensors": (["--model", "{root}/model.safetensors"], ["model.safetensors"]),
     "inception-weights-missing": (["--inception-weights", "{root}/nowhere.safetensors"], ["nowhere.safetensors"]),
     "inception-weights-of-another-model": (["--inception-weights", "{root}/not_inception.safetensors"],

@@ -194,7 +194,7 @@ class Pipeline:
             index = read_json(path / "model_index.json")
             if "unet" not in index or not {"text_encoder", "text_encoder_2"} & index.keys():
                 raise ValueError(f"{path} is a diffusers folder of {index.get('_class_name', 'another model')}, "
-                                 "not Stable Diffusion (it lacks a unet or a text encoder)")
+                                 "not Stable Diffusion (it has no unet or no text encoder)")
             force_zeros = index.get("force_zeros_for_empty_prompt", True)
         return cls(load_model(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
 
