@@ -16,7 +16,8 @@ import argparse
 import sys
 
 from minigen import cli, distributed, speed
-from minigen.evaluate import Settings, evaluate, markdown_table
+from minigen.eval_report import markdown_table
+from minigen.evaluate import Settings, evaluate
 from minigen.inception import FEATURE_DIMS
 from minigen.sampler_names import karras_of, resolve_sampler
 
