@@ -42,6 +42,8 @@ HELP = {
     "decay_steps": "exponential lr decay: lr * rate ** (step / steps); 0 = off", "decay_rate": "decay rate",
     "ema_halflife": "sample (grids, --sample, FID) from a moving average of G's weights with this half-life in "
                     "generator steps (Karras et al. 2018); 0 = off",
+    "diffaugment": "differentiable augmentation of reals and fakes before every discriminator call, a comma list of "
+                   "color, translation, cutout (Zhao et al. 2020; helps small datasets); '' = off",
     "batch": "batch size", "epochs": "total epochs (a resumed run stops at the same total)", "seed": "random seed",
     "grid": "images in each epoch's grid", "save_every": "epochs between checkpoints", "out": "output folder",
     "device": "cpu, cuda, cuda:1, ...", "channels_last": "use the channels-last memory layout (faster on GPUs)",
