@@ -221,7 +221,7 @@ class GANTrainer:
         shown = torch.sigmoid if cfg.loss == "bce" else (lambda s: s)
         return {"loss_d": loss_d.item(), "loss_g": self.last_g_loss,
                 "d_real": shown(real_score.detach()).mean().item(), "d_fake": shown(fake_score.detach()).mean().item(),
-                "lr": self.opt_g.param_groups[0]["lr"]}
+                "lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
 
     @torch.no_grad()
     def update_ema(self) -> None:

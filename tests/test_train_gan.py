@@ -200,3 +200,13 @@ def test_presets_reproduce_the_seeds():
     assert (s0.size, s0.optimizer, s0.lr, s0.batch, s0.decay_steps, s0.decay_rate, s0.eps, s0.epochs) == (
         (320, 480), "rmsprop", 1e-4, 16, 1000, 0.95, 1e-7, 500)
     assert preset("gan_002_v3", "--epochs", "7", "--lr", "1e-3").epochs == 7  # the command line wins
+
+
+def test_log_records_both_learning_rates(folder, tmp_path):
+    """lr_g and lr_d per iteration, each its own network's rate, decayed: lr * rate ** (updates before / steps)."""
+    assert run(folder, tmp_path, "--epochs", "1", "--lr", "1e-3", "--lr-d", "2e-4", "--decay-steps", "2",
+               "--decay-rate", "0.5") == 0
+    records = log_lines(tmp_path)
+    assert [(r["lr_g"], r["lr_d"]) for r in records] == [
+        pytest.approx((1e-3 * 0.5 ** (i / 2), 2e-4 * 0.5 ** (i / 2))) for i in range(3)]
+
