@@ -2,7 +2,7 @@
 
 Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training": the same kind of random transform
 is applied to the real and to the generated images every time the discriminator sees them, in D's update and in G's.
-D then cannot memorise the few thousand training images (it never sees one twice the same), and since every
+D then cannot memorise the few thousand training images (it rarely sees one the same way twice), and since every
 transform is differentiable, G's gradient passes through it to G. Because the transforms hit both sides alike, G
 still learns the un-augmented images: D only ever compares augmented reals with augmented fakes.
 

@@ -181,7 +181,8 @@ class GANTrainer:
         z = self.mine(torch.randn(n, cfg.nz, generator=self.rng)).to(self.device)  # (B, nz)
         fake = self.G(z)  # (B, 3, H, W)
 
-        random = gan_augment.Randomness(self.rng, n, self.mine)  # DiffAugment's draws: the global batch's, our rows
+        # Patch: with --diffaugment, D sees augmented images (Zhao et al. 2020); draws for the global batch, our rows.
+        random = gan_augment.Randomness(self.rng, n, self.mine)
         real_score, fake_score = (self.D(gan_augment.diff_augment(x, cfg.diffaugment, random))
                                   for x in (real, fake.detach()))  # (B,) logits
         if cfg.loss == "bce":
