@@ -1,8 +1,9 @@
 """Training a DCGAN: one step, the epoch loop with its pictures and log, checkpoints that resume exactly.
 
-Everything random during training (noise, soft labels, flips, hflips, the gradient penalty's mixing) draws from one
-CPU `torch.Generator`, and each epoch's shuffle from a generator seeded by (seed, epoch). Its state goes into every
-checkpoint with the weights and optimizer moments, so a resumed run repeats the uninterrupted one bit for bit on CPU.
+Everything random during training (noise, soft labels, flips, hflips, the gradient penalty's mixing, DiffAugment's
+transforms) draws from one CPU `torch.Generator`, and each epoch's shuffle from a generator seeded by (seed, epoch).
+Its state goes into every checkpoint with the weights and optimizer moments, so a resumed run repeats the
+uninterrupted one bit for bit on CPU.
 Under `torchrun` every rank trains on its rows of each global batch (minigen/gan_distributed.py says how).
 
 Outputs in `out/`: samples/epoch_0001.png (a grid from one fixed noise batch), log.jsonl (one line per iteration,
@@ -182,8 +183,8 @@ class GANTrainer:
         fake = self.G(z)  # (B, 3, H, W)
 
         # Patch: with --diffaugment, D sees augmented images (Zhao et al. 2020); draws for the global batch, our rows.
-        random = gan_augment.Randomness(self.rng, n, self.mine)
-        real_score, fake_score = (self.D(gan_augment.diff_augment(x, cfg.diffaugment, random))
+        draws = gan_augment.Randomness(self.rng, n, self.mine)
+        real_score, fake_score = (self.D(gan_augment.diff_augment(x, cfg.diffaugment, draws))
                                   for x in (real, fake.detach()))  # (B,) logits
         if cfg.loss == "bce":
             real_target = self.mine(gan.soft_labels(n, *cfg.real_label, generator=self.rng))  # (B,)
@@ -207,7 +208,7 @@ class GANTrainer:
         if (self.iteration + 1) % cfg.n_critic == 0:
             # The same fakes, scored by the updated D, as in the DCGAN tutorial. D's weights need no gradient here.
             self.D.requires_grad_(False)
-            score = self.D(gan_augment.diff_augment(fake, cfg.diffaugment, random))
+            score = self.D(gan_augment.diff_augment(fake, cfg.diffaugment, draws))
             loss_g = gan.bce_g_loss(score) if cfg.loss == "bce" else gan.wgan_g_loss(score)
             self.opt_g.zero_grad(set_to_none=True)
             (loss_g / self.ranks).backward()
