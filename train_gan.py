@@ -42,6 +42,8 @@ HELP = {
     "decay_steps": "exponential lr decay: lr * rate ** (step / steps); 0 = off", "decay_rate": "decay rate",
     "ema_halflife": "sample (grids, --sample, FID) from a moving average of G's weights with this half-life in "
                     "generator steps (Karras et al. 2018); 0 = off",
+    "diffaugment": "differentiable augmentation of reals and fakes before every discriminator call, a comma list of "
+                   "color, translation, cutout (Zhao et al. 2020; helps small datasets); '' = off",
     "batch": "batch size", "epochs": "total epochs (a resumed run stops at the same total)", "seed": "random seed",
     "grid": "images in each epoch's grid", "save_every": "epochs between checkpoints", "out": "output folder",
     "device": "cpu, cuda, cuda:1, ...", "channels_last": "use the channels-last memory layout (faster on GPUs)",
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
     speed.add_speed_args(p, ("tf32", "compile"), "G and D (G only with wgan-gp, whose penalty needs a double backward)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that holds a run, deleting its checkpoint, log and grids "
+                        "(without it such a folder is refused)")
     for field in dataclasses.fields(GANConfig):
         flag, default = "--" + field.name.replace("_", "-"), field.default
         text = f"{HELP[field.name]} (default: {default})"
@@ -92,6 +97,25 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, GANConfig]:
     return args, GANConfig(**settings)
 
 
+RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "curves.png")  # with samples/epoch_*.png, what a run writes
+
+
+def claim_out(out: Path, overwrite: bool) -> None:
+    """Before a fresh run: an --out folder holding a run is refused, or with --overwrite emptied of that run's files
+    (nothing else in it is touched), loudly. Left there, the old grids and log would mix with the new run's."""
+    files = [out / name for name in RUN_FILES if (out / name).is_file()]
+    grids = sorted(out.glob("samples/epoch_*.png"))
+    if not files and not grids:
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} already holds a run: --resume {out / RUN_FILES[0]} continues it, "
+                         f"--overwrite replaces it")
+    print(f"--overwrite: replacing the previous run in {out}: deleting its {len(files) + len(grids)} files "
+          f"(checkpoint, log, curves, grids)", file=sys.stderr)
+    for path in files + grids:
+        path.unlink()
+
+
 @cli.entry("train_gan.py")
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
@@ -106,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not getattr(args, "quiet", False)
     with distributed.process_group(cfg.device) as device:
         writer = distributed.is_main()  # rank 0 (or the only process) prints and writes
+        if writer and "resume" not in args:
+            claim_out(Path(cfg.out), getattr(args, "overwrite", False))
         # Built before training (rank 0 runs the hooks): missing Inception weights stop the run now, not after an epoch.
         hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every and writer else []
         with speed.switched(speed.speed_from_args(args), device) as fast:

@@ -1,8 +1,9 @@
 """Training a DCGAN: one step, the epoch loop with its pictures and log, checkpoints that resume exactly.
 
-Everything random during training (noise, soft labels, flips, hflips, the gradient penalty's mixing) draws from one
-CPU `torch.Generator`, and each epoch's shuffle from a generator seeded by (seed, epoch). Its state goes into every
-checkpoint with the weights and optimizer moments, so a resumed run repeats the uninterrupted one bit for bit on CPU.
+Everything random during training (noise, soft labels, flips, hflips, the gradient penalty's mixing, DiffAugment's
+transforms) draws from one CPU `torch.Generator`, and each epoch's shuffle from a generator seeded by (seed, epoch).
+Its state goes into every checkpoint with the weights and optimizer moments, so a resumed run repeats the
+uninterrupted one bit for bit on CPU.
 Under `torchrun` every rank trains on its rows of each global batch (minigen/gan_distributed.py says how).
 
 Outputs in `out/`: samples/epoch_0001.png (a grid from one fixed noise batch), log.jsonl (one line per iteration,
@@ -25,7 +26,7 @@ from typing import Callable, Iterable, Iterator, TextIO
 import torch
 from tqdm import tqdm
 
-from . import cli, distributed, gan, gan_distributed
+from . import cli, distributed, gan, gan_augment, gan_distributed
 from .atomic import atomic_write, check_can_create, naming
 from .data import ImageFolder
 from .datasets import resolve_dataset
@@ -75,6 +76,7 @@ class GANConfig:
     decay_steps: int = 0              # lr * decay_rate ** (step / decay_steps); 0 = constant lr
     decay_rate: float = 1.0
     ema_halflife: float = 0.0         # sample from an average of G's weights with this half-life in G steps; 0 = off
+    diffaugment: str = ""             # transforms before every D call, e.g. "translation,cutout" (minigen.gan_augment)
     batch: int = 128
     epochs: int = 5
     seed: int = 0
@@ -112,6 +114,7 @@ class GANConfig:
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a range LOW HIGH within [0, 1], got {lo} {hi}")
+        gan_augment.parse_policy(self.diffaugment)
         gan.stages_for(*self.size)  # refuses unsupported sizes before any data is read
 
 
@@ -179,7 +182,10 @@ class GANTrainer:
         z = self.mine(torch.randn(n, cfg.nz, generator=self.rng)).to(self.device)  # (B, nz)
         fake = self.G(z)  # (B, 3, H, W)
 
-        real_score, fake_score = self.D(real), self.D(fake.detach())  # (B,) logits
+        # Patch: with --diffaugment, D sees augmented images (Zhao et al. 2020); draws for the global batch, our rows.
+        draws = gan_augment.Randomness(self.rng, n, self.mine)
+        real_score, fake_score = (self.D(gan_augment.diff_augment(x, cfg.diffaugment, draws))
+                                  for x in (real, fake.detach()))  # (B,) logits
         if cfg.loss == "bce":
             real_target = self.mine(gan.soft_labels(n, *cfg.real_label, generator=self.rng))  # (B,)
             fake_target = self.mine(gan.soft_labels(n, *cfg.fake_label, generator=self.rng))
@@ -202,7 +208,7 @@ class GANTrainer:
         if (self.iteration + 1) % cfg.n_critic == 0:
             # The same fakes, scored by the updated D, as in the DCGAN tutorial. D's weights need no gradient here.
             self.D.requires_grad_(False)
-            score = self.D(fake)
+            score = self.D(gan_augment.diff_augment(fake, cfg.diffaugment, draws))
             loss_g = gan.bce_g_loss(score) if cfg.loss == "bce" else gan.wgan_g_loss(score)
             self.opt_g.zero_grad(set_to_none=True)
             (loss_g / self.ranks).backward()
@@ -217,7 +223,7 @@ class GANTrainer:
         shown = torch.sigmoid if cfg.loss == "bce" else (lambda s: s)
         return {"loss_d": loss_d.item(), "loss_g": self.last_g_loss,
                 "d_real": shown(real_score.detach()).mean().item(), "d_fake": shown(fake_score.detach()).mean().item(),
-                "lr": self.opt_g.param_groups[0]["lr"]}
+                "lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
 
     @torch.no_grad()
     def update_ema(self) -> None:

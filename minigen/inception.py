@@ -54,7 +54,21 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(c_out, eps=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)  # in place: the conv's output is used nowhere else
+
+    @torch.no_grad()
+    def fold_batch_norm(self) -> None:
+        """For inference: merge the BatchNorm (a fixed per-channel x * s + t in eval mode) into the convolution.
+
+        # Patch: not in pytorch-fid. bn(conv(x)) = conv(x) * s + t with s = gamma / sqrt(var + eps) and
+        t = beta - mean * s, so scaling each output channel's kernel by s and adding t as the conv's bias computes the
+        same function in one pass over the activations instead of two (~10% of the network's CPU time). Features move
+        by float rounding only (~1e-6 of their scale). The state dict then has no bn.* keys: load weights first.
+        """
+        s = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)  # (C_out,)
+        self.conv.weight.mul_(s[:, None, None, None])  # (C_out, C_in, kh, kw)
+        self.conv.bias = nn.Parameter(self.bn.bias - self.bn.running_mean * s, requires_grad=False)
+        self.bn = nn.Identity()
 
 
 def tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
@@ -194,6 +208,13 @@ class FIDInceptionV3(nn.Module):
     def has_classifier(self) -> bool:
         return self.fc is not None
 
+    def fold_batch_norms(self) -> FIDInceptionV3:
+        """Every BasicConv2d's BatchNorm merged into its convolution (see BasicConv2d.fold_batch_norm); returns self."""
+        for module in self.modules():
+            if isinstance(module, BasicConv2d):
+                module.fold_batch_norm()
+        return self
+
     def blocks(self) -> list[list[nn.Module]]:
         """The four stages whose ends pytorch-fid taps for 64, 192, 768 and 2048 features."""
         pool = nn.MaxPool2d(kernel_size=3, stride=2)
@@ -278,7 +299,8 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
     if need_classifier and not model.has_classifier:
         raise FileNotFoundError(missing_classifier_message())
     model.load_state_dict(state, strict=False)
-    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+    model.eval().requires_grad_(False).fold_batch_norms()
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def check_state(path: Path, state: dict[str, torch.Tensor], model: FIDInceptionV3) -> None:

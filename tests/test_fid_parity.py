@@ -35,8 +35,11 @@ def random_inception(seed=0) -> FIDInceptionV3:
 @pytest.fixture(scope="module")
 def models(monkeypatch_module):
     ours = random_inception()
+    state = {k: v.clone() for k, v in ours.state_dict().items()}  # with the BatchNorms, as pytorch-fid's file has them
     # pytorch-fid downloads its weights inside fid_inception_v3(); hand it our random ones instead.
-    monkeypatch_module.setattr(pf_inception, "load_state_dict_from_url", lambda *a, **k: ours.state_dict())
+    monkeypatch_module.setattr(pf_inception, "load_state_dict_from_url", lambda *a, **k: state)
+    ours.fold_batch_norms()  # as load_inception serves the network: every comparison below covers the folding
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
     # Channels-last makes the oracle ~3x faster on CPU without changing its math (up to float rounding).
     theirs = pf_inception.InceptionV3(output_blocks=(0, 1, 2, 3)).eval().to(memory_format=torch.channels_last)
     fc = pf_inception.fid_inception_v3().fc  # the classifier, which pytorch-fid's InceptionV3 wrapper drops

@@ -20,10 +20,11 @@ from minigen.io import load_safetensors
 from test_distributed import flags, torchrun
 import test_train_gan
 
-# Every random draw that must be split by position: flips, noise, soft labels, label flips. 12 images, global batch 4:
-# 3 iterations per epoch. A learning rate 10x the default, so the weights move far beyond the tolerance.
+# Every random draw that must be split by position: flips, noise, soft labels, label flips, DiffAugment's. 12 images,
+# global batch 4: 3 iterations per epoch. A learning rate 10x the default, so the weights move far beyond the tolerance.
+AUGMENT = "color,translation,cutout"
 TRAINING = dict(size="32x32", ngf=4, ndf=4, nz=8, grid=4, epochs=3, hflip=True, real_label=["0.7", "1"],
-                label_flip=0.2, lr=2e-3, sync_bn=True, quiet=True)
+                label_flip=0.2, lr=2e-3, sync_bn=True, diffaugment=AUGMENT, quiet=True)
 ITERATIONS = 9
 # The ranks' sums of half-batch gradients and batch moments vs one batch's: summation order, in fp32 (measured: 5e-7).
 FP32_ROUNDING = dict(rtol=1e-5, atol=1e-6)
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 def config(images, out, batch: int) -> GANConfig:
     return GANConfig(data=str(images), out=str(out), batch=batch, size=(32, 32), ngf=4, ndf=4, nz=8, grid=4, epochs=3,
-                     hflip=True, real_label=(0.7, 1.0), label_flip=0.2, lr=2e-3, sync_bn=True)
+                     hflip=True, real_label=(0.7, 1.0), label_flip=0.2, lr=2e-3, sync_bn=True, diffaugment=AUGMENT)
 
 
 def log_of(out) -> list[dict]:

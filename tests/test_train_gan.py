@@ -200,3 +200,29 @@ def test_presets_reproduce_the_seeds():
     assert (s0.size, s0.optimizer, s0.lr, s0.batch, s0.decay_steps, s0.decay_rate, s0.eps, s0.epochs) == (
         (320, 480), "rmsprop", 1e-4, 16, 1000, 0.95, 1e-7, 500)
     assert preset("gan_002_v3", "--epochs", "7", "--lr", "1e-3").epochs == 7  # the command line wins
+
+
+def test_log_records_both_learning_rates(folder, tmp_path):
+    """lr_g and lr_d per iteration, each its own network's rate, decayed: lr * rate ** (updates before / steps)."""
+    assert run(folder, tmp_path, "--epochs", "1", "--lr", "1e-3", "--lr-d", "2e-4", "--decay-steps", "2",
+               "--decay-rate", "0.5") == 0
+    records = log_lines(tmp_path)
+    assert [(r["lr_g"], r["lr_d"]) for r in records] == [
+        pytest.approx((1e-3 * 0.5 ** (i / 2), 2e-4 * 0.5 ** (i / 2))) for i in range(3)]
+
+
+def test_a_fresh_run_into_a_used_out_folder_is_refused_unless_overwrite(folder, tmp_path, capsys):
+    assert run(folder, tmp_path, "--epochs", "2") == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert run(folder, tmp_path, "--epochs", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path) in err
+    assert f"--resume {tmp_path / 'checkpoint.safetensors'} continues it, --overwrite replaces it" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched
+    (tmp_path / "notes.txt").write_text("mine")
+    assert run(folder, tmp_path, "--epochs", "1", "--overwrite") == 0
+    assert "replacing the previous run in" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_0001.png"]  # epoch 2's grid is gone
+    assert [r["epoch"] for r in log_lines(tmp_path)] == [1, 1, 1] and (tmp_path / "notes.txt").read_text() == "mine"
+    assert train_gan.main(["--resume", str(tmp_path / "checkpoint.safetensors"), "--epochs", "2", "--quiet"]) == 0
