@@ -71,8 +71,8 @@ GAN_ARGS   ?=
 GAN_RUN    ?= runs/gan_002_v3
 N          ?= 1000
 
-demo: $(RUNTIME) ## train a small DCGAN on 4,009 Twemoji at 64x64 on the CPU (about 6 minutes on 2 cores); prints the grid and curve paths
-	$(BIN)/python train_gan.py --config configs/demo.conf $(GAN_ARGS)
+demo: $(RUNTIME) ## train a small DCGAN on 4,009 Twemoji at 32x32 on the CPU (about 6 minutes on 2 cores), replacing runs/demo; prints the grid and curve paths
+	$(BIN)/python train_gan.py --config configs/demo.conf --overwrite $(GAN_ARGS)
 
 gan: $(RUNTIME) ## train a DCGAN from a preset: GAN_CONFIG=configs/gan_000.conf GAN_ARGS="--data met --epochs 50" (GPUS=4: on four, add --sync-bn)
 	$(LAUNCH) train_gan.py --config $(GAN_CONFIG) $(GAN_ARGS)

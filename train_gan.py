@@ -24,6 +24,7 @@ from minigen import cli, distributed, speed
 from minigen.training import run_settings
 from minigen.images import parse_size
 from minigen.gan_fid import fid_hook
+from minigen.datasets import resolve_dataset
 from minigen.gan_trainer import GANConfig, load_checkpoint, sample_to_folder, train
 
 HELP = {
@@ -130,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = not getattr(args, "quiet", False)
     with distributed.process_group(cfg.device) as device:
         writer = distributed.is_main()  # rank 0 (or the only process) prints and writes
+        if "resume" in args and getattr(args, "overwrite", False):
+            raise ValueError("--overwrite starts a fresh run and --resume continues one: give one of them")
         if writer and "resume" not in args:
+            resolve_dataset(cfg.data)  # a missing --data fails before --overwrite deletes the previous run
             claim_out(Path(cfg.out), getattr(args, "overwrite", False))
         # Built before training (rank 0 runs the hooks): missing Inception weights stop the run now, not after an epoch.
         hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every and writer else []
