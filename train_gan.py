@@ -25,7 +25,8 @@ from minigen.training import run_settings
 from minigen.images import parse_size
 from minigen.gan_fid import fid_hook
 from minigen.datasets import resolve_dataset
-from minigen.gan_trainer import GANConfig, load_checkpoint, sample_to_folder, train
+from minigen.gan_config import GANConfig
+from minigen.gan_trainer import load_checkpoint, sample_to_folder, train
 
 HELP = {
     "data": "built-in dataset (twemoji, met) or a folder of images",

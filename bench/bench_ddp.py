@@ -30,7 +30,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from minigen import distributed, gan_distributed
-from minigen.gan_trainer import GANConfig, GANTrainer
+from minigen.gan_config import GANConfig
+from minigen.gan_trainer import GANTrainer
 from minigen.lora import add_lora, lora_parameters
 from minigen.sd.model import random_model
 

@@ -28,7 +28,8 @@ from .cache import cache_dir
 from .data import ImageFolder
 from .datasets import resolve_dataset
 from .images import list_images
-from .gan_trainer import EpochHook, GANConfig, GANTrainer, noise_batches
+from .gan_config import GANConfig
+from .gan_trainer import EpochHook, GANTrainer, noise_batches
 from .inception import FEATURE_DIMS, load_inception
 from .plot import signed_to_uint8
 

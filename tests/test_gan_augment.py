@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minigen import gan_augment
-from minigen.gan_trainer import GANConfig, GANTrainer
+from minigen.gan_config import GANConfig
+from minigen.gan_trainer import GANTrainer
 
 
 def draws(n, seed=0):

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from minigen import gan_distributed
-from minigen.gan_trainer import GANConfig, GANTrainer, train
+from minigen.gan_config import GANConfig
+from minigen.gan_trainer import GANTrainer, train
 from minigen.io import load_safetensors
 from test_distributed import flags, torchrun
 import test_train_gan

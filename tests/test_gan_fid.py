@@ -19,7 +19,8 @@ import fid
 import train_gan
 from minigen import features, gan_fid, inception, metrics
 from minigen.data import ImageFolder
-from minigen.gan_trainer import GANConfig, GANTrainer, noise_batches
+from minigen.gan_config import GANConfig
+from minigen.gan_trainer import GANTrainer, noise_batches
 from minigen.plot import signed_to_uint8
 
 N_IMAGES = 71

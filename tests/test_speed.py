@@ -55,7 +55,8 @@ def test_channels_last_unet_and_vae_give_the_same_outputs(tiny_unet, tiny_vae):
 
 
 def test_channels_last_dcgan_step_gives_the_same_losses():
-    from minigen.gan_trainer import GANConfig, GANTrainer
+    from minigen.gan_config import GANConfig
+    from minigen.gan_trainer import GANTrainer
 
     real = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(6)) * 2 - 1
     stats = [GANTrainer(GANConfig(size=(32, 32), nz=8, ngf=8, ndf=8, batch=4, channels_last=cl)).step(real)

@@ -12,7 +12,8 @@ from PIL import Image
 
 import train_gan
 from minigen import gan
-from minigen.gan_trainer import GANConfig, GANTrainer, TrainingDiverged, load_generator, train
+from minigen.gan_config import GANConfig
+from minigen.gan_trainer import GANTrainer, TrainingDiverged, load_generator, train
 from minigen.io import load_safetensors, read_header, save_safetensors
 
 TINY = ["--size", "32x32", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch", "4", "--grid", "4", "--quiet"]
