@@ -245,8 +245,9 @@ def main(argv=None) -> int:
         raise ValueError(f"--out {args.out}: the redrawn image would replace --from-png {args.from_png}; "
                          "give another --out")
     if args.plan or args.device.startswith("cuda"):  # before loading gigabytes: will it fit?
+        switches = speed.speed_from_args(args)
         plan = plan_sampling(model_configs(args.model), cli.chosen_dtype(args), height, width, args.num,
-                             guidance=args.cfg > 1)
+                             guidance=args.cfg > 1, vae_slicing=switches.vae_slicing, vae_tiling=switches.vae_tiling)
         print(plan.describe())
         if args.plan:
             return 0

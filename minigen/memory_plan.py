@@ -285,9 +285,10 @@ def _added_conditioning(models: dict, pooled: torch.Tensor | None,
 
 
 def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, width: int, num_images: int = 1,
-                  guidance: bool = True) -> MemoryPlan:
+                  guidance: bool = True, vae_slicing: bool = False, vae_tiling: bool = False) -> MemoryPlan:
     """Peak memory of drawing `num_images` images, as Pipeline does: the prompt through the text encoder(s), one
-    denoising step of the UNet (a batch of 2 x num_images with classifier-free guidance), the fp32 VAE decode."""
+    denoising step of the UNet (a batch of 2 x num_images with classifier-free guidance), the fp32 VAE decode (one
+    image at a time with `vae_slicing`, in tiles with `vae_tiling`, as --vae-slicing/--vae-tiling decode)."""
     start, tracker = time.perf_counter(), LiveStorage()
     with FakeTensorMode(), tracker, torch.no_grad():
         models = _frozen_models(configs, dtype, tracker)
@@ -300,11 +301,15 @@ def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, wid
         latents = torch.zeros(rows, 4, height // factor, width // factor, dtype=dtype)
         models["unet"](latents, torch.tensor([999] * rows), context, pooled, time_ids)
         del latents, context, pooled, time_ids
+        models["vae"].slicing, models["vae"].tiling = vae_slicing, vae_tiling
         models["vae"].decode(torch.zeros(num_images, 4, height // factor, width // factor))  # (N, 3, H, W) fp32
     setting = f"{num_images} image(s) of {height}x{width}, {str(dtype).removeprefix('torch.')}" + \
-              (", classifier-free guidance" if guidance else "")
+              (", classifier-free guidance" if guidance else "") + (", VAE slicing" if vae_slicing else "") + \
+              (", VAE tiling" if vae_tiling else "")
     advice = (["--dtype bf16 (the UNet and text encoders in half the memory)"] if dtype == torch.float32 else []) + \
-        ([f"--num {max(1, num_images // 2)}"] if num_images > 1 else []) + ["a smaller --height/--width"]
+        ([f"--num {max(1, num_images // 2)}"] if num_images > 1 else []) + \
+        ([] if vae_slicing or num_images == 1 else ["--vae-slicing"]) + ([] if vae_tiling else ["--vae-tiling"]) + \
+        ["a smaller --height/--width"]
     return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting, advice)
 
 

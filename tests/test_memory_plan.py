@@ -117,6 +117,18 @@ def test_sample_plan_flag_prints_the_plan_and_draws_nothing(tmp_path, capsys):
         < guided.parts["activations"]  # guidance doubles the UNet's batch
 
 
+def test_sample_plan_knows_vae_slicing_and_tiling():
+    """With a VAE wider than the UNet the decode is the peak: one image at a time, then tiles (sample_size 32 at 256
+    pixels) each lower the planned peak, and the plan names the switch it was not given."""
+    configs = get_config("tiny")
+    configs["vae"]["block_out_channels"] = [128, 128]
+    plain = plan_sampling(configs, torch.float32, 256, 256, 4, guidance=False)
+    sliced = plan_sampling(configs, torch.float32, 256, 256, 4, guidance=False, vae_slicing=True)
+    tiled = plan_sampling(configs, torch.float32, 256, 256, 4, guidance=False, vae_slicing=True, vae_tiling=True)
+    assert tiled.peak < sliced.peak < plain.peak
+    assert "--vae-slicing" in plain.advice and "--vae-tiling" in sliced.advice and "VAE tiling" in tiled.setting
+
+
 def test_a_run_that_does_not_fit_is_refused_with_the_switches_that_help(monkeypatch):
     cfg = LoRATrainConfig(model="random:tiny", resolution="64", batch=2)
     plan = plan_lora_step(cfg)
