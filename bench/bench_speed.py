@@ -121,7 +121,7 @@ def gan_step(sizes: Sizes, device, switches: Callable[[bool], speed.Speed]) -> W
         s = switches(on)
         cfg = GANConfig(ngf=sizes.gan_width, ndf=sizes.gan_width, batch=sizes.gan_batch, device=str(device),
                         channels_last=s.channels_last)
-        trainer = GANTrainer(cfg, s)
+        trainer = GANTrainer(cfg, speed=s)
         real = (torch.rand(cfg.batch, 3, *cfg.size, generator=torch.Generator().manual_seed(4)) * 2 - 1).to(device)
 
         def call():

@@ -20,6 +20,7 @@ import eval as eval_cli
 import sample as sample_cli
 import train_lora
 from minigen import features, metrics
+from minigen import inception as fid_inception
 from minigen.evaluate import Settings, candidates, epoch_of, evaluate, read_prompts
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
@@ -136,7 +137,7 @@ def test_lora_images_equal_the_pipeline_with_the_lora(report, files):
 
 def test_numbers_equal_the_metrics_called_directly(report, files):
     rep, out = report
-    net = random_inception()
+    net = fid_inception.load_inception(files["weights"])  # as eval.py loads it (batch norms folded in)
     ref = features.extract_features(net, files["ref"], ("64",), progress=False)["64"]
     ref_mu, ref_sigma = metrics.statistics(ref)
     base = images_of(out, "base")

@@ -183,11 +183,9 @@ def test_a_lora_for_another_architecture_is_refused_naming_both(trained, tmp_pat
 
 # ------------------------------------------------------------------------------------------------ eval.py
 
-def test_eval_of_an_sd1_run_folder(trained, tmp_path):
-    """eval.py --model <SD 1 folder> --lora <its run folder>: a row per epoch; the LoRA rows are not the base."""
+def test_eval_of_an_sd1_or_sd2_run_folder(trained, tmp_path):
+    """eval.py --model <SD 1/2 folder> --lora <its run folder>: a row per epoch; the LoRA rows are not the base."""
     preset, _, run = trained
-    if preset != "tiny-sd1":
-        pytest.skip("one family is enough: eval.py's SD 1/2 difference is the pipeline's, tested above")
     ref = tmp_path / "ref"
     ref.mkdir()
     for i in range(4):
