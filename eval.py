@@ -24,7 +24,8 @@ from minigen.sampler_names import karras_of, resolve_sampler
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="SDXL diffusers folder or single .safetensors file")
+    p.add_argument("--model", required=True,
+                   help="SD 1.x, 2.x or SDXL: a diffusers folder or a single .safetensors file (or random:tiny)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE] or RUN_FOLDER",
                    help="a LoRA file and its multiplier, or a run folder of epoch checkpoints; repeatable")
     p.add_argument("--prompts", required=True, help="prompt file (one a line) or captioned dataset folder")
@@ -34,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images per prompt; image i uses seed SEED+i (under torchrun say --images-per-prompt: "
                         "torchrun takes --num for its own --numa-binding)")
     p.add_argument("--seed", type=cli.seed_number, default=0)
-    p.add_argument("--negative", default=None, help="negative prompt (default: none, zero embeddings as SDXL)")
+    p.add_argument("--negative", default=None,
+                   help="negative prompt (default: none: zero embeddings for SDXL, \"\" for SD 1.x/2.x)")
     p.add_argument("--steps", type=cli.number(int, 1), default=30)
     p.add_argument("--cfg", type=cli.number(float), default=5.0, help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--sampler", type=cli.parsed_by(resolve_sampler, "sampler"), default="euler",
@@ -66,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.apply_threads(args.threads)
-    args.device = cli.resolve_device(args.device, "minutes per image with full-size SDXL; Inception at a few images/s")
+    args.device = cli.resolve_device(args.device, "minutes per image with a full-size model; Inception at a few images/s")
     sampler, named_karras = args.sampler
     settings = Settings(args.steps, args.cfg, sampler, karras_of(named_karras, args.karras), args.height, args.width,
                         args.negative)

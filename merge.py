@@ -5,7 +5,7 @@
     python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0.2,0.5,0.8 --dtype fp16
     python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0,1,1,1,1,1,1,1,1,.5,0,0,0,0,0,0,0,0,0
     python merge.py A.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.5 -o baked.safetensors
-    python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out (SDXL)
+    python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out
     python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
     python merge.py --lora style.safetensors:0.7 --lora detail.safetensors:0.3 --rank 32 -o merged_lora.safetensors
     python merge.py --config configs/merge_004.conf waifu.safetensors orangemix.safetensors -o merged.safetensors
@@ -30,13 +30,13 @@ from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="merge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a preset: a file of flags (configs/merge_*.conf)")
-    p.add_argument("a", nargs="?", help="checkpoint A (single-file .safetensors or an SDXL diffusers folder); its keys "
-                                        "and order are the output's. With --rank: the base model")
+    p.add_argument("a", nargs="?", help="checkpoint A (single-file .safetensors or a diffusers folder; SD 1.x, 2.x or "
+                                        "SDXL); its keys and order are the output's. With --rank: the base model")
     p.add_argument("b", nargs="?", help="checkpoint B (file or diffusers folder). With --rank: the fine-tuned model to "
                                         "extract a LoRA from")
     p.add_argument("--c", help="checkpoint C, for add_difference: A + alpha * (B - C)")
     p.add_argument("-o", "--output", required=True,
-                   help="output: a .safetensors file, or an SDXL diffusers folder for any other name (must not be an "
+                   help="output: a .safetensors file, or a diffusers folder for any other name (must not be an "
                         "input; an existing diffusers folder there is replaced once the new one is complete)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS,
                    help="override the format guessed from -o (single_file for a .safetensors name, else diffusers)")

@@ -1,7 +1,7 @@
 """Stable Diffusion checkpoints as tensor stores that never hold a model whole: read one tensor (or a chunk of one)
 at a time, write tensor by tensor, and every output put in place only once it is complete.
 
-- `open_checkpoint`: a single .safetensors file (`TensorFile`), an SDXL diffusers folder seen through single-file
+- `open_checkpoint`: a single .safetensors file (`TensorFile`), a diffusers folder seen through single-file
   names (`DiffusersFolder`), or a pickle loaded whole when allowed (`LoadedCheckpoint`): one interface, `keys`,
   `shape`, `dtype`, `get`, `get_flat`, `close`. Every value read is checked to be finite.
 - Writers: `io.SafetensorsWriter` for a single file, `DiffusersFolderWriter` for a folder (`open_output`).
@@ -177,7 +177,7 @@ class LoadedCheckpoint(TensorsByName):
 
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
                     ) -> TensorFile | DiffusersFolder | LoadedCheckpoint:
-    """A single .safetensors file, an SDXL diffusers folder seen through single-file names, or a pickle (refused
+    """A single .safetensors file, a diffusers folder seen through single-file names, or a pickle (refused
     unless `allow_pickle`)."""
     path = Path(path)
     if path.is_dir():

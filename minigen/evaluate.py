@@ -50,6 +50,7 @@ from .sd.lora_files import LoRAFileError, check_lora_family, parse_lora_spec, re
 from .eval_report import image_path, markdown_table, plot_fid_per_epoch, save_grids, write_json
 from .plot import save_png
 from .sd.convert import unet_name_map
+from .sd.model import RANDOM
 from .sd.pipeline import Pipeline, check_settings
 from .speed import Speed, prepare_pipeline_model
 
@@ -298,12 +299,12 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     rows = candidates(loras)
     out = Path(out)
     check_can_create(out / "results.json")  # out is a folder, or can be made one
-    if not isinstance(model, Pipeline) and not Path(model).exists():
-        raise FileNotFoundError(errno.ENOENT, "no such model (an SDXL diffusers folder or single file)", str(model))
+    if not isinstance(model, Pipeline) and not str(model).startswith(RANDOM) and not Path(model).exists():
+        raise FileNotFoundError(errno.ENOENT, "no such model (a diffusers folder or single file)", str(model))
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
     check_counts(reference, n_reference, len(items), dims)
-    net = fid_inception.load_inception(inception_weights, device)  # small: its errors come before the SDXL load
+    net = fid_inception.load_inception(inception_weights, device)  # small: its errors come before the model load
     if net.has_classifier and len(items) < is_splits:
         warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
                       f"got {len(items)}", stacklevel=2)
