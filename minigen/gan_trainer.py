@@ -31,7 +31,7 @@ from .data import ImageFolder
 from .datasets import resolve_dataset
 from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
 from .plot import Panel, plot_panels, save_grid
-from .speed import Speed, prepare_model
+from .speed import Speed, optimizer_kernel, prepare_model
 from .gan_config import ARCHITECTURE_FIELDS, GANConfig
 from .training import (StopRequest, TrainingDiverged, check_finite_before_saving, epoch_seed,
                        optimizer_from_tensors, optimizer_to_tensors, run_settings)
@@ -50,6 +50,7 @@ class GANTrainer:
         """device: this rank's (distributed.process_group's), default cfg.device. speed: --compile (minigen/speed.py)."""
         self.cfg = cfg
         self.device = torch.device(device or cfg.device)
+        self.speed = speed.resolved(self.device)
         self.ranks = distributed.world_size()
         torch.manual_seed(cfg.seed)  # the weight init, on the CPU: the same on every rank
         self.G = gan.Generator(cfg.size, cfg.nz, cfg.ngf, cfg.g_act).to(self.device)
@@ -74,7 +75,8 @@ class GANTrainer:
 
     def make_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         cfg, fast = self.cfg, dict(foreach=True)  # foreach: one fused kernel per step for all tensors
-        if cfg.optimizer == "adam":
+        if cfg.optimizer == "adam":  # on CUDA Adam's fused kernel, unless --no-fused-optimizer (speed.py)
+            fast = optimizer_kernel(model.parameters(), self.speed) or fast
             return torch.optim.Adam(model.parameters(), lr=lr, betas=cfg.betas, eps=cfg.eps, **fast)
         return torch.optim.RMSprop(model.parameters(), lr=lr, alpha=cfg.alpha, eps=cfg.eps, **fast)
 

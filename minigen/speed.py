@@ -80,7 +80,7 @@ HELP = {
                      "(default: off until bench/bench_speed.py measures a gain on a GPU; same results up to rounding)",
     "sdpa": "attention kernel to prefer: auto (torch picks), flash, efficient, math, cudnn; attention a kernel cannot "
             "run (flash: fp32, or the VAE's 512-wide heads) falls back to math (default: auto)",
-    "fused_optimizer": "AdamW with fused=True: the whole update in one CUDA kernel (default: on for CUDA, where "
+    "fused_optimizer": "Adam(W) with fused=True: the whole update in one CUDA kernel (default: on for CUDA, where "
                        "torch's documentation names it the fastest; off on the CPU, where it is slower)",
     "vae_slicing": "decode the batch one image at a time: the VAE's peak memory of one image, the same images "
                    "(default: off; a batch decodes a little faster together)",

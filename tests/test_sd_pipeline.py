@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -212,5 +213,5 @@ def test_sample_cli_draws_diffusers_image_from_a_single_file(tmp_path, capsys):
                            num_inference_steps=3, height=16, width=16, guidance_scale=4.0,
                            generator=torch.Generator("cpu").manual_seed(4))
     ref = (ref[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
-    got = torch.from_numpy(__import__("numpy").asarray(Image.open(png).convert("RGB")))
+    got = torch.from_numpy(np.array(Image.open(png).convert("RGB")))
     assert (got.int() - ref.int()).abs().max() <= 1  # <= 1/255: rounding of equal-to-1e-4 floats
