@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of Stable Diffusion (SD 1.x, 2.x, SDXL): freeze the model, train low-rank adapters on a captioned image folder (`train_lora.py`).
+"""LoRA fine-tuning of Stable Diffusion (SD 1.x, 2.x, SDXL): freeze the model, train low-rank adapters on a
+captioned image folder (`train_lora.py`).
 
 One training step (diffusers' train_text_to_image_lora_sdxl.py and kohya's sdxl_train_network.py do the same):
 
@@ -69,8 +70,9 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 class LoRATrainer:
     def __init__(self, cfg: LoRATrainConfig, model: StableDiffusion | None = None, progress: bool = True,
                  allow_pickle: bool = False, device: str | None = None, speed: Speed = Speed()):
-        """model: the loaded model, instead of loading cfg.model. allow_pickle: accept a pickled --model checkpoint (loaded with weights_only=True). device: this rank's
-        (distributed.process_group's), default cfg.device. speed: --compile, --channels-last, --fused-optimizer."""
+        """model: the loaded model, instead of loading cfg.model. allow_pickle: accept a pickled --model checkpoint
+        (loaded with weights_only=True). device: this rank's (distributed.process_group's), default cfg.device.
+        speed: --compile, --channels-last, --fused-optimizer."""
         self.cfg, self.progress = cfg, progress and distributed.is_main()
         self.device = torch.device(device or cfg.device)
         self.ranks = distributed.world_size()
