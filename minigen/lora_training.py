@@ -84,6 +84,10 @@ class LoRATrainer:
             raise ValueError("--model is required: a diffusers folder, a single file (v1-5-pruned-emaonly.safetensors, "
                              "sd_xl_base_1.0.safetensors, ...), or random:tiny-sd1 / random:tiny-sd2 / random:tiny")
         self.model = model or load_model(cfg.model, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle)
+        if self.model.family == "sdxl-refiner":  # its UNet takes an aesthetic score no caption data carries
+            raise ValueError(f"{cfg.model or 'the model'} is the SDXL refiner: LoRA training takes SD 1.x, SD 2.x and "
+                             "SDXL base-layout models (the refiner is conditioned on aesthetic scores the training "
+                             "data does not have)")
         check_sizes(cfg, self.model)
         prediction = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}  # else the model's
         self.schedule = NoiseSchedule.from_config({**self.model.scheduler_config, **prediction})

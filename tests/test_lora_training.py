@@ -241,6 +241,13 @@ def test_lora_for_another_model_names_the_mismatch(data, tmp_path):
         load_lora(tmp_path / "lora.safetensors", {"unet": other})
 
 
+def test_the_refiner_is_refused_before_any_step(data, tmp_path, capsys):
+    """The refiner's UNet wants 5 time ids with an aesthetic score; training used to fail deep in the UNet."""
+    with pytest.raises(ValueError, match="random:tiny-refiner is the SDXL refiner: LoRA training takes SD 1.x"):
+        LoRATrainer(tiny_config(data, tmp_path / "run", model="random:tiny-refiner"), progress=False)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
 def test_presets_reproduce_the_seeds_and_the_cli_reports_errors(tmp_path, capsys):
     import train_lora
 
