@@ -16,7 +16,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
@@ -187,12 +187,6 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
     return TensorFile(path)
 
 
-def refuse_replacing_other_folder(path: Path) -> None:
-    """A diffusers folder may replace an empty folder or an older diffusers folder, nothing else."""
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / "model_index.json").is_file())):
-        raise FileExistsError(f"{path} exists and is not a diffusers folder; refusing to replace it")
-
-
 class DiffusersFolderWriter(AtomicWriter):
     """`SafetensorsWriter`'s interface (tensors written by single-file name, in the order of `specs`) writing a
     diffusers folder instead: each tensor goes through `convert.to_diffusers` (renamed; an OpenCLIP encoder's fused
@@ -200,38 +194,52 @@ class DiffusersFolderWriter(AtomicWriter):
     file, which one `SafetensorsWriter` per part streams. Keys no diffusers model holds (`convert.ignored_key`) are
     left out.
 
+    The folder's configs, scheduler and tokenizers are `source`'s (the merge's A) when it is a diffusers folder; from
+    a single file, the configs its tensors (or minigen's metadata) give (`detect.detect`) and the bundled tokenizers.
     Names, shapes and the configs' agreement with them are settled from meta tensors before anything is written. The
     folder is built in a temporary folder beside `path`, renamed to `path` by `close()`; an older diffusers folder
-    there is replaced then, and `abort()` deletes everything."""
+    there is replaced then (any other existing path is refused first), and `abort()` deletes everything."""
 
     def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 metadata: dict[str, str], configs: dict[str, dict], tokenizers: Mapping[str, CLIPTokenizer]):
+                 metadata: dict[str, str], source: TensorFile | DiffusersFolder):
         self.path = Path(path)
-        self.configs = configs
+        if self.path.exists() and not (self.path.is_dir() and (not any(self.path.iterdir())
+                                                               or (self.path / "model_index.json").is_file())):
+            raise FileExistsError(f"{self.path} exists and is not a diffusers folder; refusing to replace it")
+        self.configs, tokenizers = self.settings_of(source)
         self.family = detect_family(specs)
-        if self.family not in convert.FAMILY_PREFIXES or self.family != family_of_configs(configs):
+        if self.family not in convert.FAMILY_PREFIXES or self.family != family_of_configs(self.configs):
             raise CheckpointError(f"cannot write {self.path} as a diffusers folder: the checkpoint is "
                                   f"{MODEL_NAMES.get(self.family, self.family)}, the configs are "
-                                  f"{MODEL_NAMES[family_of_configs(configs)]}")
-        refuse_replacing_other_folder(self.path)
+                                  f"{MODEL_NAMES[family_of_configs(self.configs)]}")
         files = diffusers_files(self.family)
         part_specs: dict[str, dict] = {part: {} for part in files}  # part -> {diffusers key: (shape, dtype)}
         for key, (shape, dtype) in specs.items():
             for part, tensors in self._to_diffusers(key, torch.empty(shape, dtype=dtype, device="meta")).items():
                 part_specs[part] |= {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
         for part in files:
-            check_weights(part, configs[part], {k: torch.empty(shape, device="meta")
-                                                for k, (shape, _) in part_specs[part].items()}, str(self.path))
+            check_weights(part, self.configs[part], {k: torch.empty(shape, device="meta")
+                                                     for k, (shape, _) in part_specs[part].items()}, str(self.path))
         metadata = {**metadata, "format": "pt"}  # transformers refuses a safetensors file whose metadata lacks it
         self.tmp = temp_folder_beside(self.path)
         self.writers: dict[str, SafetensorsWriter] = {}
         try:
-            save_diffusers_files(self.tmp, configs, self.family, tokenizers)
+            save_diffusers_files(self.tmp, self.configs, self.family, tokenizers)
             for part, rel in files.items():
                 self.writers[part] = SafetensorsWriter(self.tmp / rel, part_specs[part], metadata)
         except BaseException:
             self.abort()
             raise
+
+    def settings_of(self, source: TensorFile | DiffusersFolder) -> tuple[dict[str, dict], dict[str, CLIPTokenizer]]:
+        """(part configs, tokenizers) for the folder (see the class's doc)."""
+        if isinstance(source, DiffusersFolder):
+            return source.configs, model_tokenizers(source.family, source.path)
+        try:
+            arch = detect({k: source.shape(k) for k in source.keys()}, source.metadata, str(source.path))
+        except ValueError as e:
+            raise CheckpointError(f"cannot write {self.path} as a diffusers folder: {e}") from None
+        return arch.configs, model_tokenizers(arch.family)
 
     def _to_diffusers(self, key: str, tensor: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """{part: {diffusers key: tensor}} of one single-file tensor (empty for an ignored key)."""
@@ -280,21 +288,11 @@ def output_format_of(out: str | os.PathLike, output_format: str | None = None) -
 
 
 def open_output(out: Path, output_format: str | None, a: TensorFile | DiffusersFolder) -> Callable:
-    """open(specs, metadata) -> the writer of `out`. A folder takes A's configs, scheduler and tokenizers when A is a
-    diffusers folder; from a single file, the configs its tensors (or minigen's metadata) give (`detect.detect`) and
-    the bundled tokenizers."""
+    """open(specs, metadata) -> the writer of `out`: a single file, or a diffusers folder made from A's configs
+    (`DiffusersFolderWriter`)."""
     if output_format_of(out, output_format) == "single_file":
         return lambda specs, metadata: SafetensorsWriter(out, specs, metadata)
-    def open_folder(specs, metadata):  # after the output and disk checks: detection may refuse a bad A
-        refuse_replacing_other_folder(out)
-        if isinstance(a, DiffusersFolder):
-            return DiffusersFolderWriter(out, specs, metadata, a.configs, model_tokenizers(a.family, a.path))
-        try:
-            arch = detect({k: a.shape(k) for k in a.keys()}, a.metadata, str(a.path))
-        except ValueError as e:
-            raise CheckpointError(f"cannot write {out} as a diffusers folder: {e}") from None
-        return DiffusersFolderWriter(out, specs, metadata, arch.configs, model_tokenizers(arch.family))
-    return open_folder
+    return lambda specs, metadata: DiffusersFolderWriter(out, specs, metadata, a)
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
