@@ -244,15 +244,15 @@ def main(argv=None) -> int:
                              for path in (image_path(args.out, str(settings["seed"]), i) for i in written)):
         raise ValueError(f"--out {args.out}: the redrawn image would replace --from-png {args.from_png}; "
                          "give another --out")
+    asked = speed.speed_from_args(args)
     if args.plan or args.device.startswith("cuda"):  # before loading gigabytes: will it fit?
-        switches = speed.speed_from_args(args)
         plan = plan_sampling(model_configs(args.model), cli.chosen_dtype(args), height, width, args.num,
-                             guidance=args.cfg > 1, vae_slicing=switches.vae_slicing, vae_tiling=switches.vae_tiling)
+                             guidance=args.cfg > 1, vae_slicing=asked.vae_slicing, vae_tiling=asked.vae_tiling)
         print(plan.describe())
         if args.plan:
             return 0
         check_fits(plan, torch.device(args.device), force=args.force)
-    with speed.switched(speed.speed_from_args(args), args.device) as switches:
+    with speed.switched(asked, args.device) as switches:
         hashes = None if args.no_hash else file_hashes(settings, lambda line: print(line, file=sys.stderr))
         images = draw(args, settings, init, height, width, sampler, karras, switches)
     first = args.index or 0

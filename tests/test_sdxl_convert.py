@@ -89,7 +89,7 @@ def test_text_encoder_maps_are_inverted_by_diffusers(preset, part):
     config = CLIPTextConfig.from_dict(get_config(preset, part))
     model_class = CLIPTextModel if part == "text_encoder" else CLIPTextModelWithProjection
     ours = normalize_clip_keys(_state_dict(model_class, config, preset))
-    prefix = convert.SINGLE_FILE_PREFIXES[part]
+    prefix = convert.FAMILY_PREFIXES["sdxl"][part]
     to_single = convert.hf_clip_to_single_file if part == "text_encoder" else convert.openclip_to_single_file
     single = to_single(ours, prefix)
     if part == "text_encoder":

@@ -50,16 +50,15 @@ FAMILY_PREFIXES = {
     "sdxl": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_L_PREFIX, "text_encoder_2": BIGG_PREFIX},
     "sdxl-refiner": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder_2": REFINER_TEXT_PREFIX},
 }
-SINGLE_FILE_PREFIXES = FAMILY_PREFIXES["sdxl"]
 
 # Keys real single files carry that no minigen/diffusers module holds: dropped when loading.
-IGNORED_SUFFIXES = ("text_model.embeddings.position_ids", "embeddings.position_ids",  # a buffer older transformers saved
+IGNORED_SUFFIXES = ("embeddings.position_ids",  # a buffer older transformers saved
                     "model.logit_scale")  # CLIP's contrastive temperature, unused for text encoding
 IGNORED_KEYS = {  # the original LDM training state: its noise schedule buffers, EMA bookkeeping, markers
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "v_pred", "ztsnr", "model_ema.decay", "model_ema.num_updates"}
+    "logvar", "v_pred", "ztsnr"}  # and every model_ema.* key (see ignored_key)
 # SD 2's text encoder is OpenCLIP ViT-H without its last block (it reads the penultimate layer); diffusers drops
 # block 23 of a file, so minigen does too.
 SD2_UNUSED_BLOCK = "transformer.resblocks.23."

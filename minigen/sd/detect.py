@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .configs import PRESETS, get_config
-from .convert import FAMILY_PREFIXES, UNET_PREFIX, VAE_PREFIX, unet_name_map
+from .convert import FAMILY_PREFIXES, UNET_PREFIX, VAE_PREFIX, ignored_key, unet_name_map
 from .unet import MID_BLOCKS, unet_depths
 
 CONFIGS_METADATA = "minigen.configs"  # safetensors metadata key: json of {part: config dict}
@@ -198,10 +198,10 @@ def _known_preset(configs: Mapping[str, Mapping], family: str) -> dict | None:
     return None
 
 
-def _count(shapes: Mapping[str, tuple], pattern: str) -> int:
+def _count(keys: Iterable[str], pattern: str) -> int:
     """How many distinct values the one group of `pattern` takes among the keys."""
     regex = re.compile(pattern)
-    return len({m[1] for k in shapes if (m := regex.match(k))})
+    return len({m[1] for k in keys if (m := regex.match(k))})
 
 
 def _unet_config(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict:
@@ -269,9 +269,8 @@ def _text_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict:
         inner = shapes[p + "encoder.layers.0.mlp.fc1.weight"][0]
         config = {"hidden_act": "quick_gelu"}
     else:  # OpenCLIP layout (bigG, ViT-H); SD 2 drops the last block (convert.SD2_UNUSED_BLOCK)
-        layers = _count(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
-        if prefix == FAMILY_PREFIXES["sd2"]["text_encoder"] and prefix + "transformer.resblocks.23.ln_1.weight" in shapes:
-            layers -= 1
+        kept = [k for k in shapes if not ignored_key(k)]  # without the block SD 2 does not use
+        layers = _count(kept, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
         width = shapes[prefix + "token_embedding.weight"][1]
         inner = shapes[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0]
         config = {"hidden_act": "gelu"}
