@@ -128,6 +128,14 @@ def sum_across_ranks(value: torch.Tensor, what: str) -> torch.Tensor:
     return total.to(value.device)
 
 
+def sum_and_stop(values: torch.Tensor, stop: bool, what: str) -> tuple[torch.Tensor, bool]:
+    """`values` (N,) summed over the ranks, and whether any rank asks to stop (Ctrl-C, SIGTERM): one exchange, so a
+    training loop learns both at the same step on every rank."""
+    votes = torch.cat([values.detach().reshape(-1), values.new_tensor([float(stop)])])  # (N + 1,)
+    total = sum_across_ranks(votes, what)
+    return total[:-1], bool(total[-1] > 0)
+
+
 class SumAcrossRanksWithGrad(torch.autograd.Function):
     """`sum_across_ranks` that autograd can pass through: every rank's input feeds every rank's output, so the gradient
     of each input is the sum over the ranks of the outputs' gradients (one more exchange in the backward pass)."""

@@ -75,10 +75,10 @@ def agree(stats: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
     """The iteration's statistics as means over the ranks (a NaN on one rank is a NaN on all), and whether any rank
     was asked to stop: one small exchange per iteration. `lr`, the same everywhere, is kept."""
     names = ["loss_d", "loss_g", "d_real", "d_fake"]
-    votes = torch.tensor([stats[k] for k in names] + [float(stop)], dtype=torch.float64)  # (5,)
-    total = distributed.sum_across_ranks(votes, "the other ranks' losses and stop requests")
+    values = torch.tensor([stats[k] for k in names], dtype=torch.float64)  # (4,)
+    total, stop_all = distributed.sum_and_stop(values, stop, "the other ranks' losses and stop requests")
     ranks = distributed.world_size()
-    return stats | {k: (total[i] / ranks).item() for i, k in enumerate(names)}, bool(total[-1] > 0)
+    return stats | {k: (total[i] / ranks).item() for i, k in enumerate(names)}, stop_all
 
 
 def resume_position(batch_index: int, saved_global_batch: int, global_batch: int) -> int:

@@ -62,9 +62,9 @@ class GANTrainer:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if cfg.ema_halflife else None
-        prepare_model(self.G, speed)  # --compile (channels-last is cfg.channels_last, above)
+        prepare_model(self.G, self.speed)  # --compile (channels-last is cfg.channels_last, above)
         if cfg.loss != "wgan-gp":  # the gradient penalty differentiates D twice: torch.compile has no double backward
-            prepare_model(self.D, speed)
+            prepare_model(self.D, self.speed)
         self.opt_g = self.make_optimizer(self.G, cfg.lr)
         self.opt_d = self.make_optimizer(self.D, cfg.lr_d or cfg.lr)
         self.rng = torch.Generator().manual_seed(cfg.seed)

@@ -217,9 +217,9 @@ class LoRATrainer:
                 generators = self.data.sample_generators(self.epoch, self.batch_in_epoch, first, len(mine))
                 loss = self.loss(mine, generators, len(whole)) if mine else torch.zeros((), device=self.device)
                 # one exchange: the loss (a NaN anywhere stops all) and whether any rank was asked to stop
-                votes = torch.stack([loss.detach().float(), torch.tensor(float(stop.requested), device=loss.device)])
-                total, stopping = distributed.sum_across_ranks(votes, "the other ranks' losses and stop requests")
-                stop_all = stop_all or bool(stopping > 0)
+                (total,), stopping = distributed.sum_and_stop(loss.float(), stop.requested,
+                                                              "the other ranks' losses and stop requests")
+                stop_all = stop_all or stopping
                 if not torch.isfinite(total):
                     raise TrainingDiverged(f"the loss became {total.item()} at step {self.step} (epoch "
                                            f"{self.epoch + 1}); the last checkpoint in {self.out} is left as it was")
