@@ -18,18 +18,15 @@ import torch
 OVERLAP = 0.25  # diffusers' tile_overlap_factor
 
 
-def blend_rows(above: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
-    """In place: `tile`'s first `extent` rows go linearly from `above`'s last rows (row 0) to its own. (B, C, h, w)"""
-    extent = min(above.shape[2], tile.shape[2], extent)
-    ramp = torch.arange(extent, device=tile.device, dtype=tile.dtype)[:, None] / extent  # (extent, 1): 0 .. <1
-    tile[:, :, :extent] = above[:, :, above.shape[2] - extent:] * (1 - ramp) + tile[:, :, :extent] * ramp
-
-
-def blend_columns(left: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
-    """In place: `tile`'s first `extent` columns go linearly from `left`'s last columns to its own. (B, C, h, w)"""
-    extent = min(left.shape[3], tile.shape[3], extent)
-    ramp = torch.arange(extent, device=tile.device, dtype=tile.dtype) / extent  # (extent,)
-    tile[..., :extent] = left[..., left.shape[3] - extent:] * (1 - ramp) + tile[..., :extent] * ramp
+def blend(before: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) -> None:
+    """In place: `tile`'s first `extent` rows (dim 2) or columns (dim 3) go linearly from `before`'s last ones (the
+    tile above or to the left; weight 1 at the first) to its own. (B, C, h, w)"""
+    extent = min(before.shape[dim], tile.shape[dim], extent)
+    shape = [1] * tile.dim()
+    shape[dim] = extent
+    ramp = (torch.arange(extent, device=tile.device, dtype=tile.dtype) / extent).reshape(shape)  # 0 .. <1 along dim
+    head = tile.narrow(dim, 0, extent)
+    head.copy_(before.narrow(dim, before.shape[dim] - extent, extent) * (1 - ramp) + head * ramp)
 
 
 def tiled(coder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, out_tile: int) -> torch.Tensor:
@@ -43,7 +40,7 @@ def tiled(coder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: 
     for i, row in enumerate(rows):
         for j, out in enumerate(row):
             if i > 0:
-                blend_rows(rows[i - 1][j], out, extent)
+                blend(rows[i - 1][j], out, extent, dim=2)
             if j > 0:
-                blend_columns(row[j - 1], out, extent)
+                blend(row[j - 1], out, extent, dim=3)
     return torch.cat([torch.cat([out[:, :, :keep, :keep] for out in row], dim=3) for row in rows], dim=2)

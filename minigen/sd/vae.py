@@ -1,7 +1,8 @@
-"""The SDXL VAE: diffusers' AutoencoderKL, images (B, 3, H, W) in [-1, 1] <-> latents (B, 4, H/8, W/8).
+"""The Stable Diffusion VAE: diffusers' AutoencoderKL, images (B, 3, H, W) in [-1, 1] <-> latents (B, 4, H/8, W/8).
 
-`encode` gives a diagonal Gaussian over latents; diffusion runs on `sample() * scaling_factor` (0.13025 for SDXL)
-and `decode` takes latents already divided by it. SDXL's VAE overflows in fp16, so it stays fp32 unless asked.
+`encode` gives a diagonal Gaussian over latents; diffusion runs on `sample() * scaling_factor` (0.18215 for SD 1/2,
+0.13025 for SDXL) and `decode` takes latents already divided by it. The VAEs overflow in fp16, so it stays fp32
+unless asked.
 `vae.slicing = True` decodes and encodes a batch one image at a time; `vae.tiling = True` decodes and encodes images
 larger than the config's `sample_size` in overlapping tiles (`tiles.py`), as diffusers' enable_slicing/enable_tiling.
 """
