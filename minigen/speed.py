@@ -8,7 +8,7 @@
 | --channels-last       | off (not yet measured)           | NHWC weights and activations for the convolutions     |
 | --sdpa BACKEND        | auto (torch's choice)            | prefer one attention kernel: flash, efficient, math,  |
 |                       |                                  | cudnn                                                 |
-| --fused-optimizer     | on for CUDA                      | AdamW's whole update in one kernel (`fused=True`)     |
+| --fused-optimizer     | on for CUDA                      | Adam(W)'s whole update in one kernel (`fused=True`)   |
 | --vae-slicing         | off                              | decode a batch one image at a time: less memory       |
 | --vae-tiling          | off                              | decode/encode large images in overlapping tiles       |
 
