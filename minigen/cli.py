@@ -207,9 +207,15 @@ def layered_settings(parser: argparse.ArgumentParser, argv: list[str], fields: s
     """Parse `argv` with a parser built with `argument_default=SUPPRESS`; return (the flags given, the settings).
 
     Settings are layered, later wins: a resumed run's saved settings (`saved(resume_path)`), the preset
-    (`--config`), the command line. Only names in `fields` are settings."""
+    (`--config`), the command line. Only names in `fields` are settings. The preset's other flags (speed switches,
+    `--threads`, ...) join the flags given, under the command line's; which run to continue (`--resume`) and another
+    preset (`--config`) come from the command line only."""
     given = vars(parser.parse_args(argv))
     preset = vars(parser.parse_args(read_preset(given["config"]))) if "config" in given else {}
+    for flag in ("config", "resume"):
+        if flag in preset:
+            raise ValueError(f"preset {given['config']}: --{flag} belongs on the command line, not in a preset")
     settings = saved(given["resume"]) if "resume" in given else {}
     settings |= {k: v for source in (preset, given) for k, v in source.items() if k in fields}
-    return argparse.Namespace(**given), settings
+    flags = {k: v for k, v in preset.items() if k not in fields} | given
+    return argparse.Namespace(**flags), settings

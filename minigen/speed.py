@@ -104,7 +104,7 @@ def add_speed_args(p: argparse.ArgumentParser, switches: Iterable[str], what: st
 
 
 def speed_from_args(args: argparse.Namespace) -> Speed:
-    """The switches given on the command line, each absent one at its default."""
+    """The switches given (on the command line or in its preset), each absent one at its default."""
     return Speed(**{name: getattr(args, name) for name in SWITCHES if hasattr(args, name)})
 
 

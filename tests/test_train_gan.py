@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import train_gan
-from minigen import gan
+from minigen import gan, speed
 from minigen.gan_config import GANConfig
 from minigen.gan_trainer import GANTrainer, TrainingDiverged, load_generator, train
 from minigen.io import load_safetensors, read_header, save_safetensors
@@ -227,3 +227,17 @@ def test_a_fresh_run_into_a_used_out_folder_is_refused_unless_overwrite(folder, 
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_0001.png"]  # epoch 2's grid is gone
     assert [r["epoch"] for r in log_lines(tmp_path)] == [1, 1, 1] and (tmp_path / "notes.txt").read_text() == "mine"
     assert train_gan.main(["--resume", str(tmp_path / "checkpoint.safetensors"), "--epochs", "2", "--quiet"]) == 0
+
+
+def test_a_presets_other_flags_apply_under_the_command_line(tmp_path):
+    """Speed switches and --threads in a preset are not GANConfig fields: they reach the flags given, and the
+    command line still wins; --resume and --config in a preset are refused (they name runs, not settings)."""
+    preset = tmp_path / "fast.conf"
+    preset.write_text("--epochs 3 --threads 1 --compile --no-tf32\n")
+    args, cfg = train_gan.parse(["--config", str(preset), "--tf32"])
+    assert cfg.epochs == 3 and args.threads == 1
+    assert speed.speed_from_args(args) == speed.Speed(compile=True, tf32=True)
+    for line in ("--resume run/checkpoint.safetensors", f"--config {preset}"):
+        (tmp_path / "bad.conf").write_text(line + "\n")
+        with pytest.raises(ValueError, match="belongs on the command line"):
+            train_gan.parse(["--config", str(tmp_path / "bad.conf")])
