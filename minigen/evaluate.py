@@ -46,11 +46,11 @@ from .datasets import BUILTIN_DATASETS, resolve_dataset
 from .images import list_images, open_rgb
 from .atomic import atomic_write, check_can_create
 from .io import read_header
+from .memory_plan import model_configs
 from .sd.lora_files import LoRAFileError, check_lora_family, parse_lora_spec, read_lora, resolve_lora
 from .eval_report import image_path, markdown_table, plot_fid_per_epoch, save_grids, write_json
 from .plot import save_png
 from .sd.convert import unet_name_map
-from .sd.model import RANDOM
 from .sd.pipeline import Pipeline, check_settings
 from .speed import Speed, prepare_pipeline_model
 
@@ -299,8 +299,9 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     rows = candidates(loras)
     out = Path(out)
     check_can_create(out / "results.json")  # out is a folder, or can be made one
-    if not isinstance(model, Pipeline) and not str(model).startswith(RANDOM) and not Path(model).exists():
-        raise FileNotFoundError(errno.ENOENT, "no such model (a diffusers folder or single file)", str(model))
+    if not isinstance(model, Pipeline):
+        model_configs(str(model))  # its header only: a missing, foreign or unrecognised model fails now, not after
+        #                            the Inception and the reference images
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
     check_counts(reference, n_reference, len(items), dims)

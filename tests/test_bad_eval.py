@@ -37,7 +37,6 @@ def build_corpus(root: Path) -> None:
     (root / "empty_folder").mkdir()
     save_images(root / "uncaptioned", 2)  # a dataset folder as --prompts, without .txt captions
     (root / "regular_file").write_text("a file, not a folder")
-    (root / "model").mkdir()  # exists: the cases fail before it is loaded
     (root / "other_pipeline").mkdir()
     (root / "other_pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline",
                                                                           "unet": ["diffusers", "UNet2DConditionModel"]}))
@@ -62,7 +61,7 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-DEFAULTS = {"--model": "{root}/model", "--prompts": "{root}/prompts.txt", "--ref": "{root}/ref",
+DEFAULTS = {"--model": "random:tiny", "--prompts": "{root}/prompts.txt", "--ref": "{root}/ref",
             "--inception-weights": "{root}/inception.safetensors", "--out": "{root}/out",
             "--dims": "64", "--steps": "1", "--height": "16", "--width": "16"}
 
@@ -112,10 +111,14 @@ CASES = {
     "lora-run-folder-without-files": (["--lora", "{root}/run_notes"], ["run_notes", "no LoRA files"]),
     "lora-run-folder-checkpoint-only": (["--lora", "{root}/run_checkpoint_only"],
                                         ["run_checkpoint_only", "checkpoint.safetensors are not LoRA files"]),
-    # models and weights (these load the Inception first: the SDXL model comes last)
+    # models and weights (a model is checked from its configs or header before the Inception loads; its weights
+    # load last)
     "model-missing": (["--model", "{root}/nowhere"], ["nowhere", "no such model"]),
     "model-of-another-pipeline": (["--model", "{root}/other_pipeline"], ["other_pipeline", "KandinskyV22Pipeline, not Stable Diffusion"]),
     "model-empty-safetensors": (["--model", "{root}/model.safetensors"], ["model.safetensors"]),
+    "model-unrecognised-before-the-inception": (["--model", "{root}/not_a_lora.safetensors",
+                                                 "--inception-weights", "{root}/nowhere.safetensors"],
+                                                ["not_a_lora.safetensors"]),
     "inception-weights-missing": (["--inception-weights", "{root}/nowhere.safetensors"], ["nowhere.safetensors"]),
     "inception-weights-of-another-model": (["--inception-weights", "{root}/not_inception.safetensors"],
                                            ["not_inception.safetensors", "not an FID Inception checkpoint"]),

@@ -138,9 +138,21 @@ def save_diffusers_files(folder: Path, configs: Mapping[str, Mapping], family: s
     _write_json(folder / "model_index.json", model_index(family))
 
 
+def read_model_index(folder: Path) -> dict:
+    """A diffusers folder's model_index.json ({} when it has none); one of another pipeline is refused, naming it."""
+    if not (folder / "model_index.json").is_file():
+        return {}
+    index = read_json(folder / "model_index.json")
+    if "unet" not in index or not {"text_encoder", "text_encoder_2"} & index.keys():
+        raise ValueError(f"{folder} is a diffusers folder of {index.get('_class_name', 'another model')}, "
+                         "not Stable Diffusion (it has no unet or no text encoder)")
+    return index
+
+
 def read_diffusers_configs(folder: Path) -> dict[str, dict]:
     """The config dicts of a diffusers folder's parts (those it has) and its scheduler's (the family's default if it
     has none)."""
+    read_model_index(folder)
     configs = {part: _read_config(folder / part) for part in PARTS if (folder / part).is_dir()}
     for part in ("unet", "vae"):
         if part not in configs:

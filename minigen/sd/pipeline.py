@@ -50,7 +50,7 @@ from ..lora import remove_lora
 from .lora_files import load_lora
 from .convert import unet_name_map
 from .detect import FAMILY_NAMES
-from .model import RANDOM, StableDiffusion, load_model, read_json
+from .model import RANDOM, StableDiffusion, load_model, read_model_index
 
 VAE_SCALE = 8  # pixels per latent in each direction: every SD VAE halves the size three times
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's defaults (diffusers')
@@ -189,13 +189,8 @@ class Pipeline:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model path does not exist: {path}")
-        force_zeros = None
-        if (path / "model_index.json").is_file():
-            index = read_json(path / "model_index.json")
-            if "unet" not in index or not {"text_encoder", "text_encoder_2"} & index.keys():
-                raise ValueError(f"{path} is a diffusers folder of {index.get('_class_name', 'another model')}, "
-                                 "not Stable Diffusion (it has no unet or no text encoder)")
-            force_zeros = index.get("force_zeros_for_empty_prompt", True)
+        index = read_model_index(path) if path.is_dir() else {}
+        force_zeros = index.get("force_zeros_for_empty_prompt", True) if index else None
         return cls(load_model(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
 
     def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> str:
