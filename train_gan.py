@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint to sample from")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
-    speed.add_speed_args(p, ("tf32", "compile", "fused_optimizer"), "G and D (G only with wgan-gp, whose penalty needs a double backward)")
+    speed.add_speed_args(p, ("tf32", "compile", "fused_optimizer"),
+                         "G and D (G only with wgan-gp, whose penalty needs a double backward)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out folder that holds a run, deleting its checkpoint, log and grids "
                         "(without it such a folder is refused)")

@@ -73,7 +73,7 @@ def my_rows(total: int) -> slice:
 
 def agree(stats: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
     """The iteration's statistics as means over the ranks (a NaN on one rank is a NaN on all), and whether any rank
-    was asked to stop: one small exchange per iteration. `lr`, the same everywhere, is kept."""
+    was asked to stop: one small exchange per iteration. The learning rates, the same everywhere, are kept."""
     names = ["loss_d", "loss_g", "d_real", "d_fake"]
     values = torch.tensor([stats[k] for k in names], dtype=torch.float64)  # (4,)
     total, stop_all = distributed.sum_and_stop(values, stop, "the other ranks' losses and stop requests")

@@ -114,7 +114,8 @@ CASES = {
     # models and weights (a model is checked from its configs or header before the Inception loads; its weights
     # load last)
     "model-missing": (["--model", "{root}/nowhere"], ["nowhere", "no such model"]),
-    "model-of-another-pipeline": (["--model", "{root}/other_pipeline"], ["other_pipeline", "KandinskyV22Pipeline, not Stable Diffusion"]),
+    "model-of-another-pipeline": (["--model", "{root}/other_pipeline"],
+                                  ["other_pipeline", "KandinskyV22Pipeline, not Stable Diffusion"]),
     "model-empty-safetensors": (["--model", "{root}/model.safetensors"], ["model.safetensors"]),
     "model-unrecognised-before-the-inception": (["--model", "{root}/not_a_lora.safetensors",
                                                  "--inception-weights", "{root}/nowhere.safetensors"],
