@@ -42,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", type=cli.parsed_by(resolve_sampler, "sampler"), default="euler",
                    help="ddpm, ddim, euler, euler_a, dpmpp_2m, or A1111's or ComfyUI's name (\"DPM++ 2M Karras\")")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, dpmpp_2m)")
-    p.add_argument("--height", type=cli.number(int, 8), default=1024, help="a multiple of 8")
-    p.add_argument("--width", type=cli.number(int, 8), default=1024, help="a multiple of 8")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=cli.number(int, 8), default=None,
+                       help="a multiple of 8 (default: the model's own: 1024 for SDXL, 512 for SD 1.5, 32 for tiny)")
     p.add_argument("--batch-size", type=cli.number(int, 1), default=4, help="images generated together (several prompts)")
     p.add_argument("--inception-weights", default=None,
                    help="FID Inception weights (default: minigen's cache or pytorch-fid's; see fid.py)")
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     speed.add_speed_args(p, ("tf32", "channels_last", "sdpa", "vae_slicing"), "the UNet and VAE")
     args = p.parse_args(argv)
     for name in ("height", "width"):
-        if getattr(args, name) % 8:
+        if getattr(args, name) is not None and getattr(args, name) % 8:
             p.error(f"--{name} must be a multiple of 8 (the VAE's scale), got {getattr(args, name)}")
     if args.seed + args.num - 1 > cli.SEED_RANGE[1]:
         p.error(f"--seed {args.seed} with --num {args.num} uses seeds up to {args.seed + args.num - 1}, past "
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli.entry("eval.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cli.apply_threads(args.threads)
+    speed.apply_threads(args.threads)
     args.device = cli.resolve_device(args.device, "minutes per image with a full-size model; Inception at a few images/s")
     sampler, named_karras = args.sampler
     settings = Settings(args.steps, args.cfg, sampler, karras_of(named_karras, args.karras), args.height, args.width,

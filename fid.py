@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minigen import cli, distributed, features, inception, metrics
+from minigen import cli, distributed, features, inception, metrics, speed
 from minigen.atomic import check_can_create
 from minigen.images import list_images
 
@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=cli.number(int, 1), default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=cli.number(int, 1), default=min(8, os.cpu_count() or 1), help="image decoding threads")
+    cli.add_threads_arg(p)
     p.add_argument("--mode", choices=features.MODES, default="pytorch-fid",
                    help="preprocessing: pytorch-fid's bilinear resize (default) or clean-fid's PIL bicubic")
     p.add_argument("--weights", help="Inception weights (.safetensors, or pytorch-fid's .pth)")
@@ -172,6 +173,7 @@ def compute(argv: list[str]) -> dict:
 @cli.entry("fid.py")
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    speed.apply_threads(args.threads)
     cli.check_device(args.device)
     with distributed.process_group(args.device) as args.device:  # under torchrun: this rank's device
         results = run(args)

@@ -17,12 +17,14 @@ win over it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from minigen import cli
+from minigen import cli, speed
 from minigen.lora_extract import extract_lora, merge_loras
 from minigen.sd.lora_files import parse_lora_spec
-from minigen.checkpoint_files import OUTPUT_FORMATS
+from minigen.checkpoint_files import OUTPUT_FORMATS, check_output
 from minigen.io import FLOAT_DTYPES
 from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints
 
@@ -37,7 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--c", help="checkpoint C, for add_difference: A + alpha * (B - C)")
     p.add_argument("-o", "--output", required=True,
                    help="output: a .safetensors file, or a diffusers folder for any other name (must not be an "
-                        "input; an existing diffusers folder there is replaced once the new one is complete)")
+                        "input; an existing one is refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing -o (without it an existing output is refused; it is replaced only once "
+                        "the new one is complete)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS,
                    help="override the format guessed from -o (single_file for a .safetensors name, else diffusers)")
     p.add_argument("--method", choices=sorted(METHODS), default="weighted_sum",
@@ -60,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled checkpoints (.ckpt, .pt, .pth, .bin): they can run code when loaded, so only "
                         "from a source you trust (loaded with weights_only=True, whole into memory)")
-    p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
+    cli.add_threads_arg(p)
     return p.parse_args(cli.preset_then(sys.argv[1:] if argv is None else argv))
 
 
@@ -77,33 +82,54 @@ def parse_block_alphas(text: str | None) -> tuple[float, ...] | None:
     return alphas
 
 
+def job_of(args: argparse.Namespace, loras: list) -> str:
+    """Which of the four jobs the inputs ask for: merge, bake, extract or merge-loras; a ValueError if none."""
+    if args.rank is not None:  # write a LoRA
+        if args.a and args.b and not loras:
+            return "extract"
+        if loras and not (args.a or args.b):
+            return "merge-loras"
+        raise ValueError("--rank R takes A B (extract a LoRA from B - A) or --lora FILE --lora FILE (merge LoRAs)")
+    if args.a and args.b and not loras:
+        return "merge"
+    if args.a and loras and not args.b:
+        return "bake"
+    raise ValueError("give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
+                     "or --lora FILE --lora FILE --rank R (merge LoRAs)")
+
+
+def check_not_replaced(args: argparse.Namespace) -> None:
+    """Refuse an -o that is one of the inputs (whatever --overwrite says), then one that exists without --overwrite."""
+    named = [args.a, args.b, args.c, args.vae if args.vae not in ("copy", "merge") else None,
+             *(path for path, _ in map(parse_lora_spec, args.lora))]
+    check_output(Path(args.output), [Path(p) for p in named if p is not None and os.path.exists(p)], 0)
+    if os.path.lexists(args.output) and not args.overwrite:
+        raise FileExistsError(f"-o {args.output} already exists: --overwrite replaces it (once the new output is "
+                              f"complete), or give another name")
+
+
 @cli.entry("merge.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cli.apply_threads(args.threads)
+    speed.apply_threads(args.threads)
     recipe = MergeRecipe(method=args.method, alpha=args.alpha, block_alphas=parse_block_alphas(args.block_alphas),
                          vae=args.vae, merge_text_encoders=not args.skip_text_encoders, dtype=args.dtype)
     loras = [parse_lora_spec(spec) for spec in args.lora]
-    if args.rank is not None:  # write a LoRA
-        if args.a and args.b and not loras:
-            n = extract_lora(args.a, args.b, args.output, args.rank, args.clamp_quantile,
-                             allow_pickle=args.allow_pickle)
-        elif loras and not (args.a or args.b):
-            n = merge_loras(loras, args.output, args.rank, args.clamp_quantile)
-        else:
-            raise ValueError("--rank R takes A B (extract a LoRA from B - A) or --lora FILE --lora FILE (merge LoRAs)")
+    job = job_of(args, loras)
+    check_not_replaced(args)
+    if job == "extract":
+        n = extract_lora(args.a, args.b, args.output, args.rank, args.clamp_quantile, allow_pickle=args.allow_pickle)
+    elif job == "merge-loras":
+        n = merge_loras(loras, args.output, args.rank, args.clamp_quantile)
+    if job in ("extract", "merge-loras"):
         print(f"{args.output}: LoRA of rank {args.rank} on {n} layers")
         return 0
-    if args.a and args.b and not loras:
+    if job == "merge":
         report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
-                                   output_format=args.output_format,
-                                   allow_pickle=args.allow_pickle)
-    elif args.a and loras and not args.b:
+                                   output_format=args.output_format, allow_pickle=args.allow_pickle)
+    else:
         report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
                             allow_pickle=args.allow_pickle)
-    else:
-        raise ValueError("give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
-                         "or --lora FILE --lora FILE --rank R (merge LoRAs)")
     print(f"{args.output}: {report.merged} tensors merged, {report.copied} copied, "
           f"{report.output_bytes / 1e9:.2f} GB")
     return 0

@@ -10,8 +10,8 @@ for a seed.
 --model: a diffusers folder, a single-file checkpoint, or random:tiny (a random model, to try things in seconds). One
 `--seed` draws the noise of the whole batch (as diffusers' `generator=torch.Generator("cpu").manual_seed(seed)` with
 `num_images_per_prompt`); with no seed a random one is chosen and printed. Images are written as
-<out>/<seed>-000.png, <seed>-001.png, ..., each holding its settings (A1111's `parameters` text and minigen's JSON,
-see minigen/png_info.py). --sampler takes minigen's, A1111's and ComfyUI's names. --init-image turns it into img2img
+<out>/<seed>-000.png, <seed>-001.png, ..., numbered on past those already there (nothing is replaced), each holding
+its settings (A1111's `parameters` text and minigen's JSON, see minigen/png_info.py). --sampler takes minigen's, A1111's and ComfyUI's names. --init-image turns it into img2img
 (diffusers' StableDiffusionXLImg2ImgPipeline; the refiner's aesthetic scores: --aesthetic-score,
 --negative-aesthetic-score). --from-png IMG redraws IMG from its settings; flags after it override.
 """
@@ -30,9 +30,10 @@ from minigen.atomic import check_can_create
 from minigen.memory_plan import check_fits, model_configs, plan_sampling
 from minigen.png_info import file_hashes, png_text, read_png_settings
 from minigen.sampler_names import karras_of, resolve_sampler
+from minigen.sd.configs import default_size
 from minigen.sd.lora_files import parse_lora_spec
 from minigen.sd.model import RANDOM
-from minigen.sd.pipeline import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, Pipeline, check_settings, image_path,
+from minigen.sd.pipeline import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, Pipeline, check_settings,
                                  load_init_image, save_images)
 
 # The flags a PNG keeps (minigen/png_info.py): every one that changes the pixels. Not --allow-pickle: a picture must
@@ -43,7 +44,6 @@ SETTINGS = ("model", "prompt", "negative", "steps", "cfg", "rescale", "sampler",
             "vae_tiling")  # not the other speed switches: they change nothing but rounding
 SWITCHES = ("karras", "vae_tiling")  # flags without a value
 PAIRS = ("original_size", "crop_top_left", "target_size")  # flags of two numbers
-DEFAULT_SIZE = 1024
 DEFAULT_STRENGTH = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline's
 
 
@@ -81,9 +81,11 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--eta", type=cli.number(float, 0, 1), default=0.0, help="DDIM's eta in [0, 1]")
     p.add_argument("--seed", type=cli.seed_number, default=None)
     p.add_argument("--height", type=cli.number(int, 8), default=None,
-                   help=f"a multiple of 8 (default {DEFAULT_SIZE}, or the init image's)")
+                   help="a multiple of 8 (default: the init image's, else the model's own: 1024 for SDXL, 512 for SD "
+                        "1.5, 768 for SD 2.1, 32 for random:tiny)")
     p.add_argument("--width", type=cli.number(int, 8), default=None,
-                   help=f"a multiple of 8 (default {DEFAULT_SIZE}, or the init image's)")
+                   help="a multiple of 8 (default: the init image's, else the model's own: 1024 for SDXL, 512 for SD "
+                        "1.5, 768 for SD 2.1, 32 for random:tiny)")
     p.add_argument("--num", type=cli.number(int, 1), default=1, help="images in the batch")
     p.add_argument("--out", default="outputs")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
@@ -224,26 +226,24 @@ def draw(args: argparse.Namespace, settings: dict, init: torch.Tensor | None, he
 @cli.entry("sample.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cli.apply_threads(args.threads)
+    speed.apply_threads(args.threads)
     args.device = cli.resolve_device(args.device, "minutes per image at 1024x1024 with full-size SDXL")
     sampler, named_karras = args.sampler
     karras = karras_of(named_karras, args.karras)
     init = None  # before loading gigabytes: every file and setting
     if args.init_image is not None:
         init = load_init_image(args.init_image, args.height, args.width)
-    height, width = (init.shape[2], init.shape[3]) if init is not None else (args.height or DEFAULT_SIZE,
-                                                                             args.width or DEFAULT_SIZE)
+    if init is not None:
+        height, width = init.shape[2], init.shape[3]
+    else:  # the model's own size where none is given, as diffusers (from its configs, not its weights)
+        size = default_size(model_configs(args.model)) if not (args.height and args.width) else None
+        height, width = args.height or size, args.width or size
     settings = settings_of(args, sampler, karras, args.seed if args.seed is not None else random.randrange(2**32),
                            height, width, [parse_lora_spec(spec) for spec in args.lora])
     check_settings(sampler, args.steps, height, width, args.num, strength=settings["strength"] or 1.0, karras=karras)
     if args.vae is not None and not os.path.exists(args.vae):
         raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     check_can_create(args.out, folder=True, what="--out")
-    written = [args.index] if args.index is not None else range(args.num)
-    if args.from_png and any(os.path.exists(path) and os.path.samefile(path, args.from_png)
-                             for path in (image_path(args.out, str(settings["seed"]), i) for i in written)):
-        raise ValueError(f"--out {args.out}: the redrawn image would replace --from-png {args.from_png}; "
-                         "give another --out")
     asked = speed.speed_from_args(args)
     if args.plan or args.device.startswith("cuda"):  # before loading gigabytes: will it fit?
         plan = plan_sampling(model_configs(args.model), cli.chosen_dtype(args), height, width, args.num,

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write N PNGs from --checkpoint into --out, then exit")
     p.add_argument("--checkpoint", help="checkpoint to sample from")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
+    cli.add_threads_arg(p)
     speed.add_speed_args(p, ("tf32", "compile", "fused_optimizer"),
                          "G and D (G only with wgan-gp, whose penalty needs a double backward)")
     p.add_argument("--overwrite", action="store_true",
@@ -101,28 +101,29 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, GANConfig]:
 
 
 RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "curves.png")  # with samples/epoch_*.png, what a run writes
+RUN_IMAGES = ("samples/epoch_*.png", "fake/*.png")  # its grids, and what `--sample N --out RUN/fake` drew from it
 
 
 def claim_out(out: Path, overwrite: bool) -> None:
     """Before a fresh run: an --out folder holding a run is refused, or with --overwrite emptied of that run's files
     (nothing else in it is touched), loudly. Left there, the old grids and log would mix with the new run's."""
     files = [out / name for name in RUN_FILES if (out / name).is_file()]
-    grids = sorted(out.glob("samples/epoch_*.png"))
-    if not files and not grids:
+    images = sorted(path for pattern in RUN_IMAGES for path in out.glob(pattern))
+    if not files and not images:
         return
     if not overwrite:
         raise ValueError(f"--out {out} already holds a run: --resume {out / RUN_FILES[0]} continues it, "
                          f"--overwrite replaces it")
-    print(f"--overwrite: replacing the previous run in {out}: deleting its {len(files) + len(grids)} files "
-          f"(checkpoint, log, curves, grids)", file=sys.stderr)
-    for path in files + grids:
+    print(f"--overwrite: replacing the previous run in {out}: deleting its {len(files) + len(images)} files "
+          f"(checkpoint, log, curves, grids, samples in fake/)", file=sys.stderr)
+    for path in files + images:
         path.unlink()
 
 
 @cli.entry("train_gan.py")
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
-    cli.apply_threads(getattr(args, "threads", None))
+    speed.apply_threads(getattr(args, "threads", None))
     cli.check_device(cfg.device)
     if "sample" in args:
         if "checkpoint" not in args or "out" not in args:
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             claim_out(Path(cfg.out), getattr(args, "overwrite", False))
         # Built before training (rank 0 runs the hooks): missing Inception weights stop the run now, not after an epoch.
         hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every and writer else []
-        with speed.switched(speed.speed_from_args(args), device) as fast:
+        # channels-last is a setting of the run here (saved, resumed with it), not a switch: the speed line shows it
+        asked = dataclasses.replace(speed.speed_from_args(args), channels_last=cfg.channels_last)
+        with speed.switched(asked, device) as fast:
             status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress,
                            device=device, speed=fast)
     if status == "interrupted":

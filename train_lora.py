@@ -39,7 +39,50 @@ HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, In
         "clip_skip": "encode captions and validation prompts from this layer, A1111's count (2: the penultimate "
                      "layer, what many SD 1.x anime models were trained with); written into the LoRA's metadata",
         "prediction_type": "epsilon or v_prediction (default: the model's own, read from its scheduler config)",
-        "device": "cuda, cuda:1, cpu, ... (given nowhere: cuda when torch sees a GPU, else the CPU, with a warning)"}
+        "device": "cuda, cuda:1, cpu, ... (given nowhere: cuda when torch sees a GPU, else the CPU, with a warning)",
+        "data": "a folder of images with captions (.txt beside each, or metadata.jsonl), or a built-in dataset (met)",
+        "caption_prefix": "put before every caption, e.g. a trigger word or seed 001's \"Still from the Anime, \"",
+        "caption_fallback": "the caption of images that have none",
+        "caption_dropout": "the share of captions replaced by \"\" in each epoch, in [0, 1): teaches the "
+                           "unconditional prediction classifier-free guidance needs",
+        "instance_prompt": "DreamBooth: one prompt for every image of --data (captions then unused)",
+        "class_data": "DreamBooth prior preservation: a folder of class images, trained on beside --data",
+        "class_prompt": "DreamBooth: the prompt of the --class-data images",
+        "prior_loss_weight": "DreamBooth: the weight of the class images' loss",
+        "max_images": "use only the first N images (0: all); for quick trials",
+        "resolution": "HxW or one number: images are bucketed by aspect ratio to about this many pixels",
+        "bucket_step": "bucket sides are multiples of this many pixels",
+        "random_crop": "a new random crop each epoch instead of the centre (needs --cache-latents off)",
+        "flip": "also train on each image mirrored left-right",
+        "cache_latents": "memory, disk (in --out/cache) or off: encode the images with the VAE once, or every step",
+        "rank": "the LoRA rank r: the width of each adapter's down and up matrices",
+        "alpha": "LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank, scale 1)",
+        "targets": "attention (to_q/k/v/out.0, as the seeds) or kohya (also proj_in/out and the feed-forward layers)",
+        "lora_dropout": "dropout on the adapters' input while training, in [0, 1)",
+        "train_text_encoder": "train LoRA adapters on the text encoder(s) too",
+        "text_encoder_lr": "the text encoders' learning rate (0: --lr)",
+        "noise_offset": "add this much per-channel offset noise (Guttenberg 2023): darker darks, brighter brights",
+        "min_snr_gamma": "Min-SNR loss weighting, gamma (Hang et al. 2023; 5 is usual; 0: off)",
+        "optimizer": "adamw, adafactor (less memory: seed 000) or sgd",
+        "lr": "the learning rate",
+        "weight_decay": "AdamW's decoupled weight decay (Adafactor and SGD take none)",
+        "lr_scheduler": "constant, cosine or linear decay after the warm-up",
+        "warmup_steps": "optimizer steps of linear warm-up from 0",
+        "batch": "images per step on each process",
+        "grad_accum": "steps whose gradients add up before each optimizer step",
+        "max_grad_norm": "clip the gradients' norm to this (0: no clipping)",
+        "mixed_precision": "no, bf16 or fp16: the frozen weights in that dtype, the LoRA weights in fp32",
+        "gradient_checkpointing": "recompute activations in the backward pass: far less memory, ~30%% slower",
+        "epochs": "the total number of passes over the data (on --resume too: give more to train more)",
+        "seed": "the seed of every random draw: the same seed and settings train the same LoRA",
+        "out": "the run's folder",
+        "save_every_epochs": "write lora-epoch-NNNN.safetensors and the checkpoint every N epochs",
+        "save_every_steps": "also save the checkpoint every N optimizer steps (0: only at epoch ends)",
+        "validation_prompts": "prompts drawn after every epoch from the same noise (samples/)",
+        "validation_steps": "sampling steps of the validation images",
+        "validation_size": "HxW of the validation images (default: --resolution)",
+        "validation_seed": "the seed of the validation images' noise",
+        "guidance_scale": "classifier-free guidance of the validation images"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a preset: a file of flags (configs/lora_*.conf)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=cli.number(int, 1), help="CPU threads for torch (default: torch's choice)")
+    cli.add_threads_arg(p)
     p.add_argument("--plan", action="store_true",
                    help="print the memory plan of one training step (no weights loaded, no GPU needed), then exit")
     p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
@@ -99,7 +142,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
 @cli.entry("train_lora.py")
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
-    cli.apply_threads(getattr(args, "threads", None))
+    speed.apply_threads(getattr(args, "threads", None))
     if "plan" in args:
         print(plan_lora_step(cfg).describe())
         return 0
@@ -113,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                               allow_pickle=getattr(args, "allow_pickle", False), device=device, speed=fast)
         if "resume" in args:
             trainer.load_checkpoint(args.resume)
-        trainer.train()
+        if trainer.train() == "interrupted":
+            return 130  # as train_gan.py and any program stopped by Ctrl-C: the resume command is printed
         if distributed.is_main():
             print_outputs(Path(cfg.out))
     return 0

@@ -4,8 +4,8 @@ fixed instance prompt for every image (DreamBooth), plus a trigger prefix and ca
     items = captioned_images("data/", prefix="Still from the Anime, ")          # [CaptionedImage(path, caption)]
     items = dreambooth_images("dog/", "a photo of sks dog", class_root="dogs/", class_prompt="a photo of a dog")
 
-Caption files written on Windows come in odd encodings: UTF-8 with a BOM (Notepad), UTF-16 with a BOM, or a
-legacy 8-bit code page. `read_caption` decodes each of them; an image with no caption gets the fallback caption
+Caption and prompt files written on Windows come in odd encodings: UTF-8 with a BOM (Notepad), UTF-16 with or
+without a BOM, or the legacy code page (Windows-1252: its curly quotes and dashes). `read_caption` decodes each; an image with no caption gets the fallback caption
 and one warning counts them all.
 """
 
@@ -30,21 +30,44 @@ class CaptionedImage:
     is_class_image: bool = False  # DreamBooth prior-preservation image: its loss is weighted by prior_loss_weight
 
 
+def utf16_without_bom(raw: bytes) -> str | None:
+    """"utf-16-le" or "-be" when `raw` looks like UTF-16 with no byte-order mark (text made mostly of ASCII leaves a
+    zero byte in every other position: after each character for little-endian, before it for big-endian), else None."""
+    if len(raw) < 2 or len(raw) % 2:
+        return None
+    half = len(raw) // 2
+    zeros_odd, zeros_even = raw[1::2].count(0), raw[0::2].count(0)
+    if zeros_odd >= half / 2 and zeros_even == 0:
+        return "utf-16-le"
+    if zeros_even >= half / 2 and zeros_odd == 0:
+        return "utf-16-be"
+    return None
+
+
 def read_text(path: str | os.PathLike) -> str:
-    """A text file written anywhere (a caption, metadata.jsonl). UTF-16 and UTF-8 byte-order marks are honoured;
-    bytes that are not UTF-8 are read as latin-1 (every byte is a latin-1 character, so this never fails) with a
-    warning naming the file."""
+    """A text file written anywhere (a caption, a prompt file, metadata.jsonl). UTF-16 (with a byte-order mark, or
+    without one when its zero bytes show it) and UTF-8 with or without a BOM; other bytes that are not UTF-8 are read
+    as Windows-1252 (Notepad's "ANSI" in the West), or latin-1 where a byte is not Windows-1252 (every byte is a latin-1
+    character, so this never fails), with a warning naming the file. Other zero bytes: not text, a ValueError."""
     raw = Path(path).read_bytes()
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    utf16 = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else utf16_without_bom(raw)
+    if utf16:
         try:
-            return raw.decode("utf-16")  # the BOM says which byte order
+            return raw.decode(utf16).removeprefix("\ufeff")  # with a BOM, the BOM says which byte order
         except UnicodeDecodeError as e:  # an odd number of bytes, a lone surrogate
             raise ValueError(f"{path}: broken UTF-16 text ({e.reason} at byte {e.start})") from None
+    if 0 in raw:
+        raise ValueError(f"{path}: not a text file (it holds zero bytes, and is not UTF-16)")
     try:
         return raw.decode("utf-8-sig")  # plain UTF-8, with or without Notepad's BOM
     except UnicodeDecodeError:
-        warnings.warn(f"{path} is not UTF-8; read as latin-1", stacklevel=3)
-        return raw.decode("latin-1")
+        pass
+    try:
+        text, encoding = raw.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:  # 0x81, 0x8d, 0x8f, 0x90, 0x9d are not Windows-1252
+        text, encoding = raw.decode("latin-1"), "latin-1"
+    warnings.warn(f"{path} is not UTF-8; read as {encoding}", stacklevel=3)
+    return text
 
 
 def read_caption(path: str | os.PathLike) -> str:

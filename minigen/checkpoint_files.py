@@ -2,7 +2,8 @@
 at a time, write tensor by tensor, and every output put in place only once it is complete.
 
 - `open_checkpoint`: a single .safetensors file (`TensorFile`), a diffusers folder seen through single-file
-  names (`DiffusersFolder`), or a pickle loaded whole when allowed (`LoadedCheckpoint`): one interface, `keys`,
+  names (`DiffusersFolder`), a pickle loaded whole when allowed or a `random:<preset>[@seed]` model
+  (`LoadedCheckpoint`): one interface, `keys`,
   `shape`, `dtype`, `get`, `get_flat`, `close`. Every value read is checked to be finite.
 - Writers: `io.SafetensorsWriter` for a single file, `DiffusersFolderWriter` for a folder (`open_output`).
 - `check_output`: an output is never an input, and the disk has room for it, before a byte is written.
@@ -25,7 +26,8 @@ from .io import (DTYPE_NAMES, PICKLE_SUFFIXES, SAFETENSORS_DTYPES, CheckpointErr
                  load_weights, read_header)
 from .sd import convert
 from .sd.detect import MODEL_NAMES, detect, detect_family, family_of_configs
-from .sd.model import PARTS, WEIGHTS_NAME, check_weights, read_diffusers_configs, save_diffusers_files
+from .sd.model import (PARTS, RANDOM, WEIGHTS_NAME, check_weights, parse_random, random_model, read_diffusers_configs,
+                        save_diffusers_files)
 from .sd.tokenizer import CLIPTokenizer, model_tokenizers
 
 
@@ -153,12 +155,13 @@ class DiffusersFolder(TensorsByName):
 
 
 class LoadedCheckpoint(TensorsByName):
-    """A pickled checkpoint (.ckpt, .pt, ...) behind TensorFile's interface. A pickle cannot be read tensor by tensor:
-    it is loaded whole by `io.load_weights` (weights_only=True), so it takes its size in memory."""
+    """Tensors held whole behind TensorFile's interface: a pickled checkpoint (.ckpt, .pt, ...), which cannot be read
+    tensor by tensor (`io.load_weights` loads it with weights_only=True, so it takes its size in memory), or a random
+    model's single-file tensors (`random:tiny@1`: two small, different checkpoints to try merging with)."""
 
-    def __init__(self, path: str | os.PathLike, allow_pickle: bool):
+    def __init__(self, path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
         self.path = Path(path)
-        self.header, self.metadata = load_weights(self.path, allow_pickle)  # name -> tensor
+        self.header, self.metadata = tensors, metadata  # name -> tensor
         for key, tensor in self.header.items():
             if tensor.dtype not in DTYPE_NAMES:
                 raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {tensor.dtype}, which safetensors "
@@ -178,12 +181,14 @@ class LoadedCheckpoint(TensorsByName):
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
                     ) -> TensorFile | DiffusersFolder | LoadedCheckpoint:
     """A single .safetensors file, a diffusers folder seen through single-file names, or a pickle (refused
-    unless `allow_pickle`)."""
+    unless `allow_pickle`), or a `random:<preset>[@seed]` model."""
+    if str(path).startswith(RANDOM):
+        return LoadedCheckpoint(path, *random_model(*parse_random(str(path))).single_file_tensors())
     path = Path(path)
     if path.is_dir():
         return DiffusersFolder(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        return LoadedCheckpoint(path, allow_pickle)
+        return LoadedCheckpoint(path, *load_weights(path, allow_pickle))
     return TensorFile(path)
 
 
@@ -297,7 +302,10 @@ def open_output(out: Path, output_format: str | None, a: TensorFile | DiffusersF
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
     """SHA-256 of a whole file, read in 16 MB pieces (the hash A1111 and civitai show for a model). For a diffusers
-    folder, of its weight files' bytes one after the other (in PARTS order)."""
+    folder, of its weight files' bytes one after the other (in PARTS order); for `random:<preset>[@seed]`, of that
+    name, which makes the same tensors every time."""
+    if str(path).startswith(RANDOM):
+        return hashlib.sha256(str(path).encode()).hexdigest()
     path = Path(path)
     h = hashlib.sha256()
     buf = memoryview(bytearray(chunk_bytes))

@@ -14,11 +14,13 @@ import functools
 import math
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import distributed
 from .distributed import rank_label
 from .io import FLOAT_DTYPES
 from .training import TrainingDiverged
@@ -48,16 +50,41 @@ def fail(prog: str, message: str) -> int:
 
 
 def entry(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorate a CLI's `main(argv)`: expected failures print `prog: error: ...` and return 2."""
+    """Decorate a CLI's `main(argv)`: expected failures print `prog: error: ...` and return 2; Ctrl-C prints
+    `prog: interrupted` and returns 130, as a shell reports a program stopped by SIGINT (writes are atomic: nothing
+    half-written is left). The trainers catch Ctrl-C themselves, to save a checkpoint first. Warnings print as one
+    line each too, `prog: warning: ...`, without Python's file, line and source."""
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
+            warnings.formatwarning = lambda message, *_, **__: \
+                f"{prog}{rank_label()}: warning: {' '.join(str(message).split())}\n"
             try:
                 return main(argv)
             except EXPECTED_ERRORS as e:
                 return fail(prog + rank_label(), describe(e))  # under torchrun: which rank failed
+            except KeyboardInterrupt:
+                print(f"{prog}{rank_label()}: interrupted", file=sys.stderr)
+                return 130
         return run
     return wrap
+
+
+def python_command(program: str = "python") -> str:
+    """How to run `program` ("python", "torchrun") from the environment running now, as a user types it: the one
+    beside this interpreter, relative to the working folder when inside it (`.venv/bin/python`): a bare `python` may
+    be another one, with no torch."""
+    path = Path(sys.executable).with_name(program) if program != "python" else Path(sys.executable)
+    if path.is_relative_to(Path.cwd()):
+        path = path.relative_to(Path.cwd())
+    return shlex.quote(str(path))
+
+
+def resume_command(script: str, checkpoint: str | Path) -> str:
+    """The command that continues a run, runnable as printed: this interpreter, or torchrun for several processes."""
+    world = distributed.world_size()
+    launcher = f"{python_command('torchrun')} --nproc_per_node {world}" if world > 1 else python_command()
+    return f"{launcher} {script} --resume {shlex.quote(str(checkpoint))}"
 
 
 # ---- numbers: argparse `type=` functions that refuse what cannot work, naming the allowed range ----
@@ -134,13 +161,19 @@ def parsed_by(parse: Callable[[str], object], name: str) -> Callable[[str], obje
 # ---- device, dtype and threads ----
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --threads; `chosen_dtype(args)` resolves the dtype's default, `apply_threads` the threads."""
+    """--device, --dtype and --threads; `chosen_dtype(args)` resolves the dtype's default, `speed.apply_threads` the
+    threads."""
     p.add_argument("--device", default=None,
                    help="cuda, cuda:1, cpu, ... (default: cuda when torch sees a GPU, else the CPU, with a warning)")
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default=None,
                    help="UNet and text encoders' dtype (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
-    p.add_argument("--threads", type=number(int, 1), default=None,
-                   help="CPU threads for torch (default: torch's choice; on a busy machine fewer is often faster)")
+    add_threads_arg(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=number(int, 1),  # no default: the trainers' parsers leave unset flags out
+                   help="CPU threads for torch (default: the cores other work leaves free, by the load average; the "
+                        "speed line says how many)")
 
 
 def chosen_dtype_name(args: argparse.Namespace) -> str:
@@ -150,11 +183,6 @@ def chosen_dtype_name(args: argparse.Namespace) -> str:
 
 def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
     return FLOAT_DTYPES[chosen_dtype_name(args)]
-
-
-def apply_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def resolve_device(device: str | None, cost: str) -> str:

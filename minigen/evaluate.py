@@ -28,7 +28,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -50,6 +50,7 @@ from .memory_plan import model_configs
 from .sd.lora_files import LoRAFileError, check_lora_family, parse_lora_spec, read_lora, resolve_lora
 from .eval_report import image_path, markdown_table, plot_fid_per_epoch, save_grids, write_json
 from .plot import save_png
+from .sd.configs import default_size
 from .sd.convert import unet_name_map
 from .sd.pipeline import Pipeline, check_settings
 from .speed import Speed, prepare_pipeline_model
@@ -74,8 +75,8 @@ class Settings:
     guidance_scale: float = 5.0
     sampler: str = "euler"
     karras: bool = False
-    height: int = 1024
-    width: int = 1024
+    height: int | None = None  # None: the model's own size (1024 for SDXL, 512 for SD 1.5), as diffusers
+    width: int | None = None
     negative_prompt: str | None = None
 
 
@@ -299,13 +300,15 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     rows = candidates(loras)
     out = Path(out)
     check_can_create(out / "results.json")  # out is a folder, or can be made one
-    if not isinstance(model, Pipeline):
-        model_configs(str(model))  # its header only: a missing, foreign or unrecognised model fails now, not after
-        #                            the Inception and the reference images
+    # the model's configs from its header only: a missing, foreign or unrecognised model fails now, not after the
+    # Inception and the reference images; they give the image size where none is set
+    size = model.default_size if isinstance(model, Pipeline) else default_size(model_configs(str(model)))
+    settings = replace(settings, height=settings.height or size, width=settings.width or size)
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
     check_counts(reference, n_reference, len(items), dims)
-    net = fid_inception.load_inception(inception_weights, device)  # small: its errors come before the model load
+    # small: its errors come before the model load
+    net = fid_inception.load_inception(inception_weights, device, flag="--inception-weights")
     if net.has_classifier and len(items) < is_splits:
         warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
                       f"got {len(items)}", stacklevel=2)

@@ -72,7 +72,7 @@ def fid_hook(cfg: GANConfig, model: torch.nn.Module | None = None, progress: boo
         raise ValueError(f"--fid-samples must be at least 2 (a covariance), got {cfg.fid_samples}")
     if model is None:
         try:
-            model = load_inception(cfg.fid_weights or None, cfg.device)
+            model = load_inception(cfg.fid_weights or None, cfg.device, flag="--fid-weights")
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--fid-every needs the FID Inception weights: {e}") from None
     train_mu, train_sigma = training_stats(model, cfg, progress)

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, gan, gan_augment, gan_distributed
+from .cli import resume_command
 from .atomic import atomic_write, check_can_create, naming
 from .data import ImageFolder
 from .datasets import resolve_dataset
@@ -302,6 +303,9 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
     checkpoint, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
     if resume:
         trainer.load(resume)
+        if trainer.epoch >= cfg.epochs:  # nothing left to train: say so rather than exit 0 having done nothing
+            raise ValueError(f"--epochs {cfg.epochs}: the run in {resume} has trained {trainer.epoch} epochs; --epochs "
+                             f"is the total, so give more (--epochs {trainer.epoch + 30} trains 30 more)")
     records = read_log(log_path, trainer.iteration) if resume else []
     if main:
         with atomic_write(log_path, "w") as f:  # the log as of the checkpoint (nothing, for a new run)
@@ -335,7 +339,7 @@ def train(cfg: GANConfig, resume: str | Path | None = None, epoch_hooks: Iterabl
                     trainer.save(checkpoint)
                     if main:
                         print(f"interrupted at iteration {trainer.iteration}; saved {checkpoint}; continue with "
-                              f"--resume {checkpoint}", file=sys.stderr)
+                              f"{resume_command('train_gan.py', checkpoint)}", file=sys.stderr)
                     return "interrupted"
             trainer.epoch, trainer.batch_index = epoch + 1, 0
             if main:

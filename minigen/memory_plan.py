@@ -136,13 +136,10 @@ def model_configs(spec: str) -> dict[str, dict]:
     from .io import read_header
     from .sd.configs import get_config
     from .sd.detect import detect
-    from .sd.model import read_diffusers_configs
+    from .sd.model import RANDOM, parse_random, read_diffusers_configs
 
-    if spec.startswith("random:"):
-        try:
-            return get_config(spec.removeprefix("random:"))
-        except KeyError as e:
-            raise ValueError(f"{spec}: {e.args[0]}") from None
+    if spec.startswith(RANDOM):
+        return get_config(parse_random(spec)[0])
     if not Path(spec).exists():
         raise FileNotFoundError(2, "no such model file or folder", spec)
     if Path(spec).is_dir():

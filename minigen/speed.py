@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 from typing import Iterable, Iterator
 
@@ -66,7 +67,37 @@ class Speed:
         tf32 = state(s.tf32) + ("" if cuda else " (no effect on the CPU)")
         return (f"speed: tf32 {tf32}, compile {state(s.compile)}, channels-last {state(s.channels_last)}, "
                 f"sdpa {s.sdpa}, fused optimizer {state(s.fused_optimizer)}, vae slicing {state(s.vae_slicing)}, "
-                f"vae tiling {state(s.vae_tiling)}")
+                f"vae tiling {state(s.vae_tiling)}, threads {torch.get_num_threads()}{_threads_chosen_by}")
+
+
+# ---- CPU threads ----
+
+_threads_chosen_by = ""  # why torch has the threads it has, for the speed line: set by apply_threads
+
+
+def free_cores() -> tuple[int, int]:
+    """(cores this process may run on, how many of them other work is not using): the busy ones are the 1-minute load
+    average, rounded. On a busy 2-core machine two OpenMP threads spin-wait on each other: the demo's epoch took 47 s
+    with 2 threads beside another job, 8.5 s with 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return cores, max(1, cores - busy)
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU threads: `threads` (--threads) when given, else OMP_NUM_THREADS when set (torchrun sets 1 for
+    each of several processes), else torch's default (one a physical core) lowered to the cores not busy now
+    (`free_cores`). The speed line says which."""
+    global _threads_chosen_by
+    if threads:
+        torch.set_num_threads(threads)
+        _threads_chosen_by = " (--threads)"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        _threads_chosen_by = " (OMP_NUM_THREADS)"
+    else:
+        cores, free = free_cores()
+        torch.set_num_threads(min(torch.get_num_threads(), free))
+        _threads_chosen_by = f" (the free cores: {free} of {cores}; --threads N to choose)"
 
 
 # ---- the command line ----

@@ -9,8 +9,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# CI has 2 cores; more threads than that only adds contention.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# CI has 2 cores; more threads than that only adds contention. MINIGEN_TEST_THREADS=1 runs the suite at one thread:
+# run it both ways to find a test that asserts bit-for-bit equality where the kernels only promise rounding.
+THREADS = int(os.environ.get("MINIGEN_TEST_THREADS", min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
+# The CLIs choose their threads from the load average when --threads is not given (speed.apply_threads); under the
+# suite they keep these, in-process and in the subprocesses they start, so no test depends on the machine's load.
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(scope="module")

@@ -278,8 +278,10 @@ CASES |= {
                                        ["x" * 300, "too long"]),
     "output-folder-holds-the-inputs": lambda c: ([str(c.a), str(c.b), "-o", str(c.root)],
                                                  [str(c.root), "inside the output folder"]),
-    "output-folder-not-diffusers": lambda c: ([str(c.a), str(c.b), "-o", str(c.folder("folder", "notes.txt"))],
-                                              ["folder", "not a diffusers folder"]),
+    "output-exists": lambda c: ([str(c.a), str(c.b), "-o", str(c.bytes_of(b"an earlier merge", "earlier.safetensors"))],
+                                ["earlier.safetensors", "already exists", "--overwrite"]),
+    "output-folder-not-diffusers": lambda c: ([str(c.a), str(c.b), "-o", str(c.folder("folder", "notes.txt")),
+                                               "--overwrite"], ["folder", "not a diffusers folder"]),
     # the output is an input: every mode, every spelling
     "merge-output-is-a": lambda c: (c.merge(c.b)[:-1] + [str(c.a)], ["a.safetensors", "one of the inputs"]),
     "merge-output-is-b-other-spelling": lambda c: (c.merge(c.b)[:-1] + [str(c.root / "." / "sub" / ".." / "b.safetensors")],
@@ -357,7 +359,7 @@ def test_the_previous_output_survives_a_failed_merge(tmp_path, capsys):
     assert merge_cli.main(corpus.merge(corpus.b)) == 0
     nan = checkpoint(tmp_path / "nan.safetensors", 5, poison=TE1_Q)  # found half-way through the merge
     before = snapshot(tmp_path)
-    assert_clean_error(merge_cli.main, corpus.merge(nan), capsys, "nan.safetensors", TE1_Q)
+    assert_clean_error(merge_cli.main, corpus.merge(nan, "--overwrite"), capsys, "nan.safetensors", TE1_Q)
     assert snapshot(tmp_path) == before
 
 
@@ -456,7 +458,7 @@ def test_kill_9_leaves_the_previous_or_the_complete_new_output(where, tmp_path):
     old = corpus.a.read_bytes()
     corpus.out.write_bytes(old)  # a previous output
     inputs = {p: p.read_bytes() for p in (corpus.a, corpus.b)}
-    argv = corpus.merge(corpus.b, "--alpha", "1")  # the new output is B's tensors: easy to recognise
+    argv = corpus.merge(corpus.b, "--alpha", "1", "--overwrite")  # the new output is B's tensors: easy to recognise
     run_and_kill(tmp_path, where, argv, delay=random.uniform(0, 0.6) if where == "random-moment" else None)
     new = {k: v for k, v in load_file(str(corpus.b)).items()}
     got = corpus.out.read_bytes()

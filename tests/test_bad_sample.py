@@ -165,8 +165,6 @@ FILE_CASES = {
     "from-png-a1111-init-image-not-given": (lambda c: ["--from-png", str(c / "a1111-img2img.png")], "--init-image"),
     "from-png-a1111-steps-not-a-number": (lambda c: ["--from-png", str(c / "a1111-bad-steps.png")],
                                           "a1111-bad-steps.png", "Steps", "not a number"),
-    "from-png-would-replace-itself": (lambda c: ["--from-png", str(c / "1-000.png"), "--out", str(c)],
-                                      "would replace --from-png"),
     # these load the model first
     "lora-nan": (lambda c: ["--lora", str(c / "nan-lora.safetensors")], "nan-lora.safetensors", "lora_up.weight"),
     "lora-missing": (lambda c: ["--lora", str(c / "missing.safetensors")], "missing.safetensors"),
@@ -196,6 +194,16 @@ def test_allow_pickle_loads_a_pickled_lora(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     assert sample_cli.main(argv(corpus, out, "--lora", str(corpus / "lora.pt"), "--allow-pickle")) == 0
     assert [p.name for p in out.iterdir()] == ["1-000.png"]
+
+
+def test_a_second_run_numbers_on_and_replaces_nothing(corpus, tmp_path):
+    """As A1111 and ComfyUI: the same seed into the same folder writes 1-001.png beside 1-000.png, which stays."""
+    out = tmp_path / "out"
+    assert sample_cli.main(argv(corpus, out)) == 0
+    first = (out / "1-000.png").read_bytes()
+    assert sample_cli.main(argv(corpus, out, "--steps", "2")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["1-000.png", "1-001.png"]
+    assert (out / "1-000.png").read_bytes() == first
 
 
 def test_full_disk_while_writing_an_image(corpus, tmp_path, capsys, monkeypatch):

@@ -35,16 +35,34 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
     codecs.BOM_UTF16_LE + "Café au lait".encode("utf-16-le"),
     codecs.BOM_UTF16_BE + "Café au lait".encode("utf-16-be"),
     "Café au lait\r\n".encode(),
+    "Café au lait".encode("utf-16-le"),  # UTF-16 without a BOM: its zero bytes say which order
+    "Café au lait".encode("utf-16-be"),
 ])
 def test_caption_encodings(tmp_path, raw):
     (tmp_path / "a.txt").write_bytes(raw)
     assert read_caption(tmp_path / "a.txt") == "Café au lait"
 
 
-def test_caption_latin1_fallback_warns(tmp_path):
-    (tmp_path / "a.txt").write_bytes("Café\n au lait".encode("latin-1"))
+@pytest.mark.parametrize("text, encoding, read_as", [
+    ("“Café” au lait — fin", "cp1252", "Windows-1252"),  # Notepad's "ANSI": curly quotes and dashes kept
+    ("Café au lait", "latin-1", "Windows-1252"),  # é is the same byte in both
+])
+def test_caption_in_a_windows_code_page_warns(tmp_path, text, encoding, read_as):
+    (tmp_path / "a.txt").write_bytes(text.encode(encoding))
+    with pytest.warns(UserWarning, match=f"not UTF-8; read as {read_as}"):
+        assert read_caption(tmp_path / "a.txt") == text
+
+
+def test_caption_bytes_outside_windows_1252_read_as_latin_1(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 \x81")  # 0x81 has no Windows-1252 character
     with pytest.warns(UserWarning, match="not UTF-8; read as latin-1"):
-        assert read_caption(tmp_path / "a.txt") == "Café au lait"
+        assert read_caption(tmp_path / "a.txt") == "café \x81"
+
+
+def test_zero_bytes_that_are_not_utf16_are_refused(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"a red\x00 fox\x00\x00x")
+    with pytest.raises(ValueError, match="a.txt: not a text file"):
+        read_caption(tmp_path / "a.txt")
 
 
 def _image(path, size=(32, 32), colour=(200, 30, 30)):

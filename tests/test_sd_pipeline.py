@@ -195,7 +195,10 @@ def test_single_file_round_trip_through_diffusers(preset, tmp_path):
         loaded = load_model(file, prediction=prediction)
         assert loaded.family == FAMILIES[preset]
         got = Pipeline(loaded)("a cat", generator=torch.Generator("cpu").manual_seed(2), **settings)
-        assert torch.equal(got, want), file.name  # same weights, heads and schedule: the same computation
+        # Same weights, heads and schedule: the same computation, but not bit for bit on every CPU (oneDNN's kernels
+        # depend on memory alignment and the instruction set; a random model's rounding grows through the steps and
+        # the decoder: up to 4e-5 seen on an AMD EPYC at 1 thread), so 1e-4 of the image scale, 1/40 of a uint8 level.
+        assert_close_to_scale(got, want, 1e-4, min_scale=1.0)
 
 
 def test_sample_cli_draws_diffusers_image_from_a_single_file(tmp_path, capsys):

@@ -190,7 +190,10 @@ def test_single_file_loads_with_no_config_and_in_diffusers(ours, reference, init
         loaded = Pipeline.from_pretrained(file)
         assert loaded.model.family == "sdxl-refiner" and loaded.force_zeros_for_empty_prompt is False
         got = loaded("a cat", generator=torch.Generator("cpu").manual_seed(1), **settings)
-        assert torch.equal(got, want), file.name  # same weights, heads and schedule: the same computation
+        # Same weights, heads and schedule: the same computation, but not bit for bit on every CPU (oneDNN's kernels
+        # depend on memory alignment and the instruction set; a random model's rounding grows through the steps and
+        # the decoder: up to 4e-5 seen on an AMD EPYC at 1 thread), so 1e-4 of the image scale, 1/40 of a uint8 level.
+        assert_close_to_scale(got, want, 1e-4, min_scale=1.0)
     theirs = diffusers.StableDiffusionXLImg2ImgPipeline.from_single_file(str(path), config=str(reference_folder()),
                                                                           local_files_only=True)
     assert theirs.config.requires_aesthetics_score and not theirs.config.force_zeros_for_empty_prompt

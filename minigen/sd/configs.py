@@ -254,6 +254,17 @@ PRESETS = {"sdxl-base": SDXL_BASE, "tiny": TINY, "tiny-refiner": TINY_REFINER, "
            "tiny-sd1": TINY_SD1, "tiny-sd2": TINY_SD2}
 
 
+def vae_scale_of(vae_config: dict) -> int:
+    """Pixels per latent: the VAE halves the size once per level but the last (8 for every SD VAE, 2 for tiny)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def default_size(configs: dict[str, dict]) -> int:
+    """The side of the images a model was made for, diffusers' default height and width: the UNet's latent size times
+    the VAE's scale (SDXL 128 x 8 = 1024, SD 1.5 64 x 8 = 512, SD 2.1 96 x 8 = 768, random:tiny 16 x 2 = 32)."""
+    return configs["unet"]["sample_size"] * vae_scale_of(configs["vae"])
+
+
 def get_config(preset: str = "sdxl-base", part: str | None = None) -> dict:
     """A fresh copy of a preset's configs ({"unet", "vae", "text_encoder", "text_encoder_2" (SDXL), "scheduler"}) or
     one part."""

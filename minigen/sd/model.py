@@ -26,7 +26,7 @@ from ..atomic import atomic_write
 from ..io import CheckpointError, SafetensorsWriter, load_weights
 from . import convert
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-from .configs import get_config
+from .configs import PRESETS, get_config
 from .convert import FAMILY_PREFIXES
 from .detect import CONFIGS_METADATA, PREDICTIONS, Architecture, base_preset, detect, family_of_configs, layout_name
 from .tokenizer import CLIPTokenizer, model_tokenizers
@@ -110,7 +110,7 @@ class StableDiffusion:
         folder = Path(folder)
         save_diffusers_files(folder, self.configs, self.family, self.tokenizers())
         for part, model in self.models().items():
-            _save_tensors(model.state_dict(), folder / part / f"{WEIGHTS_NAME[part]}.safetensors", dtype)
+            _save_tensors(model.state_dict(), None, folder / part / f"{WEIGHTS_NAME[part]}.safetensors", dtype)
 
     def tokenizers(self) -> dict[str, CLIPTokenizer]:
         return {name: t for name, t in (("tokenizer", self.tokenizer), ("tokenizer_2", self.tokenizer_2)) if t}
@@ -120,9 +120,13 @@ class StableDiffusion:
         `v1-5-pruned-emaonly.safetensors`: A1111, ComfyUI, diffusers' `from_single_file`). `dtype` casts every
         floating-point tensor; by default each keeps its own. The configs go into the metadata (`minigen.configs`),
         so layouts the tensor shapes alone do not settle load back exactly."""
+        _save_tensors(*self.single_file_tensors(), path, dtype)
+
+    def single_file_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors under the family's single-file names, and the metadata that carries the configs."""
         states = {part: model.state_dict() for part, model in self.models().items()}
-        tensors = convert.to_single_file(states, self.configs, self.family)
-        _save_tensors(tensors, path, dtype, {CONFIGS_METADATA: json.dumps(self.configs, sort_keys=True)})
+        return (convert.to_single_file(states, self.configs, self.family),
+                {CONFIGS_METADATA: json.dumps(self.configs, sort_keys=True)})
 
 
 def save_diffusers_files(folder: Path, configs: Mapping[str, Mapping], family: str,
@@ -181,8 +185,8 @@ def _write_json(path: Path, obj) -> None:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype | None,
-                  metadata: Mapping[str, str] | None = None) -> None:
+def _save_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+                  path: str | os.PathLike, dtype: torch.dtype | None) -> None:
     """Stream `tensors` to a safetensors file, casting floating-point ones to `dtype` one at a time."""
     def target(t):
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
@@ -275,6 +279,17 @@ def _read_vae(path: Path, config: Mapping, allow_pickle: bool) -> tuple[dict, di
 RANDOM = "random:"  # `load_model("random:tiny")`: a model of a preset's sizes with random weights, no file needed
 
 
+def parse_random(spec: str) -> tuple[str, int]:
+    """"random:<preset>[@seed]" -> (preset, seed): `random:tiny` and `random:tiny@1` are two different models (seed
+    0 and 1), so two of them can be merged. A preset or seed that does not exist is a ValueError naming the spec."""
+    preset, _, seed = str(spec).removeprefix(RANDOM).partition("@")
+    if preset not in PRESETS:
+        raise ValueError(f"{spec}: no preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if seed and not seed.isdigit():
+        raise ValueError(f"{spec}: the seed after @ must be a whole number >= 0, got {seed!r}")
+    return preset, int(seed or 0)
+
+
 def random_model(preset: str = "tiny", seed: int = 0) -> StableDiffusion:
     """A model with random weights at a preset's sizes (`configs.PRESETS`): "tiny", "tiny-refiner", "tiny-sd1",
     "tiny-sd2" (each family's structure at toy widths, for tests, smoke runs and trying every tool in seconds) or a
@@ -299,13 +314,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     prediction: "epsilon" or "v_prediction", for a file that does not say (SD 2.x 768-v); overrides the file.
     A single file's architecture is read from its tensors (`detect.detect`); a folder's from its configs.
     Tokenizers come from the folder's tokenizer/ and tokenizer_2/, or the bundled CLIP vocabulary.
-    path "random:<preset>" builds `random_model(preset)` instead (a `vae` file then replaces its VAE too).
+    path "random:<preset>[@seed]" builds `random_model(preset, seed)` instead (a `vae` file then replaces its VAE too).
     """
     if str(path).startswith(RANDOM):
-        try:
-            model = random_model(str(path).removeprefix(RANDOM))
-        except KeyError as e:
-            raise ValueError(f"{path}: {e.args[0]}") from None
+        model = random_model(*parse_random(str(path)))
         if prediction:
             model.configs["scheduler"]["prediction_type"] = PREDICTIONS[prediction]
         if vae is not None:

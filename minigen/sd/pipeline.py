@@ -34,7 +34,9 @@ model, settings and `torch.Generator` the images are the same:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -48,6 +50,7 @@ from ..images import to_rgb
 from ..atomic import atomic_write
 from ..lora import remove_lora
 from .lora_files import load_lora
+from .configs import default_size, vae_scale_of
 from .convert import unet_name_map
 from .detect import FAMILY_NAMES
 from .model import RANDOM, StableDiffusion, load_model, read_model_index
@@ -56,9 +59,10 @@ VAE_SCALE = 8  # pixels per latent in each direction: every SD VAE halves the si
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's defaults (diffusers')
 
 
-def check_settings(sampler: str, steps: int, height: int, width: int, num_images: int = 1,
+def check_settings(sampler: str, steps: int, height: int | None, width: int | None, num_images: int = 1,
                    vae_scale: int = VAE_SCALE, strength: float = 1.0, karras: bool = False) -> None:
-    """Refuse settings that cannot make an image, naming what is wrong, before any model runs. strength: img2img's."""
+    """Refuse settings that cannot make an image, naming what is wrong, before any model runs. strength: img2img's.
+    A size of None is the model's own (`Pipeline.default_size`), fine by construction."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if karras and sampler not in KARRAS_SAMPLERS:
@@ -66,7 +70,7 @@ def check_settings(sampler: str, steps: int, height: int, width: int, num_images
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     for name, size in (("height", height), ("width", width)):
-        if not isinstance(size, int) or size < vae_scale or size % vae_scale:
+        if size is not None and (not isinstance(size, int) or size < vae_scale or size % vae_scale):
             raise ValueError(f"{name} must be a positive multiple of {vae_scale} (the VAE's scale), got {size!r}")
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"the number of images must be >= 1, got {num_images!r}")
@@ -126,20 +130,25 @@ def unit_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def image_path(folder: str | os.PathLike, stem: str, i: int) -> Path:
-    """Where `save_images` writes image i: `<folder>/<stem>-<i, three digits>.png`."""
-    return Path(folder) / f"{stem}-{i:03d}.png"
+def next_image_number(folder: str | os.PathLike, stem: str) -> int:
+    """One past the highest n of the `<stem>-<n>.png` files already in `folder` (0 when there are none)."""
+    numbers = [int(m[1]) for p in Path(folder).glob(f"{glob.escape(stem)}-*.png")
+               if (m := re.fullmatch(re.escape(stem) + r"-(\d+)\.png", p.name))]
+    return max(numbers, default=-1) + 1
 
 
-def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, start: int = 0,
+def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, first_index: int = 0,
                 pnginfo: Callable[[int], object] | None = None) -> list[Path]:
-    """Write (B, H, W, 3) uint8 images as `<stem>-<i>.png`, i counting from `start`, each atomically; returns the
-    paths. pnginfo(i): the PIL `PngInfo` (text chunks) of image i (see `minigen.png_info.png_text`)."""
-    paths = []
-    for i, image in enumerate(images, start):
-        path = image_path(folder, stem, i)
+    """Write (B, H, W, 3) uint8 images, image b being batch image `first_index + b`, as `<stem>-<n>.png` numbered on
+    from those already in `folder` (`<seed>-000.png`, `-001`, ...: a new run never replaces an earlier one's images,
+    as A1111 and ComfyUI number on), each atomically; returns the paths. pnginfo(i): the PIL `PngInfo` (text chunks)
+    of batch image i (see `minigen.png_info.png_text`)."""
+    paths, number = [], next_image_number(folder, stem)
+    for b, image in enumerate(images):
+        path = Path(folder) / f"{stem}-{number + b:03d}.png"
         with atomic_write(path) as f:
-            Image.fromarray(image.numpy()).save(f, format="PNG", pnginfo=pnginfo(i) if pnginfo else None)
+            Image.fromarray(image.numpy()).save(f, format="PNG",
+                                                pnginfo=pnginfo(first_index + b) if pnginfo else None)
         paths.append(path)
     return paths
 
@@ -212,8 +221,13 @@ class Pipeline:
 
     @property
     def vae_scale(self) -> int:
-        """Pixels per latent: the VAE halves the size once per level but the last (8 for SDXL)."""
-        return 2 ** (len(self.model.vae.config["block_out_channels"]) - 1)
+        """Pixels per latent (8 for every SD)."""
+        return vae_scale_of(self.model.vae.config)
+
+    @property
+    def default_size(self) -> int:
+        """The image side when none is given: the model's own, as diffusers takes it (1024 for SDXL, 512 SD 1.5)."""
+        return default_size({"unet": self.model.unet.config, "vae": self.model.vae.config})
 
     @property
     def device(self) -> torch.device:
@@ -238,7 +252,8 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, prompt: str, negative_prompt: str | None = None, *, steps: int = 30,
                  guidance_scale: float = 5.0, guidance_rescale: float = 0.0, sampler: str = "euler",
-                 karras: bool = False, eta: float = 0.0, height: int = 1024, width: int = 1024, num_images: int = 1,
+                 karras: bool = False, eta: float = 0.0, height: int | None = None, width: int | None = None,
+                 num_images: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, output: str = "uint8",
@@ -260,9 +275,11 @@ class Pipeline:
 
         init_image: img2img (diffusers' StableDiffusionXLImg2ImgPipeline), (1 or num_images, 3, height, width) in
         [0, 1] (see `load_init_image`); strength in (0, 1] (diffusers' default 0.3) runs the last int(steps * strength)
-        steps, starting from the image's latents noised to that step's level.
+        steps, starting from the image's latents noised to that step's level. height, width: default the model's own
+        size (`default_size`), as in diffusers.
         """
         scale = self.vae_scale
+        height, width = height or self.default_size, width or self.default_size
         check_settings(sampler, steps, height, width, num_images, scale, strength if init_image is not None else 1.0,
                        karras)
         if init_image is not None and (init_image.shape[0] not in (1, num_images)
