@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import train_lora
+
 from minigen.buckets import make_buckets, nearest_bucket, prepare_image
 from minigen.captions import captioned_images, dreambooth_images, read_caption
 from minigen.io import CheckpointError, load_safetensors
@@ -218,6 +220,35 @@ def test_ctrl_c_saves_at_the_next_step_and_says_how_to_resume(data, tmp_path, ca
     assert load_safetensors(checkpoint)[1]["step"] == "2"
     assert f"python train_lora.py --resume {checkpoint}" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+
+
+def test_resuming_a_finished_run_without_more_epochs_is_refused(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "run")
+    LoRATrainer(cfg, progress=False).train()
+    with pytest.raises(ValueError, match=r"--epochs 1: the run in .* has trained 1 epochs.*\(--epochs 11 trains 10 more\)"):
+        LoRATrainer(cfg, progress=False).load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+
+
+def test_train_lora_exits_130_when_interrupted_and_prints_no_summary(data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C ends train_lora.py as it ends train_gan.py: exit 130 (the trainer has printed how to resume), not 0
+    with the outputs of a finished run."""
+    class Interrupted(LoRATrainer):
+        def train(self, stop_after_steps=None):
+            return "interrupted"
+
+    monkeypatch.setattr(train_lora, "LoRATrainer", Interrupted)
+    cfg = tiny_config(data, tmp_path / "run")
+    argv = ["--model", cfg.model, "--data", cfg.data, "--resolution", cfg.resolution, "--bucket-step", "16",
+            "--out", cfg.out, "--device", "cpu", "--quiet"]
+    assert train_lora.main(argv) == 130
+    assert "lora:" not in capsys.readouterr().out
+
+
+def test_every_flag_says_what_it_does():
+    """`train_lora.py --help`: no entry is only its default."""
+    empty = [a.option_strings[0] for a in train_lora.build_parser()._actions
+             if a.option_strings and not (a.help or "").split("(default")[0].strip()]
+    assert empty == []
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])

@@ -222,11 +222,33 @@ def test_a_fresh_run_into_a_used_out_folder_is_refused_unless_overwrite(folder, 
     assert f"--resume {tmp_path / 'checkpoint.safetensors'} continues it, --overwrite replaces it" in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched
     (tmp_path / "notes.txt").write_text("mine")
+    assert train_gan.main(["--sample", "2", "--checkpoint", str(tmp_path / "checkpoint.safetensors"),
+                           "--out", str(tmp_path / "fake")]) == 0  # what `make gan-sample` draws for fid.py
     assert run(folder, tmp_path, "--epochs", "1", "--overwrite") == 0
     assert "replacing the previous run in" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_0001.png"]  # epoch 2's grid is gone
+    assert list((tmp_path / "fake").iterdir()) == []  # so are the old run's samples: an FID would measure them
     assert [r["epoch"] for r in log_lines(tmp_path)] == [1, 1, 1] and (tmp_path / "notes.txt").read_text() == "mine"
     assert train_gan.main(["--resume", str(tmp_path / "checkpoint.safetensors"), "--epochs", "2", "--quiet"]) == 0
+
+
+def test_resuming_a_finished_run_without_more_epochs_is_refused(uninterrupted, capsys):
+    """--epochs is the total: the README's `--resume ... --epochs 30` after 48 epochs used to print "epochs 49..30",
+    train nothing and exit 0. It is one line naming the epochs done and how to train more, and nothing changes."""
+    checkpoint = uninterrupted / "checkpoint.safetensors"
+    before = checkpoint.read_bytes()
+    for epochs in ("2", "3"):
+        assert train_gan.main(["--resume", str(checkpoint), "--epochs", epochs, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--epochs {epochs}" in err and "has trained 3 epochs" in err and "--epochs 33" in err
+    assert checkpoint.read_bytes() == before
+
+
+def test_the_speed_line_shows_a_presets_channels_last(folder, tmp_path, capsys):
+    (tmp_path / "cl.conf").write_text("--channels-last\n")
+    assert run(folder, tmp_path / "run", "--config", str(tmp_path / "cl.conf"), "--epochs", "1") == 0
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("speed:"))
+    assert "channels-last on" in line
 
 
 def test_a_presets_other_flags_apply_under_the_command_line(tmp_path):
