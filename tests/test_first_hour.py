@@ -3,8 +3,11 @@ stops, the threads chosen for a busy machine, commands printed runnable, two dif
 messages that name the right flag, one-line warnings."""
 
 import os
+import shlex
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +135,21 @@ def test_a_cli_prints_warnings_as_one_line():
         return 0
     assert main([]) == 0
     assert warnings.formatwarning("a long\n   warning", UserWarning, "x.py", 3) == "tool.py: warning: a long warning\n"
+
+
+def test_the_readmes_merge_commands_run_as_written(tmp_path):
+    """The README's way to try merge.py without a checkpoint: its `random:` lines, run as printed (from a folder
+    where `.venv/bin/python` is this interpreter), merge two different random models and draw from the merge."""
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    lines = [line.split("  #")[0].strip() for line in readme.splitlines()
+             if line.startswith(".venv/bin/python") and ("random:" in line or "--model m.safetensors" in line)]
+    assert len(lines) == 2 and "merge.py" in lines[0] and "sample.py" in lines[1]
+    (tmp_path / ".venv").symlink_to(sys.prefix)  # this environment, as `make` builds it beside the README
+    for script in ("merge.py", "sample.py"):
+        (tmp_path / script).symlink_to(repo / script)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    for line in lines:
+        job = subprocess.run(shlex.split(line), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, job.stderr[-2000:]
+    assert Image.open(tmp_path / "outputs" / "0-000.png").size == (32, 32)
