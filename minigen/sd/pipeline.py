@@ -139,11 +139,11 @@ def next_image_number(folder: str | os.PathLike, stem: str) -> int:
 
 def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, first_index: int = 0,
                 pnginfo: Callable[[int], object] | None = None) -> list[Path]:
-    """Write (B, H, W, 3) uint8 images, image b being batch image `first_index + b`, as `<stem>-<n>.png` numbered on
-    from those already in `folder` (`<seed>-000.png`, `-001`, ...: a new run never replaces an earlier one's images,
-    as A1111 and ComfyUI number on), each atomically; returns the paths. pnginfo(i): the PIL `PngInfo` (text chunks)
-    of batch image i (see `minigen.png_info.png_text`)."""
-    paths, number = [], next_image_number(folder, stem)
+    """Write (B, H, W, 3) uint8 images, image b being batch image `first_index + b`, as `<stem>-<n>.png`: n the batch
+    position (`<seed>-000.png`, `-001`, ...) in a folder that has none of these yet, else numbered on past the highest
+    there (a new run never replaces an earlier one's images, as A1111 and ComfyUI number on); each atomically; returns
+    the paths. pnginfo(i): the PIL `PngInfo` (text chunks) of batch image i (see `minigen.png_info.png_text`)."""
+    paths, number = [], max(first_index, next_image_number(folder, stem))
     for b, image in enumerate(images):
         path = Path(folder) / f"{stem}-{number + b:03d}.png"
         with atomic_write(path) as f:
