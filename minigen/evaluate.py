@@ -14,7 +14,8 @@ A training run's folder stands for its checkpoints: every LoRA file in it (told 
 checkpoint.safetensors beside them is skipped), ordered by epoch. A LoRA's epoch, in a folder or given alone, is read
 from kohya's `ss_epoch` metadata or else from the file name (`name-000003.safetensors`, `...epoch3...`).
 
-Writes into `out`: images/<model>/<prompt>-<seed>.png, results.md and results.json (one row per model),
+Writes into `out`: images/<model>/<prompt number>-<seed>.png (each with its settings, as sample.py's: `sample.py
+--from-png` redraws it), results.md and results.json (one row per model),
 grid-seed<seed>.png (rows: prompts, columns: models), and fid_per_epoch.png when epochs are known.
 
 Under torchrun (minigen.distributed) the ranks measure the reference in shares and take turns of --batch-size images
@@ -50,8 +51,10 @@ from .memory_plan import model_configs
 from .sd.lora_files import LoRAFileError, check_lora_family, parse_lora_spec, read_lora, resolve_lora
 from .eval_report import image_path, markdown_table, plot_fid_per_epoch, save_grids, write_json
 from .plot import save_png
+from .png_info import png_text
 from .sd.configs import default_size
 from .sd.convert import unet_name_map
+from .sd.model import RANDOM
 from .sd.pipeline import Pipeline, check_settings
 from .speed import Speed, prepare_pipeline_model
 
@@ -242,6 +245,19 @@ def generate_batch(pipe: Pipeline, embeddings: list[tuple], seeds: Sequence[int]
                 embeddings=(context, pooled), **kwargs)
 
 
+def png_settings(model: str | os.PathLike | Pipeline, row: Candidate, prompt: str, seed: int,
+                 settings: Settings) -> dict:
+    """What an evaluation image keeps in its PNG, as sample.py's images do (minigen/png_info.py): the image is
+    `sample.py --seed SEED --num 1` of its prompt, so `sample.py --from-png` redraws it (up to the rounding of a
+    batch of several prompts against one)."""
+    return {"model": "(in memory)" if isinstance(model, Pipeline) else
+            (str(model) if str(model).startswith(RANDOM) else os.path.abspath(model)),
+            "prompt": prompt, "negative": settings.negative_prompt, "steps": settings.steps,
+            "cfg": settings.guidance_scale, "sampler": settings.sampler, "karras": settings.karras, "seed": seed,
+            "height": settings.height, "width": settings.width, "num": 1,
+            "lora": [f"{os.path.abspath(row.lora)}:{row.multiplier}"] if row.lora is not None else []}
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 
 def finite_or_none(x: float | None) -> float | None:
@@ -345,7 +361,8 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
                 batch_items, images, measured = part
                 if main:
                     for (p, s), image in zip(batch_items, images):
-                        save_png(Image.fromarray(image), image_path(out, row.name, p, s))
+                        save_png(Image.fromarray(image), image_path(out, row.name, p, s),
+                                 png_text(png_settings(model, row, prompt_list[p], s, settings), 0))
                 for name in outputs:
                     features[name].append(measured[name])
                 bar.update(len(batch_items))

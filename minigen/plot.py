@@ -35,9 +35,10 @@ def signed_to_uint8(images) -> np.ndarray:
     return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> None:
+def save_png(image: Image.Image, path: str | os.PathLike, pnginfo=None) -> None:
+    """Write a PNG atomically; pnginfo: its text chunks (a PIL PngInfo, e.g. `png_info.png_text`)."""
     with atomic_write(path) as f:
-        image.save(f, format="PNG")
+        image.save(f, format="PNG", pnginfo=pnginfo)
 
 
 def make_grid(images, nrow: int = 8, padding: int = 2, background: int = 255) -> Image.Image:

@@ -122,6 +122,11 @@ def test_base_images_equal_sample_py(report, tmp_path):
         # blocking); that can flip a pixel that sits on a rounding boundary by one level, nothing more.
         diff = np.abs(ours[p * NUM + i].astype(int) - theirs.astype(int))
         assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    # each image keeps its settings, as sample.py's do: --from-png redraws it
+    image = out / "images" / "base" / f"001-{SEED + 1}.png"
+    assert sample_cli.main(["--from-png", str(image), "--out", str(tmp_path / "redrawn")]) == 0
+    redrawn = np.asarray(Image.open(tmp_path / "redrawn" / f"{SEED + 1}-000.png"))
+    assert np.abs(redrawn.astype(int) - ours[1 * NUM + 1].astype(int)).max() <= 1
 
 
 def test_lora_images_equal_the_pipeline_with_the_lora(report, files):
