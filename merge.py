@@ -51,9 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-alphas", metavar="W,W,...",
                    help="alphas by UNet block: 3 (input, middle, output blocks), or one per block as A1111's Merge "
                         "Block Weighted and supermerger write them (SD 1.x/2.x: 25, IN00..IN11,M00,OUT00..OUT11; "
-                        "SDXL: 19, IN00..IN08,M00,OUT00..OUT08), optionally with BASE (the text encoders) first: "
+                        "SDXL: 19, IN00..IN08,M00,OUT00..OUT08), optionally with BASE (the text encoders and the VAE) first: "
                         "26 / 20. Keys not weighted use --alpha")
-    p.add_argument("--vae", default="copy", help="'copy' (from A, the default), 'merge', or a VAE .safetensors to put in")
+    p.add_argument("--vae", default=None,
+                   help="'copy' (A's), 'merge', or a VAE .safetensors to put in (default: copy; with a BASE-first "
+                        "--block-alphas, merged at BASE's weight, as Merge Block Weighted and supermerger do)")
     p.add_argument("--skip-text-encoders", action="store_true", help="copy the text encoders from A unmerged")
     p.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), help="output dtype of float tensors (default: as in A)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:RATIO]",

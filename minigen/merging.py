@@ -28,14 +28,15 @@ import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint_files import DiffusersFolder, TensorFile, check_output, open_checkpoint, open_output, sha256_file
+from .checkpoint_files import (DiffusersFolder, TensorFile, check_output, open_checkpoint, open_output, output_metadata,
+                               sha256_file)
 from .io import FLOAT_DTYPES, CheckpointError
 from .sd.lora_files import LoRAFileError, check_lora_family, read_lora
 from .sd.convert import UNET_PREFIX, VAE_PREFIX, lora_targets
@@ -56,7 +57,10 @@ class MergeRecipe:
     method: str = "weighted_sum"  # or "add_difference"
     alpha: float = 0.5
     block_alphas: tuple[float, ...] | None = None  # 3 (IN, MID, OUT) or one per UNet block, BASE optionally first
-    vae: str = "copy"  # "copy" (from A), "merge", or the path of a VAE file to put in
+    # "copy" (from A), "merge", or the path of a VAE file to put in; None: "copy", but "merge" (at BASE's weight) with
+    # a BASE-first block list, as Merge Block Weighted, supermerger and sd-mecha do (MBW: base_alpha covers the text
+    # encoders and the VAE). Seed 004's preset says "copy".
+    vae: str | None = None
     merge_text_encoders: bool = True
     dtype: str | None = None  # "fp16", "bf16", "fp32"; None keeps each tensor's dtype from A
 
@@ -108,7 +112,7 @@ def component(key: str) -> str:
 # Block-weighted merging names the UNet's blocks as A1111's Merge Block Weighted extension and supermerger do:
 # INnn for input_blocks.nn, M00 for middle_block, OUTnn for output_blocks.nn (IN00..IN11, M00, OUT00..OUT11 in
 # SD 1.x/2.x: 25; IN00..IN08, M00, OUT00..OUT08 in SDXL: 19), and BASE for everything merged outside the UNet
-# (the text encoders; the VAE too with --vae merge).
+# (the text encoders; the VAE too with --vae merge, and by default when BASE is given).
 
 def block_of(key: str) -> str:
     """The block whose weight a single-file key takes: "IN03", "M00", "OUT11"; "stem" for the UNet's layers before its
@@ -151,7 +155,7 @@ def block_weights(alphas: tuple[float, ...], keys: list[str]) -> dict[str, float
     if len(alphas) not in (len(blocks), len(blocks) + 1):
         raise ValueError(f"--block-alphas takes 3 numbers (IN, MID, OUT), {len(blocks)} (one per UNet block of "
                          f"{MODEL_NAMES[detect_family(keys)]}: {blocks[0]}..{blocks[-1]}) or {len(blocks) + 1} "
-                         f"(BASE, for the text encoders, first); got {len(alphas)}")
+                         f"(BASE, for the text encoders and the VAE, first); got {len(alphas)}")
     named = dict(zip((["BASE"] if len(alphas) > len(blocks) else []) + blocks, alphas))
     return named | {"stem": named[blocks[0]], "head": named[blocks[-1]]}
 
@@ -266,7 +270,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
             warnings.warn(f"alpha {value} is outside [0, 1]: the merge extrapolates beyond its inputs",
                           MergeWarning, stacklevel=2)
     out = Path(out)
-    vae_path = None if recipe.vae in ("copy", "merge") else Path(recipe.vae)
+    vae_path = None if recipe.vae in (None, "copy", "merge") else Path(recipe.vae)
     inputs = dict(zip(["A", "B", "C"], paths)) | ({"VAE": vae_path} if vae_path else {})  # role -> path
 
     files: list = []
@@ -277,6 +281,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
         vae_file = open_checkpoint(vae_path, allow_pickle) if vae_path is not None else None
         check_same_model(files)
         weights = block_weights(recipe.block_alphas, files[0].keys()) if recipe.block_alphas else {}
+        if recipe.vae is None:
+            recipe = replace(recipe, vae="merge" if "BASE" in weights else "copy")
         report = MergeReport()
         steps = _plan(files, vae_file, recipe, weights, strict, report)
         if vae_file is not None and not any(s.sources[0][0] is vae_file for s in steps):
@@ -294,8 +300,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
             return _merge_tensor(step, method, dtype)
 
         report.output_bytes = _stream_out(out, open_output(out, output_format, files[0]), inputs,
-                                          files[0].metadata, {"type": "minigen", **asdict(recipe)}, specs, steps,
-                                          produce, progress)
+                                          output_metadata(files[0]), {"type": "minigen", **asdict(recipe)}, specs,
+                                          steps, produce, progress)
         return report
     finally:
         for f in files + ([vae_file] if vae_file else []):
@@ -432,7 +438,7 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
         recipe = {"type": "minigen", "method": "bake_lora", "loras": [[p.name, r] for p, r in loras], "dtype": dtype}
         out = Path(out)
         report.output_bytes = _stream_out(out, open_output(out, output_format, base), inputs,
-                                          base.metadata, recipe, specs, steps, produce, progress)
+                                          output_metadata(base), recipe, specs, steps, produce, progress)
         return report
     finally:
         base.close()
