@@ -158,18 +158,23 @@ def all_true(flag: bool, what: str) -> bool:
 
 def sum_gradients(params: Sequence[torch.Tensor], what: str = "the other ranks' gradients") -> int:
     """Replace each parameter's gradient by its sum over the ranks, in one flat all-reduce (a parameter without a
-    gradient on a rank, e.g. one that saw no samples, counts as zeros). Returns the bytes exchanged (0 alone)."""
+    gradient on a rank, e.g. one that saw no samples, counts as zeros). Each sum is copied back into the gradient
+    tensor, which keeps its memory layout: a channels-last weight's gradient stays channels-last, as fused optimizers
+    require (a contiguous gradient there pairs the wrong elements). Returns the bytes exchanged (0 alone)."""
     if not active() or not params:
         return 0
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads]).to(collective_device())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # zeros_like preserves the parameter's layout
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params]).to(collective_device())  # logical order
     with waiting_for(what):
         dist.all_reduce(flat)
     offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset: offset + n].view_as(p).to(p.device, p.dtype)
-        offset += n
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset: offset + n].view(p.shape))  # copy_ writes through the gradient's own strides
+            offset += n
     return flat.numel() * flat.element_size()
 
 

@@ -232,3 +232,24 @@ def test_fid_from_two_ranks_equals_one_process(image_folders):
     assert two["images"] == [7, 5]
     # KID draws random subsets by position: equal KIDs mean the same features in the same order
     assert (two["fid"], two["kid"], two["kid_std"]) == (one["fid"], one["kid"], one["kid_std"])
+
+
+def test_summed_gradients_keep_their_memory_layout(tmp_path):
+    """A channels-last weight's gradient stays channels-last, and in its own tensor, after the all-reduce: fused Adam
+    (the CUDA default) pairs a parameter's and its gradient's elements by memory order. One gloo rank in this process:
+    the sum over one rank is the gradient itself, so the values must come back unchanged, element for element."""
+    import torch.distributed as dist
+
+    from minigen import distributed
+
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    conv(torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)).square().sum().backward()
+    grad, want = conv.weight.grad, conv.weight.grad.clone()
+    assert not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        distributed.sum_gradients([conv.weight, conv.bias])
+    finally:
+        dist.destroy_process_group()
+    assert conv.weight.grad is grad and grad.stride() == want.stride()
+    assert torch.equal(grad, want)  # one rank: the same numbers copied back, no arithmetic
