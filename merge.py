@@ -6,6 +6,7 @@
     python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0,1,1,1,1,1,1,1,1,.5,0,0,0,0,0,0,0,0,0
     python merge.py A.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.5 -o baked.safetensors
     python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out
+    python merge.py model.ckpt --allow-pickle -o model.safetensors        # a pickle converted (A alone)
     python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
     python merge.py --lora style.safetensors:0.7 --lora detail.safetensors:0.3 --rank 32 -o merged_lora.safetensors
     python merge.py --config configs/merge_004.conf waifu.safetensors orangemix.safetensors -o merged.safetensors
@@ -98,11 +99,11 @@ def main(argv=None) -> int:
         report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
                                    output_format=args.output_format,
                                    allow_pickle=args.allow_pickle)
-    elif args.a and loras and not args.b:
+    elif args.a and not args.b:  # with no --lora: A converted (a pickle to safetensors, a file to a folder, ...)
         report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
                             allow_pickle=args.allow_pickle)
     else:
-        raise ValueError("give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
+        raise ValueError("give A B (merge), A --lora FILE (bake), A alone (convert), A B --rank R (extract a LoRA), "
                          "or --lora FILE --lora FILE --rank R (merge LoRAs)")
     print(f"{args.output}: {report.merged} tensors merged, {report.copied} copied, "
           f"{report.output_bytes / 1e9:.2f} GB")

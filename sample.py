@@ -246,8 +246,8 @@ def main(argv=None) -> int:
                          "give another --out")
     asked = speed.speed_from_args(args)
     if args.plan or args.device.startswith("cuda"):  # before loading gigabytes: will it fit?
-        plan = plan_sampling(model_configs(args.model), cli.chosen_dtype(args), height, width, args.num,
-                             guidance=args.cfg > 1, vae_slicing=asked.vae_slicing, vae_tiling=asked.vae_tiling)
+        configs = model_configs(args.model, args.allow_pickle)
+        plan = plan_sampling(configs, cli.chosen_dtype(args), height, width, args.num, guidance=args.cfg > 1, vae_slicing=asked.vae_slicing, vae_tiling=asked.vae_tiling)
         print(plan.describe())
         if args.plan:
             return 0

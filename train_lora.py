@@ -100,17 +100,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     cli.apply_threads(getattr(args, "threads", None))
+    allow_pickle = getattr(args, "allow_pickle", False)
     if "plan" in args:
-        print(plan_lora_step(cfg).describe())
+        print(plan_lora_step(cfg, allow_pickle=allow_pickle).describe())
         return 0
     with distributed.process_group(cfg.device) as device, speed.switched(speed.speed_from_args(args), device) as fast:
         if device.startswith("cuda"):
-            plan = plan_lora_step(cfg)
+            plan = plan_lora_step(cfg, allow_pickle=allow_pickle)
             if distributed.is_main():
                 print(plan.describe())
             check_fits(plan, torch.device(device), force="force" in args)
         trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
-                              allow_pickle=getattr(args, "allow_pickle", False), device=device, speed=fast)
+                              allow_pickle=allow_pickle, device=device, speed=fast)
         if "resume" in args:
             trainer.load_checkpoint(args.resume)
         trainer.train()

@@ -134,10 +134,11 @@ def check_fits(plan: MemoryPlan, device: torch.device, force: bool = False) -> N
     warnings.warn(message, stacklevel=2)
 
 
-def model_configs(spec: str) -> dict[str, dict]:
-    """The configs of `--model` without reading a weight: random:<preset>, a diffusers folder's own, or those a
-    single safetensors file's header shows (its tensors' names and shapes, `sd.detect`)."""
-    from .io import read_header
+def model_configs(spec: str, allow_pickle: bool = False) -> dict[str, dict]:
+    """The configs of `--model` without reading a weight: random:<preset>, a diffusers folder's own, those a single
+    safetensors file's header shows (its tensors' names and shapes, `sd.detect`), or, with `allow_pickle`, those of a
+    pickled checkpoint's tensors (unpickled onto the meta device: shapes without data)."""
+    from .io import PICKLE_SUFFIXES, load_weights, read_header
     from .sd.configs import get_config
     from .sd.detect import detect
     from .sd.model import read_diffusers_configs
@@ -151,17 +152,21 @@ def model_configs(spec: str) -> dict[str, dict]:
         raise FileNotFoundError(2, "no such model file or folder", spec)
     if Path(spec).is_dir():
         return read_diffusers_configs(Path(spec))
+    if Path(spec).suffix.lower() in PICKLE_SUFFIXES:
+        tensors, metadata = load_weights(spec, allow_pickle, device="meta")  # refused unless allow_pickle
+        return detect({k: tuple(v.shape) for k, v in tensors.items()}, metadata, spec).configs
     header, metadata = read_header(spec)
     return detect({k: tuple(v["shape"]) for k, v in header.items()}, metadata, spec).configs
 
 
-def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = True) -> MemoryPlan:
+def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = True,
+                   allow_pickle: bool = False) -> MemoryPlan:
     """Peak memory of a LoRA training step with `cfg`'s settings (a LoRATrainConfig). `fake=False` runs the same
-    steps on real tensors: what the tests compare the plan against."""
+    steps on real tensors: what the tests compare the plan against. `allow_pickle`: read a pickled --model."""
     from .images import parse_size
 
     start = time.perf_counter()
-    configs = configs or model_configs(cfg.model)
+    configs = configs or model_configs(cfg.model, allow_pickle)
     h, w = parse_size(cfg.resolution)
     h, w = max(cfg.bucket_step, h // cfg.bucket_step * cfg.bucket_step), max(cfg.bucket_step,
                                                                             w // cfg.bucket_step * cfg.bucket_step)
