@@ -211,22 +211,41 @@ def broadcast_object(obj: Any, what: str) -> Any:
 
 # ---- per-rank random state in a checkpoint ---------------------------------------------------------------------
 
-def rank_rng_states() -> dict[str, torch.Tensor]:
-    """Every rank's torch CPU RNG state, for rank 0 to save: `torch_rng` (rank 0's, the key one process has always
-    written) and `torch_rng.R` for rank R > 0. A collective: every rank calls it."""
-    states = gather_objects(torch.get_rng_state(), "the other ranks' random states")
-    return {"torch_rng" + (f".{r}" if r else ""): state for r, state in enumerate(states)}
+def rank_rng_states(device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG states, for rank 0 to save: `torch_rng` (rank 0's CPU state, the key one process has
+    always written) and `torch_rng.R` for rank R > 0; on a GPU also `cuda_rng[.R]`, the state of the rank's CUDA
+    generator, which draws what CUDA tensors draw without a generator (LoRA dropout's masks). A collective: every
+    rank calls it."""
+    cuda = torch.device(device).type == "cuda"
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+    states = {}
+    for r, (cpu, gpu) in enumerate(gather_objects(mine, "the other ranks' random states")):
+        suffix = f".{r}" if r else ""
+        states["torch_rng" + suffix] = cpu
+        if gpu is not None:
+            states["cuda_rng" + suffix] = gpu
+    return states
 
 
-def restore_rank_rng(tensors: dict[str, torch.Tensor], fallback_seed: tuple) -> bool:
-    """Set this rank's torch RNG from a checkpoint's `rank_rng_states`; a rank the checkpoint has no state for (it
-    was written by fewer ranks) seeds it with derived_seed(*fallback_seed, rank) instead. True when restored."""
-    key = "torch_rng" + (f".{rank()}" if rank() else "")
-    if key in tensors:
-        torch.set_rng_state(tensors[key])
-        return True
-    torch.manual_seed(derived_seed(*fallback_seed, rank()))
-    return False
+def restore_rank_rng(tensors: dict[str, torch.Tensor], fallback_seed: tuple,
+                     device: str | torch.device = "cpu") -> bool:
+    """Set this rank's torch RNGs (the CPU's; on a GPU, the CUDA generator's too) from a checkpoint's
+    `rank_rng_states`; a state the checkpoint does not have (it was written by fewer ranks, or on a CPU) is seeded
+    with derived_seed(*fallback_seed, rank) instead. True when every state was restored."""
+    suffix = f".{rank()}" if rank() else ""
+    seed = derived_seed(*fallback_seed, rank())
+    restored = "torch_rng" + suffix in tensors
+    if restored:
+        torch.set_rng_state(tensors["torch_rng" + suffix])
+    else:
+        torch.manual_seed(seed)  # the CUDA generators too
+    if torch.device(device).type == "cuda":
+        if "cuda_rng" + suffix in tensors:
+            torch.cuda.set_rng_state(tensors["cuda_rng" + suffix], device)
+        else:
+            torch.cuda.manual_seed(seed)
+            restored = False
+    return restored
 
 
 # ---- splitting the work -------------------------------------------------------------------------------------------
