@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             claim_out(Path(cfg.out), getattr(args, "overwrite", False))
         # Built before training (rank 0 runs the hooks): missing Inception weights stop the run now, not after an epoch.
         hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every and writer else []
-        with speed.switched(speed.speed_from_args(args), device) as fast:
+        with speed.switched(speed.speed_from_args(args), device, cfg.optimizer) as fast:
             status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress,
                            device=device, speed=fast)
     if status == "interrupted":

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if "plan" in args:
         print(plan_lora_step(cfg, allow_pickle=allow_pickle).describe())
         return 0
-    with distributed.process_group(cfg.device) as device, speed.switched(speed.speed_from_args(args), device) as fast:
+    switches = speed.speed_from_args(args)
+    with distributed.process_group(cfg.device) as device, speed.switched(switches, device, cfg.optimizer) as fast:
         if device.startswith("cuda"):
             plan = plan_lora_step(cfg, allow_pickle=allow_pickle)
             if distributed.is_main():
