@@ -166,7 +166,8 @@ def sum_gradients(params: Sequence[torch.Tensor], what: str = "the other ranks' 
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # zeros_like preserves the parameter's layout
-    flat = torch.cat([p.grad.reshape(-1).float() for p in params]).to(collective_device())  # logical order
+    dtype = torch.float64 if any(p.grad.dtype == torch.float64 for p in params) else torch.float32  # bf16 in fp32
+    flat = torch.cat([p.grad.reshape(-1).to(dtype) for p in params]).to(collective_device())  # logical order
     with waiting_for(what):
         dist.all_reduce(flat)
     offset = 0
