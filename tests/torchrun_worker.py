@@ -7,11 +7,13 @@ HOOKS_JSON, all optional:
   "record": PATH       rank 0 writes the LoRA weights after every optimizer step to PATH (keys "STEP/NAME")
   "fail": [RANK, STEP] that rank raises ValueError("rank RANK broke at step STEP") when it reaches that step
   "sigterm": [RANK, STEP] that rank sends itself SIGTERM while computing the loss after STEP optimizer steps
+  "vcuda": true         the run sees a virtual GPU per rank (tests/vcuda.py; --device cuda, nccl runs as gloo)
   "float64": true       torch's default dtype is float64 (models, images, random draws): the logic without fp32 rounding
 For train_gan a step is an iteration, "record" writes G's and D's state dicts (keys "ITERATION/G.NAME"), and
   "sigterm": [RANK, ITERATION] that rank sends itself SIGTERM during that iteration
 """
 
+import contextlib
 import importlib
 import json
 import os
@@ -27,6 +29,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from minigen.gan_trainer import GANTrainer  # noqa: E402
 from minigen.lora_training import LoRATrainer  # noqa: E402
+from vcuda import VirtualCuda  # noqa: E402
 
 
 def install_gan_hooks(hooks: dict, rank: int) -> dict:
@@ -80,7 +83,8 @@ def main() -> int:
         torch.set_default_dtype(torch.float64)
     rank = int(os.environ.get("RANK", "0"))
     recorded = (install_gan_hooks if program == "train_gan" else install_lora_hooks)(hooks, rank)
-    code = importlib.import_module(program).main(argv)
+    with VirtualCuda(gpus=int(os.environ["WORLD_SIZE"])) if hooks.get("vcuda") else contextlib.nullcontext():
+        code = importlib.import_module(program).main(argv)
     if recorded:
         save_file(recorded, hooks["record"])
     return code
