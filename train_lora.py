@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,6 +101,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     cli.apply_threads(getattr(args, "threads", None))
+    if cfg.device.startswith("cuda") and cfg.mixed_precision == "bf16" and cli.gpu_half_precision() == "fp16":
+        warnings.warn("this GPU has no bf16 arithmetic (it would be emulated, slowly): training in fp16 with the loss "
+                      "scaler instead (--mixed-precision fp16 says so)", stacklevel=1)
+        cfg = dataclasses.replace(cfg, mixed_precision="fp16")
     allow_pickle = getattr(args, "allow_pickle", False)
     if "plan" in args:
         print(plan_lora_step(cfg, allow_pickle=allow_pickle).describe())

@@ -63,8 +63,13 @@ class LiveStorage(TorchDispatchMode):
         if total > self.peak:
             self.peak, self.at_peak = total, dict(self.alive)
 
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Stop counting `tensor`'s storage, alive as it is: a model moved off the GPU (cpu offload)."""
+        self._free(id(tensor.untyped_storage()))
+
     def _free(self, key: int) -> None:
-        self.alive[self.parts_of.pop(key)] -= self.nbytes.pop(key)
+        if key in self.parts_of:  # (not when forgotten already)
+            self.alive[self.parts_of.pop(key)] -= self.nbytes.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
@@ -294,30 +299,51 @@ def _added_conditioning(models: dict, pooled: torch.Tensor | None,
 
 
 def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, width: int, num_images: int = 1,
-                  guidance: bool = True, vae_slicing: bool = False, vae_tiling: bool = False) -> MemoryPlan:
+                  guidance: bool = True, vae_slicing: bool = False, vae_tiling: bool = False,
+                  cpu_offload: bool = False) -> MemoryPlan:
     """Peak memory of drawing `num_images` images, as Pipeline does: the prompt through the text encoder(s), one
     denoising step of the UNet (a batch of 2 x num_images with classifier-free guidance), the fp32 VAE decode (one
-    image at a time with `vae_slicing`, in tiles with `vae_tiling`, as --vae-slicing/--vae-tiling decode)."""
+    image at a time with `vae_slicing`, in tiles with `vae_tiling`, as --vae-slicing/--vae-tiling decode). With
+    `cpu_offload` a model's weights count only while it runs (the text encoders together: an overestimate, below
+    the UNet's step)."""
     start, tracker = time.perf_counter(), LiveStorage()
+
+    @contextlib.contextmanager
+    def running(*parts: str):  # with cpu_offload: these models' weights on the GPU for the block
+        weights = [t for p in parts if p in models for t in (*models[p].parameters(), *models[p].buffers())]
+        for t in weights if cpu_offload else ():
+            tracker.count(t, "weights")
+        yield
+        for t in weights if cpu_offload else ():
+            tracker.forget(t)
+
     with FakeTensorMode(), tracker, torch.no_grad():
         models = _frozen_models(configs, dtype, tracker)
+        if cpu_offload:  # in CPU memory until they run
+            for t in (t for m in models.values() for t in (*m.parameters(), *m.buffers())):
+                tracker.forget(t)
+            tracker.peak, tracker.at_peak = 0, dict(tracker.alive)
         tracker.part = "activations"
-        context, pooled = _encode(models, torch.zeros(1, 77, dtype=torch.long))  # (1, 77, D), (1, P) or None
+        with running("text_encoder", "text_encoder_2"):
+            context, pooled = _encode(models, torch.zeros(1, 77, dtype=torch.long))  # (1, 77, D), (1, P) or None
         rows = num_images * (2 if guidance else 1)
         context = context.to(dtype).expand(rows, -1, -1)  # (N, 77, D)
         pooled, time_ids = _added_conditioning(models, None if pooled is None else pooled.expand(rows, -1), dtype)
         factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
         latents = torch.zeros(rows, 4, height // factor, width // factor, dtype=dtype)
-        models["unet"](latents, torch.tensor([999] * rows), context, pooled, time_ids)
+        with running("unet"):
+            models["unet"](latents, torch.tensor([999] * rows), context, pooled, time_ids)
         del latents, context, pooled, time_ids
         models["vae"].slicing, models["vae"].tiling = vae_slicing, vae_tiling
-        models["vae"].decode(torch.zeros(num_images, 4, height // factor, width // factor))  # (N, 3, H, W) fp32
+        with running("vae"):
+            models["vae"].decode(torch.zeros(num_images, 4, height // factor, width // factor))  # (N, 3, H, W) fp32
     setting = f"{num_images} image(s) of {height}x{width}, {str(dtype).removeprefix('torch.')}" + \
               (", classifier-free guidance" if guidance else "") + (", VAE slicing" if vae_slicing else "") + \
-              (", VAE tiling" if vae_tiling else "")
+              (", VAE tiling" if vae_tiling else "") + (", CPU offload" if cpu_offload else "")
     advice = (["--dtype bf16 (the UNet and text encoders in half the memory)"] if dtype == torch.float32 else []) + \
         ([f"--num {max(1, num_images // 2)}"] if num_images > 1 else []) + \
         ([] if vae_slicing or num_images == 1 else ["--vae-slicing"]) + ([] if vae_tiling else ["--vae-tiling"]) + \
+        ([] if cpu_offload else ["--cpu-offload (one model on the GPU at a time)"]) + \
         ["a smaller --height/--width"]
     return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting, advice)
 

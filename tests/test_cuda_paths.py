@@ -74,14 +74,15 @@ def test_the_vae_takes_a_cpu_generator_on_cuda(vcuda):
 
 
 def test_train_lora_cli_on_cuda_plans_then_trains_the_preset_of_make_lora(data, tmp_path, capsys):  # noqa: F811
-    """configs/lora_000.conf (Adafactor) at a tiny size: the plan every CUDA run makes first crashed on Adafactor."""
-    with VirtualCuda():
+    """configs/lora_000.conf (Adafactor) at a tiny size: the plan every CUDA run makes first crashed on Adafactor.
+    On a GPU without bf16 arithmetic (T4, V100) --mixed-precision bf16 trains in fp16, with a warning."""
+    with VirtualCuda(bf16=False), pytest.warns(UserWarning, match="no bf16 arithmetic"):
         assert train_lora.main(["--config", "configs/lora_000.conf", "--model", "random:tiny", "--data", str(data),
                                 "--resolution", "16x16", "--bucket-step", "16", "--rank", "4", "--batch", "2",
                                 "--epochs", "1", "--validation-size", "16x16", "--validation-steps", "1",
                                 "--mixed-precision", "bf16", "--out", str(tmp_path), "--quiet"]) == 0
     out, err = capsys.readouterr()
-    assert "memory plan (16x16, batch 2, rank 4, bf16, adafactor)" in out
+    assert "memory plan (16x16, batch 2, rank 4, fp16, adafactor)" in out
     assert "tf32 on" in err and "fused optimizer off (adafactor has no fused kernel here)" in err
     assert (tmp_path / "lora.safetensors").is_file() and (tmp_path / "samples" / "progress.png").is_file()
 
@@ -251,3 +252,52 @@ def test_two_virtual_gpus_train_the_lora_one_trains_with_twice_the_batch(data, t
     assert two.keys() == one.keys()
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, **FP32_ROUNDING, msg=name)
+
+
+def test_device_cuda_n_makes_that_gpu_the_current_one(tmp_path, capsys):
+    flags = SAMPLE + ["--out", str(tmp_path), "--plan"]
+    with VirtualCuda(gpus=2) as vc:
+        assert sample.main(flags + ["--device", "cuda:1"]) == 0
+        assert vc.events == ["set_device(1)"]  # CUDA's generator, cuBLAS's workspace, mem_get_info: on GPU 1
+        assert sample.main(flags + ["--device", "cuda:2"]) == 2
+    assert "--device cuda:2: this machine has 2 GPU(s), cuda:0 to cuda:1" in capsys.readouterr().err
+
+
+def test_a_gpu_without_bf16_samples_in_fp16(tmp_path, capsys):
+    """T4 and V100 (the free notebooks' GPUs) emulate bf16, slowly: the default half precision there is fp16 (the VAE
+    stays fp32)."""
+    from minigen import cli
+
+    with VirtualCuda(bf16=False):
+        assert cli.gpu_half_precision() == "fp16"
+        assert sample.main(SAMPLE[:-2] + ["--device", "cuda", "--out", str(tmp_path)]) == 0  # no --dtype
+    with VirtualCuda():
+        assert cli.gpu_half_precision() == "bf16"
+    assert "memory plan (1 image(s) of 64x64, float16," in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_cpu_offload_draws_the_same_images_with_one_model_on_the_gpu_at_a_time():
+    from minigen.memory_plan import plan_sampling
+    from minigen.sd.configs import get_config
+    from minigen.sd.pipeline import Pipeline
+
+    draw = dict(steps=2, height=64, width=64, output="float")
+    pipe = Pipeline.from_pretrained("random:tiny")
+    want = pipe("a fox", generator=torch.Generator().manual_seed(0), **draw)
+    models = [pipe.model.text_encoder, pipe.model.text_encoder_2, pipe.model.unet, pipe.model.vae]
+    on_gpu = []
+
+    def count(module, args):  # after offload's hook: the models on the GPU while one runs
+        on_gpu.append(sum(next(m.parameters()).is_cuda for m in models))
+    with VirtualCuda():
+        pipe.enable_cpu_offload("cuda")
+        for model in models[:3] + [pipe.model.vae.decoder]:
+            model.register_forward_pre_hook(count)
+        got = pipe("a fox", generator=torch.Generator().manual_seed(0), **draw)
+        assert next(pipe.model.vae.parameters()).is_cuda and not next(pipe.model.unet.parameters()).is_cuda
+    assert len(on_gpu) == 2 + 2 + 1 and set(on_gpu) == {1}  # 2 encoders, 2 steps (one batch each), the VAE
+    assert_close_to_scale(got, want, ROUNDING, min_scale=1.0)  # the same computations, moved: images in [0, 1]
+    plain, offloaded = (plan_sampling(get_config("tiny"), torch.float32, 64, 64, cpu_offload=c) for c in (False, True))
+    assert offloaded.parts["weights"] < plain.parts["weights"] and "CPU offload" in offloaded.setting
+    assert "--cpu-offload" in plain.advice[-2]
