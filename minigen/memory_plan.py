@@ -11,23 +11,26 @@ those steps create and free and keeps the peak of the bytes alive at once, split
 
 This counts tensors only, as `torch.cuda.max_memory_allocated` does; the CUDA context (~0.3-0.5 GB) and the
 caching allocator's slack come on top of it on a GPU. The step is traced on the CPU: kernels chosen for a GPU
-(flash attention, cuBLAS) allocate alike for the model's own tensors.
+(flash attention, cuBLAS) allocate alike for the model's own tensors; autocast follows CUDA's policy, not the CPU's
+(`cuda_autocast_policy`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 PARTS = ("weights", "lora + optim", "activations")
 GB = 1e9
@@ -253,6 +256,35 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
+CUDA_AUTOCAST_FP32 = ("group_norm", "layer_norm", "softmax", "log_softmax")  # of CUDA autocast's fp32 list, the
+#                                                                           ones these models call (their modules)
+
+
+@contextlib.contextmanager
+def cuda_autocast_policy() -> Iterator[None]:
+    """Within it, CPU autocast runs group norm, layer norm and softmax in fp32, on fp32 copies of their inputs, as
+    CUDA autocast does. Patch: the CPU's autocast keeps them in bf16/fp16, so a step traced on the CPU would count
+    their outputs, and what the backward pass saves of them, at half the bytes a GPU holds."""
+    saved = {name: getattr(F, name) for name in CUDA_AUTOCAST_FP32}
+
+    def in_fp32(op):
+        @functools.wraps(op)
+        def run(*args, **kwargs):
+            if not torch.is_autocast_enabled("cpu"):
+                return op(*args, **kwargs)
+            up = lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+            with torch.autocast("cpu", enabled=False):
+                return op(*tree_map(up, args), **tree_map(up, kwargs))
+        return run
+    for name, op in saved.items():
+        setattr(F, name, in_fp32(op))
+    try:
+        yield
+    finally:
+        for name, op in saved.items():
+            setattr(F, name, op)
+
+
 def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
     """One micro-batch's loss as LoRATrainer.loss computes it, on random inputs of the run's shapes."""
     unet, B = models["unet"], cfg.batch
@@ -263,7 +295,7 @@ def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor
     else:
         factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
         latents = torch.randn(B, 4, h // factor, w // factor)
-    with torch.autocast(latents.device.type, dtype, enabled=cfg.mixed_precision != "no"):
+    with torch.autocast(latents.device.type, dtype, enabled=cfg.mixed_precision != "no"), cuda_autocast_policy():
         if cfg.train_text_encoder:
             context, pooled = _encode(models, torch.zeros(B, 77, dtype=torch.long))
         else:  # cached: read from memory, moved to the device per batch

@@ -136,11 +136,14 @@ def check_sdpa(choice: str, device: str | torch.device) -> None:
 
 
 def sdpa_context(choice: str) -> contextlib.AbstractContextManager:
-    """Within it, scaled_dot_product_attention prefers `choice`, falling back to math where that kernel cannot run."""
+    """Within it, scaled_dot_product_attention prefers `choice`. Where that kernel cannot run (flash: no fp32, head
+    sizes past 256; cuDNN: older GPUs) it falls back to the memory-efficient kernel, then to math: math holds the whole
+    attention matrix, 1 GiB per image in the VAE's 1024x1024 attention."""
     backend = SDPA_BACKENDS[choice]
     if backend is None:
         return contextlib.nullcontext()
-    return sdpa_kernel([backend, SDPBackend.MATH] if backend != SDPBackend.MATH else [backend], set_priority=True)
+    fallbacks = [b for b in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != backend]
+    return sdpa_kernel([backend] + (fallbacks if backend != SDPBackend.MATH else []), set_priority=True)
 
 
 @contextlib.contextmanager

@@ -181,3 +181,18 @@ def test_a_resumed_optimizer_keeps_this_runs_fused_choice(saved_fused, resumed_f
     optimizer_from_tensors(resumed, {k.removeprefix("optimizer."): v for k, v in tensors.items()}, settings)
     assert bool(resumed.param_groups[0]["fused"]) is resumed_fused
     assert torch.equal(resumed.state[weight]["exp_avg"], saved.state[weight]["exp_avg"])  # the state did load
+
+
+@pytest.mark.parametrize("choice", ["flash", "cudnn"])
+def test_a_gpu_kernel_choice_falls_back_to_the_memory_efficient_kernel_before_math(choice):
+    """Flash refuses fp32 and cuDNN older GPUs; math then holds the whole attention matrix (1 GiB per image in the
+    VAE at 1024x1024): the memory-efficient kernel comes first. (Which kernel runs needs a GPU: here, the order.)"""
+    from torch.nn.attention import SDPBackend
+
+    with speed.sdpa_context(choice):
+        enabled = {"flash": torch.backends.cuda.flash_sdp_enabled(), "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                   "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                   "math": torch.backends.cuda.math_sdp_enabled()}
+        order = [SDPBackend(i) for i in torch._C._get_sdp_priority_order()]
+    assert {name for name, on in enabled.items() if on} == {choice, "efficient", "math"}
+    assert order[:3] == [speed.SDPA_BACKENDS[choice], SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
