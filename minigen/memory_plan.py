@@ -210,19 +210,20 @@ def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStora
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     optimizer = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor, "sgd": torch.optim.SGD}[cfg.optimizer](
         params, lr=cfg.lr)
-    for _ in range(2):
-        tracker.part = "activations"
-        loss = _loss(cfg, models, h, w, dtype)
-        loss.backward()
-        for p in params:
-            if p.grad is not None:
-                tracker.count(p.grad, "lora + optim")
-        del loss
-        tracker.part = "lora + optim"
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with cuda_autocast_policy():  # for the backward pass too: gradient checkpointing recomputes the forward there
+        for _ in range(2):
+            tracker.part = "activations"
+            loss = _loss(cfg, models, h, w, dtype)
+            loss.backward()
+            for p in params:
+                if p.grad is not None:
+                    tracker.count(p.grad, "lora + optim")
+            del loss
+            tracker.part = "lora + optim"
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def text_encoders(models: dict[str, torch.nn.Module]) -> list[str]:
@@ -295,7 +296,7 @@ def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor
     else:
         factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
         latents = torch.randn(B, 4, h // factor, w // factor)
-    with torch.autocast(latents.device.type, dtype, enabled=cfg.mixed_precision != "no"), cuda_autocast_policy():
+    with torch.autocast(latents.device.type, dtype, enabled=cfg.mixed_precision != "no"):
         if cfg.train_text_encoder:
             context, pooled = _encode(models, torch.zeros(B, 77, dtype=torch.long))
         else:  # cached: read from memory, moved to the device per batch

@@ -20,5 +20,22 @@ def test_the_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
     assert "ratio" in next(b for b in result["benches"] if b["module"] == "bench_lora")["output"]
     (plan,) = result["plan"]
     assert abs(plan["ratio"] - 1) < 0.15  # the plan against the same steps on real tensors
+    builds = {b["module"]: b["builds"] for b in result["benches"]}
+    assert builds["bench_unet"] == {"diffusers UNet": 1, "minigen UNet (same weights)": 1}  # one random init
+    assert builds["bench_lora"]["minigen UNet"] == 1  # its weights made once, for every copy
     markdown = (tmp_path / "report.md").read_text()
     assert "## Memory plan vs measured peak" in markdown and "| bench_gan |" in markdown
+
+
+def test_a_budget_skips_what_would_not_fit_and_says_so(tmp_path, capsys):
+    assert bench_gpu.main(["--smoke", "--out", str(tmp_path / "report"), "--budget-s", "0.01"]) == 0
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert all(b["skipped"].startswith("estimated ") and "of --budget-s left" in b["skipped"] for b in result["benches"])
+    assert result["plan"] == [] and result["plan_skipped"]
+    assert "bench_unet: skipped: estimated" in capsys.readouterr().out
+    assert "| bench_gan | 0 | skipped: estimated" in (tmp_path / "report.md").read_text()
+    # a previous run's measured seconds replace the built-in estimates
+    assert bench_gpu.estimates(str(tmp_path / "report.json"))["bench_gan"] == bench_gpu.ESTIMATE_S["bench_gan"]
+    result["benches"][-1] |= {"skipped": None, "seconds": 3.0}
+    (tmp_path / "measured.json").write_text(json.dumps(result))
+    assert bench_gpu.estimates(str(tmp_path / "measured.json"))["bench_gan"] == 3.0

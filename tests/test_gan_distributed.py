@@ -54,6 +54,20 @@ def assert_close_all(ours: dict, theirs: dict, what: str) -> None:
         torch.testing.assert_close(ours[name], value, **FP32_ROUNDING, msg=f"{what}: {name}")
 
 
+def record_steps(monkeypatch) -> dict[str, torch.Tensor]:
+    """G's and D's state after each iteration of this process's runs, as "ITERATION/G.NAME" (the torchrun hook's
+    "record" keys), filled as they train."""
+    snapshots, step = {}, GANTrainer.step
+
+    def recording_step(self, real):
+        stats = step(self, real)
+        for name, model in (("G", self.G), ("D", self.D)):
+            snapshots.update({f"{self.iteration}/{name}.{k}": v.clone() for k, v in model.state_dict().items()})
+        return stats
+    monkeypatch.setattr(GANTrainer, "step", recording_step)
+    return snapshots
+
+
 @pytest.fixture(scope="module")
 def two_ranks(folder, tmp_path_factory):
     """An uninterrupted two-rank run, batch 2 per rank, G's and D's state after every iteration."""
@@ -72,14 +86,7 @@ def test_two_ranks_of_batch_b_train_what_one_process_of_batch_2b_trains(two_rank
         assert (run / name).is_file(), name
     assert not list(run.rglob("*.tmp*"))
 
-    snapshots, step = {}, GANTrainer.step
-
-    def recording_step(self, real):
-        stats = step(self, real)
-        for name, model in (("G", self.G), ("D", self.D)):
-            snapshots.update({f"{self.iteration}/{name}.{k}": v.clone() for k, v in model.state_dict().items()})
-        return stats
-    monkeypatch.setattr(GANTrainer, "step", recording_step)
+    snapshots = record_steps(monkeypatch)
     assert train(config(folder, tmp_path, batch=4), progress=False) == "done"
     two = load_file(two_ranks / "steps.safetensors")
     assert_close_all(two, snapshots, "two ranks vs one process")
@@ -147,14 +154,7 @@ DEMO = ["--config", "configs/demo.conf", "--sync-bn", "--epochs", "1", "--grid",
 def demo_run_of_one_process(folder, out, monkeypatch) -> dict[str, torch.Tensor]:
     import train_gan
 
-    snapshots, step = {}, GANTrainer.step
-
-    def recording_step(self, real):
-        stats = step(self, real)
-        for name, model in (("G", self.G), ("D", self.D)):
-            snapshots.update({f"{self.iteration}/{name}.{k}": v.clone() for k, v in model.state_dict().items()})
-        return stats
-    monkeypatch.setattr(GANTrainer, "step", recording_step)
+    snapshots = record_steps(monkeypatch)
     assert train_gan.main(DEMO + ["--data", str(folder), "--batch", "4", "--out", str(out)]) == 0
     return snapshots
 

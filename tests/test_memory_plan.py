@@ -194,5 +194,6 @@ def test_the_plan_runs_norms_and_softmax_in_fp32_under_autocast_as_cuda_does(mon
     dtypes = []
     group_norm = F.group_norm
     monkeypatch.setattr(F, "group_norm", lambda x, *a, **k: dtypes.append(x.dtype) or group_norm(x, *a, **k))
-    plan_lora_step(LoRATrainConfig(model="random:tiny", resolution="64", mixed_precision="bf16"), fake=False)
-    assert dtypes and set(dtypes) == {torch.float32}  # every group norm of the traced step saw fp32 inputs
+    plan_lora_step(LoRATrainConfig(model="random:tiny", resolution="64", mixed_precision="bf16",
+                                   gradient_checkpointing=True), fake=False)
+    assert dtypes and set(dtypes) == {torch.float32}  # every group norm, the backward's recomputed ones too, in fp32
