@@ -301,8 +301,8 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     out = Path(out)
     check_can_create(out / "results.json")  # out is a folder, or can be made one
     if not isinstance(model, Pipeline):
-        model_configs(str(model), allow_pickle)  # its header only: a missing, foreign or unrecognised model fails now, not after
-        #                            the Inception and the reference images
+        # its header only: a missing, foreign or unrecognised model fails now, not after the Inception and the images
+        model_configs(str(model), allow_pickle)
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
     check_counts(reference, n_reference, len(items), dims)
@@ -310,8 +310,8 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     if net.has_classifier and len(items) < is_splits:
         warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
                       f"got {len(items)}", stacklevel=2)
-    pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, dtype, device,
-                                                                                       allow_pickle=allow_pickle)
+    pipe = model if isinstance(model, Pipeline) else \
+        Pipeline.from_pretrained(model, dtype, device, allow_pickle=allow_pickle)
     prepare_pipeline_model(pipe.model, speed)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)
