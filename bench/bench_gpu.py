@@ -60,10 +60,11 @@ SUITE = [
 ]
 
 
-# Seconds each part is expected to take on one H100, before any was measured (no GPU has been lent yet): model builds
-# on the GPU (bench/full_models.py) at a few seconds each, compute from the benches' pass counts at bf16 speeds, and
-# the plan's CPU tracing of full-size SDXL (BENCHMARKS.md: 33-97 s on a 2-core CPU). `--estimates bench-gpu.json`
-# replaces them with a run's measured seconds.
+# Seconds each part is expected to take on one H100, guessed before any was measured (no GPU has been lent yet): the
+# GPU work of each bench (random inits on the GPU, the passes it times at bf16 speeds), plus for --budget-s the CPU
+# side of its builds (bench/gpu_dry_run.py measures that), and for "plan" the CPU tracing of full-size SDXL
+# (BENCHMARKS.md: 33-97 s each on a 2-core CPU) and the same steps on the GPU. `--estimates bench-gpu.json` replaces
+# them with a run's measured seconds.
 ESTIMATE_S = {"bench_unet": 30, "bench_lora": 45, "bench_sample": 60, "bench_fid": 25, "bench_speed": 120,
               "bench_gan": 15, "plan": 90}
 

@@ -39,3 +39,27 @@ def test_a_budget_skips_what_would_not_fit_and_says_so(tmp_path, capsys):
     result["benches"][-1] |= {"skipped": None, "seconds": 3.0}
     (tmp_path / "measured.json").write_text(json.dumps(result))
     assert bench_gpu.estimates(str(tmp_path / "measured.json"))["bench_gan"] == 3.0
+
+
+def test_the_dry_run_adds_counted_builds_measured_costs_and_estimates(monkeypatch, capsys):
+    """bench/gpu_dry_run.py's arithmetic, on stand-in figures (the real run takes minutes: a smoke suite and a full-size
+    plan trace): bench_lora's copies doubled (two checkpointing settings on a GPU), bench_sample's read from its code."""
+    import gpu_dry_run
+
+    builds = {"bench_unet": {"diffusers UNet": 1, "minigen UNet (same weights)": 1},
+              "bench_lora": {"minigen UNet": 1, "minigen UNet (same weights)": 1}}
+    construct = {"diffusers unet": 2.0, "minigen unet": 0.5}
+    table = gpu_dry_run.rows(builds, construct, trace_s=40.0)
+    by_part = {row[0]: row for row in table}
+    assert by_part["bench_lora: construct minigen UNet (same weights)"][1:4] == (2, 0.5, 1.0)
+    assert by_part["memory plan: full-size traces"][3] == 80.0
+    estimated = bench_gpu.ESTIMATE_S["bench_unet"] + bench_gpu.ESTIMATE_S["bench_lora"] + 10.0
+    assert table[-1][3] == estimated + 2.0 + 0.5 + 0.5 + 1.0 + 80.0
+    monkeypatch.setattr(gpu_dry_run, "counted_builds", lambda: builds | gpu_dry_run.GPU_BUILDS)
+    monkeypatch.setattr(gpu_dry_run, "construction_seconds", lambda: construct | {
+        f"{side} {part}": 1.0 for side in ("minigen", "diffusers") for part in gpu_dry_run.PARTS})
+    monkeypatch.setattr(gpu_dry_run, "plan_trace_seconds", lambda: 40.0)
+    assert gpu_dry_run.main(["--budget-s", "480"]) == 0
+    assert gpu_dry_run.main(["--budget-s", "60"]) == 1
+    out = capsys.readouterr().out
+    assert "| bench_sample: construct diffusers unet | 1 |" in out and "does not fit --budget-s 60" in out
