@@ -134,6 +134,8 @@ SAMPLE = ["--model", "random:tiny", "--prompt", "a fox", "--height", "64", "--wi
     pytest.param(["--sampler", "ddim", "--init-image", "IMAGE", "--strength", "0.5"], id="ddim-img2img"),
     pytest.param(["--sampler", "dpmpp_2m", "--karras", "--num", "2"], id="dpmpp_2m"),
     pytest.param(["--sampler", "ddpm", "--cfg", "1"], id="ddpm-no-guidance"),
+    pytest.param(["--model", "random:tiny-sd1", "--sampler", "euler", "--clip-skip", "2"], id="sd1-euler"),
+    pytest.param(["--model", "random:tiny-sd2", "--sampler", "dpmpp_2m"], id="sd2-dpmpp_2m"),
 ])
 def test_sample_on_cuda_draws_the_cpus_images(data, tmp_path, capsys, flags):  # noqa: F811
     """The seed's noise is drawn by a CPU generator on every device: the same pictures, to 8-bit rounding."""
