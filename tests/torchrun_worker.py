@@ -7,7 +7,8 @@ HOOKS_JSON, all optional:
   "record": PATH       rank 0 writes the LoRA weights after every optimizer step to PATH (keys "STEP/NAME")
   "fail": [RANK, STEP] that rank raises ValueError("rank RANK broke at step STEP") when it reaches that step
   "sigterm": [RANK, STEP] that rank sends itself SIGTERM while computing the loss after STEP optimizer steps
-  "vcuda": true         the run sees a virtual GPU per rank (tests/vcuda.py; --device cuda, nccl runs as gloo)
+  "vcuda": true         the run sees a virtual GPU per rank (tests/vcuda.py; --device cuda, nccl runs as gloo); each
+                        rank prints its events (set_device, init_process_group) on stderr
   "float64": true       torch's default dtype is float64 (models, images, random draws): the logic without fp32 rounding
 For train_gan a step is an iteration, "record" writes G's and D's state dicts (keys "ITERATION/G.NAME"), and
   "sigterm": [RANK, ITERATION] that rank sends itself SIGTERM during that iteration
@@ -83,8 +84,11 @@ def main() -> int:
         torch.set_default_dtype(torch.float64)
     rank = int(os.environ.get("RANK", "0"))
     recorded = (install_gan_hooks if program == "train_gan" else install_lora_hooks)(hooks, rank)
-    with VirtualCuda(gpus=int(os.environ["WORLD_SIZE"])) if hooks.get("vcuda") else contextlib.nullcontext():
+    virtual = VirtualCuda(gpus=int(os.environ["WORLD_SIZE"])) if hooks.get("vcuda") else None
+    with virtual or contextlib.nullcontext():
         code = importlib.import_module(program).main(argv)
+    if virtual:
+        print(f"vcuda events of rank {rank}: {virtual.events}", file=sys.stderr)
     if recorded:
         save_file(recorded, hooks["record"])
     return code
