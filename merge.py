@@ -6,6 +6,7 @@
     python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0,1,1,1,1,1,1,1,1,.5,0,0,0,0,0,0,0,0,0
     python merge.py A.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.5 -o baked.safetensors
     python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out
+    python merge.py model.ckpt --allow-pickle -o model.safetensors        # a pickle converted (A alone)
     python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
     python merge.py --lora style.safetensors:0.7 --lora detail.safetensors:0.3 --rank 32 -o merged_lora.safetensors
     python merge.py --config configs/merge_004.conf waifu.safetensors orangemix.safetensors -o merged.safetensors
@@ -85,7 +86,8 @@ def parse_block_alphas(text: str | None) -> tuple[float, ...] | None:
 
 
 def job_of(args: argparse.Namespace, loras: list) -> str:
-    """Which of the four jobs the inputs ask for: merge, bake, extract or merge-loras; a ValueError if none."""
+    """Which job the inputs ask for: merge, bake (A with --lora; A alone: converted), extract or merge-loras; a
+    ValueError if none."""
     if args.rank is not None:  # write a LoRA
         if args.a and args.b and not loras:
             return "extract"
@@ -94,9 +96,9 @@ def job_of(args: argparse.Namespace, loras: list) -> str:
         raise ValueError("--rank R takes A B (extract a LoRA from B - A) or --lora FILE --lora FILE (merge LoRAs)")
     if args.a and args.b and not loras:
         return "merge"
-    if args.a and loras and not args.b:
+    if args.a and not args.b:
         return "bake"
-    raise ValueError("give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
+    raise ValueError("give A B (merge), A --lora FILE (bake), A alone (convert), A B --rank R (extract a LoRA), "
                      "or --lora FILE --lora FILE --rank R (merge LoRAs)")
 
 
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     if job == "merge":
         report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
                                    output_format=args.output_format, allow_pickle=args.allow_pickle)
-    else:
+    else:  # bake, or with no --lora convert (a pickle to safetensors, a file to a folder, ...)
         report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
                             allow_pickle=args.allow_pickle)
     print(f"{args.output}: {report.merged} tensors merged, {report.copied} copied, "

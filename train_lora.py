@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import torch
@@ -143,17 +144,23 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     speed.apply_threads(getattr(args, "threads", None))
+    if cfg.device.startswith("cuda") and cfg.mixed_precision == "bf16" and cli.gpu_half_precision() == "fp16":
+        warnings.warn("this GPU has no bf16 arithmetic (it would be emulated, slowly): training in fp16 with the loss "
+                      "scaler instead (--mixed-precision fp16 says so)", stacklevel=1)
+        cfg = dataclasses.replace(cfg, mixed_precision="fp16")
+    allow_pickle = getattr(args, "allow_pickle", False)
     if "plan" in args:
-        print(plan_lora_step(cfg).describe())
+        print(plan_lora_step(cfg, allow_pickle=allow_pickle).describe())
         return 0
-    with distributed.process_group(cfg.device) as device, speed.switched(speed.speed_from_args(args), device) as fast:
+    switches = speed.speed_from_args(args)
+    with distributed.process_group(cfg.device) as device, speed.switched(switches, device, cfg.optimizer) as fast:
         if device.startswith("cuda"):
-            plan = plan_lora_step(cfg)
+            plan = plan_lora_step(cfg, allow_pickle=allow_pickle)
             if distributed.is_main():
                 print(plan.describe())
             check_fits(plan, torch.device(device), force="force" in args)
         trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
-                              allow_pickle=getattr(args, "allow_pickle", False), device=device, speed=fast)
+                              allow_pickle=allow_pickle, device=device, speed=fast)
         if "resume" in args:
             trainer.load_checkpoint(args.resume)
         if trainer.train() == "interrupted":

@@ -301,9 +301,10 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
              grid_prompts: int = 8, inception_weights: str | os.PathLike | None = None, dims: int = FID_DIMS,
              is_splits: int = 10,
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-             speed: Speed = Speed()) -> dict:
+             speed: Speed = Speed(), allow_pickle: bool = False) -> dict:
     """The whole judgement (see the module docstring); returns the report written to results.json.
     speed: --channels-last, --vae-slicing (minigen/speed.py); not --compile, which each LoRA would undo.
+    allow_pickle: accept a pickled model checkpoint (loaded with weights_only=True).
 
     Everything that can be wrong is checked before the first image: settings, prompts, the reference folder and its
     size, each LoRA against the model, the Inception weights.
@@ -318,7 +319,8 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     check_can_create(out / "results.json")  # out is a folder, or can be made one
     # the model's configs from its header only: a missing, foreign or unrecognised model fails now, not after the
     # Inception and the reference images; they give the image size where none is set
-    size = model.default_size if isinstance(model, Pipeline) else default_size(model_configs(str(model)))
+    size = model.default_size if isinstance(model, Pipeline) else \
+        default_size(model_configs(str(model), allow_pickle))
     settings = replace(settings, height=settings.height or size, width=settings.width or size)
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
@@ -328,7 +330,8 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     if net.has_classifier and len(items) < is_splits:
         warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
                       f"got {len(items)}", stacklevel=2)
-    pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, dtype, device)
+    pipe = model if isinstance(model, Pipeline) else \
+        Pipeline.from_pretrained(model, dtype, device, allow_pickle=allow_pickle)
     prepare_pipeline_model(pipe.model, speed)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)

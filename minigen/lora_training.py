@@ -349,7 +349,7 @@ class LoRATrainer:
         A NaN or infinity in any of them raises TrainingDiverged and leaves the previous checkpoint as it was."""
         tensors = {f"lora.{k}": p.detach() for k, p in self.trainable().items()}
         opt_tensors, opt_settings = optimizer_to_tensors(self.optimizer, "optimizer")
-        tensors |= opt_tensors | distributed.rank_rng_states()  # LoRA dropout's masks, one state per rank
+        tensors |= opt_tensors | distributed.rank_rng_states(self.device)  # LoRA dropout's masks, per rank
         metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg)),
                     "step": str(self.step), "epoch": str(self.epoch), "batch_in_epoch": str(self.batch_in_epoch),
                     "micro_batch": str(self.cfg.batch * self.ranks), "ranks": str(self.ranks),
@@ -384,7 +384,7 @@ class LoRATrainer:
             if metadata.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(json.loads(metadata["scaler"]))
             self.step, self.epoch = int(metadata["step"]), int(metadata["epoch"])
-            distributed.restore_rank_rng(tensors, fallback_seed=(self.cfg.seed, "dropout", self.step))
+            distributed.restore_rank_rng(tensors, (self.cfg.seed, "dropout", self.step), self.device)
             self.batch_in_epoch = int(metadata["batch_in_epoch"])
             if int(metadata.get("micro_batch", self.cfg.batch * self.ranks)) != self.cfg.batch * self.ranks:
                 self.batch_in_epoch = self.data.resume_position(self.epoch, self.batch_in_epoch, self.ranks,

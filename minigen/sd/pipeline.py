@@ -54,6 +54,7 @@ from .configs import default_size, vae_scale_of
 from .convert import unet_name_map
 from .detect import FAMILY_NAMES
 from .model import RANDOM, StableDiffusion, load_model, read_model_index
+from .offload import ModelOffload
 
 VAE_SCALE = 8  # pixels per latent in each direction: every SD VAE halves the size three times
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's defaults (diffusers')
@@ -185,6 +186,7 @@ class Pipeline:
         self.force_zeros_for_empty_prompt = model.family != "sdxl-refiner" if force_zeros_for_empty_prompt is None \
             else force_zeros_for_empty_prompt
         self.loras = 0  # adapters added so far, each named lora1, lora2, ...
+        self.offload: ModelOffload | None = None  # enable_cpu_offload's
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -231,7 +233,17 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.model.unet.conv_in.weight.device
+        """Where the drawing runs: the UNet's device, or the GPU models are offloaded to."""
+        return self.offload.device if self.offload else self.model.unet.conv_in.weight.device
+
+    def enable_cpu_offload(self, device: str | torch.device) -> None:
+        """Keep the models on the CPU and each on `device` only while it runs (minigen/sd/offload.py)."""
+        m = self.model
+        self.offload = ModelOffload(device)
+        for model in (m.text_encoder, m.text_encoder_2, m.unet):
+            if model is not None:
+                self.offload.add(model, [model])
+        self.offload.add(m.vae, [m.vae.encoder, m.vae.decoder, m.vae.quant_conv, m.vae.post_quant_conv])
 
     def conditioning(self, prompt: str, negative_prompt: str | None, num_images: int, guidance: bool,
                      clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
