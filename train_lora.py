@@ -140,6 +140,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
     return args, LoRATrainConfig(**settings)
 
 
+def planned_step(cfg: LoRATrainConfig, allow_pickle: bool):
+    """The memory plan of one step, saying first that it takes a while (a full-size UNet: about a minute on 2 cores)."""
+    if distributed.is_main():
+        print("planning one training step's memory on fake tensors (no weight is read; about a minute for a "
+              "full-size UNet on 2 CPU cores)...", file=sys.stderr, flush=True)
+    return plan_lora_step(cfg, allow_pickle=allow_pickle)
+
+
 @cli.entry("train_lora.py")
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
@@ -150,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, mixed_precision="fp16")
     allow_pickle = getattr(args, "allow_pickle", False)
     if "plan" in args:
-        print(plan_lora_step(cfg, allow_pickle=allow_pickle).describe())
+        print(planned_step(cfg, allow_pickle).describe())
         return 0
     switches = speed.speed_from_args(args)
     with distributed.process_group(cfg.device) as device, speed.switched(switches, device, cfg.optimizer) as fast:
         if device.startswith("cuda"):
-            plan = plan_lora_step(cfg, allow_pickle=allow_pickle)
+            plan = planned_step(cfg, allow_pickle)
             if distributed.is_main():
                 print(plan.describe())
             check_fits(plan, torch.device(device), force="force" in args)
