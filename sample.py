@@ -211,7 +211,8 @@ def draw(args: argparse.Namespace, settings: dict, init: torch.Tensor | None, he
     print(pipe.model.describe())
     for spec in settings["lora"]:
         path, _, multiplier = spec.rpartition(":")
-        pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+        name = pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+        print(f"{path}: {pipe.lora_summaries[name]}")
     speed.prepare_pipeline_model(pipe.model, switches)  # after the LoRAs: a compiled UNet would recompile for each
     return pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale,
                 sampler=sampler, karras=karras, eta=args.eta, height=height, width=width, num_images=args.num,

@@ -9,6 +9,8 @@ Merged, the layer's weight is `W + multiplier * scale * up @ down`.
 - `merge_lora` folds the adapters into the base weights (fast inference); `unmerge_lora` restores the exact original
   weights, which are kept aside on merge (recomputing W from a sum of rounded deltas would not be exact).
 - `remove_lora` puts the plain layers back. `lora_parameters` / `lora_weights` give only the adapters' tensors.
+- `add_lora_deltas` adds a file's layers of any LoRA-family format (`lora_formats.LayerDelta`: LoCon, LoHa, LoKr,
+  DoRA, ...) as `DeltaAdapter`s, merged at once: their change is a whole weight, computed once, not a low-rank path.
 File formats (kohya, diffusers/peft) live in `sd/lora_files.py`: their names are the model's.
 """
 
@@ -21,6 +23,9 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from .lora_formats import LayerDelta
 
 # Module-name patterns (regular expressions searched in the full module path). The names are diffusers' UNet and
 # transformers' CLIP names, which minigen's SDXL modules share.
@@ -86,10 +91,17 @@ class LoRAAdapter(nn.Module):
         x = x.to(self.down.weight.dtype)
         return self.up(self.down(self.dropout(x))) * self.scale
 
-    def delta_weight(self) -> torch.Tensor:
-        """scale * up @ down, shaped like the base weight (out, in) or (out, in, 1, 1); fp32."""
+    def output(self, x: torch.Tensor, multiplier: float, layer: "LoRALayer") -> torch.Tensor:
+        """What the adapter adds to the layer's output at `multiplier` when not merged."""
+        return multiplier * self(x)
+
+    def delta_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """multiplier * scale * up @ down, shaped like the base weight (out, in) or (out, in, 1, 1); fp32."""
         up, down = self.up.weight.flatten(1), self.down.weight.flatten(1)  # (out, r), (r, in)
-        return (self.scale * up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:])
+        return (multiplier * self.scale * up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:])
+
+    def delta_bias(self, multiplier: float) -> None:
+        return None
 
     def get_tensors(self) -> LoRATensors:
         return LoRATensors(self.down.weight.detach(), self.up.weight.detach(), self.alpha)
@@ -99,6 +111,31 @@ class LoRAAdapter(nn.Module):
             self.down.weight.copy_(t.down.reshape(self.down.weight.shape))
             self.up.weight.copy_(t.up.reshape(self.up.weight.shape))
         self.alpha = float(t.alpha)
+
+
+class DeltaAdapter(nn.Module):
+    """A layer of a LoRA file of any format (`LayerDelta`), read-only: the change it makes to the base layer's
+    weight and bias at a multiplier. It is meant to be merged (`add_lora_deltas` does): unmerged, every forward
+    recomputes the whole change."""
+
+    def __init__(self, layer: LayerDelta):
+        super().__init__()
+        self.layer = layer
+
+    def output(self, x: torch.Tensor, multiplier: float, layer: "LoRALayer") -> torch.Tensor:
+        base = layer.base
+        w = layer.original_weight if layer.original_weight is not None else base.weight  # W without merged adapters
+        delta, bias = self.delta_weight(w, multiplier).to(x.dtype), self.delta_bias(multiplier)
+        bias = None if bias is None else bias.to(x.dtype)
+        if isinstance(base, nn.Conv2d):
+            return F.conv2d(x, delta, bias, base.stride, base.padding, base.dilation, base.groups)
+        return F.linear(x, delta, bias)
+
+    def delta_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        return self.layer.delta(weight, multiplier)
+
+    def delta_bias(self, multiplier: float) -> torch.Tensor | None:
+        return self.layer.delta_bias(multiplier)
 
 
 class LoRALayer(nn.Module):
@@ -111,16 +148,17 @@ class LoRALayer(nn.Module):
         self.multipliers: dict[str, float] = {}
         self.merged: list[str] = []  # adapters folded into base.weight
         self.original_weight: torch.Tensor | None = None  # base.weight before the first merge
+        self.original_bias: torch.Tensor | None = None  # base.bias before the first merge (when it has one)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         for name, adapter in self.adapters.items():
             m = self.multipliers[name]
             if m != 0 and name not in self.merged:
-                y = y + (m * adapter(x)).to(y.dtype)
+                y = y + adapter.output(x, m, self).to(y.dtype)
         return y
 
-    def add(self, name: str, adapter: LoRAAdapter, multiplier: float = 1.0) -> None:
+    def add(self, name: str, adapter: LoRAAdapter | DeltaAdapter, multiplier: float = 1.0) -> None:
         if name in self.adapters:
             raise ValueError(f"this layer already has a LoRA named {name!r}; remove it first or pick another name")
         self.adapters[name] = adapter
@@ -132,6 +170,8 @@ class LoRALayer(nn.Module):
             return
         if self.original_weight is None:
             self.original_weight = self.base.weight.detach().clone()
+            if self.base.bias is not None:
+                self.original_bias = self.base.bias.detach().clone()
         self.merged = sorted(set(self.merged) | set(names))
         self._rebuild_weight()
 
@@ -141,16 +181,26 @@ class LoRALayer(nn.Module):
         self._rebuild_weight()
 
     def _rebuild_weight(self) -> None:
-        """base.weight = W + sum over merged adapters of m * delta, from the saved W: exact and order-free."""
+        """base.weight = W + sum over merged adapters of their change at their multiplier (each computed on the
+        saved W: exact and order-free; the bias likewise where an adapter changes it)."""
         if self.original_weight is None:
             return
         with torch.no_grad():
-            w = self.original_weight.float()
+            w0 = self.original_weight
+            w, b = w0.float(), None if self.original_bias is None else self.original_bias.float()
             for name in self.merged:
-                w = w + self.multipliers[name] * self.adapters[name].delta_weight().to(w.device)
+                adapter, m = self.adapters[name], self.multipliers[name]
+                w = w + adapter.delta_weight(w0, m).to(w.device)
+                db = adapter.delta_bias(m)
+                if db is not None:
+                    if b is None:
+                        raise ValueError(f"LoRA {name!r} changes the bias of a layer that has none")
+                    b = b + db.to(b.device)
             self.base.weight.copy_(w.to(self.base.weight.dtype))
+            if b is not None:
+                self.base.bias.copy_(b.to(self.base.bias.dtype))
         if not self.merged:
-            self.original_weight = None
+            self.original_weight = self.original_bias = None
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -203,15 +253,14 @@ def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank:
     return sorted(found)
 
 
-def add_lora_weights(model: nn.Module, weights: dict[str, LoRATensors], name: str = "default",
-                     multiplier: float = 1.0) -> None:
-    """Add an adapter named `name` holding given weights ({module path: LoRATensors}, e.g. read from a file)."""
-    for path, t in weights.items():
-        layer = _wrap(model, path)
-        adapter = LoRAAdapter(layer.base, t.rank, t.alpha)
-        adapter.set_tensors(t)
-        adapter.requires_grad_(False)
-        layer.add(name, adapter, multiplier)
+def add_lora_deltas(model: nn.Module, layers: dict[str, LayerDelta], name: str = "default",
+                    multiplier: float = 1.0) -> None:
+    """Add an adapter named `name` made of a file's layers ({module path: LayerDelta}, any LoRA-family format) and
+    merge it: each layer's weight becomes W + its change at `multiplier` (`remove_lora` restores W exactly)."""
+    for path, layer in layers.items():
+        wrapped = _wrap(model, path)
+        wrapped.add(name, DeltaAdapter(layer), multiplier)
+        wrapped.merge([name])
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

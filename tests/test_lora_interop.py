@@ -14,7 +14,8 @@ import torch
 
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.sd.lora_files import kohya_metadata, load_lora, save_lora
+from minigen.sd.lora_files import kohya_metadata, save_lora
+from minigen.sd.lora_reading import load_lora
 from minigen.sd import get_config
 from minigen.sd.convert import unet_name_map
 from minigen.sd.clip import CLIPTextConfig as OurCLIPConfig, CLIPTextModel as OurCLIP

@@ -17,7 +17,8 @@ from PIL import Image
 from minigen.buckets import make_buckets, nearest_bucket, prepare_image
 from minigen.captions import captioned_images, dreambooth_images, read_caption
 from minigen.io import CheckpointError, load_safetensors
-from minigen.sd.lora_files import LoRAFileError, load_lora
+from minigen.sd.lora_files import LoRAFileError
+from minigen.sd.lora_reading import load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
 from minigen.training import TrainingDiverged
@@ -147,7 +148,7 @@ def test_training_lowers_loss_writes_files_and_the_lora_reloads(data, tmp_path):
     context, pooled, ids = torch.randn(1, 77, 96), torch.randn(1, 32), torch.tensor([[16., 16, 0, 0, 16, 16]])
     with torch.no_grad():
         base = fresh.unet(x, t, context, pooled, ids)
-        metadata = load_lora(run / "lora.safetensors", {"unet": fresh.unet})
+        metadata, _ = load_lora(run / "lora.safetensors", {"unet": fresh.unet})
         loaded = fresh.unet(x, t, context, pooled, ids)
         trained = trainer.model.unet.eval()(x, t, context, pooled, ids)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_steps"] == "8"
