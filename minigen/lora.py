@@ -150,6 +150,15 @@ class LoRALayer(nn.Module):
         self.original_weight: torch.Tensor | None = None  # base.weight before the first merge
         self.original_bias: torch.Tensor | None = None  # base.bias before the first merge (when it has one)
 
+    @property
+    def weight(self) -> nn.Parameter:
+        """The base layer's weight (with merged adapters in it): code that reads a layer's weight reads this one."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         for name, adapter in self.adapters.items():

@@ -87,7 +87,36 @@ class LayerDelta:
         layer = cls(kind, dict(tensors))
         if layer.alpha_tensor is not None and layer.alpha_tensor.numel() != 1:
             raise LayerFormatError(f"{layer.alpha_tensor.numel()} alphas, not one")
+        for (a, i), (b, j) in layer._chained_axes():
+            if tensors[a].dim() <= i or tensors[b].dim() <= j or tensors[a].shape[i] != tensors[b].shape[j]:
+                raise LayerFormatError(f"its ranks differ: {a} {tuple(tensors[a].shape)} and {b} "
+                                       f"{tuple(tensors[b].shape)} do not chain")
         return layer
+
+    def _chained_axes(self) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+        """The pairs of (part, axis) that must be one size, the rank between two factors."""
+        t = self.tensors
+        if self.kind == "LoRA":
+            pairs = [(("lora_up.weight", 1), ("lora_down.weight", 0))]
+            if "lora_mid.weight" in t:
+                pairs += [(("lora_mid.weight", 0), ("lora_up.weight", 1)),
+                          (("lora_mid.weight", 1), ("lora_down.weight", 0))]
+            return pairs
+        if self.kind == "LoHa":
+            if "hada_t1" in t:  # w?_a (r, out), w?_b (r, in)
+                return [((f"hada_t{n}", 0), (f"hada_w{n}_a", 0)) for n in (1, 2)] + \
+                       [((f"hada_t{n}", 1), (f"hada_w{n}_b", 0)) for n in (1, 2)]
+            return [((f"hada_w{n}_a", 1), (f"hada_w{n}_b", 0)) for n in (1, 2)]
+        if self.kind == "LoKr":
+            pairs = [(("lokr_w1_a", 1), ("lokr_w1_b", 0))] if "lokr_w1_a" in t else []
+            if "lokr_t2" in t:  # w2_a (r, b), w2_b (r, d)
+                pairs += [(("lokr_t2", 0), ("lokr_w2_a", 0)), (("lokr_t2", 1), ("lokr_w2_b", 0))]
+            elif "lokr_w2_a" in t:
+                pairs.append((("lokr_w2_a", 1), ("lokr_w2_b", 0)))
+            return pairs
+        if self.kind == "GLoRA":
+            return [(("a1.weight", 1), ("a2.weight", 0)), (("b1.weight", 1), ("b2.weight", 0))]
+        return []
 
     # ------------------------------------------------------------------------------------------ what it is
     @property
@@ -207,9 +236,9 @@ class LayerDelta:
         if "lokr_w2" in t:
             w2 = t["lokr_w2"].float()
         elif "lokr_t2" in t:  # w2_a (r, b), w2_b (r, d), t2 (r, r, kh, kw)
-            # Patch: ComfyUI's LoKr-with-Tucker path fails under torch 2.13 and leaves the layer unpatched; this is
-            # LyCORIS' own rebuild (the module's forward), t2 with w2_a on its first mode and w2_b on its second.
-            w2 = _tucker(t["lokr_t2"], t["lokr_w2_a"].T, t["lokr_w2_b"])
+            # Patch: torch 2.13's kron refuses the non-contiguous einsum result (ComfyUI logs the error and leaves
+            # the layer unpatched); LyCORIS' forward makes it contiguous first, and so does this.
+            w2 = _tucker(t["lokr_t2"], t["lokr_w2_a"].T, t["lokr_w2_b"]).contiguous()
         else:  # w2_a (b, r), w2_b (r, d[, kh, kw])
             b2 = t["lokr_w2_b"]
             w2 = _mm(t["lokr_w2_a"], b2).view(-1, *b2.shape[1:])

@@ -41,7 +41,7 @@ from .lora_formats import LayerDelta
 from .sd.lora_files import LoRAFileError
 from .sd.lora_reading import check_lora_family, lora_summary, read_lora
 from .sd.convert import UNET_PREFIX, VAE_PREFIX, lora_targets
-from .sd.detect import MODEL_NAMES, detect_family, kohya_unet_names
+from .sd.detect import MODEL_NAMES, detect_family, unet_names
 
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
 BLOCK_GROUPS = ("IN", "M", "OUT")  # the UNet's input blocks, middle block, output blocks: in this order
@@ -374,7 +374,7 @@ def _lora_deltas(base: TensorFile | DiffusersFolder, loras: list[tuple[Path, flo
     layers that change a bias (full's diff_b), the bias beside it. Appends each file's summary to `summaries`."""
     keys, shapes = base.keys(), {k: base.shape(k) for k in base.keys()}
     try:
-        targets = lora_targets(keys, kohya_unet_names(shapes, base.metadata, str(base.path)))
+        targets = lora_targets(keys, unet_names(shapes, base.metadata, str(base.path)))  # SGM and diffusers names
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     family = detect_family(keys)
