@@ -39,6 +39,9 @@ HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, In
         "clip_skip": "encode captions and validation prompts from this layer, A1111's count (2: the penultimate "
                      "layer, what many SD 1.x anime models were trained with); written into the LoRA's metadata",
         "prediction_type": "epsilon or v_prediction (default: the model's own, read from its scheduler config)",
+        "conv_rank": "LoCon: also train the 3x3 convolutions of the UNet's resnets and samplers at this rank "
+                     "(sd-scripts' conv_dim; 0: none)",
+        "conv_alpha": "their alpha (sd-scripts' conv_alpha; 0: alpha = conv rank)",
         "device": "cuda, cuda:1, cpu, ... (given nowhere: cuda when torch sees a GPU, else the CPU, with a warning)"}
 
 

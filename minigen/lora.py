@@ -1,8 +1,9 @@
-"""LoRA: low-rank adapters added to frozen Linear (and 1x1 Conv2d) layers, found by module-name patterns.
+"""LoRA: low-rank adapters added to frozen Linear and Conv2d layers, found by module-name patterns.
 
 A LoRA adapter on a layer with weight W (out, in) learns `down` (rank, in) and `up` (out, rank) and changes the
 layer's output by `multiplier * scale * up(down(x))`, scale = alpha / rank (Hu et al. 2021, "LoRA"; kohya's alpha).
-Merged, the layer's weight is `W + multiplier * scale * up @ down`.
+Merged, the layer's weight is `W + multiplier * scale * up @ down`. On a k x k convolution (LoCon, kohya's conv_dim)
+down is a k x k convolution of the layer's stride and padding (rank, in, k, k) and up a 1 x 1 one (out, rank, 1, 1).
 
 - `add_lora(model, targets, rank, alpha)` wraps every matching layer in a `LoRALayer` and returns the wrapped names.
   Several adapters, each under its own name and multiplier, can sit on one layer (`sample.py --lora a:0.8 --lora b:0.5`).
@@ -33,13 +34,15 @@ UNET_ATTENTION = (r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0
 # kohya's sd-scripts wraps every Linear inside a Transformer2DModel: the attention, the feed-forward, proj_in/out.
 UNET_KOHYA = UNET_ATTENTION + (r"attentions\.\d+\.(proj_in|proj_out)$",
                                r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$")
+# sd-scripts' conv_dim (LoCon): the 3x3 convolutions of the resnets and of the down- and upsamplers
+UNET_CONV = (r"resnets\.\d+\.(conv1|conv2)$", r"(downsamplers|upsamplers)\.0\.conv$")
 TEXT_ENCODER_ATTENTION = (r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$",)
-PRESETS = {"attention": UNET_ATTENTION, "kohya": UNET_KOHYA, "text": TEXT_ENCODER_ATTENTION}
+PRESETS = {"attention": UNET_ATTENTION, "kohya": UNET_KOHYA, "text": TEXT_ENCODER_ATTENTION, "conv": UNET_CONV}
 
 
 @dataclass
 class LoRATensors:
-    """One adapter's weights as files store them: down (rank, in[, 1, 1]), up (out, rank[, 1, 1]), alpha."""
+    """One adapter's weights as files store them: down (rank, in[, kh, kw]), up (out, rank[, 1, 1]), alpha."""
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
@@ -61,8 +64,9 @@ class LoRAAdapter(nn.Module):
         # fp32 adapters on any base dtype: training keeps LoRA weights in fp32 under bf16/fp16 autocast. Made in
         # place on the base's device (also the meta device or fake tensors of a memory plan), never moved there.
         where = {"device": base.weight.device, "dtype": torch.float32, "bias": False}
-        if isinstance(base, nn.Conv2d):
-            self.down = nn.Conv2d(base.in_channels, rank, 1, **where)
+        if isinstance(base, nn.Conv2d):  # down sees what the layer sees: its kernel, stride, padding and dilation
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                  **where)
             self.up = nn.Conv2d(rank, base.out_channels, 1, **where)
         else:
             self.down = nn.Linear(base.in_features, rank, **where)
@@ -96,7 +100,7 @@ class LoRAAdapter(nn.Module):
         return multiplier * self(x)
 
     def delta_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
-        """multiplier * scale * up @ down, shaped like the base weight (out, in) or (out, in, 1, 1); fp32."""
+        """multiplier * scale * up @ down, shaped like the base weight (out, in) or (out, in, kh, kw); fp32."""
         up, down = self.up.weight.flatten(1), self.down.weight.flatten(1)  # (out, r), (r, in)
         return (multiplier * self.scale * up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:])
 
@@ -217,7 +221,8 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 
 
 def matching_modules(model: nn.Module, targets: str | Iterable[str]) -> dict[str, nn.Module]:
-    """Linear and 1x1 Conv2d layers (or LoRALayers already wrapping one) whose module path matches any pattern."""
+    """Linear and Conv2d layers (ungrouped; or LoRALayers already wrapping one) whose module path matches any
+    pattern."""
     patterns = [re.compile(t) for t in (PRESETS.get(targets, (targets,)) if isinstance(targets, str) else targets)]
     wrapped = tuple(path + "." for path in _lora_layers(model))
     found = {}
@@ -225,7 +230,7 @@ def matching_modules(model: nn.Module, targets: str | Iterable[str]) -> dict[str
         if wrapped and name.startswith(wrapped):  # the base and adapters inside a LoRALayer
             continue
         layer = module.base if isinstance(module, LoRALayer) else module
-        is_target = isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1))
+        is_target = isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1)
         if is_target and any(p.search(name) for p in patterns):
             found[name] = module
     return found
@@ -248,7 +253,7 @@ def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank:
     PRESETS or regular expressions). Returns the wrapped module paths; none matching is an error."""
     found = matching_modules(model, targets)
     if not found:
-        raise ValueError(f"no Linear or 1x1 Conv2d layer of {type(model).__name__} matches {targets!r}")
+        raise ValueError(f"no Linear or Conv2d layer of {type(model).__name__} matches {targets!r}")
     taken = [path for path, m in found.items() if isinstance(m, LoRALayer) and name in m.adapters]
     if taken:  # checked up front so that a refused call changes nothing
         raise ValueError(f"{len(taken)} layers already have a LoRA named {name!r}, e.g. {taken[:3]}")
