@@ -42,6 +42,8 @@ HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, In
         "conv_rank": "LoCon: also train the 3x3 convolutions of the UNet's resnets and samplers at this rank "
                      "(sd-scripts' conv_dim; 0: none)",
         "conv_alpha": "their alpha (sd-scripts' conv_alpha; 0: alpha = conv rank)",
+        "dora": "DoRA (weight-decomposed LoRA, Liu et al. 2024) on every adapter, as peft's use_dora: the kohya file "
+                "carries LyCORIS' dora_scale (ComfyUI, A1111), the diffusers one peft's lora_magnitude_vector",
         "device": "cuda, cuda:1, cpu, ... (given nowhere: cuda when torch sees a GPU, else the CPU, with a warning)"}
 
 

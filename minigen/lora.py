@@ -4,6 +4,8 @@ A LoRA adapter on a layer with weight W (out, in) learns `down` (rank, in) and `
 layer's output by `multiplier * scale * up(down(x))`, scale = alpha / rank (Hu et al. 2021, "LoRA"; kohya's alpha).
 Merged, the layer's weight is `W + multiplier * scale * up @ down`. On a k x k convolution (LoCon, kohya's conv_dim)
 down is a k x k convolution of the layer's stride and padding (rank, in, k, k) and up a 1 x 1 one (out, rank, 1, 1).
+With `dora` (DoRA, Liu et al. 2024, as peft's `use_dora` computes it) the adapter also learns a magnitude m per
+output channel, started at W's row norms, and the layer's weight is m · (W + scale · up @ down) / ‖W + scale · up @ down‖.
 
 - `add_lora(model, targets, rank, alpha)` wraps every matching layer in a `LoRALayer` and returns the wrapped names.
   Several adapters, each under its own name and multiplier, can sit on one layer (`sample.py --lora a:0.8 --lora b:0.5`).
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lora_formats import LayerDelta
+from .lora_formats import LayerDelta, decomposed
 
 # Module-name patterns (regular expressions searched in the full module path). The names are diffusers' UNet and
 # transformers' CLIP names, which minigen's SDXL modules share.
@@ -42,10 +44,12 @@ PRESETS = {"attention": UNET_ATTENTION, "kohya": UNET_KOHYA, "text": TEXT_ENCODE
 
 @dataclass
 class LoRATensors:
-    """One adapter's weights as files store them: down (rank, in[, kh, kw]), up (out, rank[, 1, 1]), alpha."""
+    """One adapter's weights as files store them: down (rank, in[, kh, kw]), up (out, rank[, 1, 1]), alpha, and
+    DoRA's magnitude (out,) when trained with it."""
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -57,7 +61,7 @@ class LoRAAdapter(nn.Module):
     output instead; input dropout is what diffusers' SDXL LoRA example trains with)."""
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None,
-                 dropout: float = 0.0, init: str = "kohya"):
+                 dropout: float = 0.0, init: str = "kohya", dora: bool = False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -75,6 +79,9 @@ class LoRAAdapter(nn.Module):
         self.alpha = float(rank if alpha is None else alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters(init)
+        # DoRA's magnitude, started at W's norms per output channel (over in, kh, kw): the layer starts unchanged
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(base.weight.detach().float().flatten(1), dim=1)) \
+            if dora else None
 
     @property
     def scale(self) -> float:
@@ -97,23 +104,46 @@ class LoRAAdapter(nn.Module):
 
     def output(self, x: torch.Tensor, multiplier: float, layer: "LoRALayer") -> torch.Tensor:
         """What the adapter adds to the layer's output at `multiplier` when not merged."""
-        return multiplier * self(x)
+        if self.magnitude is None:
+            return multiplier * self(x)
+        # DoRA as peft's forward: the base output and the low-rank path, both rescaled per output channel by
+        # m / ‖W + ΔW‖, that norm detached from the gradient (Liu et al. 2024, section 4.3)
+        w = layer.original_weight if layer.original_weight is not None else layer.base.weight
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm((w.float() + self.low_rank_delta()).flatten(1), dim=1)  # (out,)
+        s = self.magnitude / norm  # (out,)
+        s = s.view(1, -1, 1, 1) if isinstance(layer.base, nn.Conv2d) else s  # the output's channel axis
+        base = layer.base(x)
+        if layer.base.bias is not None:
+            base = base - (layer.base.bias.view(1, -1, 1, 1) if isinstance(layer.base, nn.Conv2d) else layer.base.bias)
+        return multiplier * ((s - 1) * base + s * self(x))
+
+    def low_rank_delta(self) -> torch.Tensor:
+        """scale * up @ down, shaped like the base weight (out, in) or (out, in, kh, kw); fp32."""
+        up, down = self.up.weight.flatten(1), self.down.weight.flatten(1)  # (out, r), (r, in)
+        return (self.scale * up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:])
 
     def delta_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
-        """multiplier * scale * up @ down, shaped like the base weight (out, in) or (out, in, kh, kw); fp32."""
-        up, down = self.up.weight.flatten(1), self.down.weight.flatten(1)  # (out, r), (r, in)
-        return (multiplier * self.scale * up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:])
+        """The change to `weight` at `multiplier`: multiplier * scale * up @ down, or with DoRA multiplier times
+        (m · (W + ΔW) / ‖W + ΔW‖ - W); fp32."""
+        delta = self.low_rank_delta()
+        if self.magnitude is not None:
+            delta = decomposed(weight.float() + delta, self.magnitude) - weight.float()
+        return multiplier * delta
 
     def delta_bias(self, multiplier: float) -> None:
         return None
 
     def get_tensors(self) -> LoRATensors:
-        return LoRATensors(self.down.weight.detach(), self.up.weight.detach(), self.alpha)
+        magnitude = None if self.magnitude is None else self.magnitude.detach()
+        return LoRATensors(self.down.weight.detach(), self.up.weight.detach(), self.alpha, magnitude)
 
     def set_tensors(self, t: LoRATensors) -> None:
         with torch.no_grad():
             self.down.weight.copy_(t.down.reshape(self.down.weight.shape))
             self.up.weight.copy_(t.up.reshape(self.up.weight.shape))
+            if self.magnitude is not None:
+                self.magnitude.copy_(t.magnitude.reshape(self.magnitude.shape))
         self.alpha = float(t.alpha)
 
 
@@ -248,7 +278,7 @@ def _wrap(model: nn.Module, name: str) -> LoRALayer:
 
 def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank: int = 4,
              alpha: float | None = None, name: str = "default", multiplier: float = 1.0,
-             dropout: float = 0.0, init: str = "kohya") -> list[str]:
+             dropout: float = 0.0, init: str = "kohya", dora: bool = False) -> list[str]:
     """Freeze `model`'s own weights and add a trainable adapter named `name` to every layer matching `targets` (a preset name in
     PRESETS or regular expressions). Returns the wrapped module paths; none matching is an error."""
     found = matching_modules(model, targets)
@@ -263,7 +293,7 @@ def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank:
             p.requires_grad_(False)
     for path, module in found.items():
         base = module.base if isinstance(module, LoRALayer) else module
-        _wrap(model, path).add(name, LoRAAdapter(base, rank, alpha, dropout, init), multiplier)
+        _wrap(model, path).add(name, LoRAAdapter(base, rank, alpha, dropout, init, dora), multiplier)
     return sorted(found)
 
 

@@ -47,6 +47,7 @@ class LoRATrainConfig:
     targets: str = "attention"  # attention (to_q/k/v/out.0, as the seeds), kohya (also proj_in/out, feed-forward)
     conv_rank: int = 0  # LoCon: > 0 also trains the resnets' and samplers' 3x3 convolutions (sd-scripts' conv_dim)
     conv_alpha: float = 0.0  # their alpha (sd-scripts' conv_alpha); 0: alpha = conv_rank (scale 1)
+    dora: bool = False  # DoRA (Liu et al. 2024) on every adapter, as peft's use_dora
     lora_dropout: float = 0.0
     train_text_encoder: bool = False
     clip_skip: int = 1  # A1111's count for the captions' (and validation prompts') encoding: 2 = penultimate layer
@@ -106,13 +107,14 @@ class LoRATrainConfig:
 def add_adapters(models: dict[str, torch.nn.Module], cfg: LoRATrainConfig) -> None:
     """The run's adapters on {"unet"[, "te1", "te2"]}: `cfg.targets` on the UNet at rank/alpha, with --conv-rank
     also its 3x3 convolutions (LoCon, at conv_rank/conv_alpha as sd-scripts' conv_dim/conv_alpha), and the text
-    encoders' attention given. The same calls in the same order: the same initial weights for one seed."""
+    encoders' attention given; each DoRA with --dora. The same calls in the same order: the same initial weights for
+    one seed."""
     from .lora import add_lora
 
-    alpha = cfg.alpha or None
-    add_lora(models["unet"], cfg.targets, cfg.rank, alpha, dropout=cfg.lora_dropout)
+    alpha, kw = cfg.alpha or None, dict(dropout=cfg.lora_dropout, dora=cfg.dora)
+    add_lora(models["unet"], cfg.targets, cfg.rank, alpha, **kw)
     if cfg.conv_rank:
-        add_lora(models["unet"], "conv", cfg.conv_rank, cfg.conv_alpha or None, dropout=cfg.lora_dropout)
+        add_lora(models["unet"], "conv", cfg.conv_rank, cfg.conv_alpha or None, **kw)
     for component in ("te1", "te2"):
         if component in models:
-            add_lora(models[component], "text", cfg.rank, alpha, dropout=cfg.lora_dropout)
+            add_lora(models[component], "text", cfg.rank, alpha, **kw)

@@ -251,16 +251,13 @@ class LayerDelta:
         w = weight.float()
         t = self.tensors
         if "magnitude" in t:  # peft DoRA: s scales c·B·A, then the rows are renormalised (diffusers' fuse_lora)
-            v = w + strength * self.raw(w)
-            m = t["magnitude"].float().reshape(-1, *[1] * (w.dim() - 1))  # (out, 1, ...)
-            return m * v / _norm(v, output_axis=True) - w
+            return decomposed(w + strength * self.raw(w), t["magnitude"]) - w
         if "dora_scale" in t:
-            v = w + self.raw(w)
-            m = t["dora_scale"].float()
+            m = t["dora_scale"]
             output_axis = m.shape[0] == w.shape[0] and m.numel() == w.shape[0]
             # Patch: ComfyUI divides output-axis DoRA by ‖W‖ instead of ‖W + ΔW‖; this is DoRA's definition (Liu et
             # al. 2024, eq. 5) and what LyCORIS trains.
-            return strength * (m.view(*_axis_shape(w, output_axis)) * v / _norm(v, output_axis) - w)
+            return strength * (decomposed(w + self.raw(w), m, output_axis) - w)
         return strength * self.raw(w)
 
     def delta_bias(self, strength: float = 1.0) -> torch.Tensor | None:
@@ -269,12 +266,11 @@ class LayerDelta:
         return None if b is None else strength * b.float()
 
 
-def _axis_shape(w: torch.Tensor, output_axis: bool) -> tuple[int, ...]:
-    """DoRA's magnitude shape: (out, 1, ...) per output row, (1, in, 1, ...) per input column."""
-    return (w.shape[0], *[1] * (w.dim() - 1)) if output_axis else (1, w.shape[1], *[1] * (w.dim() - 2))
-
-
-def _norm(v: torch.Tensor, output_axis: bool) -> torch.Tensor:
-    """‖v‖ per output row (over in, kh, kw) or per input column (over out, kh, kw), keeping v's rank."""
-    dims = tuple(d for d in range(v.dim()) if d != (0 if output_axis else 1))
-    return torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+def decomposed(v: torch.Tensor, magnitude: torch.Tensor, output_axis: bool = True) -> torch.Tensor:
+    """DoRA's weight (Liu et al. 2024, eq. 5): magnitude · v / ‖v‖, v (out, in[, kh, kw]) the directional part W + ΔW,
+    the norm per output row (over in, kh, kw; magnitude's out values in any shape) or per input column (over out,
+    kh, kw). fp32."""
+    v = v.float()
+    axis = 0 if output_axis else 1
+    norm = torch.linalg.vector_norm(v, dim=tuple(d for d in range(v.dim()) if d != axis), keepdim=True)
+    return magnitude.float().reshape(norm.shape) * v / norm

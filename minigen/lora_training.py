@@ -68,11 +68,11 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 # -- the trainer ------------------------------------------------------------------------------------------------
 
 def network_args(cfg: LoRATrainConfig) -> dict[str, str]:
-    """sd-scripts' `ss_network_args` metadata of a LoCon run (its conv_dim and conv_alpha), else none."""
-    if not cfg.conv_rank:
-        return {}
-    return {"ss_network_args": json.dumps({"conv_dim": str(cfg.conv_rank),
-                                           "conv_alpha": str(cfg.conv_alpha or cfg.conv_rank)})}
+    """`ss_network_args` metadata of a LoCon run (sd-scripts' conv_dim and conv_alpha) or a DoRA one (LyCORIS'
+    dora_wd), else none."""
+    args = {"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha or cfg.conv_rank)} if cfg.conv_rank else {}
+    args |= {"dora_wd": "True"} if cfg.dora else {}
+    return {"ss_network_args": json.dumps(args)} if args else {}
 
 
 class LoRATrainer:

@@ -162,8 +162,8 @@ def final_weights(trainer):
 
 def test_resume_equals_uninterrupted(data, tmp_path):
     # every random part on: crops, flips, caption dropout, noise offset, min-SNR, LoRA dropout, warm-up + cosine,
-    # gradient accumulation, a text-encoder LoRA with its own rate, LoCon on the 3x3 convolutions
-    kw = dict(epochs=2, batch=1, grad_accum=2, conv_rank=2, conv_alpha=1.0, random_crop=True, flip=True, cache_latents="off", caption_dropout=0.3,
+    # gradient accumulation, a text-encoder LoRA with its own rate, LoCon on the 3x3 convolutions, DoRA
+    kw = dict(epochs=2, batch=1, grad_accum=2, conv_rank=2, conv_alpha=1.0, dora=True, random_crop=True, flip=True, cache_latents="off", caption_dropout=0.3,
               noise_offset=0.1, min_snr_gamma=5.0, lora_dropout=0.1, warmup_steps=2, lr_scheduler="cosine",
               train_text_encoder=True, text_encoder_lr=5e-3, prediction_type="v_prediction")
     whole = LoRATrainer(tiny_config(data, tmp_path / "whole", **kw), progress=False)

@@ -90,7 +90,7 @@ def kohya_state_dict(lora: LoRA, unet_names: NameMap, family: str = "sdxl") -> d
                 path = te_path(path)
             elif family.startswith("sdxl"):
                 path = unet_names.to_single_file(path)  # KeyError names a path the map lacks
-            out |= kohya_layer(kohya_prefix(component, family), path, t.up, t.down, t.alpha)
+            out |= kohya_layer(kohya_prefix(component, family), path, t.up, t.down, t.alpha, t.magnitude)
     return out
 
 
@@ -99,12 +99,17 @@ def kohya_prefix(component: str, family: str) -> str:
     return ONE_ENCODER_PREFIX if component == "te1" and family in ("sd1", "sd2") else KOHYA_PREFIX[component]
 
 
-def kohya_layer(prefix: str, path: str, up: torch.Tensor, down: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+def kohya_layer(prefix: str, path: str, up: torch.Tensor, down: torch.Tensor, alpha: float,
+                magnitude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One layer's kohya keys: `<prefix><path with dots as underscores>.lora_down.weight`, `.lora_up.weight`,
-    `.alpha`. prefix: `lora_unet_`, `lora_te_`, `lora_te1_`, ... (KOHYA_PREFIX)."""
+    `.alpha`, and DoRA's magnitude as LyCORIS writes it, `.dora_scale` (out, 1[, 1, 1]), what ComfyUI and A1111
+    read. prefix: `lora_unet_`, `lora_te_`, `lora_te1_`, ... (KOHYA_PREFIX)."""
     name = prefix + path.replace(".", "_")
-    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-            f"{name}.alpha": torch.tensor(float(alpha))}
+    layer = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+             f"{name}.alpha": torch.tensor(float(alpha))}
+    if magnitude is not None:
+        layer[f"{name}.dora_scale"] = magnitude.reshape(-1, *[1] * (down.dim() - 1))
+    return layer
 
 
 def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
@@ -116,6 +121,9 @@ def diffusers_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
             out[f"{name}.lora_A.weight"] = t.down
             # Patch: peft files carry no alpha (scale 1); baking alpha/rank into B keeps W + scale * B A in any reader.
             out[f"{name}.lora_B.weight"] = t.up.float() * (t.alpha / t.rank)
+            if t.magnitude is not None:  # peft's shapes: (out,) on a Linear, (1, out, 1, 1) on a convolution
+                shape = (-1,) if t.down.dim() == 2 else (1, -1, 1, 1)
+                out[f"{name}.lora_magnitude_vector"] = t.magnitude.reshape(shape)
     return out
 
 

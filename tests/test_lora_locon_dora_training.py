@@ -1,11 +1,13 @@
-"""LoCon training (`--conv-rank/--conv-alpha`, sd-scripts' conv_dim/conv_alpha): the 3x3 convolutions of the resnets
-and samplers get adapters, and the files load with the same deltas in the other programs (issue 23).
+"""LoCon and DoRA training (issue 23): `--conv-rank/--conv-alpha` (sd-scripts' conv_dim/conv_alpha) adds adapters to
+the 3x3 convolutions of the resnets and samplers, `--dora` makes every adapter DoRA (as peft's use_dora), and the
+files load with the same deltas in the other programs.
 
-A few steps on the tiny SD 1.5 model (whose diffusers folder tests/test_sd_pipeline.py builds, so diffusers holds the
+A few steps (LoCon, and LoCon with DoRA) on the tiny SD 1.5 model (whose diffusers folder tests/test_sd_pipeline.py builds, so diffusers holds the
 same weights); then the kohya file is loaded by LyCORIS' own loader (what A1111's and ComfyUI's LoCon support reads)
 and the diffusers/peft file by diffusers' `load_lora_weights`, each on diffusers' modules, and their UNet predictions
-are compared with the trained model's. Tolerance: 1e-5 of the output's scale (fp32; minigen's and diffusers' UNets
-agree to ~1e-6, the adapters' sums differ in order only); the LoRA moves the output by more than 100 times that.
+are compared with the trained model's (unmerged: its own training forward). Tolerance: 1e-5 of the output's scale
+(fp32; minigen's and diffusers' UNets agree to ~1e-6, the adapters' sums differ in order only); the LoRA moves the
+output by more than 100 times that.
 """
 
 import copy
@@ -13,6 +15,7 @@ import copy
 import diffusers
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from close import assert_close_to_scale
 from test_lora_formats import PRESET
@@ -22,19 +25,19 @@ from test_sd_pipeline import reference_folder
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
 from minigen.sd.lora_files import save_lora
-from minigen.sd.lora_reading import read_lora
+from minigen.sd.lora_reading import load_lora, read_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["locon", "locon-dora"])
+def trained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("locon")
     cfg = LoRATrainConfig(model=str(reference_folder("tiny-sd1")), data=str(write_data(root / "data")),
                           resolution="16x16", bucket_step=16, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0,
-                          lr=0.05, batch=2, epochs=1, out=str(root / "run"))
+                          dora=request.param, lr=0.05, batch=2, epochs=1, out=str(root / "run"))
     trainer = LoRATrainer(cfg, progress=False)
     trainer.train()
     return trainer, root
@@ -62,7 +65,12 @@ def test_conv_rank_trains_the_3x3_convolutions(trained):
     layer = convs["down_blocks_0_resnets_0_conv1"]
     assert layer.tensors["lora_down.weight"].shape[:2] == (2, unet.down_blocks[0].resnets[0].conv1.base.in_channels)
     assert float(layer.tensors["alpha"]) == 1.0 and layer.scale == 0.5  # conv_alpha / conv_rank
-    assert metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1.0"}'
+    dora = trainer.cfg.dora
+    assert all(layer.dora == dora for layers in parsed.values() for layer in layers.values())
+    assert metadata["ss_network_args"] == ('{"conv_dim": "2", "conv_alpha": "1.0"' + (', "dora_wd": "True"}' if dora
+                                                                                      else "}"))
+    if dora:  # LyCORIS' layout: the output axis, (out, 1, 1, 1) on a convolution
+        assert layer.tensors["dora_scale"].shape == (unet.down_blocks[0].resnets[0].conv1.base.out_channels, 1, 1, 1)
 
 
 def test_locon_files_load_the_same_in_lycoris_and_diffusers(trained, tmp_path):
@@ -84,6 +92,12 @@ def test_locon_files_load_the_same_in_lycoris_and_diffusers(trained, tmp_path):
     network.apply_to(encoder, unet, True, True)
     network.load_state_dict(weights)
     assert_close_to_scale(unet_output(unet, diffusers_unet=True), want, TOL)
+    if trainer.cfg.dora:  # the magnitudes matter: without them the file gives another output
+        tensors = {k: v for k, v in load_file(root / "run" / "lora.safetensors").items() if "dora_scale" not in k}
+        save_file(tensors, tmp_path / "no_magnitudes.safetensors")
+        plain = {"unet": copy.deepcopy(reference.unet), "te1": copy.deepcopy(reference.text_encoder)}
+        load_lora(tmp_path / "no_magnitudes.safetensors", plain)
+        assert (unet_output(plain["unet"], diffusers_unet=True) - want).abs().max() > 100 * TOL * want.abs().max()
 
     # the diffusers/peft file in diffusers
     with pytest.warns(UserWarning, match="diffusers/peft-layout"):
