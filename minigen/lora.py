@@ -230,16 +230,17 @@ class LoRALayer(nn.Module):
             return
         with torch.no_grad():
             w0 = self.original_weight
-            w, b = w0.float(), None if self.original_bias is None else self.original_bias.float()
-            for name in self.merged:
+            w, b = None, None if self.original_bias is None else self.original_bias.float()
+            for name in self.merged:  # the changes summed in fp32, then W added: the fewest passes over W's size
                 adapter, m = self.adapters[name], self.multipliers[name]
-                w = w + adapter.delta_weight(w0, m).to(w.device)
+                delta = adapter.delta_weight(w0, m).to(w0.device)
+                w = delta if w is None else w.add_(delta)
                 db = adapter.delta_bias(m)
                 if db is not None:
                     if b is None:
                         raise ValueError(f"LoRA {name!r} changes the bias of a layer that has none")
                     b = b + db.to(b.device)
-            self.base.weight.copy_(w.to(self.base.weight.dtype))
+            self.base.weight.copy_(w0 if w is None else w.add_(w0))
             if b is not None:
                 self.base.bias.copy_(b.to(self.base.bias.dtype))
         if not self.merged:

@@ -166,7 +166,7 @@ class LayerDelta:
         """The alpha a file gives outside the layer (peft's adapter metadata)."""
         self.tensors["alpha"] = torch.tensor(float(alpha))
 
-    def shape(self, weight_shape: torch.Size | tuple[int, ...] | None = None) -> tuple[int, ...]:
+    def shape(self) -> tuple[int, ...]:
         """The shape of the raw change before it is reshaped to W: (out, in[, kh, kw]) or (out, in * kh * kw)."""
         t = {k: v.shape for k, v in self.tensors.items()}
         if self.kind == "LoRA":
@@ -193,45 +193,55 @@ class LayerDelta:
         return (t["b1.weight"][0], b2[1], *k)
 
     def fits(self, weight_shape: tuple[int, ...]) -> bool:
-        """Whether the change has W's output rows and element count (it is then reshaped to W)."""
-        shape = self.shape()
-        return shape[0] == weight_shape[0] and math.prod(shape) == math.prod(weight_shape)
+        """Whether the change has W's output rows and element count (it is then reshaped to W), a DoRA magnitude
+        one value per output row or input column, and GLoRA's a1 W's input width."""
+        shape, t = self.shape(), self.tensors
+        magnitude = t.get("dora_scale", t.get("magnitude"))
+        return (shape[0] == weight_shape[0] and math.prod(shape) == math.prod(weight_shape)
+                and (magnitude is None or magnitude.numel() in weight_shape[:2])
+                and ("a1.weight" not in t or t["a1.weight"].shape[0] == weight_shape[1]))
 
     # ------------------------------------------------------------------------------------------ the math
-    def raw(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """c · ΔW of the format (no DoRA), shaped like `weight` when given; fp32. GLoRA needs `weight`."""
-        t = self.tensors
+    def raw(self, weight: torch.Tensor | None = None, factor: float = 1.0) -> torch.Tensor:
+        """factor · c · ΔW of the format (no DoRA), shaped like `weight` when given; a new fp32 tensor. GLoRA needs
+        `weight`. The scalars go into the smallest factor: one pass over the whole-weight-sized result, not three."""
+        t, f = self._on(weight), factor * self.scale
         if self.kind == "LoRA":
-            up, down = t["lora_up.weight"], t["lora_down.weight"]  # (out, r[, 1, 1]), (r, in[, kh, kw])
+            up, down = t["lora_up.weight"].float() * f, t["lora_down.weight"]  # (out, r[, 1, 1]), (r, in[, kh, kw])
             if "lora_mid.weight" in t:  # down (r, in, 1, 1), mid (r, r, kh, kw)
                 delta = _tucker(t["lora_mid.weight"], up, down)
             else:
                 delta = _mm(up, down)  # (out, in * kh * kw)
         elif self.kind == "LoHa":
             if "hada_t1" in t:  # w?_a (r, out), w?_b (r, in): cores between them
-                delta = (_tucker(t["hada_t1"], t["hada_w1_a"].T, t["hada_w1_b"])
+                delta = (_tucker(t["hada_t1"], t["hada_w1_a"].T.float() * f, t["hada_w1_b"])
                          * _tucker(t["hada_t2"], t["hada_w2_a"].T, t["hada_w2_b"]))
             else:  # w?_a (out, r), w?_b (r, in * kh * kw)
-                delta = _mm(t["hada_w1_a"], t["hada_w1_b"]) * _mm(t["hada_w2_a"], t["hada_w2_b"])
+                delta = _mm(t["hada_w1_a"].float() * f, t["hada_w1_b"]) * _mm(t["hada_w2_a"], t["hada_w2_b"])
         elif self.kind == "LoKr":
-            delta = torch.kron(*self._kron_factors())
+            w1, w2 = self._kron_factors(t)
+            delta = torch.kron(w1 * f, w2)
         elif self.kind == "full":
-            delta = t["diff"].float()
+            delta = t["diff"].float() * f
         else:  # GLoRA: W (out, in, ...) times a1 (in, r) a2 (r, in) on the input axis, plus b1 (out, r) b2 (r, in, ...)
             if weight is None:
                 raise ValueError("a GLoRA layer's change depends on the weight it applies to")
             w = weight.float()
-            a = _mm(t["a1.weight"], t["a2.weight"])  # (in, in)
-            delta_a = torch.einsum("oi...,ij->oj...", w, a)
-            b = (_tucker(t["bm.weight"], t["b1.weight"], t["b2.weight"]) if "bm.weight" in t
-                 else _mm(t["b1.weight"], t["b2.weight"]))
-            delta = delta_a + b.view(w.shape)
-        delta = self.scale * delta
+            a = _mm(t["a1.weight"], t["a2.weight"].float() * f)  # (in, in)
+            delta = torch.einsum("oi...,ij->oj...", w, a)
+            b1 = t["b1.weight"].float() * f
+            delta += (_tucker(t["bm.weight"], b1, t["b2.weight"]) if "bm.weight" in t
+                      else _mm(b1, t["b2.weight"])).view(w.shape)
         return delta.reshape(weight.shape) if weight is not None else delta.reshape(self.shape())
 
-    def _kron_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _on(self, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The tensors on `weight`'s device (a GPU model's), where the change is computed."""
+        if weight is None:
+            return self.tensors
+        return {k: v.to(weight.device) for k, v in self.tensors.items()}
+
+    def _kron_factors(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """LoKr's w1 (a, c[, 1, 1]) and w2 (b, d[, kh, kw]), rebuilt from their pairs where factored; fp32."""
-        t = self.tensors
         w1 = t["lokr_w1"].float() if "lokr_w1" in t else _mm(t["lokr_w1_a"], t["lokr_w1_b"])
         if "lokr_w2" in t:
             w2 = t["lokr_w2"].float()
@@ -248,22 +258,21 @@ class LayerDelta:
 
     def delta(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """The change to `weight` (out, in[, kh, kw]) at `strength`: W(s) - W, fp32, shaped like `weight`."""
-        w = weight.float()
-        t = self.tensors
+        if not self.dora:
+            return self.raw(weight, strength)
+        t, w = self._on(weight), weight.float()
         if "magnitude" in t:  # peft DoRA: s scales c·B·A, then the rows are renormalised (diffusers' fuse_lora)
-            return decomposed(w + strength * self.raw(w), t["magnitude"]) - w
-        if "dora_scale" in t:
-            m = t["dora_scale"]
-            output_axis = m.shape[0] == w.shape[0] and m.numel() == w.shape[0]
-            # Patch: ComfyUI divides output-axis DoRA by ‖W‖ instead of ‖W + ΔW‖; this is DoRA's definition (Liu et
-            # al. 2024, eq. 5) and what LyCORIS trains.
-            return strength * (decomposed(w + self.raw(w), m, output_axis) - w)
-        return strength * self.raw(w)
+            return decomposed(self.raw(w, strength).add_(w), t["magnitude"]).sub_(w)
+        m = t["dora_scale"]
+        output_axis = m.shape[0] == w.shape[0] and m.numel() == w.shape[0]
+        # Patch: ComfyUI divides output-axis DoRA by ‖W‖ instead of ‖W + ΔW‖; this is DoRA's definition (Liu et al.
+        # 2024, eq. 5) and what LyCORIS trains.
+        return decomposed(self.raw(w).add_(w), m, output_axis).sub_(w).mul_(strength)
 
     def delta_bias(self, strength: float = 1.0) -> torch.Tensor | None:
         """The change to the layer's bias at `strength` (full's diff_b), or None."""
         b = self.tensors.get("diff_b")
-        return None if b is None else strength * b.float()
+        return None if b is None else b.float() * strength
 
 
 def decomposed(v: torch.Tensor, magnitude: torch.Tensor, output_axis: bool = True) -> torch.Tensor:

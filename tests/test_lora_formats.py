@@ -202,6 +202,31 @@ def test_peft_dora_file_fuses_as_diffusers_does(family, strength, tmp_path, caps
         assert_close_to_scale(baked_unet[key], w, WEIGHT_TOL)
 
 
+def test_dora_strength_semantics():
+    """kohya/LyCORIS DoRA at strength s: W + s·(W' − W) (ComfyUI's interpolation), W' with the magnitudes as its
+    row norms (input-axis: column norms); peft DoRA: rows of norm m at every s, the direction of W + s·c·B·A."""
+    from minigen.lora_formats import LayerDelta
+
+    g = torch.Generator().manual_seed(0)
+    w, down, up = torch.randn(8, 6, generator=g), torch.randn(2, 6, generator=g), torch.randn(8, 2, generator=g)
+    lora = {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(1.0)}  # c = 0.5
+    rows, columns = torch.rand(8, 1, generator=g) + 1, torch.rand(1, 6, generator=g) + 1
+    for m, dim in ((rows, 1), (columns, 0)):
+        layer = LayerDelta.from_tensors(lora | {"dora_scale": m})
+        full = w + layer.delta(w, 1.0)
+        torch.testing.assert_close(full.norm(dim=dim, keepdim=True), m)
+        torch.testing.assert_close(layer.delta(w, 0.4), 0.4 * layer.delta(w, 1.0))
+    magnitude = rows.flatten()
+    peft = LayerDelta.from_tensors({"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(1.0),
+                                    "magnitude": magnitude})
+    for s in (1.0, 0.4, 0.0):
+        fused = w + peft.delta(w, s)
+        torch.testing.assert_close(fused.norm(dim=1), magnitude)
+        direction = w + s * 0.5 * up @ down
+        torch.testing.assert_close(fused / fused.norm(dim=1, keepdim=True),
+                                   direction / direction.norm(dim=1, keepdim=True))
+
+
 def png(folder) -> np.ndarray:
     (image,) = sorted(folder.glob("*.png"))
     return np.asarray(Image.open(image), dtype=np.int16)
