@@ -87,7 +87,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--num", type=cli.number(int, 1), default=1, help="images in the batch")
     p.add_argument("--out", default="outputs")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA file and its multiplier (default 1); repeat to stack several")
+                   help="a LoRA file (kohya, LyCORIS or peft: LoRA, LoCon, LoHa, LoKr, DoRA, full, GLoRA) and its "
+                        "multiplier (default 1), fused into the weights; repeat to stack several")
     p.add_argument("--vae", help="a replacement VAE: a file (diffusers or LDM names) or a diffusers vae/ folder")
     p.add_argument("--init-image", metavar="IMG", help="img2img: start from this image (resized to --height/--width)")
     p.add_argument("--strength", type=cli.parsed_by(strength, "strength"), default=None,
