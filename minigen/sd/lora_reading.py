@@ -166,8 +166,8 @@ def resolve_lora(parsed: Parsed, models: Mapping[str, nn.Module], unet_names: Na
             module = getattr(module, "base", module)
             if not layer.fits(tuple(module.weight.shape)):
                 raise LoRAFileError(f"{source}: {component} layer {path} has weight {tuple(module.weight.shape)}, "
-                                    f"but the file's {layer.kind} layer changes {layer.shape()} (a LoRA for another "
-                                    f"model?)")
+                                    f"but the file's {layer.kind} layer {name} changes {layer.shape()} (a LoRA for "
+                                    f"another model?)")
             if "diff_b" in layer.tensors and (module.bias is None or module.bias.shape != layer.tensors["diff_b"].shape):
                 raise LoRAFileError(f"{source}: {component} layer {path}'s bias does not fit the file's diff_b "
                                     f"{tuple(layer.tensors['diff_b'].shape)}")
