@@ -173,7 +173,8 @@ class DeltaAdapter(nn.Module):
 
 
 class LoRALayer(nn.Module):
-    """A frozen base layer plus named adapters, each with its own multiplier; output = base(x) + sum m * adapter(x)."""
+    """A frozen base layer plus named adapters, each with its own multiplier; output = base(x) + what each unmerged
+    adapter adds at its multiplier (`output`); merged adapters are in base.weight (and base.bias)."""
 
     def __init__(self, base: nn.Linear | nn.Conv2d):
         super().__init__()

@@ -227,6 +227,37 @@ def test_dora_strength_semantics():
                                    direction / direction.norm(dim=1, keepdim=True))
 
 
+def test_file_layers_fused_unmerged_and_removed():
+    """A file's layers fuse into the weights (and a full layer's diff_b into the bias); unmerged they give the same
+    outputs through their own forward (1e-5: fp32, another order of sums); removed, the weights are W again, bit for
+    bit (the originals were kept aside)."""
+    from torch import nn
+    from minigen.lora import add_lora_deltas, remove_lora, unmerge_lora
+    from minigen.lora_formats import LayerDelta
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, stride=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = {"0": LayerDelta.from_tensors({"hada_w1_a": torch.randn(6, 2, generator=g),
+                                            "hada_w1_b": torch.randn(2, 36, generator=g),
+                                            "hada_w2_a": torch.randn(6, 2, generator=g),
+                                            "hada_w2_b": torch.randn(2, 36, generator=g),
+                                            "dora_scale": torch.rand(6, 1, 1, 1, generator=g) + 1}),
+              "1": LayerDelta.from_tensors({"diff": torch.randn(6, 6, 3, 3, generator=g),
+                                            "diff_b": torch.randn(6, generator=g)})}
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        base = model(x)
+        add_lora_deltas(model, layers, "file", multiplier=0.7)
+        fused = model(x)
+        unmerge_lora(model)
+        unmerged = model(x)
+    assert (fused - base).abs().max() > 0.1
+    assert_close_to_scale(unmerged, fused, 1e-5)
+    remove_lora(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def png(folder) -> np.ndarray:
     (image,) = sorted(folder.glob("*.png"))
     return np.asarray(Image.open(image), dtype=np.int16)
