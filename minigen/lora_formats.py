@@ -226,12 +226,12 @@ class LayerDelta:
         else:  # GLoRA: W (out, in, ...) times a1 (in, r) a2 (r, in) on the input axis, plus b1 (out, r) b2 (r, in, ...)
             if weight is None:
                 raise ValueError("a GLoRA layer's change depends on the weight it applies to")
-            w = weight.float()
-            a = _mm(t["a1.weight"], t["a2.weight"].float() * f)  # (in, in)
-            delta = torch.einsum("oi...,ij->oj...", w, a)
+            a1, a2 = t["a1.weight"].float().flatten(1), t["a2.weight"].float().flatten(1) * f  # (in, r), (r, in)
+            wa = torch.einsum("oi...,ir->or...", weight.float(), a1)  # (out, r[, kh, kw]): W·a1 first, never (in, in)
+            delta = torch.einsum("or...,ri->oi...", wa, a2)
             b1 = t["b1.weight"].float() * f
             delta += (_tucker(t["bm.weight"], b1, t["b2.weight"]) if "bm.weight" in t
-                      else _mm(b1, t["b2.weight"])).view(w.shape)
+                      else _mm(b1, t["b2.weight"])).view(weight.shape)
         return delta.reshape(weight.shape) if weight is not None else delta.reshape(self.shape())
 
     def _on(self, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
