@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from close import assert_close_to_scale
 from sdxl_tiny import tiny_folder, tiny_pipeline, tiny_single_file
@@ -200,6 +201,32 @@ def test_peft_dora_file_fuses_as_diffusers_does(family, strength, tmp_path, caps
     for key, w in want.items():
         assert_close_to_scale(fused[key], w, WEIGHT_TOL)
         assert_close_to_scale(baked_unet[key], w, WEIGHT_TOL)
+
+
+@pytest.mark.parametrize("family", ["sdxl"], indirect=True)
+def test_simpletuner_lycoris_names(family, tmp_path):
+    """SimpleTuner trains LyCORIS through its wrapper on diffusers' UNet: keys `lycoris_<diffusers path>`."""
+    from lycoris.wrapper import LycorisNetwork, create_lycoris
+
+    _, components, _ = family
+    LycorisNetwork.apply_preset({"target_module": ["Transformer2DModel", "ResnetBlock2D"], "target_name": []})
+    unet = copy.deepcopy(components["unet"])
+    network = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2.0, algo="lokr", factor=4)
+    network.apply_to()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    want = outputs({**components, "unet": unet})[0]
+    network.save_weights(str(tmp_path / "st.safetensors"), None, {})
+    assert all(key.startswith("lycoris_down_blocks_") or key.startswith(("lycoris_mid_", "lycoris_up_"))
+               for key in load_file(str(tmp_path / "st.safetensors")))
+    ours = copy.deepcopy(components)
+    _, summary = load_lora(tmp_path / "st.safetensors", ours)
+    assert "LoKr 0," not in summary
+    got, base = outputs(ours)[0], outputs(components)[0]
+    assert_close_to_scale(got, want, OUTPUT_TOL)
+    assert (want - base).abs().max() > 100 * OUTPUT_TOL * want.abs().max()
 
 
 def test_dora_strength_semantics():
