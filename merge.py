@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-text-encoders", action="store_true", help="copy the text encoders from A unmerged")
     p.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), help="output dtype of float tensors (default: as in A)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:RATIO]",
-                   help="bake this LoRA (kohya or peft file) into A at RATIO (default 1); repeatable")
+                   help="bake this LoRA (kohya, LyCORIS or peft file: LoRA, LoCon, LoHa, LoKr, DoRA, full, "
+                        "GLoRA) into A at RATIO (default 1); repeatable")
     p.add_argument("--rank", type=cli.number(int, 1), help="write a LoRA of this rank: extracted from B - A, or merged from --lora files")
     p.add_argument("--clamp-quantile", type=cli.number(float, 0, 1), default=0.99,
                    help="with --rank: clamp the factors at this quantile of their magnitudes (kohya's default 0.99)")
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
     else:  # bake, or with no --lora convert (a pickle to safetensors, a file to a folder, ...)
         report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
                             allow_pickle=args.allow_pickle)
+    for line in report.lora_summaries:
+        print(line)
     print(f"{args.output}: {report.merged} tensors merged, {report.copied} copied, "
           f"{report.output_bytes / 1e9:.2f} GB")
     return 0

@@ -89,7 +89,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--num", type=cli.number(int, 1), default=1, help="images in the batch")
     p.add_argument("--out", default="outputs")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA file and its multiplier (default 1); repeat to stack several")
+                   help="a LoRA file (kohya, LyCORIS or peft: LoRA, LoCon, LoHa, LoKr, DoRA, full, GLoRA) and its "
+                        "multiplier (default 1), fused into the weights; repeat to stack several")
     p.add_argument("--vae", help="a replacement VAE: a file (diffusers or LDM names) or a diffusers vae/ folder")
     p.add_argument("--init-image", metavar="IMG", help="img2img: start from this image (resized to --height/--width)")
     p.add_argument("--strength", type=cli.parsed_by(strength, "strength"), default=None,
@@ -219,7 +220,8 @@ def draw(args: argparse.Namespace, settings: dict, init: torch.Tensor | None, he
     print(pipe.model.describe())
     for spec in settings["lora"]:
         path, _, multiplier = spec.rpartition(":")
-        pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+        name = pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+        print(f"{path}: {pipe.lora_summaries[name]}")
     speed.prepare_pipeline_model(pipe.model, switches)  # after the LoRAs: a compiled UNet would recompile for each
     return pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale,
                 sampler=sampler, karras=karras, eta=args.eta, height=height, width=width, num_images=args.num,

@@ -83,7 +83,12 @@ HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, In
         "validation_steps": "sampling steps of the validation images",
         "validation_size": "HxW of the validation images (default: --resolution)",
         "validation_seed": "the seed of the validation images' noise",
-        "guidance_scale": "classifier-free guidance of the validation images"}
+        "guidance_scale": "classifier-free guidance of the validation images",
+        "conv_rank": "LoCon: also train the 3x3 convolutions of the UNet's resnets and samplers at this rank "
+                     "(sd-scripts' conv_dim; 0: none)",
+        "conv_alpha": "their alpha (sd-scripts' conv_alpha; 0: alpha = conv rank)",
+        "dora": "DoRA (weight-decomposed LoRA, Liu et al. 2024) on every adapter, as peft's use_dora: the kohya file "
+                "carries LyCORIS' dora_scale (ComfyUI, A1111), the diffusers one peft's lora_magnitude_vector"}
 
 
 def build_parser() -> argparse.ArgumentParser:

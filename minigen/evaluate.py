@@ -48,7 +48,8 @@ from .images import list_images, open_rgb
 from .atomic import atomic_write, check_can_create
 from .io import read_header
 from .memory_plan import model_configs
-from .sd.lora_files import LoRAFileError, check_lora_family, parse_lora_spec, read_lora, resolve_lora
+from .sd.lora_files import LoRAFileError, parse_lora_spec
+from .sd.lora_reading import check_lora_family, read_lora, resolve_lora
 from .eval_report import image_path, markdown_table, plot_fid_per_epoch, save_grids, write_json
 from .plot import save_png
 from .png_info import png_text

@@ -36,8 +36,8 @@ from .captions import drop_captions
 from .diffusion import NoiseSchedule
 from .images import parse_size
 from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
-from .lora import add_lora, lora_weights
-from .lora_config import MIXED_PRECISION, LoRATrainConfig
+from .lora import lora_weights
+from .lora_config import MIXED_PRECISION, LoRATrainConfig, add_adapters
 from .lora_data import TrainingSet, check_sizes, load_examples
 from .plot import plot_curves, save_grid, save_png, with_row_labels
 from .sd.convert import unet_name_map
@@ -68,6 +68,14 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 
 # -- the trainer ------------------------------------------------------------------------------------------------
 
+def network_args(cfg: LoRATrainConfig) -> dict[str, str]:
+    """`ss_network_args` metadata of a LoCon run (sd-scripts' conv_dim and conv_alpha) or a DoRA one (LyCORIS'
+    dora_wd), else none."""
+    args = {"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha or cfg.conv_rank)} if cfg.conv_rank else {}
+    args |= {"dora_wd": "True"} if cfg.dora else {}
+    return {"ss_network_args": json.dumps(args)} if args else {}
+
+
 class LoRATrainer:
     def __init__(self, cfg: LoRATrainConfig, model: StableDiffusion | None = None, progress: bool = True,
                  allow_pickle: bool = False, device: str | None = None, speed: Speed = Speed()):
@@ -94,11 +102,7 @@ class LoRATrainer:
         self.schedule = NoiseSchedule.from_config({**self.model.scheduler_config, **prediction})
         torch.manual_seed(cfg.seed)  # LoRA init
         self.models = {c: m for c, m in self.model.lora_components().items() if c == "unet" or cfg.train_text_encoder}
-        alpha = cfg.alpha or None
-        add_lora(self.model.unet, cfg.targets, cfg.rank, alpha, dropout=cfg.lora_dropout)
-        for component in ("te1", "te2"):
-            if component in self.models:
-                add_lora(self.models[component], "text", cfg.rank, alpha, dropout=cfg.lora_dropout)
+        add_adapters(self.models, cfg)
         distributed.broadcast_from_main(list(self.trainable().values()), "rank 0's initial LoRA weights")
         torch.manual_seed(distributed.derived_seed(cfg.seed, "dropout", distributed.rank()))  # LoRA dropout, per rank
         if cfg.gradient_checkpointing:
@@ -339,7 +343,8 @@ class LoRATrainer:
                                   cfg.instance_prompt, steps=self.step, epoch=self.epoch, title=self.out.name,
                                   model=self.model.family, prediction=self.schedule.prediction_type,
                                   clip_skip=cfg.clip_skip,
-                                  extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer})
+                                  extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer,
+                                         **network_args(cfg)})
         with naming(path):
             save_lora(path, self.lora_file_contents(), cfg.format, metadata,
                       unet_names=unet_name_map(dict(self.model.unet.config)), family=self.model.family)

@@ -188,19 +188,15 @@ def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = Tru
 def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStorage | None = None) -> None:
     """What LoRATrainer does for one optimizer step, twice (the optimizer's state appears in the first); counted by
     `tracker` when given."""
-    from .lora import add_lora
-    from .lora_config import MIXED_PRECISION
+    from .lora_config import MIXED_PRECISION, add_adapters
 
     tracker = tracker or Untracked()
     dtype = MIXED_PRECISION[cfg.mixed_precision]
     models = _frozen_models(configs, dtype, tracker)
     tracker.part = "lora + optim"
-    trained = {"unet": models["unet"]}
-    add_lora(models["unet"], cfg.targets, cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
-    if cfg.train_text_encoder:
-        for part in text_encoders(models):
-            add_lora(models[part], "text", cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
-            trained[part] = models[part]
+    trained = {"unet": models["unet"]} | ({p: models[p] for p in text_encoders(models)} if cfg.train_text_encoder
+                                          else {})
+    add_adapters(trained, cfg)
     if cfg.gradient_checkpointing:
         for model in trained.values():
             model.set_gradient_checkpointing(True)

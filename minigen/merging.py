@@ -3,7 +3,7 @@
 Methods (per tensor; fp32 arithmetic with one rounding to the output dtype):
     weighted sum     theta = (1 - alpha) * A + alpha * B          (seed 004)
     add difference   theta = A + alpha * (B - C)                 (moves A by the change that turned C into B)
-    bake LoRAs       theta = A + sum of ratio * alpha / rank * up @ down
+    bake LoRAs       theta = A + sum of each layer's change at its ratio (minigen.lora_formats: LoRA, LoCon, DoRA, ...)
 (writing LoRA files, by extraction from two checkpoints or by merging LoRAs, is `minigen.lora_extract`'s).
 
 Components are told apart by the single-file key prefixes: `first_stage_model.` is the VAE (copied from A by
@@ -38,9 +38,11 @@ from tqdm import tqdm
 from .checkpoint_files import (DiffusersFolder, TensorFile, check_output, open_checkpoint, open_output, output_metadata,
                                sha256_file)
 from .io import FLOAT_DTYPES, CheckpointError
-from .sd.lora_files import LoRAFileError, check_lora_family, read_lora
+from .lora_formats import LayerDelta
+from .sd.lora_files import LoRAFileError
+from .sd.lora_reading import check_lora_family, lora_summary, read_lora
 from .sd.convert import UNET_PREFIX, VAE_PREFIX, lora_targets
-from .sd.detect import MODEL_NAMES, detect_family, kohya_unet_names
+from .sd.detect import MODEL_NAMES, detect_family, unet_names
 
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
 BLOCK_GROUPS = ("IN", "M", "OUT")  # the UNet's input blocks, middle block, output blocks: in this order
@@ -74,6 +76,7 @@ class MergeReport:
     missing: dict[str, list[str]] = field(default_factory=dict)  # input name -> keys of A it lacks (A's copy kept)
     shape_mismatches: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, A's shape, other's shape)
     output_bytes: int = 0
+    lora_summaries: list[str] = field(default_factory=list)  # baking: one line per LoRA file (lora_summary)
 
 
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,41 +374,60 @@ def _warn_about(report: MergeReport) -> None:
 
 # ------------------------------------------------------------------------------------------------- LoRA baking
 
-def _lora_deltas(base: TensorFile | DiffusersFolder, loras: list[tuple[Path, float]]
-                 ) -> dict[str, list[tuple[int | None, float, torch.Tensor, torch.Tensor]]]:
-    """{checkpoint key: [(third, ratio * alpha / rank, up (out, r), down (r, in...))]} from the LoRA files."""
+def _lora_deltas(base: TensorFile | DiffusersFolder, loras: list[tuple[Path, float]], summaries: list[str]
+                 ) -> dict[str, list[tuple[int | None, float, LayerDelta]]]:
+    """{checkpoint key: [(third, ratio, layer)]} from the LoRA files: the weights their layers change and, for
+    layers that change a bias (full's diff_b), the bias beside it. Appends each file's summary to `summaries`."""
     keys, shapes = base.keys(), {k: base.shape(k) for k in base.keys()}
     try:
-        targets = lora_targets(keys, kohya_unet_names(shapes, base.metadata, str(base.path)))
+        targets = lora_targets(keys, unet_names(shapes, base.metadata, str(base.path)))  # SGM and diffusers names
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     family = detect_family(keys)
     deltas: dict[str, list] = {}
     for path, ratio in loras:
-        parsed, _, metadata = read_lora(path)
+        parsed, layout, metadata = read_lora(path)
         check_lora_family(parsed, metadata, family, str(path))
-        unmatched = [f"{c}:{n}" for c, entries in parsed.items() for n in entries if (c, n) not in targets]
+        summaries.append(f"{path}: {lora_summary(parsed, layout, metadata)}")
+        unmatched = [f"{c}:{n}" for c, layers in parsed.items() for n in layers if (c, n) not in targets]
         if unmatched:
             raise LoRAFileError(f"{path}: {len(unmatched)} layers match no tensor of the checkpoint, e.g. "
                                 f"{unmatched[:3]} (a LoRA for another model?)")
-        for component, entries in parsed.items():
-            for name, e in entries.items():
+        for component, layers in parsed.items():
+            for name, layer in layers.items():
                 key, third = targets[(component, name)]
-                up, down = e["up"].flatten(1).float(), e["down"].float()  # (out, r), (r, in[, kh, kw])
-                out_rows = shapes[key][0] // 3 if third is not None else shapes[key][0]
-                if up.shape[0] != out_rows or math.prod(down.shape[1:]) != math.prod(shapes[key][1:]):
-                    raise LoRAFileError(f"{path}: {component} layer {name} has up {tuple(e['up'].shape)} and down "
-                                        f"{tuple(down.shape)}, but {key} is {shapes[key]}")
-                deltas.setdefault(key, []).append((third, ratio * float(e["alpha"]) / down.shape[0], up, down))
+                shape = shapes[key] if third is None else (shapes[key][0] // 3, *shapes[key][1:])
+                if not layer.fits(shape):
+                    raise LoRAFileError(f"{path}: {component} layer {name}'s {layer.kind} changes {layer.shape()}, "
+                                        f"but {key} is {shapes[key]} (a LoRA for another model?)")
+                deltas.setdefault(key, []).append((third, ratio, layer))
+                if layer.delta_bias() is not None:
+                    bias = key.removesuffix("weight") + "bias"  # `.weight` -> `.bias`, `in_proj_weight` -> `in_proj_bias`
+                    if bias not in shapes or math.prod(shapes[bias]) != shapes[key][0]:
+                        raise LoRAFileError(f"{path}: {component} layer {name} changes a bias, but {key} has no bias "
+                                            f"of {shape[0]} values beside it")
+                    deltas.setdefault(bias, []).append((third, ratio, layer))
     return deltas
+
+
+def _apply_deltas(key: str, w: torch.Tensor, deltas: list[tuple[int | None, float, LayerDelta]]) -> torch.Tensor:
+    """w (fp32) with the changes of `deltas` added, each computed on the original w (so that stacked DoRA files bake
+    as `sample.py` applies them) and on its third of the rows where q, k and v share one tensor."""
+    original = w.clone()
+    for third, ratio, layer in deltas:
+        rows, w0 = (w, original) if third is None else (w.view(3, -1, *w.shape[1:])[third],
+                                                       original.view(3, -1, *w.shape[1:])[third])
+        rows += layer.delta_bias(ratio) if key.endswith("bias") else layer.delta(w0, ratio)
+    return w
 
 
 def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                out: str | os.PathLike, dtype: str | None = None, progress: bool = True,
                output_format: str | None = None, allow_pickle: bool = False) -> MergeReport:
-    """Write `checkpoint` with LoRAs folded in: W + sum of ratio * alpha / rank * up @ down, tensor by tensor.
+    """Write `checkpoint` with LoRAs folded in: W + the sum of each layer's change at its file's ratio, tensor by
+    tensor (`minigen.lora_formats`: LoRA, LoCon, LoHa, LoKr, DoRA, full, GLoRA).
 
-    loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.sd.lora_files`).
+    loras: [(LoRA file, ratio)], any layout `minigen.sd.lora_reading` reads (kohya, LyCORIS, diffusers/peft).
     output_format, allow_pickle: as for `merge_checkpoints`.
     """
     loras = [(Path(p), float(r)) for p, r in loras]
@@ -417,10 +439,10 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
     base = open_checkpoint(checkpoint, allow_pickle)
     try:
         check_same_model([base])
-        deltas = _lora_deltas(base, loras)
+        report = MergeReport()
+        deltas = _lora_deltas(base, loras, report.lora_summaries)
         steps = [_Step(k, [(base, k)]) for k in base.keys()]
         specs = _output_specs(steps, dtype)
-        report = MergeReport()
 
         def produce(step: _Step, dtype: torch.dtype) -> torch.Tensor:
             w = base.get(step.key)
@@ -428,11 +450,7 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
                 report.copied += 1
                 return w.to(dtype)
             report.merged += 1
-            w = w.float()
-            for third, factor, up, down in deltas[step.key]:
-                rows = w if third is None else w.view(3, -1, *w.shape[1:])[third]  # (out, in[, kh, kw])
-                rows += factor * (up @ down.flatten(1)).view(rows.shape)
-            return w.to(dtype)
+            return _apply_deltas(step.key, w.float(), deltas[step.key]).to(dtype)
 
         inputs = {"A": Path(checkpoint)} | {f"LoRA{i}": p for i, (p, _) in enumerate(loras)}
         recipe = {"type": "minigen", "method": "bake_lora", "loras": [[p.name, r] for p, r in loras], "dtype": dtype}

@@ -49,7 +49,7 @@ from ..diffusion import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, guided, randn,
 from ..images import to_rgb
 from ..atomic import atomic_write
 from ..lora import remove_lora
-from .lora_files import load_lora
+from .lora_reading import load_lora
 from .configs import default_size, vae_scale_of
 from .convert import unet_name_map
 from .detect import FAMILY_NAMES
@@ -187,6 +187,7 @@ class Pipeline:
             else force_zeros_for_empty_prompt
         self.loras = 0  # adapters added so far, each named lora1, lora2, ...
         self.offload: ModelOffload | None = None  # enable_cpu_offload's
+        self.lora_summaries: dict[str, str] = {}  # adapter name -> its file's one-line summary (lora_summary)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -205,13 +206,13 @@ class Pipeline:
         return cls(load_model(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
 
     def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> str:
-        """Apply a LoRA file (kohya or diffusers/peft layout; UNet and/or text encoders) on top of the model, as
-        its own adapter scaled by `multiplier`; several stack, as `sample.py --lora a:0.8 --lora b:0.5` does.
-        allow_pickle: accept a pickled file (.pt, .bin), loaded with weights_only=True.
-        Returns the adapter's name, for `remove_lora`."""
+        """Apply a LoRA file (any LoRA-family format, kohya/LyCORIS or diffusers/peft layout; UNet and/or text
+        encoders) on top of the model, as its own adapter at `multiplier`, fused into the weights; several stack, as
+        `sample.py --lora a:0.8 --lora b:0.5` does. allow_pickle: accept a pickled file (.pt, .bin), loaded with
+        weights_only=True. Returns the adapter's name, for `remove_lora` and `lora_summaries`."""
         self.loras += 1
         name = f"lora{self.loras}"
-        load_lora(path, self.model.lora_components(), name=name, multiplier=multiplier,
+        _, self.lora_summaries[name] = load_lora(path, self.model.lora_components(), name=name, multiplier=multiplier,
                   unet_names=unet_name_map(self.model.unet.config), allow_pickle=allow_pickle,
                   family=self.model.family)
         return name
