@@ -301,12 +301,34 @@ def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank:
 
 def add_lora_deltas(model: nn.Module, layers: dict[str, LayerDelta], name: str = "default",
                     multiplier: float = 1.0) -> None:
-    """Add an adapter named `name` made of a file's layers ({module path: LayerDelta}, any LoRA-family format) and
-    merge it: each layer's weight becomes W + its change at `multiplier` (`remove_lora` restores W exactly)."""
+    """Add an adapter named `name` made of a file's layers ({module path: LayerDelta}, any LoRA-family format).
+    Plain LoRA and LoCon layers (up · down and nothing else) run on the fly as `LoRAAdapter`s: two thin products per
+    step, and nothing of the weight's size to compute when the file loads. Every other kind's change is a whole weight
+    (or needs W: DoRA), so it is computed once and merged: W + its change at `multiplier` (`remove_lora` restores W
+    exactly)."""
     for path, layer in layers.items():
         wrapped = _wrap(model, path)
-        wrapped.add(name, DeltaAdapter(layer), multiplier)
-        wrapped.merge([name])
+        adapter = low_rank_adapter(wrapped.base, layer)
+        wrapped.add(name, adapter or DeltaAdapter(layer), multiplier)
+        if adapter is None:
+            wrapped.merge([name])
+
+
+def low_rank_adapter(base: nn.Linear | nn.Conv2d, layer: LayerDelta) -> LoRAAdapter | None:
+    """A plain LoRA/LoCon layer as a frozen `LoRAAdapter` on `base` (scale alpha / rank as the file's); None for
+    anything else (Tucker, DoRA, other kinds) or a shape the adapter's down and up cannot hold."""
+    t = layer.tensors
+    if layer.kind != "LoRA" or set(t) - {"lora_down.weight", "lora_up.weight", "alpha"}:
+        return None
+    down, up = t["lora_down.weight"], t["lora_up.weight"]
+    kernel = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else (1, 1)
+    if tuple(down.shape[2:]) not in ((), kernel) or tuple(up.shape[2:]) not in ((), (1, 1)) or \
+            (isinstance(base, nn.Conv2d) and kernel != (1, 1) and down.dim() != 4):
+        return None
+    rank = down.shape[0]
+    adapter = LoRAAdapter(base, rank, layer.scale * rank)
+    adapter.set_tensors(LoRATensors(down, up, layer.scale * rank))
+    return adapter.requires_grad_(False)
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
