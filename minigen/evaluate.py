@@ -55,6 +55,7 @@ from .plot import save_png
 from .png_info import png_text
 from .sd.configs import default_size
 from .sd.convert import unet_name_map
+from .sd.detect import family_of_configs
 from .sd.model import RANDOM
 from .sd.pipeline import Pipeline, check_settings
 from .speed import Speed, prepare_pipeline_model
@@ -184,6 +185,16 @@ def candidates(lora_specs: Sequence[str]) -> list[Candidate]:
         if seen[row.name] > 1:
             row.name += f"-{seen[row.name]}"
     return rows
+
+
+def lora_family_problem(lora: Path, family: str) -> str | None:
+    """What `check_lora_family` says of a LoRA made for another family than the model's (None when it fits)."""
+    parsed, _, metadata = read_lora(lora)
+    try:
+        check_lora_family(parsed, metadata, family, str(lora))
+    except LoRAFileError as e:
+        return str(e)
+    return None
 
 
 def lora_touches_text(pipe: Pipeline, lora: Path) -> bool:
@@ -320,12 +331,20 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     check_can_create(out / "results.json")  # out is a folder, or can be made one
     # the model's configs from its header only: a missing, foreign or unrecognised model fails now, not after the
     # Inception and the reference images; they give the image size where none is set
-    size = model.default_size if isinstance(model, Pipeline) else \
-        default_size(model_configs(str(model), allow_pickle))
+    configs = model.model.configs if isinstance(model, Pipeline) else model_configs(str(model), allow_pickle)
+    size = default_size(configs)
     settings = replace(settings, height=settings.height or size, width=settings.width or size)
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
-    check_counts(reference, n_reference, len(items), dims)
+    # the LoRAs' families and the image counts: what is wrong with any of them, said in one go
+    family = family_of_configs(configs)
+    problems = [problem for row in rows if row.lora is not None if (problem := lora_family_problem(row.lora, family))]
+    try:
+        check_counts(reference, n_reference, len(items), dims)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
     # small: its errors come before the model load
     net = fid_inception.load_inception(inception_weights, device, flag="--inception-weights")
     if net.has_classifier and len(items) < is_splits:
