@@ -57,6 +57,7 @@ def entry(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
+            before = warnings.formatwarning  # put back after: main may run inside another program (the tests)
             warnings.formatwarning = lambda message, *_, **__: \
                 f"{prog}{rank_label()}: warning: {' '.join(str(message).split())}\n"
             try:
@@ -66,6 +67,8 @@ def entry(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
             except KeyboardInterrupt:
                 print(f"{prog}{rank_label()}: interrupted", file=sys.stderr)
                 return 130
+            finally:
+                warnings.formatwarning = before
         return run
     return wrap
 
