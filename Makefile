@@ -163,3 +163,10 @@ eval: $(RUNTIME) ## base vs LoRAs: make eval MODEL=model LORA="a.safetensors run
 	$(if $(PROMPTS),,$(error set PROMPTS=a prompt file (one a line) or a captioned dataset folder))
 	$(if $(REF),,$(error set REF=a reference image folder or built-in dataset (met, twemoji)))
 	$(LAUNCH) eval.py --model "$(MODEL)" $(foreach l,$(LORA),--lora "$(l)") --prompts "$(PROMPTS)" --ref "$(REF)" $(EVAL_ARGS)
+
+# ---- Stable Diffusion from scratch (train_sd.py) ----
+.PHONY: sd-demo
+SD_CONFIG ?= configs/sd_demo.conf
+SD_ARGS   ?=
+sd-demo: $(RUNTIME) ## train a small Stable Diffusion from scratch on Twemoji with captions from their names (VAE, then UNet + text encoder; ~20 min on 2 idle cores): runs/sd-demo
+	$(LAUNCH) train_sd.py --config $(SD_CONFIG) $(SD_ARGS)

@@ -100,18 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a pickled --model checkpoint (.ckpt, .bin) you trust; loaded with weights_only=True")
     p.add_argument("--sdxl", dest="model", help="the old name of --model (deprecated)")
     speed.add_speed_args(p, ("tf32", "compile", "channels_last", "sdpa", "fused_optimizer"), "the UNet")
-    hints = typing.get_type_hints(LoRATrainConfig)
-    for f in dataclasses.fields(LoRATrainConfig):
+    add_settings_flags(p, LoRATrainConfig, HELP)
+    return p
+
+
+def add_settings_flags(p: argparse.ArgumentParser, config_type: type, helps: dict[str, str],
+                       hidden: frozenset[str] = frozenset()) -> None:
+    """A flag for each field of the settings dataclass `config_type` but those `hidden` (train_sd.py's settings are
+    a LoRATrainConfig's and more)."""
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
+        if f.name in hidden:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{HELP.get(f.name, '')} (default: {default!r})".lstrip()
+        text = f"{helps.get(f.name, '')} (default: {default!r})".lstrip()
         if hints[f.name] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif isinstance(default, list):
             p.add_argument(flag, nargs="*", metavar="PROMPT", help=text)
         else:
             p.add_argument(flag, type=hints[f.name], help=text)
-    return p
 
 
 def saved_settings(checkpoint: str) -> dict:
