@@ -265,8 +265,19 @@ EMOJI_SD1 = {
     "scheduler": _SCHEDULER_SD15,
 }
 
+# The same at 64x64 for one GPU (configs/sd_demo_cuda.conf): 16x16x4 latents, a wider UNet and text encoder.
+EMOJI_SD1_LARGE = {
+    "unet": {**EMOJI_SD1["unet"], "block_out_channels": [128, 256, 384], "attention_head_dim": 8,
+             "cross_attention_dim": 256, "sample_size": 16},
+    "vae": {**EMOJI_SD1["vae"], "block_out_channels": [64, 128, 128], "layers_per_block": 2, "sample_size": 64},
+    "text_encoder": {**EMOJI_SD1["text_encoder"], "hidden_size": 256, "intermediate_size": 1024,
+                     "num_attention_heads": 4, "num_hidden_layers": 6, "projection_dim": 256},
+    "scheduler": _SCHEDULER_SD15,
+}
+
 PRESETS = {"sdxl-base": SDXL_BASE, "tiny": TINY, "tiny-refiner": TINY_REFINER, "sd15": SD15, "sd21": SD21,
-           "tiny-sd1": TINY_SD1, "tiny-sd2": TINY_SD2, "emoji-sd1": EMOJI_SD1}
+           "tiny-sd1": TINY_SD1, "tiny-sd2": TINY_SD2, "emoji-sd1": EMOJI_SD1,
+           "emoji-sd1-large": EMOJI_SD1_LARGE}
 
 
 def vae_scale_of(vae_config: dict) -> int:
