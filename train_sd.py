@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     speed.apply_threads(getattr(args, "threads", None))
     resume = getattr(args, "resume", None)
-    if resume and cfg.stage == "vae" and vae_model_path(cfg).is_file():  # the VAE stage had finished
-        cfg, resume = dataclasses.replace(cfg, stage="unet"), None
+    if resume and cfg.stage == "vae" and int(load_checkpoint(resume)[1]["epoch"]) >= cfg.vae_epochs:
+        cfg, resume = dataclasses.replace(cfg, stage="unet"), None  # the VAE stage had finished: on to the UNet
     if cfg.stage == "unet" and not resume and not vae_model_path(cfg).is_file():
         raise FileNotFoundError(f"--stage unet needs a trained VAE in {vae_model_path(cfg)} (from --stage vae)")
     progress = not getattr(args, "quiet", False)

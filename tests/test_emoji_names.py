@@ -48,3 +48,18 @@ def test_dataset_captions_from_names(tmp_path):
     (tmp_path / "2764.txt").write_text("a heart")
     items = captioned_images(tmp_path, prefix="emoji, ", caption_of_name=CAPTIONS_FROM_NAMES["twemoji"])
     assert {i.path.name: i.caption for i in items} == {"2764.png": "emoji, a heart", "1f1ef-1f1f5.png": "emoji, flag: JP"}
+
+
+def test_eval_prompts_from_twemoji_are_the_names(tmp_path, monkeypatch):
+    """eval.py --prompts twemoji: the names, as training reads them (a stand-in twemoji folder: no download)."""
+    from PIL import Image
+
+    from minigen.evaluate import read_prompts
+
+    folder = tmp_path / "twemoji"
+    folder.mkdir()
+    for stem in ("2764", "1f1ef-1f1f5"):
+        Image.new("RGB", (8, 8), "white").save(folder / f"{stem}.png")
+    (folder / "CREDITS.txt").write_text("stand-in")  # a finished build, as datasets.resolve_dataset checks
+    monkeypatch.setenv("MINIGEN_CACHE", str(tmp_path))
+    assert read_prompts("twemoji") == ["flag: JP", "red heart"]
