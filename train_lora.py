@@ -85,14 +85,21 @@ HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, In
         "guidance_scale": "classifier-free guidance of the validation images"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def trainer_parser(prog: str, description: str, presets: str) -> argparse.ArgumentParser:
+    """The flags every trainer of settings-with-presets has (train_sd.py's too): --config, --resume, --quiet,
+    --threads."""
     # SUPPRESS: only the flags actually given appear, so a preset or a checkpoint's settings fill in the rest.
-    p = argparse.ArgumentParser(prog="train_lora.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="a preset: a file of flags (configs/lora_*.conf)")
+    p.add_argument("--config", help=f"a preset: a file of flags ({presets})")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     cli.add_threads_arg(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = trainer_parser("train_lora.py", __doc__, "configs/lora_*.conf")
     p.add_argument("--plan", action="store_true",
                    help="print the memory plan of one training step (no weights loaded, no GPU needed), then exit")
     p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")

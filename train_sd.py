@@ -26,7 +26,7 @@ from minigen.prompt_grid import draw_prompts, save_prompt_grid
 from minigen.sd.pipeline import Pipeline
 from minigen.sd_training import STAGES, FromScratchTrainer, SDTrainConfig, vae_model_path
 from minigen.training import run_settings
-from train_lora import HELP as LORA_HELP, add_settings_flags
+from train_lora import HELP as LORA_HELP, add_settings_flags, trainer_parser
 
 HELP = {**LORA_HELP,
         "data": "a folder of images with captions, or a built-in dataset (twemoji: captions from the emoji's names)",
@@ -49,13 +49,8 @@ HIDDEN = frozenset({"model", "rank", "alpha", "targets", "lora_dropout", "train_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_sd.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="a preset: a file of flags (configs/sd_demo.conf)")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint (either stage's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = trainer_parser("train_sd.py", __doc__, "configs/sd_demo*.conf")
     p.add_argument("--grid-samples", type=int, help="samples of each validation prompt in grid.png (default: 8)")
-    cli.add_threads_arg(p)
     speed.add_speed_args(p, ("tf32", "compile", "channels_last", "sdpa", "fused_optimizer"), "the UNet")
     add_settings_flags(p, SDTrainConfig, HELP, HIDDEN)
     return p

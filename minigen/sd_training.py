@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+from . import cli, distributed
 from .buckets import prepare_image
 from .images import open_rgb
 from .lora_config import LoRATrainConfig
@@ -59,12 +59,8 @@ class SDTrainConfig(LoRATrainConfig):
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.stage not in STAGES:
             raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        for name in ("vae_epochs", "vae_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("vae_lr", "kl_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        cli.check_fields(self, {"vae_epochs": (1, None), "vae_batch": (1, None), "vae_lr": cli.POSITIVE,
+                                "kl_weight": (0, None)})
 
 
 def vae_model_path(cfg: SDTrainConfig) -> Path:
