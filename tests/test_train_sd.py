@@ -160,3 +160,10 @@ def test_resumed_run_ends_as_an_uninterrupted_one(run, tmp_path):
 def test_bad_input_is_one_line(tmp_path, capsys, extra, mentions):
     data = make_data(tmp_path / "data")
     assert_clean_error(train_sd.main, toy_args(data, tmp_path / "run", *extra), capsys, *mentions)
+
+
+def test_every_flag_says_what_it_does():
+    """`train_sd.py --help`: no entry is only its default, and no LoRA-only setting is offered."""
+    actions = [a for a in train_sd.build_parser()._actions if a.option_strings]
+    assert [a.option_strings[0] for a in actions if not (a.help or "").split("(default")[0].strip()] == []
+    assert not {"--rank", "--model", "--targets"} & {s for a in actions for s in a.option_strings}
