@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
                    help="SD 1.x, 2.x or SDXL: a diffusers folder or a single .safetensors file (or random:tiny)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept a pickled --model checkpoint (.ckpt, .bin) you trust; loaded with weights_only=True")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE] or RUN_FOLDER",
                    help="a LoRA file and its multiplier, or a run folder of epoch checkpoints; repeatable")
     p.add_argument("--prompts", required=True, help="prompt file (one a line) or captioned dataset folder")
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
         report = evaluate(args.model, args.lora, args.prompts, args.ref, args.out, num_images=args.num,
                           seed=args.seed, settings=settings, batch_size=args.batch_size, max_prompts=args.max_prompts,
                           grid_prompts=args.grid_prompts, inception_weights=args.inception_weights, dims=args.dims,
-                          is_splits=args.is_splits, device=device, dtype=cli.chosen_dtype(args), speed=fast)
+                          is_splits=args.is_splits, device=device, dtype=cli.chosen_dtype(args), speed=fast,
+                          allow_pickle=args.allow_pickle)
         if not distributed.is_main():
             return 0
     print(markdown_table(report["rows"]), end="")

@@ -6,6 +6,7 @@
     python merge.py A.safetensors B.safetensors -o out.safetensors --block-alphas 0,1,1,1,1,1,1,1,1,.5,0,0,0,0,0,0,0,0,0
     python merge.py A.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.5 -o baked.safetensors
     python merge.py A.safetensors B_diffusers/ -o merged_diffusers/       # a diffusers folder out
+    python merge.py model.ckpt --allow-pickle -o model.safetensors        # a pickle converted (A alone)
     python merge.py base.safetensors tuned.safetensors --rank 32 -o extracted_lora.safetensors
     python merge.py --lora style.safetensors:0.7 --lora detail.safetensors:0.3 --rank 32 -o merged_lora.safetensors
     python merge.py --config configs/merge_004.conf waifu.safetensors orangemix.safetensors -o merged.safetensors
@@ -51,13 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-alphas", metavar="W,W,...",
                    help="alphas by UNet block: 3 (input, middle, output blocks), or one per block as A1111's Merge "
                         "Block Weighted and supermerger write them (SD 1.x/2.x: 25, IN00..IN11,M00,OUT00..OUT11; "
-                        "SDXL: 19, IN00..IN08,M00,OUT00..OUT08), optionally with BASE (the text encoders) first: "
+                        "SDXL: 19, IN00..IN08,M00,OUT00..OUT08), optionally with BASE (the text encoders and the VAE) first: "
                         "26 / 20. Keys not weighted use --alpha")
-    p.add_argument("--vae", default="copy", help="'copy' (from A, the default), 'merge', or a VAE .safetensors to put in")
+    p.add_argument("--vae", default=None,
+                   help="'copy' (A's), 'merge', or a VAE .safetensors to put in (default: copy; with a BASE-first "
+                        "--block-alphas, merged at BASE's weight, as Merge Block Weighted and supermerger do)")
     p.add_argument("--skip-text-encoders", action="store_true", help="copy the text encoders from A unmerged")
     p.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), help="output dtype of float tensors (default: as in A)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:RATIO]",
-                   help="bake this LoRA (kohya or peft file) into A at RATIO (default 1); repeatable")
+                   help="bake this LoRA (kohya, LyCORIS or peft file: LoRA, LoCon, LoHa, LoKr, DoRA, full, "
+                        "GLoRA) into A at RATIO (default 1); repeatable")
     p.add_argument("--rank", type=cli.number(int, 1), help="write a LoRA of this rank: extracted from B - A, or merged from --lora files")
     p.add_argument("--clamp-quantile", type=cli.number(float, 0, 1), default=0.99,
                    help="with --rank: clamp the factors at this quantile of their magnitudes (kohya's default 0.99)")
@@ -83,7 +87,8 @@ def parse_block_alphas(text: str | None) -> tuple[float, ...] | None:
 
 
 def job_of(args: argparse.Namespace, loras: list) -> str:
-    """Which of the four jobs the inputs ask for: merge, bake, extract or merge-loras; a ValueError if none."""
+    """Which job the inputs ask for: merge, bake (A with --lora; A alone: converted), extract or merge-loras; a
+    ValueError if none."""
     if args.rank is not None:  # write a LoRA
         if args.a and args.b and not loras:
             return "extract"
@@ -92,9 +97,9 @@ def job_of(args: argparse.Namespace, loras: list) -> str:
         raise ValueError("--rank R takes A B (extract a LoRA from B - A) or --lora FILE --lora FILE (merge LoRAs)")
     if args.a and args.b and not loras:
         return "merge"
-    if args.a and loras and not args.b:
+    if args.a and not args.b:
         return "bake"
-    raise ValueError("give A B (merge), A --lora FILE (bake), A B --rank R (extract a LoRA), "
+    raise ValueError("give A B (merge), A --lora FILE (bake), A alone (convert), A B --rank R (extract a LoRA), "
                      "or --lora FILE --lora FILE --rank R (merge LoRAs)")
 
 
@@ -127,9 +132,11 @@ def main(argv=None) -> int:
     if job == "merge":
         report = merge_checkpoints(args.a, args.b, args.output, recipe, c=args.c, strict=args.strict,
                                    output_format=args.output_format, allow_pickle=args.allow_pickle)
-    else:
+    else:  # bake, or with no --lora convert (a pickle to safetensors, a file to a folder, ...)
         report = bake_loras(args.a, loras, args.output, dtype=args.dtype, output_format=args.output_format,
                             allow_pickle=args.allow_pickle)
+    for line in report.lora_summaries:
+        print(line)
     print(f"{args.output}: {report.merged} tensors merged, {report.copied} copied, "
           f"{report.output_bytes / 1e9:.2f} GB")
     return 0

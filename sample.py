@@ -89,7 +89,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--num", type=cli.number(int, 1), default=1, help="images in the batch")
     p.add_argument("--out", default="outputs")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA file and its multiplier (default 1); repeat to stack several")
+                   help="a LoRA file (kohya, LyCORIS or peft: LoRA, LoCon, LoHa, LoKr, DoRA, full, GLoRA) and its "
+                        "multiplier (default 1), fused into the weights; repeat to stack several")
     p.add_argument("--vae", help="a replacement VAE: a file (diffusers or LDM names) or a diffusers vae/ folder")
     p.add_argument("--init-image", metavar="IMG", help="img2img: start from this image (resized to --height/--width)")
     p.add_argument("--strength", type=cli.parsed_by(strength, "strength"), default=None,
@@ -109,6 +110,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="print the memory the drawing needs (no weights loaded, no GPU needed), then exit")
     p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep the models in CPU memory and each on the GPU only while it runs: SDXL on 8-12 GB cards "
+                        "(the same images, a little slower)")
     p.add_argument("--no-hash", action="store_true",
                    help="leave the model, VAE and LoRA hashes out of the PNGs (hashing 7 GB takes a while)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -208,12 +212,16 @@ def settings_of(args: argparse.Namespace, sampler: str, karras: bool, seed: int,
 def draw(args: argparse.Namespace, settings: dict, init: torch.Tensor | None, height: int, width: int, sampler: str,
          karras: bool, switches: speed.Speed) -> torch.Tensor:
     """Load the model and its LoRAs, and draw the batch: (num, H, W, 3) uint8."""
-    pipe = Pipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args), device=args.device,
+    pipe = Pipeline.from_pretrained(args.model, dtype=cli.chosen_dtype(args),
+                                    device="cpu" if args.cpu_offload else args.device,
                                     allow_pickle=args.allow_pickle, vae=args.vae, prediction=args.prediction)
+    if args.cpu_offload:
+        pipe.enable_cpu_offload(args.device)
     print(pipe.model.describe())
     for spec in settings["lora"]:
         path, _, multiplier = spec.rpartition(":")
-        pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+        name = pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+        print(f"{path}: {pipe.lora_summaries[name]}")
     speed.prepare_pipeline_model(pipe.model, switches)  # after the LoRAs: a compiled UNet would recompile for each
     return pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale,
                 sampler=sampler, karras=karras, eta=args.eta, height=height, width=width, num_images=args.num,
@@ -233,11 +241,11 @@ def main(argv=None) -> int:
     init = None  # before loading gigabytes: every file and setting
     if args.init_image is not None:
         init = load_init_image(args.init_image, args.height, args.width)
+    configs = model_configs(args.model, args.allow_pickle)  # from its header: no weight is read yet
     if init is not None:
         height, width = init.shape[2], init.shape[3]
-    else:  # the model's own size where none is given, as diffusers (from its configs, not its weights)
-        size = default_size(model_configs(args.model)) if not (args.height and args.width) else None
-        height, width = args.height or size, args.width or size
+    else:  # the model's own size where none is given, as diffusers
+        height, width = args.height or default_size(configs), args.width or default_size(configs)
     settings = settings_of(args, sampler, karras, args.seed if args.seed is not None else random.randrange(2**32),
                            height, width, [parse_lora_spec(spec) for spec in args.lora])
     check_settings(sampler, args.steps, height, width, args.num, strength=settings["strength"] or 1.0, karras=karras)
@@ -246,8 +254,8 @@ def main(argv=None) -> int:
     check_can_create(args.out, folder=True, what="--out")
     asked = speed.speed_from_args(args)
     if args.plan or args.device.startswith("cuda"):  # before loading gigabytes: will it fit?
-        plan = plan_sampling(model_configs(args.model), cli.chosen_dtype(args), height, width, args.num,
-                             guidance=args.cfg > 1, vae_slicing=asked.vae_slicing, vae_tiling=asked.vae_tiling)
+        plan = plan_sampling(configs, cli.chosen_dtype(args), height, width, args.num, guidance=args.cfg > 1,
+                             vae_slicing=asked.vae_slicing, vae_tiling=asked.vae_tiling, cpu_offload=args.cpu_offload)
         print(plan.describe())
         if args.plan:
             return 0

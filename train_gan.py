@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every and writer else []
         # channels-last is a setting of the run here (saved, resumed with it), not a switch: the speed line shows it
         asked = dataclasses.replace(speed.speed_from_args(args), channels_last=cfg.channels_last)
-        with speed.switched(asked, device) as fast:
+        with speed.switched(asked, device, cfg.optimizer) as fast:
             status = train(cfg, resume=getattr(args, "resume", None), epoch_hooks=hooks, progress=progress,
                            device=device, speed=fast)
     if status == "interrupted":

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,7 +83,12 @@ HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, In
         "validation_steps": "sampling steps of the validation images",
         "validation_size": "HxW of the validation images (default: --resolution)",
         "validation_seed": "the seed of the validation images' noise",
-        "guidance_scale": "classifier-free guidance of the validation images"}
+        "guidance_scale": "classifier-free guidance of the validation images",
+        "conv_rank": "LoCon: also train the 3x3 convolutions of the UNet's resnets and samplers at this rank "
+                     "(sd-scripts' conv_dim; 0: none)",
+        "conv_alpha": "their alpha (sd-scripts' conv_alpha; 0: alpha = conv rank)",
+        "dora": "DoRA (weight-decomposed LoRA, Liu et al. 2024) on every adapter, as peft's use_dora: the kohya file "
+                "carries LyCORIS' dora_scale (ComfyUI, A1111), the diffusers one peft's lora_magnitude_vector"}
 
 
 def trainer_parser(prog: str, description: str, presets: str) -> argparse.ArgumentParser:
@@ -155,21 +161,35 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, LoRATrainConfig]:
     return args, LoRATrainConfig(**settings)
 
 
+def planned_step(cfg: LoRATrainConfig, allow_pickle: bool):
+    """The memory plan of one step, saying first that it takes a while (a full-size UNet: about a minute on 2 cores)."""
+    if distributed.is_main():
+        print("planning one training step's memory on fake tensors (no weight is read; about a minute for a "
+              "full-size UNet on 2 CPU cores)...", file=sys.stderr, flush=True)
+    return plan_lora_step(cfg, allow_pickle=allow_pickle)
+
+
 @cli.entry("train_lora.py")
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     speed.apply_threads(getattr(args, "threads", None))
+    if cfg.device.startswith("cuda") and cfg.mixed_precision == "bf16" and cli.gpu_half_precision() == "fp16":
+        warnings.warn("this GPU has no bf16 arithmetic (it would be emulated, slowly): training in fp16 with the loss "
+                      "scaler instead (--mixed-precision fp16 says so)", stacklevel=1)
+        cfg = dataclasses.replace(cfg, mixed_precision="fp16")
+    allow_pickle = getattr(args, "allow_pickle", False)
     if "plan" in args:
-        print(plan_lora_step(cfg).describe())
+        print(planned_step(cfg, allow_pickle).describe())
         return 0
-    with distributed.process_group(cfg.device) as device, speed.switched(speed.speed_from_args(args), device) as fast:
+    switches = speed.speed_from_args(args)
+    with distributed.process_group(cfg.device) as device, speed.switched(switches, device, cfg.optimizer) as fast:
         if device.startswith("cuda"):
-            plan = plan_lora_step(cfg)
+            plan = planned_step(cfg, allow_pickle)
             if distributed.is_main():
                 print(plan.describe())
             check_fits(plan, torch.device(device), force="force" in args)
         trainer = LoRATrainer(cfg, progress=not getattr(args, "quiet", False),
-                              allow_pickle=getattr(args, "allow_pickle", False), device=device, speed=fast)
+                              allow_pickle=allow_pickle, device=device, speed=fast)
         if "resume" in args:
             trainer.load_checkpoint(args.resume)
         if trainer.train() == "interrupted":

@@ -43,7 +43,8 @@ HELP = {**LORA_HELP,
                            "classifier-free guidance needs",
         "out": "the run's folder"}
 # LoRATrainConfig's settings that mean nothing here: the model is built from --preset, every weight trains.
-HIDDEN = frozenset({"model", "rank", "alpha", "targets", "lora_dropout", "train_text_encoder", "text_encoder_lr",
+HIDDEN = frozenset({"model", "rank", "alpha", "targets", "lora_dropout", "conv_rank", "conv_alpha", "dora",
+                    "train_text_encoder", "text_encoder_lr",
                     "format", "instance_prompt", "class_data", "class_prompt", "prior_loss_weight", "cache_latents",
                     "random_crop", "mixed_precision", "gradient_checkpointing", "clip_skip", "prediction_type"})
 

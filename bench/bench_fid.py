@@ -15,6 +15,7 @@ import argparse
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,13 +168,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="twemoji", help="images for the speed benches: a built-in dataset or a folder")
     p.add_argument("--frechet-dims", type=int, default=2048, help="size of the covariances the Fréchet step is timed on")
     args = p.parse_args(argv)
-    weights = Path(args.weights) if args.weights else inception.find_weights()
     if args.real_fid:
-        real_fid(args, weights)
+        real_fid(args, Path(args.weights) if args.weights else inception.find_weights())
         return
-    bench_throughput(args, weights)
-    bench_frechet(args.frechet_dims)
-    bench_end_to_end(args, weights)
+    with tempfile.TemporaryDirectory(prefix="bench-fid-") as folder:
+        weights = weights_or_random(args.weights, Path(folder))
+        bench_throughput(args, weights)
+        bench_frechet(args.frechet_dims)
+        bench_end_to_end(args, weights)
+
+
+def weights_or_random(path: str | None, folder: Path) -> Path:
+    """--weights, else minigen's lookup, else random weights of the FID Inception's architecture (seed 0) saved in
+    `folder`, said in the output: speed needs no trained weights (a bare GPU machine has none); the FID values are
+    then meaningless."""
+    if path:
+        return Path(path)
+    try:
+        return inception.find_weights()
+    except FileNotFoundError:
+        from minigen.io import save_safetensors
+
+        torch.manual_seed(0)
+        random_weights = folder / "random-inception.safetensors"
+        save_safetensors(inception.FIDInceptionV3(classifier=False).state_dict(), random_weights)
+        print("Inception weights: none on this machine; timed with random weights of its architecture (seed 0): the "
+              "speeds hold, the FID values are meaningless")
+        return random_weights
 
 
 if __name__ == "__main__":

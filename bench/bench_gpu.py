@@ -6,7 +6,9 @@ the same LoRA training steps. Writes a Markdown report (each bench's table, then
     python bench/bench_gpu.py [--out bench-gpu]          # on a GPU: bench-gpu.md, bench-gpu.json
     python bench/bench_gpu.py --smoke                     # the same script on the CPU with tiny configs (the tests)
 
-A bench that fails (out of memory, say) is reported with its error and the suite goes on.
+A bench that fails (out of memory, say) is reported with its error and the suite goes on. With --budget-s a bench
+whose estimated seconds (ESTIMATE_S, or a previous report's measured ones with --estimates) would not fit in what is
+left is skipped, and the report says so.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
+import full_models  # noqa: E402
 from minigen.lora_config import LoRATrainConfig  # noqa: E402
 from minigen.memory_plan import GB, _two_steps, model_configs, plan_lora_step  # noqa: E402
 
@@ -55,6 +58,24 @@ SUITE = [
      ["--device", "cuda", "--ngf", "64", "--ndf", "64", "--batch", "128", "--iters", "20"],
      ["--ngf", "8", "--ndf", "8", "--batch", "4", "--iters", "1"]),
 ]
+
+
+# Seconds each part is expected to take on one H100, guessed before any was measured (no GPU has been lent yet): the
+# GPU work of each bench (random inits on the GPU, the passes it times at bf16 speeds), plus for --budget-s the CPU
+# side of its builds (bench/gpu_dry_run.py measures that), and for "plan" the CPU tracing of full-size SDXL
+# (BENCHMARKS.md: 33-97 s each on a 2-core CPU) and the same steps on the GPU. `--estimates bench-gpu.json` replaces
+# them with a run's measured seconds.
+ESTIMATE_S = {"bench_unet": 30, "bench_lora": 45, "bench_sample": 60, "bench_fid": 25, "bench_speed": 120,
+              "bench_gan": 15, "plan": 90}
+
+
+def estimates(path: str | None) -> dict[str, float]:
+    """ESTIMATE_S, with the seconds a previous report measured where it has them."""
+    if path is None:
+        return dict(ESTIMATE_S)
+    report = json.loads(Path(path).read_text())
+    measured = {b["module"]: b["seconds"] for b in report["benches"] if not b.get("skipped")}
+    return ESTIMATE_S | measured | ({"plan": report["plan_seconds"]} if "plan_seconds" in report else {})
 
 
 def run_bench(module: str, argv: list[str]) -> tuple[str, str | None, float]:
@@ -102,26 +123,34 @@ def plan_against_measured(smoke: bool) -> list[dict]:
     return rows
 
 
-def smoke_assets(folder: Path) -> list[str]:
-    """Tiny stand-ins for the smoke run's FID bench: random Inception weights and eight small images."""
+def fid_images(folder: Path, n: int, side: int) -> list[str]:
+    """The FID bench's images, made here: `n` random pictures of side x side (speed needs no real pictures, and a
+    machine with no network has no built-in dataset). Without --weights the bench finds minigen's Inception weights,
+    or times random ones and says so."""
     from PIL import Image
 
-    from minigen.inception import FIDInceptionV3
-    from minigen.io import save_safetensors
-
-    torch.manual_seed(0)
-    weights = folder / "inception.safetensors"
-    save_safetensors(FIDInceptionV3(classifier=False).state_dict(), weights)
     images = folder / "images"
     images.mkdir()
-    for i in range(8):
-        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(images / f"{i}.png")
-    return ["--weights", str(weights), "--data", str(images)]
+    generator = torch.Generator().manual_seed(0)
+    for i in range(n):
+        Image.fromarray((torch.rand(side, side, 3, generator=generator) * 255).byte().numpy()).save(images / f"{i}.png")
+    return ["--data", str(images)]
 
 
-def report(results: list[dict], plan_rows: list[dict], machine: str) -> str:
+def builds_text(builds: dict[str, int]) -> str:
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(builds.items())) or "-"
+
+
+def status(result: dict) -> str:
+    return f"skipped: {result['skipped']}" if result.get("skipped") else "failed" if result["error"] else "ok"
+
+
+def report(results: list[dict], plan_rows: list[dict], machine: str, plan_skipped: str | None = None) -> str:
     lines = ["# GPU suite (`make bench-gpu`)\n", f"Machine: {machine}\n"]
     for r in results:
+        if r.get("skipped"):
+            lines += [f"## {r['what']}\n", f"Skipped: {r['skipped']}\n"]
+            continue
         lines += [f"## {r['what']}\n", f"`python bench/{r['module']}.py {' '.join(r['argv'])}` ({r['seconds']:.0f} s)\n",
                   "```", (r["output"].rstrip() or "(no output)"), "```\n"]
         if r["error"]:
@@ -130,8 +159,11 @@ def report(results: list[dict], plan_rows: list[dict], machine: str) -> str:
               "| setting | planned GB | measured GB | planned / measured | planning s |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {p['setting']} | {p['planned_gb']:.2f} | {p['measured_gb']:.2f} | {p['ratio']:.2f} | "
               f"{p['plan_seconds']:.0f} |" for p in plan_rows]
-    lines += ["\n## Summary\n", "| bench | seconds | status |", "|---|---:|---|"]
-    lines += [f"| {r['module']} | {r['seconds']:.0f} | {'failed' if r['error'] else 'ok'} |" for r in results]
+    lines += [f"\nSkipped: {plan_skipped}"] if plan_skipped else []
+    lines += ["\n## Summary\n", "| bench | seconds | status | models built (random init; given another's weights) |",
+              "|---|---:|---|---|"]
+    lines += [f"| {r['module']} | {r['seconds']:.0f} | {status(r)} | {builds_text(r.get('builds', {}))} |"
+              for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -139,26 +171,47 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="the same suite on the CPU with tiny configs")
     p.add_argument("--out", default="bench-gpu", help="report path without suffix (.md and .json are written)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="skip each bench whose estimated seconds would not fit in what is left of this budget")
+    p.add_argument("--estimates", help="a previous report's .json: its measured seconds as the estimates")
     args = p.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("bench_gpu.py: error: no CUDA device (use --smoke to run the suite on the CPU)", file=sys.stderr)
         return 2
     machine = (torch.cuda.get_device_name() if not args.smoke else f"CPU ({platform.processor() or platform.machine()})"
                ) + f", torch {torch.__version__}"
-    results = []
+    results, expected, start = [], estimates(args.estimates), time.perf_counter()
+
+    def skip_reason(part: str) -> str | None:
+        """Why `part` does not fit in the budget (None: it fits, or there is none). The smoke run's parts cost a
+        fraction of a GPU run's: estimates scale by 1/20 there."""
+        if args.budget_s is None:
+            return None
+        need, left = expected[part] / (20 if args.smoke else 1), args.budget_s - (time.perf_counter() - start)
+        return None if need <= left else f"estimated {need:.0f} s, {max(left, 0):.0f} s of --budget-s left"
     with tempfile.TemporaryDirectory(prefix="minigen-bench-gpu-") as tmp:
-        extra = smoke_assets(Path(tmp)) if args.smoke else []
+        extra = fid_images(Path(tmp), 8, 32) if args.smoke else fid_images(Path(tmp), 1000, 72)
         for what, module, gpu_argv, smoke_argv in SUITE:
-            bench_argv = smoke_argv + (extra if module == "bench_fid" else []) if args.smoke else gpu_argv
+            bench_argv = (smoke_argv if args.smoke else gpu_argv) + (extra if module == "bench_fid" else [])
+            if reason := skip_reason(module):
+                print(f"{module}: skipped: {reason}")
+                results.append({"what": what, "module": module, "argv": bench_argv, "output": "", "error": None,
+                                "seconds": 0.0, "skipped": reason})
+                continue
+            full_models.BUILDS.clear()
             output, error, seconds = run_bench(module, bench_argv)
             results.append({"what": what, "module": module, "argv": bench_argv, "output": output, "error": error,
-                            "seconds": seconds})
-        plan_rows = plan_against_measured(args.smoke)
+                            "seconds": seconds, "builds": dict(full_models.BUILDS)})
+        plan_start, reason = time.perf_counter(), skip_reason("plan")
+        plan_rows = [] if reason else plan_against_measured(args.smoke)
+        if reason:
+            print(f"memory plan vs measured: skipped: {reason}")
+        plan_seconds = time.perf_counter() - plan_start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(report(results, plan_rows, machine))
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "benches": results, "plan": plan_rows},
-                                                   indent=1))
+    out.with_suffix(".md").write_text(report(results, plan_rows, machine, reason))
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "benches": results, "plan": plan_rows,
+                                                    "plan_seconds": plan_seconds, "plan_skipped": reason}, indent=1))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 1 if any(r["error"] for r in results) else 0
 

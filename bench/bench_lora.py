@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import full_models
+
 from minigen.lora import add_lora, lora_parameters
 from minigen.sd.configs import get_config
 from minigen.sd.unet import UNet2DConditionModel
@@ -58,17 +60,15 @@ def current_bytes(device: torch.device) -> int:
 def build(kind: str, config: dict, state: dict, rank: int, dtype, device, checkpointing: bool):
     """The UNet with LoRA on TARGETS, base weights in `dtype`, LoRA weights fp32 (as both trainers keep them)."""
     if kind == "minigen":
-        unet = UNet2DConditionModel(config)
-        unet.load_state_dict(state)
-        unet.to(device, dtype)
+        unet = full_models.same_weights("minigen UNet", lambda: UNet2DConditionModel(config), state).to(device, dtype)
         add_lora(unet, [r"\." + re.escape(t) + "$" for t in TARGETS], rank, rank, init="gaussian")
         unet.set_gradient_checkpointing(checkpointing)
         return unet, lora_parameters(unet)
     import diffusers
     from peft import LoraConfig
 
-    unet = diffusers.UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
-    unet.load_state_dict(state)
+    unet = full_models.same_weights("diffusers UNet", lambda: diffusers.UNet2DConditionModel(
+        **{k: v for k, v in config.items() if not k.startswith("_")}), state)
     unet.requires_grad_(False)
     unet.to(device, dtype)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS))
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     config = get_config("sdxl-base", "unet") if args.full else medium_config()
     dtype = torch.bfloat16 if args.full else torch.float32
     side = args.latent or (128 if args.full else 32)
-    torch.manual_seed(0)
-    state = UNet2DConditionModel(config).state_dict()
+    state = full_models.random_state("minigen UNet", lambda: UNet2DConditionModel(config), config, device, dtype)
     B, D = args.batch, config["cross_attention_dim"]
     P = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     inputs = (torch.randn(B, 4, side, side, device=device, dtype=dtype), torch.full((B,), 500, device=device),

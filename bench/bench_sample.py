@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
 
+import full_models  # noqa: E402
 from minigen.diffusion import NoiseSchedule, sample  # noqa: E402
 
 SDXL = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -142,18 +143,16 @@ def full_pipelines(device):
     # The VAE in bf16 too: diffusers hands a bf16 UNet's latents to the VAE as they are (an fp32 VAE fails there).
     dtypes = {"unet": torch.bfloat16, "vae": torch.bfloat16, "text_encoder": torch.bfloat16,
               "text_encoder_2": torch.bfloat16}
-    theirs = {"unet": diffusers.UNet2DConditionModel(**plain(configs["unet"])),
-              "vae": diffusers.AutoencoderKL(**plain(configs["vae"])),
-              "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"])),
-              "text_encoder_2": transformers.CLIPTextModelWithProjection(
+    makers = {"unet": lambda: diffusers.UNet2DConditionModel(**plain(configs["unet"])),
+              "vae": lambda: diffusers.AutoencoderKL(**plain(configs["vae"])),
+              "text_encoder": lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"])),
+              "text_encoder_2": lambda: transformers.CLIPTextModelWithProjection(
                   transformers.CLIPTextConfig(**configs["text_encoder_2"]))}
-    ours = {}
-    for part, model in theirs.items():
-        model.to(device, dtypes[part]).eval()
-        with torch.device("meta"):
-            ours[part] = build_model(part, configs[part])
-        ours[part].load_state_dict(model.state_dict(), assign=True)
-        ours[part] = ours[part].to(device, dtypes[part]).eval()
+    theirs, ours = {}, {}
+    for part, make in makers.items():  # random init on the device (bench/full_models.py), then the same tensors
+        theirs[part] = full_models.build(f"diffusers {part}", make, device).to(device, dtypes[part]).eval()
+        ours[part] = full_models.same_weights(f"minigen {part}", lambda: build_model(part, configs[part]),
+                                              theirs[part].state_dict()).to(device, dtypes[part]).eval()
     tokenizers = tuple(model_tokenizers("sdxl").values())
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "minigen-bench-tokenizers"
     tokenizers[0].save(folder / "tokenizer")

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import full_models
 from bench_gan import sync
 from bench_lora import build as build_lora_unet, current_bytes, peak_bytes, reset_peak
 from bench_unet import build as build_unet, make_inputs
@@ -25,6 +26,7 @@ from minigen import speed
 from minigen.gan_config import GANConfig
 from minigen.gan_trainer import GANTrainer
 from minigen.sd.configs import get_config
+from minigen.sd.unet import UNet2DConditionModel
 from minigen.sd.vae import AutoencoderKL
 
 # A workload: given a switch's state (on or off), build what it runs and return one call of it, whose result is
@@ -68,8 +70,9 @@ def unet_forward(sizes: Sizes, device, switches: Callable[[bool], speed.Speed]) 
     """A sampling step's UNet forward with guidance's batch of 2."""
     def make(on: bool):
         s = switches(on)
-        torch.manual_seed(0)
-        unet = speed.prepare_model(build_unet("minigen", sizes.unet, device, sizes.dtype).eval(), s)
+        state = full_models.random_state("minigen UNet", lambda: UNet2DConditionModel(sizes.unet), sizes.unet, device,
+                                         sizes.dtype)  # initialised once, for every row
+        unet = speed.prepare_model(build_unet("minigen", sizes.unet, device, sizes.dtype, weights=state).eval(), s)
         inputs = make_inputs(sizes.unet, 2, sizes.latent, device, sizes.dtype)
 
         @torch.no_grad()
@@ -84,8 +87,8 @@ def lora_step(sizes: Sizes, device, dtype, switches: Callable[[bool], speed.Spee
     """One LoRA training step (rank 4, attention targets, AdamW), returning the loss."""
     def make(on: bool):
         s = switches(on)
-        torch.manual_seed(0)
-        state = build_unet("minigen", sizes.unet, "cpu", torch.float32).state_dict()
+        state = full_models.random_state("minigen UNet", lambda: UNet2DConditionModel(sizes.unet), sizes.unet, device,
+                                         dtype)
         unet, params = build_lora_unet("minigen", sizes.unet, state, 4, dtype, device, checkpointing=False)
         speed.prepare_model(unet, s)
         optimizer = torch.optim.AdamW(params, lr=1e-4, **speed.optimizer_kernel(params, s))
@@ -107,8 +110,7 @@ def vae_decode(sizes: Sizes, device, batch: int, side: int, switches: Callable[[
     """The fp32 VAE decode of `batch` latents of side `side`."""
     def make(on: bool):
         s = switches(on)
-        torch.manual_seed(0)
-        vae = speed.prepare_model(AutoencoderKL(sizes.vae).to(device).eval(), s)
+        vae = speed.prepare_model(full_models.build("VAE", lambda: AutoencoderKL(sizes.vae), device).eval(), s)
         vae.slicing, vae.tiling = s.vae_slicing, s.vae_tiling
         latents = torch.randn(batch, 4, side, side, generator=torch.Generator().manual_seed(3)).to(device)
         return torch.no_grad()(lambda: vae.decode(latents))

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 import diffusers  # noqa: E402
+import full_models  # noqa: E402
 
 from minigen.sd.configs import get_config  # noqa: E402
 from minigen.sd.unet import UNet2DConditionModel  # noqa: E402
@@ -75,14 +76,15 @@ def sync(device: torch.device) -> None:
 
 
 def build(impl: str, config: dict, device, dtype, weights: dict | None = None):
-    """One UNet; minigen's gets `weights` (diffusers' state dict) when given, else keeps its own random init."""
+    """One UNet, its random init run on `device` (bench/full_models.py); minigen's holds `weights` (diffusers' state
+    dict, on `device` in `dtype`) when given, else its own random init."""
     if impl == "diffusers":
-        torch.manual_seed(0)
-        model = diffusers.UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        model = full_models.build("diffusers UNet", lambda: diffusers.UNet2DConditionModel(
+            **{k: v for k, v in config.items() if not k.startswith("_")}), device)
+    elif weights is not None:
+        model = full_models.same_weights("minigen UNet", lambda: UNet2DConditionModel(config), weights)
     else:
-        model = UNet2DConditionModel(config)
-        if weights is not None:
-            model.load_state_dict(weights)
+        model = full_models.build("minigen UNet", lambda: UNet2DConditionModel(config), device)
     return model.to(device=device, dtype=dtype)
 
 

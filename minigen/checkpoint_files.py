@@ -12,6 +12,7 @@ at a time, write tensor by tensor, and every output put in place only once it is
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from .atomic import AtomicWriter, replace_folder, temp_folder_beside
 from .io import (DTYPE_NAMES, PICKLE_SUFFIXES, SAFETENSORS_DTYPES, CheckpointError, SafetensorsWriter, check_finite,
                  load_weights, read_header)
 from .sd import convert
-from .sd.detect import MODEL_NAMES, detect, detect_family, family_of_configs
+from .sd.detect import CONFIGS_METADATA, MODEL_NAMES, detect, detect_family, family_of_configs
 from .sd.model import (PARTS, RANDOM, WEIGHTS_NAME, check_weights, parse_random, random_model, read_diffusers_configs,
                         save_diffusers_files)
 from .sd.tokenizer import CLIPTokenizer, model_tokenizers
@@ -241,10 +242,10 @@ class DiffusersFolderWriter(AtomicWriter):
         if isinstance(source, DiffusersFolder):
             return source.configs, model_tokenizers(source.family, source.path)
         try:
-            arch = detect({k: source.shape(k) for k in source.keys()}, source.metadata, str(source.path))
+            configs = configs_of(source)
         except ValueError as e:
             raise CheckpointError(f"cannot write {self.path} as a diffusers folder: {e}") from None
-        return arch.configs, model_tokenizers(arch.family)
+        return configs, model_tokenizers(family_of_configs(configs))
 
     def _to_diffusers(self, key: str, tensor: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """{part: {diffusers key: tensor}} of one single-file tensor (empty for an ignored key)."""
@@ -290,6 +291,23 @@ def output_format_of(out: str | os.PathLike, output_format: str | None = None) -
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"unknown output format {output_format!r}; choose from {list(OUTPUT_FORMATS)}")
     return output_format
+
+
+def configs_of(source: TensorFile | DiffusersFolder | LoadedCheckpoint) -> dict[str, dict]:
+    """The part configs of a checkpoint being read: a folder's own, else those its tensors' names and shapes (and
+    metadata) show (`detect.detect`); ValueError when they settle none."""
+    if isinstance(source, DiffusersFolder):
+        return source.configs
+    return detect({k: source.shape(k) for k in source.keys()}, source.metadata, str(source.path)).configs
+
+
+def output_metadata(a: TensorFile | DiffusersFolder | LoadedCheckpoint) -> dict[str, str]:
+    """A's metadata for a model written from it, with A's configs (`minigen.configs`, as every model file minigen
+    writes carries), so a layout the shapes alone do not settle (a diffusers folder's, say) loads back."""
+    try:
+        return {CONFIGS_METADATA: json.dumps(configs_of(a), sort_keys=True), **a.metadata}
+    except ValueError:  # tensors no layout explains (a partial file): its metadata as it came
+        return dict(a.metadata)
 
 
 def open_output(out: Path, output_format: str | None, a: TensorFile | DiffusersFolder) -> Callable:

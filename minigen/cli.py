@@ -177,8 +177,14 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 
 def chosen_dtype_name(args: argparse.Namespace) -> str:
-    """--dtype, or its default for the device: fp32 on the CPU, bf16 on a GPU."""
-    return args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    """--dtype, or its default for the device: fp32 on the CPU, on a GPU `gpu_half_precision()`."""
+    return args.dtype or ("fp32" if args.device == "cpu" else gpu_half_precision())
+
+
+def gpu_half_precision() -> str:
+    """bf16 on a GPU that computes in it (Ampere and later), else fp16 (T4, V100, the free notebooks' GPUs, emulate
+    bf16 slowly; fp16 there, with the VAE kept in fp32, which SD's VAEs need in fp16)."""
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -198,13 +204,20 @@ def resolve_device(device: str | None, cost: str) -> str:
 
 
 def check_device(device: str) -> None:
-    """Refuse a device this torch cannot use, before any work (torch's own message is a traceback later)."""
+    """Refuse a device this torch cannot use, before any work (torch's own message is a traceback later). A GPU
+    named by number (cuda:N) becomes the current one (torch.cuda.set_device): what is made on plain "cuda" (the CUDA
+    generator's draws, cuBLAS's workspace, the free memory the plan reads) is then on GPU N too, not on GPU 0."""
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"--device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch has no CUDA device (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None:
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        torch.cuda.set_device(dev)
 
 
 # ---- presets and saved settings under the command line ----

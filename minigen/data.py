@@ -53,7 +53,7 @@ class ImageFolder(torch.utils.data.Dataset):
         """Images at indices[rows] as float (B, 3, H, W) in [-1, 1], each mirrored with probability 1/2 if hflip. The
         flips are drawn for all of `indices` (a global batch), so a rank's rows are mirrored as one process's are."""
         flip = torch.rand(len(indices), generator=generator)[rows] < 0.5 if self.hflip else None  # (B,)
-        x = self.images[indices[rows]].float().div_(127.5).sub_(1.0)
+        x = self.images[indices[rows]].to(torch.get_default_dtype()).div_(127.5).sub_(1.0)  # fp32 unless set
         if flip is not None:
             x[flip] = x[flip].flip(-1)
         return x

@@ -158,18 +158,24 @@ def all_true(flag: bool, what: str) -> bool:
 
 def sum_gradients(params: Sequence[torch.Tensor], what: str = "the other ranks' gradients") -> int:
     """Replace each parameter's gradient by its sum over the ranks, in one flat all-reduce (a parameter without a
-    gradient on a rank, e.g. one that saw no samples, counts as zeros). Returns the bytes exchanged (0 alone)."""
+    gradient on a rank, e.g. one that saw no samples, counts as zeros). Each sum is copied back into the gradient
+    tensor, which keeps its memory layout: a channels-last weight's gradient stays channels-last, as fused optimizers
+    require (a contiguous gradient there pairs the wrong elements). Returns the bytes exchanged (0 alone)."""
     if not active() or not params:
         return 0
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads]).to(collective_device())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # zeros_like preserves the parameter's layout
+    dtype = torch.float64 if any(p.grad.dtype == torch.float64 for p in params) else torch.float32  # bf16 in fp32
+    flat = torch.cat([p.grad.reshape(-1).to(dtype) for p in params]).to(collective_device())  # logical order
     with waiting_for(what):
         dist.all_reduce(flat)
     offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset: offset + n].view_as(p).to(p.device, p.dtype)
-        offset += n
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset: offset + n].view(p.shape))  # copy_ writes through the gradient's own strides
+            offset += n
     return flat.numel() * flat.element_size()
 
 
@@ -206,22 +212,41 @@ def broadcast_object(obj: Any, what: str) -> Any:
 
 # ---- per-rank random state in a checkpoint ---------------------------------------------------------------------
 
-def rank_rng_states() -> dict[str, torch.Tensor]:
-    """Every rank's torch CPU RNG state, for rank 0 to save: `torch_rng` (rank 0's, the key one process has always
-    written) and `torch_rng.R` for rank R > 0. A collective: every rank calls it."""
-    states = gather_objects(torch.get_rng_state(), "the other ranks' random states")
-    return {"torch_rng" + (f".{r}" if r else ""): state for r, state in enumerate(states)}
+def rank_rng_states(device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG states, for rank 0 to save: `torch_rng` (rank 0's CPU state, the key one process has
+    always written) and `torch_rng.R` for rank R > 0; on a GPU also `cuda_rng[.R]`, the state of the rank's CUDA
+    generator, which draws what CUDA tensors draw without a generator (LoRA dropout's masks). A collective: every
+    rank calls it."""
+    cuda = torch.device(device).type == "cuda"
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+    states = {}
+    for r, (cpu, gpu) in enumerate(gather_objects(mine, "the other ranks' random states")):
+        suffix = f".{r}" if r else ""
+        states["torch_rng" + suffix] = cpu
+        if gpu is not None:
+            states["cuda_rng" + suffix] = gpu
+    return states
 
 
-def restore_rank_rng(tensors: dict[str, torch.Tensor], fallback_seed: tuple) -> bool:
-    """Set this rank's torch RNG from a checkpoint's `rank_rng_states`; a rank the checkpoint has no state for (it
-    was written by fewer ranks) seeds it with derived_seed(*fallback_seed, rank) instead. True when restored."""
-    key = "torch_rng" + (f".{rank()}" if rank() else "")
-    if key in tensors:
-        torch.set_rng_state(tensors[key])
-        return True
-    torch.manual_seed(derived_seed(*fallback_seed, rank()))
-    return False
+def restore_rank_rng(tensors: dict[str, torch.Tensor], fallback_seed: tuple,
+                     device: str | torch.device = "cpu") -> bool:
+    """Set this rank's torch RNGs (the CPU's; on a GPU, the CUDA generator's too) from a checkpoint's
+    `rank_rng_states`; a state the checkpoint does not have (it was written by fewer ranks, or on a CPU) is seeded
+    with derived_seed(*fallback_seed, rank) instead. True when every state was restored."""
+    suffix = f".{rank()}" if rank() else ""
+    seed = derived_seed(*fallback_seed, rank())
+    restored = "torch_rng" + suffix in tensors
+    if restored:
+        torch.set_rng_state(tensors["torch_rng" + suffix])
+    else:
+        torch.manual_seed(seed)  # the CUDA generators too
+    if torch.device(device).type == "cuda":
+        if "cuda_rng" + suffix in tensors:
+            torch.cuda.set_rng_state(tensors["cuda_rng" + suffix], device)
+        else:
+            torch.cuda.manual_seed(seed)
+            restored = False
+    return restored
 
 
 # ---- splitting the work -------------------------------------------------------------------------------------------

@@ -48,12 +48,14 @@ from .images import list_images, open_rgb
 from .atomic import atomic_write, check_can_create
 from .io import read_header
 from .memory_plan import model_configs
-from .sd.lora_files import LoRAFileError, check_lora_family, parse_lora_spec, read_lora, resolve_lora
+from .sd.lora_files import LoRAFileError, parse_lora_spec
+from .sd.lora_reading import check_lora_family, read_lora, resolve_lora
 from .eval_report import image_path, markdown_table, plot_fid_per_epoch, save_grids, write_json
 from .plot import save_png
 from .png_info import png_text
 from .sd.configs import default_size
 from .sd.convert import unet_name_map
+from .sd.detect import family_of_configs
 from .sd.model import RANDOM
 from .sd.pipeline import Pipeline, check_settings
 from .speed import Speed, prepare_pipeline_model
@@ -187,6 +189,16 @@ def candidates(lora_specs: Sequence[str]) -> list[Candidate]:
     return rows
 
 
+def lora_family_problem(lora: Path, family: str) -> str | None:
+    """What `check_lora_family` says of a LoRA made for another family than the model's (None when it fits)."""
+    parsed, _, metadata = read_lora(lora)
+    try:
+        check_lora_family(parsed, metadata, family, str(lora))
+    except LoRAFileError as e:
+        return str(e)
+    return None
+
+
 def lora_touches_text(pipe: Pipeline, lora: Path) -> bool:
     """Check that the file fits this model (a clear LoRAFileError naming it if not: a LoRA made for another family
     names both), before anything is generated; True when it has text-encoder layers (its prompts must then be encoded
@@ -303,9 +315,10 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
              grid_prompts: int = 8, inception_weights: str | os.PathLike | None = None, dims: int = FID_DIMS,
              is_splits: int = 10,
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-             speed: Speed = Speed()) -> dict:
+             speed: Speed = Speed(), allow_pickle: bool = False) -> dict:
     """The whole judgement (see the module docstring); returns the report written to results.json.
     speed: --channels-last, --vae-slicing (minigen/speed.py); not --compile, which each LoRA would undo.
+    allow_pickle: accept a pickled model checkpoint (loaded with weights_only=True).
 
     Everything that can be wrong is checked before the first image: settings, prompts, the reference folder and its
     size, each LoRA against the model, the Inception weights.
@@ -320,17 +333,27 @@ def evaluate(model: str | os.PathLike | Pipeline, loras: Sequence[str], prompts:
     check_can_create(out / "results.json")  # out is a folder, or can be made one
     # the model's configs from its header only: a missing, foreign or unrecognised model fails now, not after the
     # Inception and the reference images; they give the image size where none is set
-    size = model.default_size if isinstance(model, Pipeline) else default_size(model_configs(str(model)))
+    configs = model.model.configs if isinstance(model, Pipeline) else model_configs(str(model), allow_pickle)
+    size = default_size(configs)
     settings = replace(settings, height=settings.height or size, width=settings.width or size)
     seeds = [seed + i for i in range(num_images)]
     items = [(p, s) for p in range(len(prompt_list)) for s in seeds]  # each image: (prompt index, seed)
-    check_counts(reference, n_reference, len(items), dims)
+    # the LoRAs' families and the image counts: what is wrong with any of them, said in one go
+    family = family_of_configs(configs)
+    problems = [problem for row in rows if row.lora is not None if (problem := lora_family_problem(row.lora, family))]
+    try:
+        check_counts(reference, n_reference, len(items), dims)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
     # small: its errors come before the model load
     net = fid_inception.load_inception(inception_weights, device, flag="--inception-weights")
     if net.has_classifier and len(items) < is_splits:
         warnings.warn(f"no Inception Score: it needs at least {is_splits} images per model ({is_splits} splits), "
                       f"got {len(items)}", stacklevel=2)
-    pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, dtype, device)
+    pipe = model if isinstance(model, Pipeline) else \
+        Pipeline.from_pretrained(model, dtype, device, allow_pickle=allow_pickle)
     prepare_pipeline_model(pipe.model, speed)
     touches_text = {row.name: row.lora is not None and lora_touches_text(pipe, row.lora) for row in rows}
     outputs = (str(dims), "logits_unbiased") if net.has_classifier else (str(dims),)

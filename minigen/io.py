@@ -167,8 +167,9 @@ def load_weights(path: str | os.PathLike, allow_pickle: bool = False, device: st
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise CheckpointError(
-                f"{path} is a pickle, which can run arbitrary code when loaded; convert it to .safetensors, or pass "
-                f"--allow-pickle if you trust its source (it is then loaded with weights_only=True)")
+                f"{path} is a pickle, which can run arbitrary code when loaded; pass --allow-pickle if you trust its "
+                f"source (it is then loaded with weights_only=True), or convert a model checkpoint once with: "
+                f"python merge.py {path} --allow-pickle -o {path.with_suffix('.safetensors')}")
         try:
             obj = torch.load(path, map_location=device, weights_only=True)
         except Exception as e:  # torch raises many types for bad pickles

@@ -1,14 +1,19 @@
-"""LoRA: low-rank adapters added to frozen Linear (and 1x1 Conv2d) layers, found by module-name patterns.
+"""LoRA: low-rank adapters added to frozen Linear and Conv2d layers, found by module-name patterns.
 
 A LoRA adapter on a layer with weight W (out, in) learns `down` (rank, in) and `up` (out, rank) and changes the
 layer's output by `multiplier * scale * up(down(x))`, scale = alpha / rank (Hu et al. 2021, "LoRA"; kohya's alpha).
-Merged, the layer's weight is `W + multiplier * scale * up @ down`.
+Merged, the layer's weight is `W + multiplier * scale * up @ down`. On a k x k convolution (LoCon, kohya's conv_dim)
+down is a k x k convolution of the layer's stride and padding (rank, in, k, k) and up a 1 x 1 one (out, rank, 1, 1).
+With `dora` (DoRA, Liu et al. 2024, as peft's `use_dora` computes it) the adapter also learns a magnitude m per
+output channel, started at W's row norms, and the layer's weight is m · (W + scale · up @ down) / ‖W + scale · up @ down‖.
 
 - `add_lora(model, targets, rank, alpha)` wraps every matching layer in a `LoRALayer` and returns the wrapped names.
   Several adapters, each under its own name and multiplier, can sit on one layer (`sample.py --lora a:0.8 --lora b:0.5`).
 - `merge_lora` folds the adapters into the base weights (fast inference); `unmerge_lora` restores the exact original
   weights, which are kept aside on merge (recomputing W from a sum of rounded deltas would not be exact).
 - `remove_lora` puts the plain layers back. `lora_parameters` / `lora_weights` give only the adapters' tensors.
+- `add_lora_deltas` adds a file's layers of any LoRA-family format (`lora_formats.LayerDelta`: LoCon, LoHa, LoKr,
+  DoRA, ...) as `DeltaAdapter`s, merged at once: their change is a whole weight, computed once, not a low-rank path.
 File formats (kohya, diffusers/peft) live in `sd/lora_files.py`: their names are the model's.
 """
 
@@ -21,6 +26,9 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from .lora_formats import LayerDelta, decomposed
 
 # Module-name patterns (regular expressions searched in the full module path). The names are diffusers' UNet and
 # transformers' CLIP names, which minigen's SDXL modules share.
@@ -28,16 +36,20 @@ UNET_ATTENTION = (r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0
 # kohya's sd-scripts wraps every Linear inside a Transformer2DModel: the attention, the feed-forward, proj_in/out.
 UNET_KOHYA = UNET_ATTENTION + (r"attentions\.\d+\.(proj_in|proj_out)$",
                                r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$")
+# sd-scripts' conv_dim (LoCon): the 3x3 convolutions of the resnets and of the down- and upsamplers
+UNET_CONV = (r"resnets\.\d+\.(conv1|conv2)$", r"(downsamplers|upsamplers)\.0\.conv$")
 TEXT_ENCODER_ATTENTION = (r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$",)
-PRESETS = {"attention": UNET_ATTENTION, "kohya": UNET_KOHYA, "text": TEXT_ENCODER_ATTENTION}
+PRESETS = {"attention": UNET_ATTENTION, "kohya": UNET_KOHYA, "text": TEXT_ENCODER_ATTENTION, "conv": UNET_CONV}
 
 
 @dataclass
 class LoRATensors:
-    """One adapter's weights as files store them: down (rank, in[, 1, 1]), up (out, rank[, 1, 1]), alpha."""
+    """One adapter's weights as files store them: down (rank, in[, kh, kw]), up (out, rank[, 1, 1]), alpha, and
+    DoRA's magnitude (out,) when trained with it."""
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -49,15 +61,16 @@ class LoRAAdapter(nn.Module):
     output instead; input dropout is what diffusers' SDXL LoRA example trains with)."""
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None,
-                 dropout: float = 0.0, init: str = "kohya"):
+                 dropout: float = 0.0, init: str = "kohya", dora: bool = False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         # fp32 adapters on any base dtype: training keeps LoRA weights in fp32 under bf16/fp16 autocast. Made in
         # place on the base's device (also the meta device or fake tensors of a memory plan), never moved there.
         where = {"device": base.weight.device, "dtype": torch.float32, "bias": False}
-        if isinstance(base, nn.Conv2d):
-            self.down = nn.Conv2d(base.in_channels, rank, 1, **where)
+        if isinstance(base, nn.Conv2d):  # down sees what the layer sees: its kernel, stride, padding and dilation
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                  **where)
             self.up = nn.Conv2d(rank, base.out_channels, 1, **where)
         else:
             self.down = nn.Linear(base.in_features, rank, **where)
@@ -66,6 +79,9 @@ class LoRAAdapter(nn.Module):
         self.alpha = float(rank if alpha is None else alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters(init)
+        # DoRA's magnitude, started at W's norms per output channel (over in, kh, kw): the layer starts unchanged
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(base.weight.detach().float().flatten(1), dim=1)) \
+            if dora else None
 
     @property
     def scale(self) -> float:
@@ -86,23 +102,79 @@ class LoRAAdapter(nn.Module):
         x = x.to(self.down.weight.dtype)
         return self.up(self.down(self.dropout(x))) * self.scale
 
-    def delta_weight(self) -> torch.Tensor:
-        """scale * up @ down, shaped like the base weight (out, in) or (out, in, 1, 1); fp32."""
+    def output(self, x: torch.Tensor, multiplier: float, layer: "LoRALayer") -> torch.Tensor:
+        """What the adapter adds to the layer's output at `multiplier` when not merged."""
+        if self.magnitude is None:
+            return multiplier * self(x)
+        # DoRA as peft's forward: the base output and the low-rank path, both rescaled per output channel by
+        # m / ‖W + ΔW‖, that norm detached from the gradient (Liu et al. 2024, section 4.3)
+        w = layer.original_weight if layer.original_weight is not None else layer.base.weight
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm((w.float() + self.low_rank_delta()).flatten(1), dim=1)  # (out,)
+        s = self.magnitude / norm  # (out,)
+        s = s.view(1, -1, 1, 1) if isinstance(layer.base, nn.Conv2d) else s  # the output's channel axis
+        base = layer.base(x)
+        if layer.base.bias is not None:
+            base = base - (layer.base.bias.view(1, -1, 1, 1) if isinstance(layer.base, nn.Conv2d) else layer.base.bias)
+        return multiplier * ((s - 1) * base + s * self(x))
+
+    def low_rank_delta(self) -> torch.Tensor:
+        """scale * up @ down, shaped like the base weight (out, in) or (out, in, kh, kw); fp32."""
         up, down = self.up.weight.flatten(1), self.down.weight.flatten(1)  # (out, r), (r, in)
         return (self.scale * up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:])
 
+    def delta_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """The change to `weight` at `multiplier`: multiplier * scale * up @ down, or with DoRA multiplier times
+        (m · (W + ΔW) / ‖W + ΔW‖ - W); fp32."""
+        delta = self.low_rank_delta()
+        if self.magnitude is not None:
+            delta = decomposed(weight.float() + delta, self.magnitude) - weight.float()
+        return multiplier * delta
+
+    def delta_bias(self, multiplier: float) -> None:
+        return None
+
     def get_tensors(self) -> LoRATensors:
-        return LoRATensors(self.down.weight.detach(), self.up.weight.detach(), self.alpha)
+        magnitude = None if self.magnitude is None else self.magnitude.detach()
+        return LoRATensors(self.down.weight.detach(), self.up.weight.detach(), self.alpha, magnitude)
 
     def set_tensors(self, t: LoRATensors) -> None:
         with torch.no_grad():
             self.down.weight.copy_(t.down.reshape(self.down.weight.shape))
             self.up.weight.copy_(t.up.reshape(self.up.weight.shape))
+            if self.magnitude is not None:
+                self.magnitude.copy_(t.magnitude.reshape(self.magnitude.shape))
         self.alpha = float(t.alpha)
 
 
+class DeltaAdapter(nn.Module):
+    """A layer of a LoRA file of any format (`LayerDelta`), read-only: the change it makes to the base layer's
+    weight and bias at a multiplier. It is meant to be merged (`add_lora_deltas` does): unmerged, every forward
+    recomputes the whole change."""
+
+    def __init__(self, layer: LayerDelta):
+        super().__init__()
+        self.layer = layer
+
+    def output(self, x: torch.Tensor, multiplier: float, layer: "LoRALayer") -> torch.Tensor:
+        base = layer.base
+        w = layer.original_weight if layer.original_weight is not None else base.weight  # W without merged adapters
+        delta, bias = self.delta_weight(w, multiplier).to(x.dtype), self.delta_bias(multiplier)
+        bias = None if bias is None else bias.to(x.dtype)
+        if isinstance(base, nn.Conv2d):
+            return F.conv2d(x, delta, bias, base.stride, base.padding, base.dilation, base.groups)
+        return F.linear(x, delta, bias)
+
+    def delta_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        return self.layer.delta(weight, multiplier)
+
+    def delta_bias(self, multiplier: float) -> torch.Tensor | None:
+        return self.layer.delta_bias(multiplier)
+
+
 class LoRALayer(nn.Module):
-    """A frozen base layer plus named adapters, each with its own multiplier; output = base(x) + sum m * adapter(x)."""
+    """A frozen base layer plus named adapters, each with its own multiplier; output = base(x) + what each unmerged
+    adapter adds at its multiplier (`output`); merged adapters are in base.weight (and base.bias)."""
 
     def __init__(self, base: nn.Linear | nn.Conv2d):
         super().__init__()
@@ -111,16 +183,26 @@ class LoRALayer(nn.Module):
         self.multipliers: dict[str, float] = {}
         self.merged: list[str] = []  # adapters folded into base.weight
         self.original_weight: torch.Tensor | None = None  # base.weight before the first merge
+        self.original_bias: torch.Tensor | None = None  # base.bias before the first merge (when it has one)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The base layer's weight (with merged adapters in it): code that reads a layer's weight reads this one."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         for name, adapter in self.adapters.items():
             m = self.multipliers[name]
             if m != 0 and name not in self.merged:
-                y = y + (m * adapter(x)).to(y.dtype)
+                y = y + adapter.output(x, m, self).to(y.dtype)
         return y
 
-    def add(self, name: str, adapter: LoRAAdapter, multiplier: float = 1.0) -> None:
+    def add(self, name: str, adapter: LoRAAdapter | DeltaAdapter, multiplier: float = 1.0) -> None:
         if name in self.adapters:
             raise ValueError(f"this layer already has a LoRA named {name!r}; remove it first or pick another name")
         self.adapters[name] = adapter
@@ -132,6 +214,8 @@ class LoRALayer(nn.Module):
             return
         if self.original_weight is None:
             self.original_weight = self.base.weight.detach().clone()
+            if self.base.bias is not None:
+                self.original_bias = self.base.bias.detach().clone()
         self.merged = sorted(set(self.merged) | set(names))
         self._rebuild_weight()
 
@@ -141,16 +225,27 @@ class LoRALayer(nn.Module):
         self._rebuild_weight()
 
     def _rebuild_weight(self) -> None:
-        """base.weight = W + sum over merged adapters of m * delta, from the saved W: exact and order-free."""
+        """base.weight = W + sum over merged adapters of their change at their multiplier (each computed on the
+        saved W: exact and order-free; the bias likewise where an adapter changes it)."""
         if self.original_weight is None:
             return
         with torch.no_grad():
-            w = self.original_weight.float()
-            for name in self.merged:
-                w = w + self.multipliers[name] * self.adapters[name].delta_weight().to(w.device)
-            self.base.weight.copy_(w.to(self.base.weight.dtype))
+            w0 = self.original_weight
+            w, b = None, None if self.original_bias is None else self.original_bias.float()
+            for name in self.merged:  # the changes summed in fp32, then W added: the fewest passes over W's size
+                adapter, m = self.adapters[name], self.multipliers[name]
+                delta = adapter.delta_weight(w0, m).to(w0.device)
+                w = delta if w is None else w.add_(delta)
+                db = adapter.delta_bias(m)
+                if db is not None:
+                    if b is None:
+                        raise ValueError(f"LoRA {name!r} changes the bias of a layer that has none")
+                    b = b + db.to(b.device)
+            self.base.weight.copy_(w0 if w is None else w.add_(w0))
+            if b is not None:
+                self.base.bias.copy_(b.to(self.base.bias.dtype))
         if not self.merged:
-            self.original_weight = None
+            self.original_weight = self.original_bias = None
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -158,7 +253,8 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 
 
 def matching_modules(model: nn.Module, targets: str | Iterable[str]) -> dict[str, nn.Module]:
-    """Linear and 1x1 Conv2d layers (or LoRALayers already wrapping one) whose module path matches any pattern."""
+    """Linear and Conv2d layers (ungrouped; or LoRALayers already wrapping one) whose module path matches any
+    pattern."""
     patterns = [re.compile(t) for t in (PRESETS.get(targets, (targets,)) if isinstance(targets, str) else targets)]
     wrapped = tuple(path + "." for path in _lora_layers(model))
     found = {}
@@ -166,7 +262,7 @@ def matching_modules(model: nn.Module, targets: str | Iterable[str]) -> dict[str
         if wrapped and name.startswith(wrapped):  # the base and adapters inside a LoRALayer
             continue
         layer = module.base if isinstance(module, LoRALayer) else module
-        is_target = isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1))
+        is_target = isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1)
         if is_target and any(p.search(name) for p in patterns):
             found[name] = module
     return found
@@ -184,12 +280,12 @@ def _wrap(model: nn.Module, name: str) -> LoRALayer:
 
 def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank: int = 4,
              alpha: float | None = None, name: str = "default", multiplier: float = 1.0,
-             dropout: float = 0.0, init: str = "kohya") -> list[str]:
+             dropout: float = 0.0, init: str = "kohya", dora: bool = False) -> list[str]:
     """Freeze `model`'s own weights and add a trainable adapter named `name` to every layer matching `targets` (a preset name in
     PRESETS or regular expressions). Returns the wrapped module paths; none matching is an error."""
     found = matching_modules(model, targets)
     if not found:
-        raise ValueError(f"no Linear or 1x1 Conv2d layer of {type(model).__name__} matches {targets!r}")
+        raise ValueError(f"no Linear or Conv2d layer of {type(model).__name__} matches {targets!r}")
     taken = [path for path, m in found.items() if isinstance(m, LoRALayer) and name in m.adapters]
     if taken:  # checked up front so that a refused call changes nothing
         raise ValueError(f"{len(taken)} layers already have a LoRA named {name!r}, e.g. {taken[:3]}")
@@ -199,19 +295,40 @@ def add_lora(model: nn.Module, targets: str | Iterable[str] = "attention", rank:
             p.requires_grad_(False)
     for path, module in found.items():
         base = module.base if isinstance(module, LoRALayer) else module
-        _wrap(model, path).add(name, LoRAAdapter(base, rank, alpha, dropout, init), multiplier)
+        _wrap(model, path).add(name, LoRAAdapter(base, rank, alpha, dropout, init, dora), multiplier)
     return sorted(found)
 
 
-def add_lora_weights(model: nn.Module, weights: dict[str, LoRATensors], name: str = "default",
-                     multiplier: float = 1.0) -> None:
-    """Add an adapter named `name` holding given weights ({module path: LoRATensors}, e.g. read from a file)."""
-    for path, t in weights.items():
-        layer = _wrap(model, path)
-        adapter = LoRAAdapter(layer.base, t.rank, t.alpha)
-        adapter.set_tensors(t)
-        adapter.requires_grad_(False)
-        layer.add(name, adapter, multiplier)
+def add_lora_deltas(model: nn.Module, layers: dict[str, LayerDelta], name: str = "default",
+                    multiplier: float = 1.0) -> None:
+    """Add an adapter named `name` made of a file's layers ({module path: LayerDelta}, any LoRA-family format).
+    Plain LoRA and LoCon layers (up · down and nothing else) run on the fly as `LoRAAdapter`s: two thin products per
+    step, and nothing of the weight's size to compute when the file loads. Every other kind's change is a whole weight
+    (or needs W: DoRA), so it is computed once and merged: W + its change at `multiplier` (`remove_lora` restores W
+    exactly)."""
+    for path, layer in layers.items():
+        wrapped = _wrap(model, path)
+        adapter = low_rank_adapter(wrapped.base, layer)
+        wrapped.add(name, adapter or DeltaAdapter(layer), multiplier)
+        if adapter is None:
+            wrapped.merge([name])
+
+
+def low_rank_adapter(base: nn.Linear | nn.Conv2d, layer: LayerDelta) -> LoRAAdapter | None:
+    """A plain LoRA/LoCon layer as a frozen `LoRAAdapter` on `base` (scale alpha / rank as the file's); None for
+    anything else (Tucker, DoRA, other kinds) or a shape the adapter's down and up cannot hold."""
+    t = layer.tensors
+    if layer.kind != "LoRA" or set(t) - {"lora_down.weight", "lora_up.weight", "alpha"}:
+        return None
+    down, up = t["lora_down.weight"], t["lora_up.weight"]
+    kernel = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else (1, 1)
+    if tuple(down.shape[2:]) not in ((), kernel) or tuple(up.shape[2:]) not in ((), (1, 1)) or \
+            (isinstance(base, nn.Conv2d) and kernel != (1, 1) and down.dim() != 4):
+        return None
+    rank = down.shape[0]
+    adapter = LoRAAdapter(base, rank, layer.scale * rank)
+    adapter.set_tensors(LoRATensors(down, up, layer.scale * rank))
+    return adapter.requires_grad_(False)
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

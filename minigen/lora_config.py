@@ -14,7 +14,7 @@ MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 # The allowed values of LoRATrainConfig's numbers (see cli.check_fields); caption_dropout is checked apart.
 NUMBER_RANGES = {
     "prior_loss_weight": (0, None), "max_images": (0, None), "bucket_step": (8, None), "rank": (1, None),
-    "alpha": (0, None), "lora_dropout": (0, 1), "text_encoder_lr": (0, None), "noise_offset": (0, None),
+    "alpha": (0, None), "conv_rank": (0, None), "conv_alpha": (0, None), "lora_dropout": (0, 1), "text_encoder_lr": (0, None), "noise_offset": (0, None),
     "min_snr_gamma": (0, None), "lr": cli.POSITIVE, "weight_decay": (0, None), "warmup_steps": (0, None),
     "batch": (1, None), "grad_accum": (1, None), "max_grad_norm": (0, None), "epochs": (1, None),
     "seed": cli.SEED_RANGE, "save_every_epochs": (1, None), "save_every_steps": (0, None),
@@ -45,6 +45,9 @@ class LoRATrainConfig:
     rank: int = 4
     alpha: float = 0.0  # 0: alpha = rank (scale 1)
     targets: str = "attention"  # attention (to_q/k/v/out.0, as the seeds), kohya (also proj_in/out, feed-forward)
+    conv_rank: int = 0  # LoCon: > 0 also trains the resnets' and samplers' 3x3 convolutions (sd-scripts' conv_dim)
+    conv_alpha: float = 0.0  # their alpha (sd-scripts' conv_alpha); 0: alpha = conv_rank (scale 1)
+    dora: bool = False  # DoRA (Liu et al. 2024) on every adapter, as peft's use_dora
     lora_dropout: float = 0.0
     train_text_encoder: bool = False
     clip_skip: int = 1  # A1111's count for the captions' (and validation prompts') encoding: 2 = penultimate layer
@@ -99,3 +102,19 @@ class LoRATrainConfig:
             raise ValueError("--random-crop draws a new crop every epoch, so latents cannot be cached: "
                              "add --cache-latents off")
         self.validation_prompts = list(self.validation_prompts)
+
+
+def add_adapters(models: dict[str, torch.nn.Module], cfg: LoRATrainConfig) -> None:
+    """The run's adapters on {"unet"[, "te1", "te2"]}: `cfg.targets` on the UNet at rank/alpha, with --conv-rank
+    also its 3x3 convolutions (LoCon, at conv_rank/conv_alpha as sd-scripts' conv_dim/conv_alpha), and the text
+    encoders' attention given; each DoRA with --dora. The same calls in the same order: the same initial weights for
+    one seed."""
+    from .lora import add_lora
+
+    alpha, kw = cfg.alpha or None, dict(dropout=cfg.lora_dropout, dora=cfg.dora)
+    add_lora(models["unet"], cfg.targets, cfg.rank, alpha, **kw)
+    if cfg.conv_rank:
+        add_lora(models["unet"], "conv", cfg.conv_rank, cfg.conv_alpha or None, **kw)
+    for component in ("te1", "te2"):
+        if component in models:
+            add_lora(models[component], "text", cfg.rank, alpha, **kw)

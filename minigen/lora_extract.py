@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from .io import CheckpointError, save_safetensors
-from .sd.lora_files import LoRAFileError, family_of_metadata, kohya_layer, kohya_metadata, kohya_prefix, read_lora
+from .sd.lora_files import LoRAFileError, kohya_layer, kohya_metadata, kohya_prefix
+from .sd.lora_reading import family_of_metadata, read_lora
 from .checkpoint_files import check_output, open_checkpoint
 from .merging import check_same_model
 from .sd.convert import lora_targets
@@ -108,8 +109,9 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
 
 def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike, rank: int,
                 clamp_quantile: float = 0.99) -> int:
-    """Write one kohya LoRA of `rank` from the sum of ratio * alpha / rank * up @ down of several, layer by layer
-    (re-factorised by SVD); returns the number of layers. The files must name layers the same way."""
+    """Write one kohya LoRA of `rank` from the sum of ratio * ΔW of several, layer by layer (re-factorised by SVD;
+    any format whose ΔW does not depend on the model: LoRA, LoCon, LoHa, LoKr, full); returns the number of layers.
+    The files must name layers the same way."""
     loras = [(Path(p), float(r)) for p, r in loras]
     check_output(Path(out), [p for p, _ in loras], sum(p.stat().st_size for p, _ in loras) + (1 << 20))
     deltas: dict[tuple[str, str], torch.Tensor] = {}
@@ -121,11 +123,14 @@ def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.Path
         families.append(family_of_metadata(metadata))
         if fmt != "kohya":
             raise LoRAFileError(f"{path}: merging LoRAs needs kohya files (got {fmt})")
-        for component, entries in parsed.items():
-            for name, e in entries.items():
-                down = e["down"].float()  # (r, in[, kh, kw])
-                delta = (e["up"].float().flatten(1) @ down.flatten(1)).view(-1, *down.shape[1:])
-                delta *= ratio * float(e["alpha"]) / down.shape[0]
+        for component, layers in parsed.items():
+            for name, layer in layers.items():
+                if layer.needs_weight or layer.delta_bias() is not None:
+                    what = "depends on the model's weights" if layer.needs_weight else "includes a bias"
+                    raise LoRAFileError(f"{path}: layer {name} is {'DoRA' if layer.dora else layer.kind}, whose change "
+                                        f"{what}, which a LoRA cannot hold: bake it into a checkpoint (merge.py A "
+                                        "--lora) and extract from that instead")
+                delta = ratio * layer.raw()  # (out, in[, kh, kw])
                 if (component, name) in deltas and deltas[(component, name)].shape != delta.shape:
                     raise LoRAFileError(f"{path}: layer {name} is {tuple(delta.shape)} here, "
                                         f"{tuple(deltas[(component, name)].shape)} in an earlier LoRA")

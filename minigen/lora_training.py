@@ -36,8 +36,8 @@ from .captions import drop_captions
 from .diffusion import NoiseSchedule
 from .images import parse_size
 from .io import CheckpointError, load_safetensors, refuse_non_finite, save_safetensors
-from .lora import add_lora, lora_weights
-from .lora_config import MIXED_PRECISION, LoRATrainConfig
+from .lora import lora_weights
+from .lora_config import MIXED_PRECISION, LoRATrainConfig, add_adapters
 from .lora_data import TrainingSet, check_sizes, load_examples
 from .plot import plot_curves, save_grid, save_png, with_row_labels
 from .sd.convert import unet_name_map
@@ -67,6 +67,14 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 
 
 # -- the trainer ------------------------------------------------------------------------------------------------
+
+def network_args(cfg: LoRATrainConfig) -> dict[str, str]:
+    """`ss_network_args` metadata of a LoCon run (sd-scripts' conv_dim and conv_alpha) or a DoRA one (LyCORIS'
+    dora_wd), else none."""
+    args = {"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha or cfg.conv_rank)} if cfg.conv_rank else {}
+    args |= {"dora_wd": "True"} if cfg.dora else {}
+    return {"ss_network_args": json.dumps(args)} if args else {}
+
 
 class LoRATrainer:
     KIND, CLI = "lora", "train_lora.py"  # what it trains (progress bar, log), the command that continues a run
@@ -122,13 +130,8 @@ class LoRATrainer:
     def prepare_trainable(self) -> dict[str, torch.nn.Module]:
         """Add the LoRA adapters (their weights are what trains) and return the parts they are in, by component
         name ("unet", "te1", "te2"). minigen/sd_training.py trains all weights of other parts instead."""
-        cfg = self.cfg
-        models = {c: m for c, m in self.model.lora_components().items() if c == "unet" or cfg.train_text_encoder}
-        alpha = cfg.alpha or None
-        add_lora(self.model.unet, cfg.targets, cfg.rank, alpha, dropout=cfg.lora_dropout)
-        for component in ("te1", "te2"):
-            if component in models:
-                add_lora(models[component], "text", cfg.rank, alpha, dropout=cfg.lora_dropout)
+        models = {c: m for c, m in self.model.lora_components().items() if c == "unet" or self.cfg.train_text_encoder}
+        add_adapters(models, self.cfg)
         return models
 
     def training_set(self, items) -> TrainingSet:
@@ -356,7 +359,8 @@ class LoRATrainer:
                                   cfg.instance_prompt, steps=self.step, epoch=self.epoch, title=self.out.name,
                                   model=self.model.family, prediction=self.schedule.prediction_type,
                                   clip_skip=cfg.clip_skip,
-                                  extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer})
+                                  extra={"ss_learning_rate": cfg.lr, "ss_optimizer": cfg.optimizer,
+                                         **network_args(cfg)})
         with naming(path):
             save_lora(path, self.lora_file_contents(), cfg.format, metadata,
                       unet_names=unet_name_map(dict(self.model.unet.config)), family=self.model.family)
@@ -366,7 +370,7 @@ class LoRATrainer:
         A NaN or infinity in any of them raises TrainingDiverged and leaves the previous checkpoint as it was."""
         tensors = {f"lora.{k}": p.detach() for k, p in self.trainable().items()}
         opt_tensors, opt_settings = optimizer_to_tensors(self.optimizer, "optimizer")
-        tensors |= opt_tensors | distributed.rank_rng_states()  # LoRA dropout's masks, one state per rank
+        tensors |= opt_tensors | distributed.rank_rng_states(self.device)  # LoRA dropout's masks, per rank
         metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(self.settings_to_save()),
                     "step": str(self.step), "epoch": str(self.epoch), "batch_in_epoch": str(self.batch_in_epoch),
                     "micro_batch": str(self.cfg.batch * self.ranks), "ranks": str(self.ranks),
@@ -405,7 +409,7 @@ class LoRATrainer:
             if metadata.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(json.loads(metadata["scaler"]))
             self.step, self.epoch = int(metadata["step"]), int(metadata["epoch"])
-            distributed.restore_rank_rng(tensors, fallback_seed=(self.cfg.seed, "dropout", self.step))
+            distributed.restore_rank_rng(tensors, (self.cfg.seed, "dropout", self.step), self.device)
             self.batch_in_epoch = int(metadata["batch_in_epoch"])
             if int(metadata.get("micro_batch", self.cfg.batch * self.ranks)) != self.cfg.batch * self.ranks:
                 self.batch_in_epoch = self.data.resume_position(self.epoch, self.batch_in_epoch, self.ranks,

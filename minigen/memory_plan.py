@@ -11,23 +11,26 @@ those steps create and free and keeps the peak of the bytes alive at once, split
 
 This counts tensors only, as `torch.cuda.max_memory_allocated` does; the CUDA context (~0.3-0.5 GB) and the
 caching allocator's slack come on top of it on a GPU. The step is traced on the CPU: kernels chosen for a GPU
-(flash attention, cuBLAS) allocate alike for the model's own tensors.
+(flash attention, cuBLAS) allocate alike for the model's own tensors; autocast follows CUDA's policy, not the CPU's
+(`cuda_autocast_policy`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 PARTS = ("weights", "lora + optim", "activations")
 GB = 1e9
@@ -63,10 +66,19 @@ class LiveStorage(TorchDispatchMode):
         if total > self.peak:
             self.peak, self.at_peak = total, dict(self.alive)
 
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Stop counting `tensor`'s storage, alive as it is: a model moved off the GPU (cpu offload)."""
+        self._free(id(tensor.untyped_storage()))
+
     def _free(self, key: int) -> None:
-        self.alive[self.parts_of.pop(key)] -= self.nbytes.pop(key)
+        if key in self.parts_of:  # (not when forgotten already)
+            self.alive[self.parts_of.pop(key)] -= self.nbytes.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            # Patch: a fake tensor has no value to read. Adafactor reads its step count and norms with .item() to
+            # scale its update; what the step allocates does not depend on them, so every read is 1.
+            return True if args[0].dtype == torch.bool else 1
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -130,10 +142,11 @@ def check_fits(plan: MemoryPlan, device: torch.device, force: bool = False) -> N
     warnings.warn(message, stacklevel=2)
 
 
-def model_configs(spec: str) -> dict[str, dict]:
-    """The configs of `--model` without reading a weight: random:<preset>, a diffusers folder's own, or those a
-    single safetensors file's header shows (its tensors' names and shapes, `sd.detect`)."""
-    from .io import read_header
+def model_configs(spec: str, allow_pickle: bool = False) -> dict[str, dict]:
+    """The configs of `--model` without reading a weight: random:<preset>, a diffusers folder's own, those a single
+    safetensors file's header shows (its tensors' names and shapes, `sd.detect`), or, with `allow_pickle`, those of a
+    pickled checkpoint's tensors (unpickled onto the meta device: shapes without data)."""
+    from .io import PICKLE_SUFFIXES, load_weights, read_header
     from .sd.configs import get_config
     from .sd.detect import detect
     from .sd.model import RANDOM, parse_random, read_diffusers_configs
@@ -144,17 +157,21 @@ def model_configs(spec: str) -> dict[str, dict]:
         raise FileNotFoundError(2, "no such model file or folder", spec)
     if Path(spec).is_dir():
         return read_diffusers_configs(Path(spec))
+    if Path(spec).suffix.lower() in PICKLE_SUFFIXES:
+        tensors, metadata = load_weights(spec, allow_pickle, device="meta")  # refused unless allow_pickle
+        return detect({k: tuple(v.shape) for k, v in tensors.items()}, metadata, spec).configs
     header, metadata = read_header(spec)
     return detect({k: tuple(v["shape"]) for k, v in header.items()}, metadata, spec).configs
 
 
-def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = True) -> MemoryPlan:
+def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = True,
+                   allow_pickle: bool = False) -> MemoryPlan:
     """Peak memory of a LoRA training step with `cfg`'s settings (a LoRATrainConfig). `fake=False` runs the same
-    steps on real tensors: what the tests compare the plan against."""
+    steps on real tensors: what the tests compare the plan against. `allow_pickle`: read a pickled --model."""
     from .images import parse_size
 
     start = time.perf_counter()
-    configs = configs or model_configs(cfg.model)
+    configs = configs or model_configs(cfg.model, allow_pickle)
     h, w = parse_size(cfg.resolution)
     h, w = max(cfg.bucket_step, h // cfg.bucket_step * cfg.bucket_step), max(cfg.bucket_step,
                                                                             w // cfg.bucket_step * cfg.bucket_step)
@@ -171,38 +188,35 @@ def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = Tru
 def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStorage | None = None) -> None:
     """What LoRATrainer does for one optimizer step, twice (the optimizer's state appears in the first); counted by
     `tracker` when given."""
-    from .lora import add_lora
-    from .lora_config import MIXED_PRECISION
+    from .lora_config import MIXED_PRECISION, add_adapters
 
     tracker = tracker or Untracked()
     dtype = MIXED_PRECISION[cfg.mixed_precision]
     models = _frozen_models(configs, dtype, tracker)
     tracker.part = "lora + optim"
-    trained = {"unet": models["unet"]}
-    add_lora(models["unet"], cfg.targets, cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
-    if cfg.train_text_encoder:
-        for part in text_encoders(models):
-            add_lora(models[part], "text", cfg.rank, cfg.alpha or None, dropout=cfg.lora_dropout)
-            trained[part] = models[part]
+    trained = {"unet": models["unet"]} | ({p: models[p] for p in text_encoders(models)} if cfg.train_text_encoder
+                                          else {})
+    add_adapters(trained, cfg)
     if cfg.gradient_checkpointing:
         for model in trained.values():
             model.set_gradient_checkpointing(True)
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     optimizer = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor, "sgd": torch.optim.SGD}[cfg.optimizer](
         params, lr=cfg.lr)
-    for _ in range(2):
-        tracker.part = "activations"
-        loss = _loss(cfg, models, h, w, dtype)
-        loss.backward()
-        for p in params:
-            if p.grad is not None:
-                tracker.count(p.grad, "lora + optim")
-        del loss
-        tracker.part = "lora + optim"
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with cuda_autocast_policy():  # for the backward pass too: gradient checkpointing recomputes the forward there
+        for _ in range(2):
+            tracker.part = "activations"
+            loss = _loss(cfg, models, h, w, dtype)
+            loss.backward()
+            for p in params:
+                if p.grad is not None:
+                    tracker.count(p.grad, "lora + optim")
+            del loss
+            tracker.part = "lora + optim"
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def text_encoders(models: dict[str, torch.nn.Module]) -> list[str]:
@@ -234,6 +248,35 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(saved)
+
+
+CUDA_AUTOCAST_FP32 = ("group_norm", "layer_norm", "softmax", "log_softmax")  # of CUDA autocast's fp32 list, the
+#                                                                           ones these models call (their modules)
+
+
+@contextlib.contextmanager
+def cuda_autocast_policy() -> Iterator[None]:
+    """Within it, CPU autocast runs group norm, layer norm and softmax in fp32, on fp32 copies of their inputs, as
+    CUDA autocast does. Patch: the CPU's autocast keeps them in bf16/fp16, so a step traced on the CPU would count
+    their outputs, and what the backward pass saves of them, at half the bytes a GPU holds."""
+    saved = {name: getattr(F, name) for name in CUDA_AUTOCAST_FP32}
+
+    def in_fp32(op):
+        @functools.wraps(op)
+        def run(*args, **kwargs):
+            if not torch.is_autocast_enabled("cpu"):
+                return op(*args, **kwargs)
+            up = lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+            with torch.autocast("cpu", enabled=False):
+                return op(*tree_map(up, args), **tree_map(up, kwargs))
+        return run
+    for name, op in saved.items():
+        setattr(F, name, in_fp32(op))
+    try:
+        yield
+    finally:
+        for name, op in saved.items():
+            setattr(F, name, op)
 
 
 def _loss(cfg, models: dict, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
@@ -282,30 +325,51 @@ def _added_conditioning(models: dict, pooled: torch.Tensor | None,
 
 
 def plan_sampling(configs: dict[str, dict], dtype: torch.dtype, height: int, width: int, num_images: int = 1,
-                  guidance: bool = True, vae_slicing: bool = False, vae_tiling: bool = False) -> MemoryPlan:
+                  guidance: bool = True, vae_slicing: bool = False, vae_tiling: bool = False,
+                  cpu_offload: bool = False) -> MemoryPlan:
     """Peak memory of drawing `num_images` images, as Pipeline does: the prompt through the text encoder(s), one
     denoising step of the UNet (a batch of 2 x num_images with classifier-free guidance), the fp32 VAE decode (one
-    image at a time with `vae_slicing`, in tiles with `vae_tiling`, as --vae-slicing/--vae-tiling decode)."""
+    image at a time with `vae_slicing`, in tiles with `vae_tiling`, as --vae-slicing/--vae-tiling decode). With
+    `cpu_offload` a model's weights count only while it runs (the text encoders together: an overestimate, below
+    the UNet's step)."""
     start, tracker = time.perf_counter(), LiveStorage()
+
+    @contextlib.contextmanager
+    def running(*parts: str):  # with cpu_offload: these models' weights on the GPU for the block
+        weights = [t for p in parts if p in models for t in (*models[p].parameters(), *models[p].buffers())]
+        for t in weights if cpu_offload else ():
+            tracker.count(t, "weights")
+        yield
+        for t in weights if cpu_offload else ():
+            tracker.forget(t)
+
     with FakeTensorMode(), tracker, torch.no_grad():
         models = _frozen_models(configs, dtype, tracker)
+        if cpu_offload:  # in CPU memory until they run
+            for t in (t for m in models.values() for t in (*m.parameters(), *m.buffers())):
+                tracker.forget(t)
+            tracker.peak, tracker.at_peak = 0, dict(tracker.alive)
         tracker.part = "activations"
-        context, pooled = _encode(models, torch.zeros(1, 77, dtype=torch.long))  # (1, 77, D), (1, P) or None
+        with running("text_encoder", "text_encoder_2"):
+            context, pooled = _encode(models, torch.zeros(1, 77, dtype=torch.long))  # (1, 77, D), (1, P) or None
         rows = num_images * (2 if guidance else 1)
         context = context.to(dtype).expand(rows, -1, -1)  # (N, 77, D)
         pooled, time_ids = _added_conditioning(models, None if pooled is None else pooled.expand(rows, -1), dtype)
         factor = 2 ** (len(models["vae"].encoder.down_blocks) - 1)
         latents = torch.zeros(rows, 4, height // factor, width // factor, dtype=dtype)
-        models["unet"](latents, torch.tensor([999] * rows), context, pooled, time_ids)
+        with running("unet"):
+            models["unet"](latents, torch.tensor([999] * rows), context, pooled, time_ids)
         del latents, context, pooled, time_ids
         models["vae"].slicing, models["vae"].tiling = vae_slicing, vae_tiling
-        models["vae"].decode(torch.zeros(num_images, 4, height // factor, width // factor))  # (N, 3, H, W) fp32
+        with running("vae"):
+            models["vae"].decode(torch.zeros(num_images, 4, height // factor, width // factor))  # (N, 3, H, W) fp32
     setting = f"{num_images} image(s) of {height}x{width}, {str(dtype).removeprefix('torch.')}" + \
               (", classifier-free guidance" if guidance else "") + (", VAE slicing" if vae_slicing else "") + \
-              (", VAE tiling" if vae_tiling else "")
+              (", VAE tiling" if vae_tiling else "") + (", CPU offload" if cpu_offload else "")
     advice = (["--dtype bf16 (the UNet and text encoders in half the memory)"] if dtype == torch.float32 else []) + \
         ([f"--num {max(1, num_images // 2)}"] if num_images > 1 else []) + \
         ([] if vae_slicing or num_images == 1 else ["--vae-slicing"]) + ([] if vae_tiling else ["--vae-tiling"]) + \
+        ([] if cpu_offload else ["--cpu-offload (one model on the GPU at a time)"]) + \
         ["a smaller --height/--width"]
     return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting, advice)
 

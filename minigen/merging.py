@@ -3,7 +3,7 @@
 Methods (per tensor; fp32 arithmetic with one rounding to the output dtype):
     weighted sum     theta = (1 - alpha) * A + alpha * B          (seed 004)
     add difference   theta = A + alpha * (B - C)                 (moves A by the change that turned C into B)
-    bake LoRAs       theta = A + sum of ratio * alpha / rank * up @ down
+    bake LoRAs       theta = A + sum of each layer's change at its ratio (minigen.lora_formats: LoRA, LoCon, DoRA, ...)
 (writing LoRA files, by extraction from two checkpoints or by merging LoRAs, is `minigen.lora_extract`'s).
 
 Components are told apart by the single-file key prefixes: `first_stage_model.` is the VAE (copied from A by
@@ -28,18 +28,21 @@ import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint_files import DiffusersFolder, TensorFile, check_output, open_checkpoint, open_output, sha256_file
+from .checkpoint_files import (DiffusersFolder, TensorFile, check_output, open_checkpoint, open_output, output_metadata,
+                               sha256_file)
 from .io import FLOAT_DTYPES, CheckpointError
-from .sd.lora_files import LoRAFileError, check_lora_family, read_lora
+from .lora_formats import LayerDelta
+from .sd.lora_files import LoRAFileError
+from .sd.lora_reading import check_lora_family, lora_summary, read_lora
 from .sd.convert import UNET_PREFIX, VAE_PREFIX, lora_targets
-from .sd.detect import MODEL_NAMES, detect_family, kohya_unet_names
+from .sd.detect import MODEL_NAMES, detect_family, unet_names
 
 TEXT_PREFIXES = ("conditioner.embedders.", "cond_stage_model.")  # SDXL's two text encoders, SD 1.x/2.x's one
 BLOCK_GROUPS = ("IN", "M", "OUT")  # the UNet's input blocks, middle block, output blocks: in this order
@@ -56,7 +59,10 @@ class MergeRecipe:
     method: str = "weighted_sum"  # or "add_difference"
     alpha: float = 0.5
     block_alphas: tuple[float, ...] | None = None  # 3 (IN, MID, OUT) or one per UNet block, BASE optionally first
-    vae: str = "copy"  # "copy" (from A), "merge", or the path of a VAE file to put in
+    # "copy" (from A), "merge", or the path of a VAE file to put in; None: "copy", but "merge" (at BASE's weight) with
+    # a BASE-first block list, as Merge Block Weighted, supermerger and sd-mecha do (MBW: base_alpha covers the text
+    # encoders and the VAE). Seed 004's preset says "copy".
+    vae: str | None = None
     merge_text_encoders: bool = True
     dtype: str | None = None  # "fp16", "bf16", "fp32"; None keeps each tensor's dtype from A
 
@@ -70,6 +76,7 @@ class MergeReport:
     missing: dict[str, list[str]] = field(default_factory=dict)  # input name -> keys of A it lacks (A's copy kept)
     shape_mismatches: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, A's shape, other's shape)
     output_bytes: int = 0
+    lora_summaries: list[str] = field(default_factory=list)  # baking: one line per LoRA file (lora_summary)
 
 
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,7 +115,7 @@ def component(key: str) -> str:
 # Block-weighted merging names the UNet's blocks as A1111's Merge Block Weighted extension and supermerger do:
 # INnn for input_blocks.nn, M00 for middle_block, OUTnn for output_blocks.nn (IN00..IN11, M00, OUT00..OUT11 in
 # SD 1.x/2.x: 25; IN00..IN08, M00, OUT00..OUT08 in SDXL: 19), and BASE for everything merged outside the UNet
-# (the text encoders; the VAE too with --vae merge).
+# (the text encoders; the VAE too with --vae merge, and by default when BASE is given).
 
 def block_of(key: str) -> str:
     """The block whose weight a single-file key takes: "IN03", "M00", "OUT11"; "stem" for the UNet's layers before its
@@ -151,7 +158,7 @@ def block_weights(alphas: tuple[float, ...], keys: list[str]) -> dict[str, float
     if len(alphas) not in (len(blocks), len(blocks) + 1):
         raise ValueError(f"--block-alphas takes 3 numbers (IN, MID, OUT), {len(blocks)} (one per UNet block of "
                          f"{MODEL_NAMES[detect_family(keys)]}: {blocks[0]}..{blocks[-1]}) or {len(blocks) + 1} "
-                         f"(BASE, for the text encoders, first); got {len(alphas)}")
+                         f"(BASE, for the text encoders and the VAE, first); got {len(alphas)}")
     named = dict(zip((["BASE"] if len(alphas) > len(blocks) else []) + blocks, alphas))
     return named | {"stem": named[blocks[0]], "head": named[blocks[-1]]}
 
@@ -266,7 +273,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
             warnings.warn(f"alpha {value} is outside [0, 1]: the merge extrapolates beyond its inputs",
                           MergeWarning, stacklevel=2)
     out = Path(out)
-    vae_path = None if recipe.vae in ("copy", "merge") else Path(recipe.vae)
+    vae_path = None if recipe.vae in (None, "copy", "merge") else Path(recipe.vae)
     inputs = dict(zip(["A", "B", "C"], paths)) | ({"VAE": vae_path} if vae_path else {})  # role -> path
 
     files: list = []
@@ -277,6 +284,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
         vae_file = open_checkpoint(vae_path, allow_pickle) if vae_path is not None else None
         check_same_model(files)
         weights = block_weights(recipe.block_alphas, files[0].keys()) if recipe.block_alphas else {}
+        if recipe.vae is None:
+            recipe = replace(recipe, vae="merge" if "BASE" in weights else "copy")
         report = MergeReport()
         steps = _plan(files, vae_file, recipe, weights, strict, report)
         if vae_file is not None and not any(s.sources[0][0] is vae_file for s in steps):
@@ -294,8 +303,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike, out: str | os.
             return _merge_tensor(step, method, dtype)
 
         report.output_bytes = _stream_out(out, open_output(out, output_format, files[0]), inputs,
-                                          files[0].metadata, {"type": "minigen", **asdict(recipe)}, specs, steps,
-                                          produce, progress)
+                                          output_metadata(files[0]), {"type": "minigen", **asdict(recipe)}, specs,
+                                          steps, produce, progress)
         return report
     finally:
         for f in files + ([vae_file] if vae_file else []):
@@ -365,41 +374,60 @@ def _warn_about(report: MergeReport) -> None:
 
 # ------------------------------------------------------------------------------------------------- LoRA baking
 
-def _lora_deltas(base: TensorFile | DiffusersFolder, loras: list[tuple[Path, float]]
-                 ) -> dict[str, list[tuple[int | None, float, torch.Tensor, torch.Tensor]]]:
-    """{checkpoint key: [(third, ratio * alpha / rank, up (out, r), down (r, in...))]} from the LoRA files."""
+def _lora_deltas(base: TensorFile | DiffusersFolder, loras: list[tuple[Path, float]], summaries: list[str]
+                 ) -> dict[str, list[tuple[int | None, float, LayerDelta]]]:
+    """{checkpoint key: [(third, ratio, layer)]} from the LoRA files: the weights their layers change and, for
+    layers that change a bias (full's diff_b), the bias beside it. Appends each file's summary to `summaries`."""
     keys, shapes = base.keys(), {k: base.shape(k) for k in base.keys()}
     try:
-        targets = lora_targets(keys, kohya_unet_names(shapes, base.metadata, str(base.path)))
+        targets = lora_targets(keys, unet_names(shapes, base.metadata, str(base.path)))  # SGM and diffusers names
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     family = detect_family(keys)
     deltas: dict[str, list] = {}
     for path, ratio in loras:
-        parsed, _, metadata = read_lora(path)
+        parsed, layout, metadata = read_lora(path)
         check_lora_family(parsed, metadata, family, str(path))
-        unmatched = [f"{c}:{n}" for c, entries in parsed.items() for n in entries if (c, n) not in targets]
+        summaries.append(f"{path}: {lora_summary(parsed, layout, metadata)}")
+        unmatched = [f"{c}:{n}" for c, layers in parsed.items() for n in layers if (c, n) not in targets]
         if unmatched:
             raise LoRAFileError(f"{path}: {len(unmatched)} layers match no tensor of the checkpoint, e.g. "
                                 f"{unmatched[:3]} (a LoRA for another model?)")
-        for component, entries in parsed.items():
-            for name, e in entries.items():
+        for component, layers in parsed.items():
+            for name, layer in layers.items():
                 key, third = targets[(component, name)]
-                up, down = e["up"].flatten(1).float(), e["down"].float()  # (out, r), (r, in[, kh, kw])
-                out_rows = shapes[key][0] // 3 if third is not None else shapes[key][0]
-                if up.shape[0] != out_rows or math.prod(down.shape[1:]) != math.prod(shapes[key][1:]):
-                    raise LoRAFileError(f"{path}: {component} layer {name} has up {tuple(e['up'].shape)} and down "
-                                        f"{tuple(down.shape)}, but {key} is {shapes[key]}")
-                deltas.setdefault(key, []).append((third, ratio * float(e["alpha"]) / down.shape[0], up, down))
+                shape = shapes[key] if third is None else (shapes[key][0] // 3, *shapes[key][1:])
+                if not layer.fits(shape):
+                    raise LoRAFileError(f"{path}: {component} layer {name}'s {layer.kind} changes {layer.shape()}, "
+                                        f"but {key} is {shapes[key]} (a LoRA for another model?)")
+                deltas.setdefault(key, []).append((third, ratio, layer))
+                if layer.delta_bias() is not None:
+                    bias = key.removesuffix("weight") + "bias"  # `.weight` -> `.bias`, `in_proj_weight` -> `in_proj_bias`
+                    if bias not in shapes or math.prod(shapes[bias]) != shapes[key][0]:
+                        raise LoRAFileError(f"{path}: {component} layer {name} changes a bias, but {key} has no bias "
+                                            f"of {shape[0]} values beside it")
+                    deltas.setdefault(bias, []).append((third, ratio, layer))
     return deltas
+
+
+def _apply_deltas(key: str, w: torch.Tensor, deltas: list[tuple[int | None, float, LayerDelta]]) -> torch.Tensor:
+    """w (fp32) with the changes of `deltas` added, each computed on the original w (so that stacked DoRA files bake
+    as `sample.py` applies them) and on its third of the rows where q, k and v share one tensor."""
+    original = w.clone()
+    for third, ratio, layer in deltas:
+        rows, w0 = (w, original) if third is None else (w.view(3, -1, *w.shape[1:])[third],
+                                                       original.view(3, -1, *w.shape[1:])[third])
+        rows += layer.delta_bias(ratio) if key.endswith("bias") else layer.delta(w0, ratio)
+    return w
 
 
 def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                out: str | os.PathLike, dtype: str | None = None, progress: bool = True,
                output_format: str | None = None, allow_pickle: bool = False) -> MergeReport:
-    """Write `checkpoint` with LoRAs folded in: W + sum of ratio * alpha / rank * up @ down, tensor by tensor.
+    """Write `checkpoint` with LoRAs folded in: W + the sum of each layer's change at its file's ratio, tensor by
+    tensor (`minigen.lora_formats`: LoRA, LoCon, LoHa, LoKr, DoRA, full, GLoRA).
 
-    loras: [(LoRA file, ratio)], kohya or diffusers/peft files of the text encoders (read by `minigen.sd.lora_files`).
+    loras: [(LoRA file, ratio)], any layout `minigen.sd.lora_reading` reads (kohya, LyCORIS, diffusers/peft).
     output_format, allow_pickle: as for `merge_checkpoints`.
     """
     loras = [(Path(p), float(r)) for p, r in loras]
@@ -411,10 +439,10 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
     base = open_checkpoint(checkpoint, allow_pickle)
     try:
         check_same_model([base])
-        deltas = _lora_deltas(base, loras)
+        report = MergeReport()
+        deltas = _lora_deltas(base, loras, report.lora_summaries)
         steps = [_Step(k, [(base, k)]) for k in base.keys()]
         specs = _output_specs(steps, dtype)
-        report = MergeReport()
 
         def produce(step: _Step, dtype: torch.dtype) -> torch.Tensor:
             w = base.get(step.key)
@@ -422,17 +450,13 @@ def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLik
                 report.copied += 1
                 return w.to(dtype)
             report.merged += 1
-            w = w.float()
-            for third, factor, up, down in deltas[step.key]:
-                rows = w if third is None else w.view(3, -1, *w.shape[1:])[third]  # (out, in[, kh, kw])
-                rows += factor * (up @ down.flatten(1)).view(rows.shape)
-            return w.to(dtype)
+            return _apply_deltas(step.key, w.float(), deltas[step.key]).to(dtype)
 
         inputs = {"A": Path(checkpoint)} | {f"LoRA{i}": p for i, (p, _) in enumerate(loras)}
         recipe = {"type": "minigen", "method": "bake_lora", "loras": [[p.name, r] for p, r in loras], "dtype": dtype}
         out = Path(out)
         report.output_bytes = _stream_out(out, open_output(out, output_format, base), inputs,
-                                          base.metadata, recipe, specs, steps, produce, progress)
+                                          output_metadata(base), recipe, specs, steps, produce, progress)
         return report
     finally:
         base.close()

@@ -37,6 +37,9 @@ SDPA_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient":
 CPU_SDPA = ("auto", "flash", "math")  # the backends torch implements on the CPU
 
 
+FUSED_OPTIMIZERS = ("adam", "adamw")  # the training optimizers minigen builds with fused=True on CUDA
+
+
 @dataclasses.dataclass(frozen=True)
 class Speed:
     """The switches of one run. None: the device's default (on for CUDA, off elsewhere)."""
@@ -52,22 +55,27 @@ class Speed:
         if self.sdpa not in SDPA_BACKENDS:
             raise ValueError(f"--sdpa {self.sdpa!r}: choose one of {', '.join(SDPA_BACKENDS)}")
 
-    def resolved(self, device: str | torch.device) -> "Speed":
-        """The switches with the device's defaults filled in."""
+    def resolved(self, device: str | torch.device, optimizer: str | None = None) -> "Speed":
+        """The switches with the device's defaults filled in; the fused optimizer off for an `optimizer` that has no
+        fused kernel here (None: no optimizer named, the switch as given)."""
         cuda = torch.device(device).type == "cuda"
+        fused = cuda if self.fused_optimizer is None else self.fused_optimizer
         return dataclasses.replace(self, tf32=cuda if self.tf32 is None else self.tf32,
-                                   fused_optimizer=cuda if self.fused_optimizer is None else self.fused_optimizer)
+                                   fused_optimizer=fused and (optimizer is None or optimizer in FUSED_OPTIMIZERS))
 
-    def describe(self, device: str | torch.device) -> str:
-        """One line for the log, e.g. `speed: tf32 on, compile off, channels-last off, sdpa auto, ...`."""
-        s, cuda = self.resolved(device), torch.device(device).type == "cuda"
+    def describe(self, device: str | torch.device, optimizer: str | None = None) -> str:
+        """One line for the log, e.g. `speed: tf32 on, compile off, channels-last off, sdpa auto, ...`. The fused
+        optimizer is named only for a run that trains with `optimizer`."""
+        s, cuda = self.resolved(device, optimizer), torch.device(device).type == "cuda"
 
         def state(on: bool) -> str:
             return "on" if on else "off"
         tf32 = state(s.tf32) + ("" if cuda else " (no effect on the CPU)")
+        fused = "" if optimizer is None else f"fused optimizer {state(s.fused_optimizer)}" + (
+            "" if optimizer in FUSED_OPTIMIZERS else f" ({optimizer} has no fused kernel here)") + ", "
         return (f"speed: tf32 {tf32}, compile {state(s.compile)}, channels-last {state(s.channels_last)}, "
-                f"sdpa {s.sdpa}, fused optimizer {state(s.fused_optimizer)}, vae slicing {state(s.vae_slicing)}, "
-                f"vae tiling {state(s.vae_tiling)}, threads {torch.get_num_threads()}{_threads_chosen_by}")
+                f"sdpa {s.sdpa}, {fused}vae slicing {state(s.vae_slicing)}, vae tiling {state(s.vae_tiling)}, "
+                f"threads {torch.get_num_threads()}{_threads_chosen_by}")
 
 
 # ---- CPU threads ----
@@ -160,21 +168,25 @@ def check_sdpa(choice: str, device: str | torch.device) -> None:
 
 
 def sdpa_context(choice: str) -> contextlib.AbstractContextManager:
-    """Within it, scaled_dot_product_attention prefers `choice`, falling back to math where that kernel cannot run."""
+    """Within it, scaled_dot_product_attention prefers `choice`. Where that kernel cannot run (flash: no fp32, head
+    sizes past 256; cuDNN: older GPUs) it falls back to the memory-efficient kernel, then to math: math holds the whole
+    attention matrix, 1 GiB per image in the VAE's 1024x1024 attention."""
     backend = SDPA_BACKENDS[choice]
     if backend is None:
         return contextlib.nullcontext()
-    return sdpa_kernel([backend, SDPBackend.MATH] if backend != SDPBackend.MATH else [backend], set_priority=True)
+    fallbacks = [b for b in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != backend]
+    return sdpa_kernel([backend] + (fallbacks if backend != SDPBackend.MATH else []), set_priority=True)
 
 
 @contextlib.contextmanager
-def switched(speed: Speed, device: str | torch.device) -> Iterator[Speed]:
+def switched(speed: Speed, device: str | torch.device, optimizer: str | None = None) -> Iterator[Speed]:
     """The process-wide switches (TF32, the attention kernel) for the `with` block, as they were after it; yields
-    the switches resolved for `device`. Prints the one-line description on stderr (rank 0 only, under torchrun)."""
-    s = speed.resolved(device)
+    the switches resolved for `device` (and the training run's `optimizer`, if any). Prints the one-line
+    description on stderr (rank 0 only, under torchrun)."""
+    s = speed.resolved(device, optimizer)
     check_sdpa(s.sdpa, device)
     if distributed.is_main():
-        print(s.describe(device), file=sys.stderr)
+        print(s.describe(device, optimizer), file=sys.stderr)
     with tf32(s.tf32), sdpa_context(s.sdpa):
         yield s
 

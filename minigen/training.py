@@ -67,8 +67,15 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[
     return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how an optimizer steps, not its state
+
+
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], settings: str) -> None:
+    """Load `optimizer_to_tensors`' output into `opt`. Each group keeps `opt`'s own implementation keys: this run's
+    --[no-]fused-optimizer and device choose the kernel, not the run that saved the checkpoint."""
     meta = json.loads(settings)
+    for saved, ours in zip(meta["param_groups"], opt.param_groups):
+        saved.update({k: ours[k] for k in IMPLEMENTATION_KEYS if k in ours})
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, name = key.split(".", 1)

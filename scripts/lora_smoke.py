@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from minigen.sd.lora_files import load_lora
+from minigen.sd.lora_reading import load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
 from minigen.sd.model import random_model

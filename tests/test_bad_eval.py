@@ -42,6 +42,9 @@ def build_corpus(root: Path) -> None:
                                                                           "unet": ["diffusers", "UNet2DConditionModel"]}))
     (root / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # empty safetensors
     write_lora(root / "lora.safetensors")
+    module = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"  # takes 768-wide text: SD 1.x's
+    save_safetensors({f"{module}.lora_down.weight": torch.zeros(2, 768), f"{module}.lora_up.weight": torch.zeros(64, 2)},
+                     root / "sd1_lora.safetensors")
     save_safetensors({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, root / "not_a_lora.safetensors")
     (root / "corrupt.safetensors").write_bytes(b"\xff" * 40)
     (root / "run_notes").mkdir()
@@ -109,6 +112,11 @@ CASES = {
     "lora-multiplier-not-a-number": (["--lora", "{root}/lora.safetensors:abc"], ["lora.safetensors:abc"]),
     "lora-multiplier-nan": (["--lora", "{root}/lora.safetensors:nan"], ["lora.safetensors:nan", "finite"]),
     "lora-run-folder-without-files": (["--lora", "{root}/run_notes"], ["run_notes", "no LoRA files"]),
+    "lora-of-another-family": (["--lora", "{root}/sd1_lora.safetensors"],
+                               ["sd1_lora.safetensors", "a LoRA for SD 1.x", "the model is SDXL"]),
+    # every input is checked before the report: the LoRA's family and the image count, both in one line
+    "lora-of-another-family-and-too-few-images": (["--lora", "{root}/sd1_lora.safetensors", "--ref", "{root}/one_ref"],
+                                                  ["sd1_lora.safetensors", "a LoRA for SD 1.x", "1 reference"]),
     "lora-run-folder-checkpoint-only": (["--lora", "{root}/run_checkpoint_only"],
                                         ["run_checkpoint_only", "checkpoint.safetensors are not LoRA files"]),
     # models and weights (a model is checked from its configs or header before the Inception loads; its weights

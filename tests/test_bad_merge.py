@@ -60,6 +60,13 @@ def kohya_lora(path: Path, seed: int, rank: int = 2, up_rank: int | None = None,
     return path
 
 
+def lycoris_layer(path: Path, **parts: tuple[int, ...]) -> Path:
+    """A one-layer LyCORIS-style file on UNET_Q with random parts of these shapes (suffix: shape)."""
+    g = torch.Generator().manual_seed(0)
+    save_safetensors({f"{LORA_LAYER}.{part}": torch.randn(shape, generator=g) for part, shape in parts.items()}, path)
+    return path
+
+
 def split(path: Path) -> tuple[dict, bytes]:
     """(header as a dict, data bytes) of a safetensors file."""
     raw = path.read_bytes()
@@ -239,6 +246,18 @@ CASES |= {
     "lora-merge-nan": lambda c: (["--lora", str(c.l), "--lora", str(kohya_lora(c.root / "nan.safetensors", 3,
                                                                                 value=float("nan"))),
                                   "--rank", "2", "-o", str(c.out)], ["nan.safetensors", "NaN"]),
+    # LyCORIS formats: a part missing, a change of another size, a part no format has, a DoRA file to merge
+    "bake-loha-lacks-a-part": lambda c: (c.bake(str(lycoris_layer(c.root / "loha.safetensors", hada_w1_a=(8, 2),
+                                                                  hada_w1_b=(2, 8), hada_w2_a=(8, 2)))),
+                                         ["loha.safetensors", "input_blocks_1_1", "hada_w2_b"]),
+    "bake-lokr-of-another-size": lambda c: (c.bake(str(lycoris_layer(c.root / "lokr.safetensors", lokr_w1=(2, 2),
+                                                                     lokr_w2=(4, 2)))),
+                                            ["lokr.safetensors", "LoKr changes (8, 4)", "(8, 8)"]),
+    "bake-unknown-part": lambda c: (c.bake(str(lycoris_layer(c.root / "odd.safetensors", **{
+        "lora_down.weight": (2, 8), "lora_up.weight": (8, 2), "ia3_w": (8,)}))), ["odd.safetensors", "ia3_w"]),
+    "lora-merge-dora": lambda c: (["--lora", str(c.l), "--lora", str(lycoris_layer(
+        c.root / "dora.safetensors", **{"lora_down.weight": (2, 8), "lora_up.weight": (8, 2), "dora_scale": (8, 1)})),
+        "--rank", "2", "-o", str(c.out)], ["dora.safetensors", "DoRA", "depends on the model's weights"]),
     "lora-merge-ranks-differ": lambda c: (["--lora", str(kohya_lora(c.root / "ranks.safetensors", 3, up_rank=1)),
                                            "--lora", str(c.l), "--rank", "2", "-o", str(c.out)],
                                           ["ranks.safetensors", "rank"]),

@@ -44,6 +44,12 @@ def corpus(tmp_path_factory):
     torch.save(tensors, root / "lora.pt")
     first = next(k for k in tensors if k.endswith("lora_up.weight"))
     save_safetensors(tensors | {first: torch.full_like(tensors[first], float("nan"))}, root / "nan-lora.safetensors")
+    # LyCORIS formats gone wrong: a LoHa without one of its parts; a LoCon whose kernel is not the layer's (3x3)
+    conv = "lora_unet_input_blocks_1_0_in_layers_2"
+    save_safetensors({f"{conv}.hada_w1_a": torch.ones(8, 2), f"{conv}.hada_w1_b": torch.ones(2, 72),
+                      f"{conv}.hada_w2_a": torch.ones(8, 2)}, root / "loha-part-missing.safetensors")
+    save_safetensors({f"{conv}.lora_down.weight": torch.ones(2, 8, 5, 5), f"{conv}.lora_up.weight": torch.ones(8, 2, 1, 1)},
+                     root / "locon-5x5.safetensors")
     (root / "bad-index").mkdir()
     (root / "bad-index" / "model_index.json").write_bytes(b"{\"unet\": [\xe9")
     (root / "index-only").mkdir()
@@ -171,6 +177,10 @@ FILE_CASES = {
     "lora-a-folder": (lambda c: ["--lora", str(c / "a-folder.safetensors")], "a-folder.safetensors"),
     "lora-empty-file": (lambda c: ["--lora", str(c / "empty.safetensors")], "empty.safetensors"),
     "lora-pickle-refused": (lambda c: ["--lora", str(c / "lora.pt")], "lora.pt", "--allow-pickle"),
+    "loha-part-missing": (lambda c: ["--lora", str(c / "loha-part-missing.safetensors")], "loha-part-missing",
+                          "input_blocks_1_0_in_layers_2", "hada_w2_b"),
+    "locon-another-kernel": (lambda c: ["--lora", str(c / "locon-5x5.safetensors")], "locon-5x5",
+                             "input_blocks_1_0_in_layers_2", "(8, 8, 5, 5)"),
 }
 
 

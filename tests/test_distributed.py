@@ -232,3 +232,44 @@ def test_fid_from_two_ranks_equals_one_process(image_folders):
     assert two["images"] == [7, 5]
     # KID draws random subsets by position: equal KIDs mean the same features in the same order
     assert (two["fid"], two["kid"], two["kid_std"]) == (one["fid"], one["kid"], one["kid_std"])
+
+
+def test_summed_gradients_keep_their_memory_layout(tmp_path):
+    """A channels-last weight's gradient stays channels-last, and in its own tensor, after the all-reduce: fused Adam
+    (the CUDA default) pairs a parameter's and its gradient's elements by memory order. One gloo rank in this process:
+    the sum over one rank is the gradient itself, so the values must come back unchanged, element for element."""
+    import torch.distributed as dist
+
+    from minigen import distributed
+
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    conv(torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)).square().sum().backward()
+    grad, want = conv.weight.grad, conv.weight.grad.clone()
+    assert not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        distributed.sum_gradients([conv.weight, conv.bias])
+    finally:
+        dist.destroy_process_group()
+    assert conv.weight.grad is grad and grad.stride() == want.stride()
+    assert torch.equal(grad, want)  # one rank: the same numbers copied back, no arithmetic
+
+
+def test_checkpointed_random_states_include_the_cuda_generator(monkeypatch):
+    """On a GPU, LoRA dropout draws its masks from the CUDA generator: a checkpoint keeps its state and a resume puts
+    it back (else a resumed run's masks differ from the uninterrupted run's). No GPU here: torch.cuda's state
+    functions are stand-ins holding one state, which is what this checks goes through, not CUDA's generator."""
+    cuda = {"state": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": cuda.update(state=state.clone()))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: cuda.update(state=None))
+    from minigen import distributed
+
+    saved = distributed.rank_rng_states("cuda")
+    assert torch.equal(saved["cuda_rng"], torch.arange(16, dtype=torch.uint8))
+    cuda["state"] = torch.zeros(16, dtype=torch.uint8)  # the run goes on, a new process starts...
+    assert distributed.restore_rank_rng(saved, (0, "dropout", 3), "cuda")
+    assert torch.equal(cuda["state"], torch.arange(16, dtype=torch.uint8))
+    assert not distributed.restore_rank_rng({"torch_rng": saved["torch_rng"]}, (0, "dropout", 3), "cuda")
+    assert cuda["state"] is None  # a checkpoint written on a CPU: the CUDA generator is seeded instead
+    assert "cuda_rng" not in distributed.rank_rng_states("cpu")

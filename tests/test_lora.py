@@ -9,7 +9,8 @@ from torch import nn
 
 from minigen.lora import (LoRALayer, add_lora, lora_names, lora_parameters, lora_weights, merge_lora, remove_lora,
                           set_multiplier, unmerge_lora)
-from minigen.sd.lora_files import LoRAFileError, kohya_metadata, load_lora, parse_lora_spec, read_lora, save_lora
+from minigen.sd.lora_files import LoRAFileError, kohya_metadata, parse_lora_spec, save_lora
+from minigen.sd.lora_reading import load_lora, read_lora
 from minigen.io import read_header
 from minigen.sd.convert import NameMap
 
@@ -182,17 +183,17 @@ def test_file_for_another_model_names_the_mismatch(tmp_path):
     # right names, wrong width
     other = nn.Module()
     other.transformer_blocks = nn.ModuleList([Block(16), Block(16)])
-    with pytest.raises(LoRAFileError, match=r"attn1\.to_\w+(\.0)? has weight \(16, 16\).*down is \(2, 8\)"):
+    with pytest.raises(LoRAFileError, match=r"attn1\.to_\w+(\.0)? has weight \(16, 16\).*LoRA layer \S+ changes \(8, 8\)"):
         load_lora(tmp_path / "ok.safetensors", {"unet": other})
-    # a LoCon file: a 3x3 convolution
+    # a LoCon file whose kernel is not the convolution's (5x5 on a 3x3)
     conv = nn.Module()
     conv.transformer_blocks = nn.ModuleList([nn.Module()])
     conv.transformer_blocks[0].conv1 = nn.Conv2d(8, 8, 3)
     from minigen.io import save_safetensors
-    save_safetensors({"lora_unet_transformer_blocks_0_conv1.lora_down.weight": torch.zeros(2, 8, 3, 3),
+    save_safetensors({"lora_unet_transformer_blocks_0_conv1.lora_down.weight": torch.zeros(2, 8, 5, 5),
                       "lora_unet_transformer_blocks_0_conv1.lora_up.weight": torch.zeros(8, 2, 1, 1)},
                      tmp_path / "locon.safetensors")
-    with pytest.raises(LoRAFileError, match=r"conv1 is a \(3, 3\) convolution.*not supported"):
+    with pytest.raises(LoRAFileError, match=r"conv1 has weight \(8, 8, 3, 3\).*LoRA layer \S+ changes \(8, 8, 5, 5\)"):
         load_lora(tmp_path / "locon.safetensors", {"unet": conv})
     # text-encoder layers but no text encoder given
     save_lora(tmp_path / "te.safetensors", {"te1": weights}, "kohya")
@@ -213,8 +214,8 @@ def test_older_diffusers_form_and_missing_alpha(tmp_path):
                       "unet.transformer_blocks.1.attn1.to_q.alpha": torch.tensor(1.0)}, tmp_path / "old.safetensors")
     parsed, fmt, _ = read_lora(tmp_path / "old.safetensors")
     assert fmt == "diffusers"
-    assert parsed["unet"]["transformer_blocks.0.attn1.to_out.0"]["alpha"] == 2  # no alpha: alpha = rank
-    assert float(parsed["unet"]["transformer_blocks.1.attn1.to_q"]["alpha"]) == 1.0
+    assert parsed["unet"]["transformer_blocks.0.attn1.to_out.0"].scale == 1  # no alpha: alpha = rank
+    assert parsed["unet"]["transformer_blocks.1.attn1.to_q"].scale == 0.5  # alpha 1, rank 2
     load_lora(tmp_path / "old.safetensors", {"unet": model})
     merge_lora(model)
     out = model.transformer_blocks[0].attn1.to_out[0]

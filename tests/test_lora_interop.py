@@ -11,10 +11,12 @@ import copy
 
 import pytest
 import torch
+from close import assert_close_to_scale
 
 from minigen.io import save_safetensors
 from minigen.lora import add_lora, lora_parameters, lora_weights
-from minigen.sd.lora_files import kohya_metadata, load_lora, save_lora
+from minigen.sd.lora_files import kohya_metadata, save_lora
+from minigen.sd.lora_reading import load_lora
 from minigen.sd import get_config
 from minigen.sd.convert import unet_name_map
 from minigen.sd.clip import CLIPTextConfig as OurCLIPConfig, CLIPTextModel as OurCLIP
@@ -155,7 +157,9 @@ def test_minigen_file_loads_in_diffusers_and_back(tmp_path, models, minigen_lora
     ref_ours = copy.deepcopy(ref)
     load_lora(path, ref_ours)
     with_minigen = pipeline(ref_ours)(**run, generator=torch.Generator().manual_seed(5)).images
-    torch.testing.assert_close(with_minigen, with_peft, **CROSS)
+    # minigen fuses a file's layers into the weights, peft adds B A x beside W x: fp32 rounding apart, which the
+    # sampler scales up with the latents (scale ~700 here): 2e-7 of that scale measured, 2e-6 allowed
+    assert_close_to_scale(with_minigen, with_peft, 2e-6)
 
 
 def diffusers_trained(ref):

@@ -19,7 +19,8 @@ import train_lora
 from minigen.buckets import make_buckets, nearest_bucket, prepare_image
 from minigen.captions import captioned_images, dreambooth_images, read_caption
 from minigen.io import CheckpointError, load_safetensors
-from minigen.sd.lora_files import LoRAFileError, load_lora
+from minigen.sd.lora_files import LoRAFileError
+from minigen.sd.lora_reading import load_lora
 from minigen.lora_config import LoRATrainConfig
 from minigen.lora_training import LoRATrainer
 from minigen.training import TrainingDiverged
@@ -167,7 +168,7 @@ def test_training_lowers_loss_writes_files_and_the_lora_reloads(data, tmp_path):
     context, pooled, ids = torch.randn(1, 77, 96), torch.randn(1, 32), torch.tensor([[16., 16, 0, 0, 16, 16]])
     with torch.no_grad():
         base = fresh.unet(x, t, context, pooled, ids)
-        metadata = load_lora(run / "lora.safetensors", {"unet": fresh.unet})
+        metadata, _ = load_lora(run / "lora.safetensors", {"unet": fresh.unet})
         loaded = fresh.unet(x, t, context, pooled, ids)
         trained = trainer.model.unet.eval()(x, t, context, pooled, ids)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_steps"] == "8"
@@ -181,8 +182,8 @@ def final_weights(trainer):
 
 def test_resume_equals_uninterrupted(data, tmp_path):
     # every random part on: crops, flips, caption dropout, noise offset, min-SNR, LoRA dropout, warm-up + cosine,
-    # gradient accumulation, a text-encoder LoRA with its own rate
-    kw = dict(epochs=2, batch=1, grad_accum=2, random_crop=True, flip=True, cache_latents="off", caption_dropout=0.3,
+    # gradient accumulation, a text-encoder LoRA with its own rate, LoCon on the 3x3 convolutions, DoRA
+    kw = dict(epochs=2, batch=1, grad_accum=2, conv_rank=2, conv_alpha=1.0, dora=True, random_crop=True, flip=True, cache_latents="off", caption_dropout=0.3,
               noise_offset=0.1, min_snr_gamma=5.0, lora_dropout=0.1, warmup_steps=2, lr_scheduler="cosine",
               train_text_encoder=True, text_encoder_lr=5e-3, prediction_type="v_prediction")
     whole = LoRATrainer(tiny_config(data, tmp_path / "whole", **kw), progress=False)

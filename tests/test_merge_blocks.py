@@ -2,6 +2,8 @@
 in SD 1.x/2.x, 19 in SDXL, BASE optionally first), and architectures that must not be merged, on tiny random models
 that keep each family's block structure."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -70,13 +72,17 @@ def by_block(keys, weights, alpha):
     return {key: weights.get(block, alpha) for key, block in keys.items()}
 
 
-def assert_merged(out, a_path, b_path, expected):
-    """Each key of `expected` ({key: w}) is (1 - w) A + w B in `out`; the VAE is A's."""
+def assert_merged(out, a_path, b_path, expected, vae_weight=None):
+    """Each key of `expected` ({key: w}) is (1 - w) A + w B in `out`; the VAE is A's, or merged at `vae_weight`."""
     got, a, b = load_file(str(out)), load_file(str(a_path)), load_file(str(b_path))
     for key, w in expected.items():
         torch.testing.assert_close(got[key], (1 - w) * a[key] + w * b[key], rtol=0, atol=1e-6, msg=key)
         assert not torch.equal(a[key], b[key])  # the check can tell A from B
-    assert torch.equal(got[VAE], a[VAE])  # the VAE is A's, whatever the weights
+    if vae_weight is None:
+        assert torch.equal(got[VAE], a[VAE])  # weights copied, not computed: bitwise
+    else:
+        w = vae_weight
+        torch.testing.assert_close(got[VAE], (1 - w) * a[VAE] + w * b[VAE], rtol=0, atol=1e-6)
 
 
 def test_sd1_26_weights_each_key_takes_its_blocks_weight(models, tmp_path):
@@ -84,7 +90,11 @@ def test_sd1_26_weights_each_key_takes_its_blocks_weight(models, tmp_path):
     out = tmp_path / "out.safetensors"
     recipe = MergeRecipe(alpha=0.5, block_alphas=tuple(weights.values()))
     merge_checkpoints(models["sd1_a"], models["sd1_b"], out, recipe, progress=False)
-    assert_merged(out, models["sd1_a"], models["sd1_b"], by_block(SD1_KEYS, weights, alpha=0.5))
+    # BASE covers the VAE too, as Merge Block Weighted's base_alpha, supermerger and sd-mecha merge it
+    assert_merged(out, models["sd1_a"], models["sd1_b"], by_block(SD1_KEYS, weights, alpha=0.5), vae_weight=0.9)
+    kept = tmp_path / "kept.safetensors"  # seed 004's preset names the VAE's source: A's stays A's
+    merge_checkpoints(models["sd1_a"], models["sd1_b"], kept, replace(recipe, vae="copy"), progress=False)
+    assert_merged(kept, models["sd1_a"], models["sd1_b"], by_block(SD1_KEYS, weights, alpha=0.5))
 
 
 def test_sd1_25_weights_from_the_cli_leave_the_text_encoder_at_alpha(models, tmp_path, capsys):
@@ -111,12 +121,13 @@ def test_sdxl_19_and_20_weights(models, tmp_path):
         out = tmp_path / f"out_{base}.safetensors"
         merge_checkpoints(models["sdxl_a"], models["sdxl_b"], out,
                           MergeRecipe(alpha=0.4, block_alphas=tuple(weights.values())), progress=False)
-        assert_merged(out, models["sdxl_a"], models["sdxl_b"], by_block(SDXL_KEYS, weights, alpha=0.4))
+        assert_merged(out, models["sdxl_a"], models["sdxl_b"], by_block(SDXL_KEYS, weights, alpha=0.4),
+                      vae_weight=base)
 
 
 @pytest.mark.parametrize("model, count, expected", [
     ("sd1", 19, r"3 numbers \(IN, MID, OUT\), 25 \(one per UNet block of Stable Diffusion 1.x: IN00..OUT11\) or 26 "
-                r"\(BASE, for the text encoders, first\); got 19"),
+                r"\(BASE, for the text encoders and the VAE, first\); got 19"),
     ("sdxl", 25, r"19 \(one per UNet block of Stable Diffusion XL \(base\): IN00..OUT08\) or 20 .*; got 25"),
 ])
 def test_a_count_that_does_not_fit_the_architecture_is_refused(models, tmp_path, capsys, model, count, expected):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from minigen.lora_extract import extract_lora
 from minigen.merging import bake_loras
-from minigen.sd.lora_files import read_lora
+from minigen.sd.lora_reading import read_lora
 from minigen.sd.model import random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -155,3 +155,44 @@ def test_compile_gives_the_eager_outputs(tiny_unet):
         assert_close_to_scale(G(z), want_g, 1e-5)
         assert_close_to_scale(compiled(*inputs), want_unet, 1e-5)
     assert list(compiled.state_dict()) == list(unet.state_dict())  # names unchanged: checkpoints do not see it
+
+
+def test_the_speed_line_names_the_fused_optimizer_only_where_something_is_fused():
+    on_cuda = speed.Speed().resolved("cuda", "adafactor")
+    assert on_cuda.fused_optimizer is False and speed.Speed().resolved("cuda", "adamw").fused_optimizer is True
+    assert "fused optimizer on," in speed.Speed().describe("cuda", "adam")
+    assert "fused optimizer off (adafactor has no fused kernel here)," in speed.Speed().describe("cuda", "adafactor")
+    assert "fused optimizer off (rmsprop" in speed.Speed(fused_optimizer=True).describe("cuda", "rmsprop")
+    assert "fused" not in speed.Speed().describe("cuda")  # sampling: no optimizer
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(True, False), (False, True)])
+def test_a_resumed_optimizer_keeps_this_runs_fused_choice(saved_fused, resumed_fused):
+    """--[no-]fused-optimizer on --resume: the saved optimizer's state loads, its kernel choice does not (the CPU has
+    fused AdamW too, so both choices run here)."""
+    from minigen.training import optimizer_from_tensors, optimizer_to_tensors
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    saved = torch.optim.AdamW([weight], lr=0.1, fused=saved_fused)
+    weight.grad = torch.ones(3)
+    saved.step()
+    tensors, settings = optimizer_to_tensors(saved, "optimizer")
+    resumed = torch.optim.AdamW([weight], lr=0.1, fused=resumed_fused)
+    optimizer_from_tensors(resumed, {k.removeprefix("optimizer."): v for k, v in tensors.items()}, settings)
+    assert bool(resumed.param_groups[0]["fused"]) is resumed_fused
+    assert torch.equal(resumed.state[weight]["exp_avg"], saved.state[weight]["exp_avg"])  # the state did load
+
+
+@pytest.mark.parametrize("choice", ["flash", "cudnn"])
+def test_a_gpu_kernel_choice_falls_back_to_the_memory_efficient_kernel_before_math(choice):
+    """Flash refuses fp32 and cuDNN older GPUs; math then holds the whole attention matrix (1 GiB per image in the
+    VAE at 1024x1024): the memory-efficient kernel comes first. (Which kernel runs needs a GPU: here, the order.)"""
+    from torch.nn.attention import SDPBackend
+
+    with speed.sdpa_context(choice):
+        enabled = {"flash": torch.backends.cuda.flash_sdp_enabled(), "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                   "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                   "math": torch.backends.cuda.math_sdp_enabled()}
+        order = [SDPBackend(i) for i in torch._C._get_sdp_priority_order()]
+    assert {name for name, on in enabled.items() if on} == {choice, "efficient", "math"}
+    assert order[:3] == [speed.SDPA_BACKENDS[choice], SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

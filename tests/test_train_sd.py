@@ -166,4 +166,4 @@ def test_every_flag_says_what_it_does():
     """`train_sd.py --help`: no entry is only its default, and no LoRA-only setting is offered."""
     actions = [a for a in train_sd.build_parser()._actions if a.option_strings]
     assert [a.option_strings[0] for a in actions if not (a.help or "").split("(default")[0].strip()] == []
-    assert not {"--rank", "--model", "--targets"} & {s for a in actions for s in a.option_strings}
+    assert not {"--rank", "--model", "--targets", "--dora"} & {s for a in actions for s in a.option_strings}

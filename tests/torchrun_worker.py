@@ -7,10 +7,14 @@ HOOKS_JSON, all optional:
   "record": PATH       rank 0 writes the LoRA weights after every optimizer step to PATH (keys "STEP/NAME")
   "fail": [RANK, STEP] that rank raises ValueError("rank RANK broke at step STEP") when it reaches that step
   "sigterm": [RANK, STEP] that rank sends itself SIGTERM while computing the loss after STEP optimizer steps
+  "vcuda": true         the run sees a virtual GPU per rank (tests/vcuda.py; --device cuda, nccl runs as gloo); each
+                        rank prints its events (set_device, init_process_group) on stderr
+  "float64": true       torch's default dtype is float64 (models, images, random draws): the logic without fp32 rounding
 For train_gan a step is an iteration, "record" writes G's and D's state dicts (keys "ITERATION/G.NAME"), and
   "sigterm": [RANK, ITERATION] that rank sends itself SIGTERM during that iteration
 """
 
+import contextlib
 import importlib
 import json
 import os
@@ -26,6 +30,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from minigen.gan_trainer import GANTrainer  # noqa: E402
 from minigen.lora_training import LoRATrainer  # noqa: E402
+from vcuda import VirtualCuda  # noqa: E402
 
 
 def install_gan_hooks(hooks: dict, rank: int) -> dict:
@@ -40,7 +45,8 @@ def install_gan_hooks(hooks: dict, rank: int) -> dict:
         stats = step(self, real)
         if "record" in hooks and rank == 0:
             for name, model in (("G", self.G), ("D", self.D)):
-                recorded.update({f"{self.iteration}/{name}.{k}": v.clone() for k, v in model.state_dict().items()})
+                recorded.update({f"{self.iteration}/{name}.{k}": v.contiguous().clone()  # channels-last too
+                                 for k, v in model.state_dict().items()})
         return stats
     GANTrainer.step = hooked_step
     return recorded
@@ -74,9 +80,15 @@ def install_lora_hooks(hooks: dict, rank: int) -> dict:
 def main() -> int:
     hooks, program, argv = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
+    if hooks.get("float64"):
+        torch.set_default_dtype(torch.float64)
     rank = int(os.environ.get("RANK", "0"))
     recorded = (install_gan_hooks if program == "train_gan" else install_lora_hooks)(hooks, rank)
-    code = importlib.import_module(program).main(argv)
+    virtual = VirtualCuda(gpus=int(os.environ["WORLD_SIZE"])) if hooks.get("vcuda") else None
+    with virtual or contextlib.nullcontext():
+        code = importlib.import_module(program).main(argv)
+    if virtual:
+        print(f"vcuda events of rank {rank}: {virtual.events}", file=sys.stderr)
     if recorded:
         save_file(recorded, hooks["record"])
     return code

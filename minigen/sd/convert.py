@@ -406,7 +406,7 @@ def lora_targets(keys: list[str], unet_names: NameMap | None = None) -> dict[tup
     `unet_names`, the UNet's name map, to register those too), and the text encoders' transformers paths
     (`text_model_encoder_layers_0_self_attn_q_proj`). OpenCLIP towers (bigG, SD 2's ViT-H) store q, k and v fused in
     one `in_proj_weight` (3 * width, width): their q/k/v LoRAs land on the first, second or third of those rows.
-    Dotted forms are registered too, for diffusers/peft files.
+    Dotted forms are registered too, for diffusers/peft files, and text-encoder names without `text_model.`.
     """
     targets = {}
     openclip_to_hf = {sf: hf for hf, sf in BIGG_LAYER_PARTS.items()}  # OpenCLIP module -> transformers module
@@ -428,5 +428,8 @@ def lora_targets(keys: list[str], unet_names: NameMap | None = None) -> dict[tup
             elif m[3].endswith(".weight") and m[3][:-len(".weight")] in openclip_to_hf:
                 found.append((component, hf + openclip_to_hf[m[3][:-len(".weight")]], None))
         for component, name, third in found:
-            targets[(component, name)] = targets[(component, name.replace(".", "_"))] = (key, third)
+            # text encoders also without `text_model.`: transformers 5's CLIPTextModel has none, so LoRAs made on
+            # it (LyCORIS on a diffusers pipeline: `lora_te_encoder_layers_0_...`) name the layers without it
+            for n in {name, name.removeprefix("text_model.")} if component != "unet" else {name}:
+                targets[(component, n)] = targets[(component, n.replace(".", "_"))] = (key, third)
     return targets

@@ -125,7 +125,19 @@ def kohya_unet_names(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[st
     LoRAs name UNet layers by diffusers paths (SDXL's by the single file's own SGM paths: None)."""
     if detect_family(shapes) not in ("sd1", "sd2"):
         return None
-    return unet_name_map(detect(shapes, metadata, source).configs["unet"])
+    return unet_names(shapes, metadata, source)
+
+
+def unet_names(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], source: str):
+    """The UNet's diffusers <-> single-file name map of this checkpoint, whatever its family: what resolves LoRA
+    layers named by diffusers paths (peft files, LyCORIS on a diffusers UNet) against a single file. None for an
+    SDXL-like file whose UNet config cannot be read (a partial file): its LoRAs' SGM names need no map."""
+    try:
+        return unet_name_map(detect(shapes, metadata, source).configs["unet"])
+    except ValueError:
+        if detect_family(shapes) in ("sd1", "sd2"):  # sd-scripts names their layers by diffusers paths: needed
+            raise
+        return None
 
 
 def base_preset(family: str) -> str:

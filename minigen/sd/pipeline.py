@@ -49,11 +49,12 @@ from ..diffusion import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, guided, randn,
 from ..images import to_rgb
 from ..atomic import atomic_write
 from ..lora import remove_lora
-from .lora_files import load_lora
+from .lora_reading import load_lora
 from .configs import default_size, vae_scale_of
 from .convert import unet_name_map
 from .detect import FAMILY_NAMES
 from .model import RANDOM, StableDiffusion, load_model, read_model_index
+from .offload import ModelOffload
 
 VAE_SCALE = 8  # pixels per latent in each direction: every SD VAE halves the size three times
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's defaults (diffusers')
@@ -185,6 +186,8 @@ class Pipeline:
         self.force_zeros_for_empty_prompt = model.family != "sdxl-refiner" if force_zeros_for_empty_prompt is None \
             else force_zeros_for_empty_prompt
         self.loras = 0  # adapters added so far, each named lora1, lora2, ...
+        self.offload: ModelOffload | None = None  # enable_cpu_offload's
+        self.lora_summaries: dict[str, str] = {}  # adapter name -> its file's one-line summary (lora_summary)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -203,13 +206,13 @@ class Pipeline:
         return cls(load_model(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
 
     def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> str:
-        """Apply a LoRA file (kohya or diffusers/peft layout; UNet and/or text encoders) on top of the model, as
-        its own adapter scaled by `multiplier`; several stack, as `sample.py --lora a:0.8 --lora b:0.5` does.
-        allow_pickle: accept a pickled file (.pt, .bin), loaded with weights_only=True.
-        Returns the adapter's name, for `remove_lora`."""
+        """Apply a LoRA file (any LoRA-family format, kohya/LyCORIS or diffusers/peft layout; UNet and/or text
+        encoders) on top of the model, as its own adapter at `multiplier`, fused into the weights; several stack, as
+        `sample.py --lora a:0.8 --lora b:0.5` does. allow_pickle: accept a pickled file (.pt, .bin), loaded with
+        weights_only=True. Returns the adapter's name, for `remove_lora` and `lora_summaries`."""
         self.loras += 1
         name = f"lora{self.loras}"
-        load_lora(path, self.model.lora_components(), name=name, multiplier=multiplier,
+        _, self.lora_summaries[name] = load_lora(path, self.model.lora_components(), name=name, multiplier=multiplier,
                   unet_names=unet_name_map(self.model.unet.config), allow_pickle=allow_pickle,
                   family=self.model.family)
         return name
@@ -231,7 +234,17 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.model.unet.conv_in.weight.device
+        """Where the drawing runs: the UNet's device, or the GPU models are offloaded to."""
+        return self.offload.device if self.offload else self.model.unet.conv_in.weight.device
+
+    def enable_cpu_offload(self, device: str | torch.device) -> None:
+        """Keep the models on the CPU and each on `device` only while it runs (minigen/sd/offload.py)."""
+        m = self.model
+        self.offload = ModelOffload(device)
+        for model in (m.text_encoder, m.text_encoder_2, m.unet):
+            if model is not None:
+                self.offload.add(model, [model])
+        self.offload.add(m.vae, [m.vae.encoder, m.vae.decoder, m.vae.quant_conv, m.vae.post_quant_conv])
 
     def conditioning(self, prompt: str, negative_prompt: str | None, num_images: int, guidance: bool,
                      clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
