@@ -163,3 +163,25 @@ eval: $(RUNTIME) ## base vs LoRAs: make eval MODEL=model LORA="a.safetensors run
 	$(if $(PROMPTS),,$(error set PROMPTS=a prompt file (one a line) or a captioned dataset folder))
 	$(if $(REF),,$(error set REF=a reference image folder or built-in dataset (met, twemoji)))
 	$(LAUNCH) eval.py --model "$(MODEL)" $(foreach l,$(LORA),--lora "$(l)") --prompts "$(PROMPTS)" --ref "$(REF)" $(EVAL_ARGS)
+
+# ---- Stable Diffusion from scratch (train_sd.py) ----
+.PHONY: sd-demo
+SD_CONFIG ?= configs/sd_demo.conf
+SD_ARGS   ?=
+sd-demo: $(RUNTIME) ## train a small Stable Diffusion from scratch on Twemoji with captions from their names (VAE, then UNet + text encoder; ~20 min on 2 idle cores): runs/sd-demo
+	$(LAUNCH) train_sd.py --config $(SD_CONFIG) $(SD_ARGS)
+
+.PHONY: sd-demo-lora
+SD_RUN   ?= runs/sd-demo
+SD_LORA  ?= runs/sd-demo-lora
+sd-demo-lora: $(RUNTIME) ## on sd-demo's model: a LoRA on the flags (eval.py over its epochs) and one on the clock faces, both baked in and merged 50/50: SD_LORA
+	$(BIN)/python scripts/emoji_group.py "flag:" $(SD_LORA)/flags
+	$(BIN)/python scripts/emoji_group.py "clock face" $(SD_LORA)/clocks
+	$(BIN)/python train_lora.py --config configs/sd_demo_lora.conf --model $(SD_RUN)/model.safetensors --data $(SD_LORA)/flags --out $(SD_LORA)/lora-flags
+	$(BIN)/python train_lora.py --config configs/sd_demo_lora.conf --model $(SD_RUN)/model.safetensors --data $(SD_LORA)/clocks --epochs 20 --out $(SD_LORA)/lora-clocks
+	$(BIN)/python eval.py --model $(SD_RUN)/model.safetensors --lora $(SD_LORA)/lora-flags --prompts $(SD_LORA)/flags --ref $(SD_LORA)/flags --max-prompts 128 --steps 20 --cfg 4 --batch-size 32 --out $(SD_LORA)/eval-flags
+	$(BIN)/python merge.py $(SD_RUN)/model.safetensors --lora $(SD_LORA)/lora-flags/lora.safetensors -o $(SD_LORA)/flags.safetensors --overwrite
+	$(BIN)/python merge.py $(SD_RUN)/model.safetensors --lora $(SD_LORA)/lora-clocks/lora.safetensors -o $(SD_LORA)/clocks.safetensors --overwrite
+	$(BIN)/python merge.py $(SD_LORA)/flags.safetensors $(SD_LORA)/clocks.safetensors --alpha 0.5 -o $(SD_LORA)/merged.safetensors --overwrite
+	$(BIN)/python sample.py --model $(SD_LORA)/merged.safetensors --prompt "flag: JP" --num 8 --steps 20 --cfg 4 --seed 0 --out $(SD_LORA)/merged-samples
+	$(BIN)/python sample.py --model $(SD_LORA)/merged.safetensors --prompt "clock face three oclock" --num 8 --steps 20 --cfg 4 --seed 0 --out $(SD_LORA)/merged-samples

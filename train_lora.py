@@ -91,14 +91,21 @@ HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, In
                 "carries LyCORIS' dora_scale (ComfyUI, A1111), the diffusers one peft's lora_magnitude_vector"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def trainer_parser(prog: str, description: str, presets: str) -> argparse.ArgumentParser:
+    """The flags every trainer of settings-with-presets has (train_sd.py's too): --config, --resume, --quiet,
+    --threads."""
     # SUPPRESS: only the flags actually given appear, so a preset or a checkpoint's settings fill in the rest.
-    p = argparse.ArgumentParser(prog="train_lora.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="a preset: a file of flags (configs/lora_*.conf)")
+    p.add_argument("--config", help=f"a preset: a file of flags ({presets})")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     cli.add_threads_arg(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = trainer_parser("train_lora.py", __doc__, "configs/lora_*.conf")
     p.add_argument("--plan", action="store_true",
                    help="print the memory plan of one training step (no weights loaded, no GPU needed), then exit")
     p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
@@ -106,18 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a pickled --model checkpoint (.ckpt, .bin) you trust; loaded with weights_only=True")
     p.add_argument("--sdxl", dest="model", help="the old name of --model (deprecated)")
     speed.add_speed_args(p, ("tf32", "compile", "channels_last", "sdpa", "fused_optimizer"), "the UNet")
-    hints = typing.get_type_hints(LoRATrainConfig)
-    for f in dataclasses.fields(LoRATrainConfig):
+    add_settings_flags(p, LoRATrainConfig, HELP)
+    return p
+
+
+def add_settings_flags(p: argparse.ArgumentParser, config_type: type, helps: dict[str, str],
+                       hidden: frozenset[str] = frozenset()) -> None:
+    """A flag for each field of the settings dataclass `config_type` but those `hidden` (train_sd.py's settings are
+    a LoRATrainConfig's and more)."""
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
+        if f.name in hidden:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{HELP.get(f.name, '')} (default: {default!r})".lstrip()
+        text = f"{helps.get(f.name, '')} (default: {default!r})".lstrip()
         if hints[f.name] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif isinstance(default, list):
             p.add_argument(flag, nargs="*", metavar="PROMPT", help=text)
         else:
             p.add_argument(flag, type=hints[f.name], help=text)
-    return p
 
 
 def saved_settings(checkpoint: str) -> dict:

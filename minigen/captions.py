@@ -17,6 +17,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -95,8 +96,10 @@ def read_metadata_jsonl(root: Path) -> dict[str, str]:
 
 
 def captioned_images(root: str | os.PathLike, prefix: str = "", fallback: str = "",
-                     caption_extension: str = ".txt") -> list[CaptionedImage]:
-    """Every image below `root` with its caption: `metadata.jsonl` first, then a sidecar file of the same stem.
+                     caption_extension: str = ".txt",
+                     caption_of_name: Callable[[str], str] | None = None) -> list[CaptionedImage]:
+    """Every image below `root` with its caption: `metadata.jsonl` first, then a sidecar file of the same stem, then
+    `caption_of_name(file stem)` when given (a built-in dataset whose names say what each image is: Twemoji).
     `prefix` (a trigger word or seed 001's "Still from the Anime, ") goes in front of every caption. Images without
     a caption get `fallback` (empty by default: unconditional), with one warning giving the count."""
     root = Path(root)
@@ -107,6 +110,8 @@ def captioned_images(root: str | os.PathLike, prefix: str = "", fallback: str = 
         sidecar = path.with_suffix(caption_extension)
         if caption is None and sidecar.is_file():
             caption = read_caption(sidecar)
+        if caption is None and caption_of_name is not None:
+            caption = caption_of_name(path.stem)
         if not caption:
             missing.append(path.name)
             caption = fallback

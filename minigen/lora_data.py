@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import distributed
 from .buckets import make_buckets, nearest_bucket, prepare_image
 from .captions import CaptionedImage, captioned_images, dreambooth_images
-from .datasets import resolve_dataset
+from .datasets import CAPTIONS_FROM_NAMES, resolve_dataset
 from .images import open_rgb, parse_size
 from .io import load_safetensors, save_safetensors
 from .sd.model import StableDiffusion
@@ -47,7 +47,8 @@ def load_examples(cfg) -> list[CaptionedImage]:
     if cfg.instance_prompt:
         class_root = resolve_dataset(cfg.class_data) if cfg.class_data else None
         return dreambooth_images(root, cfg.caption_prefix + cfg.instance_prompt, class_root, cfg.class_prompt)
-    return captioned_images(root, cfg.caption_prefix, cfg.caption_fallback)
+    return captioned_images(root, cfg.caption_prefix, cfg.caption_fallback,
+                            caption_of_name=CAPTIONS_FROM_NAMES.get(str(cfg.data)))
 
 
 def make_batches(buckets: list[tuple[int, int]], batch: int, generator: torch.Generator) -> list[list[int]]:

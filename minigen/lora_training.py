@@ -77,6 +77,8 @@ def network_args(cfg: LoRATrainConfig) -> dict[str, str]:
 
 
 class LoRATrainer:
+    KIND, CLI = "lora", "train_lora.py"  # what it trains (progress bar, log), the command that continues a run
+
     def __init__(self, cfg: LoRATrainConfig, model: StableDiffusion | None = None, progress: bool = True,
                  allow_pickle: bool = False, device: str | None = None, speed: Speed = Speed()):
         """model: the loaded model, instead of loading cfg.model. allow_pickle: accept a pickled --model checkpoint
@@ -101,8 +103,7 @@ class LoRATrainer:
         prediction = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}  # else the model's
         self.schedule = NoiseSchedule.from_config({**self.model.scheduler_config, **prediction})
         torch.manual_seed(cfg.seed)  # LoRA init
-        self.models = {c: m for c, m in self.model.lora_components().items() if c == "unet" or cfg.train_text_encoder}
-        add_adapters(self.models, cfg)
+        self.models = self.prepare_trainable()
         distributed.broadcast_from_main(list(self.trainable().values()), "rank 0's initial LoRA weights")
         torch.manual_seed(distributed.derived_seed(cfg.seed, "dropout", distributed.rank()))  # LoRA dropout, per rank
         if cfg.gradient_checkpointing:
@@ -110,20 +111,31 @@ class LoRATrainer:
                 model.set_gradient_checkpointing(True)
         prepare_model(self.model.unet, speed)  # after add_lora: compiled with its adapters
         self.speed = speed
-        unet_params = [p for p in self.model.unet.parameters() if p.requires_grad]
+        params = [p for c, m in self.models.items() if c not in ("te1", "te2") for p in m.parameters()
+                  if p.requires_grad]  # the UNet's (the VAE's in train_sd.py's VAE stage)
         te_params = [p for c in ("te1", "te2") if c in self.models for p in self.models[c].parameters()
                      if p.requires_grad]
-        groups = [{"params": unet_params, "lr": cfg.lr}]
+        groups = [{"params": params, "lr": cfg.lr}]
         if te_params:
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
         self.optimizer = self.make_optimizer(groups)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.data = TrainingSet(cfg, self.model, items, self.progress)
+        self.data = self.training_set(items)
         self.steps_per_epoch = math.ceil(len(self.data.epoch_batches(0, self.ranks)) / cfg.grad_accum)
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.lr_scheduler, s, cfg.warmup_steps, total))
+
+    def prepare_trainable(self) -> dict[str, torch.nn.Module]:
+        """Add the LoRA adapters (their weights are what trains) and return the parts they are in, by component
+        name ("unet", "te1", "te2"). minigen/sd_training.py trains all weights of other parts instead."""
+        models = {c: m for c, m in self.model.lora_components().items() if c == "unet" or self.cfg.train_text_encoder}
+        add_adapters(models, self.cfg)
+        return models
+
+    def training_set(self, items) -> TrainingSet:
+        return TrainingSet(self.cfg, self.model, items, self.progress)
 
     def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -203,12 +215,12 @@ class LoRATrainer:
         self.records = self.read_log(log) if main else []
         global_batch = cfg.batch * self.ranks * cfg.grad_accum
         if main:
-            print(f"lora: global batch {global_batch} = batch {cfg.batch} x {self.ranks} rank(s) x accumulation "
+            print(f"{self.KIND}: global batch {global_batch} = batch {cfg.batch} x {self.ranks} rank(s) x accumulation "
                   f"{cfg.grad_accum}; {self.steps_per_epoch} steps per epoch")
         if self.epoch == 0 and self.batch_in_epoch == 0:
             self.validate()
         start = self.step
-        bar = tqdm(total=self.steps_per_epoch * cfg.epochs, initial=self.step, desc="lora", unit="step",
+        bar = tqdm(total=self.steps_per_epoch * cfg.epochs, initial=self.step, desc=self.KIND, unit="step",
                    disable=not self.progress)
         for model in self.models.values():
             model.train()
@@ -253,21 +265,25 @@ class LoRATrainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs:
                 self.save_checkpoint()  # first: it checks everything (LoRA weights too) for NaN before any write
-                self.save_lora(self.out / f"lora-epoch-{self.epoch:04d}.safetensors")
+                self.save_result(final=False)
             self.validate()
             if main:
                 plot_curves({"loss": ([r["step"] for r in self.records], [r["loss"] for r in self.records])},
-                            self.out / "loss.png", title="LoRA training loss", smooth=0.9)
+                            self.out / "loss.png", title=f"{self.KIND} training loss", smooth=0.9)
         bar.close()
-        self.save_lora(self.out / "lora.safetensors")
+        self.save_result(final=True)
         return "done"
+
+    def save_result(self, final: bool) -> None:
+        """What the run makes: lora-epoch-NNNN.safetensors after an epoch, lora.safetensors at the end."""
+        self.save_lora(self.out / ("lora.safetensors" if final else f"lora-epoch-{self.epoch:04d}.safetensors"))
 
     def interrupted(self) -> str:
         """Save where the run stands (rank 0) and say how to continue."""
         checkpoint = self.save_checkpoint()
         if distributed.is_main():
             print(f"interrupted at step {self.step}; saved {checkpoint}; continue with "
-                  f"{resume_command('train_lora.py', checkpoint)}")
+                  f"{resume_command(self.CLI, checkpoint)}")
         return "interrupted"
 
     def read_log(self, path: Path) -> list[dict]:
@@ -355,7 +371,7 @@ class LoRATrainer:
         tensors = {f"lora.{k}": p.detach() for k, p in self.trainable().items()}
         opt_tensors, opt_settings = optimizer_to_tensors(self.optimizer, "optimizer")
         tensors |= opt_tensors | distributed.rank_rng_states(self.device)  # LoRA dropout's masks, per rank
-        metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg)),
+        metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(self.settings_to_save()),
                     "step": str(self.step), "epoch": str(self.epoch), "batch_in_epoch": str(self.batch_in_epoch),
                     "micro_batch": str(self.cfg.batch * self.ranks), "ranks": str(self.ranks),
                     "batches_in_epoch": str(len(self.data.epoch_batches(self.epoch, self.ranks))),
@@ -368,6 +384,10 @@ class LoRATrainer:
         with naming(path):
             save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata)
         return path
+
+    def settings_to_save(self) -> dict:
+        """The settings a checkpoint keeps, for a resumed run to start from."""
+        return dataclasses.asdict(self.cfg)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         tensors, metadata = load_checkpoint(path)

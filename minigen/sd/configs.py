@@ -250,8 +250,34 @@ TINY_SD2 = {
     "scheduler": _SCHEDULER_SD21,
 }
 
+# A small SD 1.x-family model to train from scratch on 32x32 emoji on a CPU (`make sd-demo`, train_sd.py): a VAE
+# that scales by 4 (8x8x4 latents), a three-level UNet with cross-attention at the upper two, a 4-layer CLIP-L-
+# structure text encoder 128 wide (the real vocabulary and 77 positions). The VAE's scaling_factor is a
+# placeholder: the VAE stage sets it to 1 / std of the latents it makes (Rombach et al. 2022, sec. 3.1 and G).
+EMOJI_SD1 = {
+    "unet": {**_UNET_SD15, "block_out_channels": [64, 128, 192], "attention_head_dim": 4, "cross_attention_dim": 128,
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "sample_size": 8},
+    "vae": {**_VAE_SD, "block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3, "layers_per_block": 1, "sample_size": 32},
+    "text_encoder": {**_TEXT_ENCODER_BASE, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
+                     "num_hidden_layers": 4, "projection_dim": 128},
+    "scheduler": _SCHEDULER_SD15,
+}
+
+# The same at 64x64 for one GPU (configs/sd_demo_cuda.conf): 16x16x4 latents, a wider UNet and text encoder.
+EMOJI_SD1_LARGE = {
+    "unet": {**EMOJI_SD1["unet"], "block_out_channels": [128, 256, 384], "attention_head_dim": 8,
+             "cross_attention_dim": 256, "sample_size": 16},
+    "vae": {**EMOJI_SD1["vae"], "block_out_channels": [64, 128, 128], "layers_per_block": 2, "sample_size": 64},
+    "text_encoder": {**EMOJI_SD1["text_encoder"], "hidden_size": 256, "intermediate_size": 1024,
+                     "num_attention_heads": 4, "num_hidden_layers": 6, "projection_dim": 256},
+    "scheduler": _SCHEDULER_SD15,
+}
+
 PRESETS = {"sdxl-base": SDXL_BASE, "tiny": TINY, "tiny-refiner": TINY_REFINER, "sd15": SD15, "sd21": SD21,
-           "tiny-sd1": TINY_SD1, "tiny-sd2": TINY_SD2}
+           "tiny-sd1": TINY_SD1, "tiny-sd2": TINY_SD2, "emoji-sd1": EMOJI_SD1,
+           "emoji-sd1-large": EMOJI_SD1_LARGE}
 
 
 def vae_scale_of(vae_config: dict) -> int:

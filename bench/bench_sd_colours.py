@@ -1,0 +1,100 @@
+"""Prompt following of an emoji model trained from scratch (`make sd-demo`): for "red/orange/yellow/green/blue/
+purple/brown/black heart" (and circle, square), N samples each, is the dominant non-background colour the prompt's?
+Chance is 1 in 8.
+
+    python bench/bench_sd_colours.py runs/sd-demo/model.safetensors            # 24 prompts x 8 samples
+    python bench/bench_sd_colours.py MODEL --sampler dpmpp_2m --steps 20 --cfg 4 --out runs/sd-demo/colours
+
+The judge: every pixel that is not background (near white: Twemoji is composited on white) goes to the nearest of
+the eight colours of Twemoji's own palette (RGB distance); the colour with most pixels is the dominant one. The same
+judge run on the 24 real Twemoji (e.g. 1f534.png, the red circle) must find each one's colour first, or the test
+is not measuring what it says: the script checks that and prints it. Writes colours.png (a row per prompt) and
+colours.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minigen.datasets import resolve_dataset
+from minigen.images import open_rgb
+from minigen.prompt_grid import draw_prompts, save_prompt_grid
+from minigen.sd.pipeline import Pipeline
+
+# Twemoji's palette (the fills of its hearts, circles and squares) and the real emoji of each prompt.
+PALETTE = {"red": (221, 46, 68), "orange": (244, 144, 12), "yellow": (253, 203, 88), "green": (120, 177, 89),
+           "blue": (85, 172, 238), "purple": (170, 142, 214), "brown": (193, 105, 79), "black": (49, 55, 61)}
+SHAPES = {"heart": ("2764", "1f9e1", "1f49b", "1f49a", "1f499", "1f49c", "1f90e", "1f5a4"),
+          "circle": ("1f534", "1f7e0", "1f7e1", "1f7e2", "1f535", "1f7e3", "1f7e4", "26ab"),
+          "square": ("1f7e5", "1f7e7", "1f7e8", "1f7e9", "1f7e6", "1f7ea", "1f7eb", "2b1b")}
+BACKGROUND = 40  # a pixel within this of white on every channel is background
+
+
+def dominant_colour(image: np.ndarray) -> str | None:
+    """image (H, W, 3) uint8 -> the palette colour most of its non-background pixels are nearest to (None: blank)."""
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    pixels = pixels[(255 - pixels).max(axis=1) > BACKGROUND]  # (n, 3)
+    if not len(pixels):
+        return None
+    palette = np.array(list(PALETTE.values()), np.float32)  # (8, 3)
+    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)  # (n,)
+    return list(PALETTE)[np.bincount(nearest, minlength=len(PALETTE)).argmax()]
+
+
+def prompts() -> list[tuple[str, str, str]]:
+    """(prompt, colour, the real emoji's file stem) for every colour and shape."""
+    return [(f"{colour} {shape}", colour, stem) for shape, stems in SHAPES.items()
+            for colour, stem in zip(PALETTE, stems)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: colours/ beside the model")
+    args = p.parse_args()
+    out = Path(args.out or Path(args.model).parent / "colours")
+    cases = prompts()
+    twemoji = resolve_dataset("twemoji")
+    real = [dominant_colour(np.asarray(open_rgb(twemoji / f"{stem}.png"))) for _, _, stem in cases]
+    real_right = sum(r == c for r, (_, c, _) in zip(real, cases))
+    print(f"the judge on the real emoji: {real_right}/{len(cases)} right")
+    torch.set_num_threads(1)
+    pipe = Pipeline.from_pretrained(args.model)
+    start = time.perf_counter()
+    images = draw_prompts(pipe, [c[0] for c in cases], args.samples, seed=args.seed, steps=args.steps,
+                          guidance_scale=args.cfg, sampler=args.sampler)  # (P, N, 3, H, W) in [0, 1]
+    seconds = time.perf_counter() - start
+    rows = {}
+    for (prompt, colour, _), row in zip(cases, images):
+        found = [dominant_colour((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in row]
+        rows[prompt] = {"right": sum(f == colour for f in found), "found": found}
+    right = sum(r["right"] for r in rows.values())
+    total = len(cases) * args.samples
+    by_shape = {s: sum(rows[f"{c} {s}"]["right"] for c in PALETTE) / (len(PALETTE) * args.samples) for s in SHAPES}
+    out.mkdir(parents=True, exist_ok=True)
+    save_prompt_grid(images, [c[0] for c in cases], out / "colours.png")
+    result = {"model": args.model, "accuracy": right / total, "by_shape": by_shape, "judge_on_real": real_right,
+              "samples": args.samples, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
+              "seconds": round(seconds, 1), "prompts": rows}
+    (out / "colours.json").write_text(json.dumps(result, indent=1) + "\n")
+    for prompt, r in rows.items():
+        print(f"{prompt:15} {r['right']}/{args.samples}  {' '.join(f or '-' for f in r['found'])}")
+    print(f"colour accuracy {right}/{total} = {right / total:.1%} (chance 12.5%); by shape "
+          + ", ".join(f"{s} {v:.0%}" for s, v in by_shape.items()) + f"; {seconds:.0f} s; {out / 'colours.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
