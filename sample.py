@@ -90,7 +90,7 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA file (kohya, LyCORIS or peft: LoRA, LoCon, LoHa, LoKr, DoRA, full, GLoRA) and its "
-                        "multiplier (default 1), fused into the weights; repeat to stack several")
+                        "multiplier (default 1); repeat to stack several")
     p.add_argument("--vae", help="a replacement VAE: a file (diffusers or LDM names) or a diffusers vae/ folder")
     p.add_argument("--init-image", metavar="IMG", help="img2img: start from this image (resized to --height/--width)")
     p.add_argument("--strength", type=cli.parsed_by(strength, "strength"), default=None,
@@ -245,7 +245,8 @@ def main(argv=None) -> int:
     if init is not None:
         height, width = init.shape[2], init.shape[3]
     else:  # the model's own size where none is given, as diffusers
-        height, width = args.height or default_size(configs), args.width or default_size(configs)
+        size = default_size(configs)
+        height, width = args.height or size, args.width or size
     settings = settings_of(args, sampler, karras, args.seed if args.seed is not None else random.randrange(2**32),
                            height, width, [parse_lora_spec(spec) for spec in args.lora])
     check_settings(sampler, args.steps, height, width, args.num, strength=settings["strength"] or 1.0, karras=karras)

@@ -200,11 +200,10 @@ def lora_family_problem(lora: Path, family: str) -> str | None:
 
 
 def lora_touches_text(pipe: Pipeline, lora: Path) -> bool:
-    """Check that the file fits this model (a clear LoRAFileError naming it if not: a LoRA made for another family
-    names both), before anything is generated; True when it has text-encoder layers (its prompts must then be encoded
-    with its own encoders)."""
-    parsed, _, metadata = read_lora(lora)
-    check_lora_family(parsed, metadata, pipe.model.family, str(lora))
+    """Check that the file's layers fit this model's (a clear LoRAFileError naming it if not; its family was checked
+    before the model loaded, `lora_family_problem`), before anything is generated; True when it has text-encoder
+    layers (its prompts must then be encoded with its own encoders)."""
+    parsed, _, _ = read_lora(lora)
     models = pipe.model.lora_components()
     resolve_lora(parsed, models, unet_name_map(pipe.model.unet.config), source=str(lora))
     return any(component != "unet" for component in parsed)

@@ -207,7 +207,8 @@ class Pipeline:
 
     def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> str:
         """Apply a LoRA file (any LoRA-family format, kohya/LyCORIS or diffusers/peft layout; UNet and/or text
-        encoders) on top of the model, as its own adapter at `multiplier`, fused into the weights; several stack, as
+        encoders) on top of the model, as its own adapter at `multiplier` (plain LoRA/LoCon layers on the fly, the
+        other kinds fused into the weights: `lora.add_lora_deltas`); several stack, as
         `sample.py --lora a:0.8 --lora b:0.5` does. allow_pickle: accept a pickled file (.pt, .bin), loaded with
         weights_only=True. Returns the adapter's name, for `remove_lora` and `lora_summaries`."""
         self.loras += 1
@@ -230,7 +231,7 @@ class Pipeline:
     @property
     def default_size(self) -> int:
         """The image side when none is given: the model's own, as diffusers takes it (1024 for SDXL, 512 SD 1.5)."""
-        return default_size({"unet": self.model.unet.config, "vae": self.model.vae.config})
+        return default_size(self.model.configs)
 
     @property
     def device(self) -> torch.device:
