@@ -4,6 +4,7 @@ that keep each family's block structure."""
 
 from dataclasses import replace
 
+import diffusers
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -159,7 +160,6 @@ def test_add_difference_checks_c_too(models, tmp_path):
 
 
 def test_sd1_merge_as_a_diffusers_folder_loads_in_diffusers_with_the_merged_weights(models, tmp_path):
-    diffusers = pytest.importorskip("diffusers")
     recipe = MergeRecipe(alpha=0.3)
     merge_checkpoints(models["sd1_a"], models["sd1_b"], tmp_path / "merged", recipe, progress=False)
     merge_checkpoints(models["sd1_a"], models["sd1_b"], tmp_path / "merged.safetensors", recipe, progress=False)
