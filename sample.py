@@ -220,7 +220,7 @@ def draw(args: argparse.Namespace, settings: dict, init: torch.Tensor | None, he
     print(pipe.model.describe())
     for spec in settings["lora"]:
         path, _, multiplier = spec.rpartition(":")
-        name = pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle)
+        name = pipe.add_lora(path, float(multiplier), allow_pickle=args.allow_pickle, removable=False)
         print(f"{path}: {pipe.lora_summaries[name]}")
     speed.prepare_pipeline_model(pipe.model, switches)  # after the LoRAs: a compiled UNet would recompile for each
     return pipe(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale,

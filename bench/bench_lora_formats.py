@@ -1,16 +1,20 @@
 """What applying a full-size SDXL LoRA file of each format costs `sample.py --lora`: read the file, match its layers,
 compute each layer's change and fuse it into the weights (`load_lora`, what `Pipeline.add_lora` runs).
 
-The full-size SDXL UNet and both text encoders are built with random bf16 weights (about 6.8 GB). Each format's file
+The full-size SDXL UNet and both text encoders are built with random weights, fp32 as `sample.py` holds them on the
+CPU (13.6 GB; `--dtype bf16`: 6.8 GB). Each format's file
 is made with LyCORIS' own shape rules (`lycoris.functional`'s LoHa and LoKr `weight_gen`, a test-only dependency) on the layers
 LyCORIS' "full" preset wraps (every Linear and Conv2d of the UNet's transformers, resnets and samplers, conv_in/out,
 the time embedding; the text encoders' attention and MLP), except the plain LoRA file, which has the layers
 sd-scripts wraps by default (the UNet's transformers, the text encoders). Written to a temporary folder (read back
-from the page cache), applied, timed (wall and process CPU seconds), removed, one format at a time.
+from the page cache), applied as `sample.py --lora` applies it (every layer's change added into its weight in place,
+`removable=False`) and timed (wall and process CPU seconds), one format after the other on the same weights.
+`--step-cost SIZE` then times a UNet call with and without a plain LoRA on the fly (how `eval.py` holds one, to take
+it off again): what on-the-fly application would add to every sampling step.
 `full` (`diff`) files are the size of the model, and their change is one addition per weight: not benchmarked.
 
     python bench/bench_lora_formats.py                  # rank 16 (convolutions 8)
-    python bench/bench_lora_formats.py --formats LoRA LoCon
+    python bench/bench_lora_formats.py --formats LoRA LoCon --step-cost 512
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigen.io import save_safetensors  # noqa: E402
-from minigen.lora import PRESETS, remove_lora  # noqa: E402
+from minigen.lora import PRESETS  # noqa: E402
 from minigen.sd.configs import get_config  # noqa: E402
 from minigen.sd.lora_reading import load_lora  # noqa: E402
 from minigen.sd.model import build_model  # noqa: E402
@@ -89,20 +93,35 @@ def lora_file(path: Path, fmt: str, models: dict, rank: int, conv_rank: int) -> 
     return sum(len(w) for w in targets.values())
 
 
+def unet_call_seconds(unet: nn.Module, size: int) -> float:
+    """Wall seconds of one UNet call on a guided batch (2 latents) of a size x size image, SDXL's conditioning."""
+    dtype = next(unet.parameters()).dtype
+    latents = torch.randn(2, 4, size // 8, size // 8, dtype=dtype)
+    context = torch.randn(2, 77, 2048, dtype=dtype)
+    pooled, time_ids = torch.randn(2, 1280, dtype=dtype), torch.zeros(2, 6, dtype=dtype)
+    with torch.no_grad():
+        start = time.perf_counter()
+        unet(latents, 500, context, text_embeds=pooled, time_ids=time_ids)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", nargs="+", default=["LoRA", "LoCon", "LoHa", "LoKr", "DoRA", "GLoRA"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--conv-rank", type=int, default=8)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the model's (sample.py's on the CPU: fp32)")
+    p.add_argument("--step-cost", type=int, metavar="SIZE", help="also time one guided UNet call at SIZE x SIZE "
+                   "without a LoRA, with the plain LoRA fused, and with it on the fly (eval.py's way)")
     args = p.parse_args()
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16: fp32 would not fit twice (for the weights kept aside)
+    torch.set_default_dtype(torch.float32 if args.dtype == "fp32" else torch.bfloat16)
     configs = get_config("sdxl-base")
     models = {"unet": build_model("unet", configs["unet"]), "te1": build_model("text_encoder", configs["text_encoder"]),
               "te2": build_model("text_encoder_2", configs["text_encoder_2"])}
     torch.set_default_dtype(torch.float32)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; full-size SDXL UNet + text encoders, bf16")
+          f"{torch.get_num_threads()} threads; full-size SDXL UNet + text encoders, {args.dtype}")
     print("| format | layers | file MB | wall s | CPU s |")
     print("|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,12 +130,19 @@ def main() -> None:
             n = lora_file(path, fmt, models, args.rank, args.conv_rank)
             path.read_bytes()  # in the page cache, as a file just downloaded or used before
             wall, cpu = time.perf_counter(), time.process_time()
-            load_lora(path, models)
+            load_lora(path, models, removable=False)  # sample.py's way; the weights keep each format's change
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            for model in models.values():
-                remove_lora(model)
             print(f"| {fmt} | {n} | {path.stat().st_size / 1e6:.0f} | {wall:.2f} | {cpu:.2f} |", flush=True)
             path.unlink()
+        if args.step_cost:
+            path = Path(tmp) / "LoRA.safetensors"
+            lora_file(path, "LoRA", models, args.rank, args.conv_rank)
+            unet_call_seconds(models["unet"], args.step_cost)  # warm-up
+            fused = unet_call_seconds(models["unet"], args.step_cost)
+            load_lora(path, models)  # removable: the plain LoRA layers on the fly
+            on_the_fly = unet_call_seconds(models["unet"], args.step_cost)
+            print(f"one guided UNet call at {args.step_cost}x{args.step_cost}: {fused:.2f} s with the LoRAs fused, "
+                  f"{on_the_fly:.2f} s with a plain LoRA on the fly as well")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,45 @@ class LayerDelta:
             return 1.0
         return float(self.alpha_tensor) / rank
 
+    @property
+    def row_step(self) -> int | None:
+        """The output rows whose change can be computed alone, in blocks of a multiple of this (`rows`): 1, or
+        LoKr's w2 rows (a block of kron(w1, w2)'s rows is a block of w1's rows times w2); None when each row needs
+        the whole weight (DoRA normalised per input column)."""
+        t = self.tensors
+        if "dora_scale" in t and not self._dora_on_output(self.shape()[0]):
+            return None
+        if self.kind == "LoKr":
+            if "lokr_w2" in t:
+                return t["lokr_w2"].shape[0]
+            return t["lokr_w2_a"].shape[1 if "lokr_t2" in t else 0]  # t2: w2_a (r, b); else w2_a (b, r)
+        return 1
+
+    def rows(self, block: slice) -> "LayerDelta":
+        """This layer restricted to a block of the weight's output rows (a multiple of `row_step`): its `delta` of
+        W[block] is the rows `block` of its delta of W. Only the factors on the output side are sliced (views, no
+        copies); the bias part is dropped (it is small: `delta_bias` of the whole layer)."""
+        t = dict(self.tensors)
+        t.pop("diff_b", None)
+        on_rows = {"LoRA": ("lora_up.weight",), "full": ("diff",), "GLoRA": ("b1.weight",),
+                   "LoHa": ("hada_w1_a", "hada_w2_a")}.get(self.kind, ())
+        for name in on_rows:
+            axis = 1 if name.startswith("hada") and "hada_t1" in t else 0  # with Tucker cores, w?_a is (r, out)
+            t[name] = t[name].narrow(axis, block.start, block.stop - block.start)
+        if self.kind == "LoKr":  # the rows of w1 whose kron with w2 gives `block`
+            step = self.row_step
+            w1 = "lokr_w1" if "lokr_w1" in t else "lokr_w1_a"
+            t[w1] = t[w1][block.start // step:block.stop // step]
+        for name in ("dora_scale", "magnitude"):  # one value per output row (row_step says so for dora_scale)
+            if name in t:
+                t[name] = t[name][block]
+        return LayerDelta(self.kind, t)
+
+    def _dora_on_output(self, out_rows: int) -> bool:
+        """Whether `dora_scale` holds one value per output row (else per input column)."""
+        m = self.tensors["dora_scale"]
+        return m.shape[0] == out_rows and m.numel() == out_rows
+
     def set_alpha(self, alpha: float) -> None:
         """The alpha a file gives outside the layer (peft's adapter metadata)."""
         self.tensors["alpha"] = torch.tensor(float(alpha))
@@ -263,11 +302,10 @@ class LayerDelta:
         t, w = self._on(weight), weight.float()
         if "magnitude" in t:  # peft DoRA: s scales c·B·A, then the rows are renormalised (diffusers' fuse_lora)
             return decomposed(self.raw(w, strength).add_(w), t["magnitude"]).sub_(w)
-        m = t["dora_scale"]
-        output_axis = m.shape[0] == w.shape[0] and m.numel() == w.shape[0]
         # Patch: ComfyUI divides output-axis DoRA by ‖W‖ instead of ‖W + ΔW‖; this is DoRA's definition (Liu et al.
         # 2024, eq. 5) and what LyCORIS trains.
-        return decomposed(self.raw(w).add_(w), m, output_axis).sub_(w).mul_(strength)
+        on_output = self._dora_on_output(w.shape[0])
+        return decomposed(self.raw(w).add_(w), t["dora_scale"], on_output).sub_(w).mul_(strength)
 
     def delta_bias(self, strength: float = 1.0) -> torch.Tensor | None:
         """The change to the layer's bias at `strength` (full's diff_b), or None."""

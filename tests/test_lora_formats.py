@@ -37,7 +37,8 @@ from test_sd_pipeline import reference_folder
 
 import merge as merge_cli
 import sample as sample_cli
-from minigen.lora import merge_lora
+from minigen import lora as lora_module
+from minigen.lora import lora_names, merge_lora
 from minigen.sd.model import load_model
 from minigen.sd.lora_reading import load_lora
 
@@ -135,19 +136,26 @@ CASES = [pytest.param(family, fmt, id=f"{family}-{fmt}") for family in ("sd1", "
 
 
 @pytest.mark.parametrize("family,fmt", CASES, indirect=["family"])
-def test_lycoris_file_applies_as_lycoris_forward(family, fmt, tmp_path, capsys):
+def test_lycoris_file_applies_as_lycoris_forward(family, fmt, tmp_path, capsys, monkeypatch):
     _, components, single = family
     network_args, kind = FORMATS[fmt]
     lora = tmp_path / f"{fmt}.safetensors"
     reference = lycoris_file(components, lora, tmp_path, **network_args)
     base = outputs(components)
 
-    # sample.py's way: plain LoRA/LoCon layers on the fly, the other kinds fused into the weights
+    # sample.py's way: every layer's change added into its weight for good, a few rows at a time (blocks of at most
+    # 64 values here, so that a tiny model's weights are fused in many blocks as a full-size one's are)
+    monkeypatch.setattr(lora_module, "BLOCK_VALUES", 64)
+    for_good = copy.deepcopy(components)
+    load_lora(lora, for_good, removable=False)
+    assert not lora_names(for_good["unet"])  # nothing wrapped, nothing kept aside
+    # eval.py's way (removable): plain LoRA/LoCon layers on the fly, the other kinds merged with W kept aside
     ours = copy.deepcopy(components)
     _, summary = load_lora(lora, ours)
     assert f"{kind} 0," not in summary and f"{kind} 0;" not in summary, summary
-    for got, want, before in zip(outputs(ours), reference, base):
+    for got, got_for_good, want, before in zip(outputs(ours), outputs(for_good), reference, base):
         assert_close_to_scale(got, want, OUTPUT_TOL)
+        assert_close_to_scale(got_for_good, want, OUTPUT_TOL)
         assert (want - before).abs().max() > 100 * OUTPUT_TOL * want.abs().max()  # the file changes the output
 
     # merge.py's way: baked into the single file, tensor by tensor
@@ -257,6 +265,72 @@ def test_dora_strength_semantics():
         direction = w + s * 0.5 * up @ down
         torch.testing.assert_close(fused / fused.norm(dim=1, keepdim=True),
                                    direction / direction.norm(dim=1, keepdim=True))
+
+
+def block_cases() -> dict[str, dict[str, torch.Tensor]]:
+    """One layer of each kind for a 3x3 convolution W (8, 6, 3, 3), random values."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    lora = {"lora_down.weight": r(2, 6, 3, 3), "lora_up.weight": r(8, 2, 1, 1), "alpha": torch.tensor(1.0)}
+    return {
+        "LoCon": lora,
+        "LoCon Tucker": {"lora_down.weight": r(2, 6, 1, 1), "lora_mid.weight": r(2, 2, 3, 3),
+                         "lora_up.weight": r(8, 2, 1, 1)},
+        "LoHa": {"hada_w1_a": r(8, 2), "hada_w1_b": r(2, 54), "hada_w2_a": r(8, 3), "hada_w2_b": r(3, 54)},
+        "LoHa Tucker": {"hada_t1": r(2, 2, 3, 3), "hada_w1_a": r(2, 8), "hada_w1_b": r(2, 6),
+                        "hada_t2": r(2, 2, 3, 3), "hada_w2_a": r(2, 8), "hada_w2_b": r(2, 6)},
+        "LoKr": {"lokr_w1": r(2, 3), "lokr_w2_a": r(4, 2), "lokr_w2_b": r(2, 2, 3, 3), "alpha": torch.tensor(3.0)},
+        "LoKr Tucker": {"lokr_w1_a": r(2, 1), "lokr_w1_b": r(1, 3), "lokr_t2": r(2, 2, 3, 3), "lokr_w2_a": r(2, 4),
+                        "lokr_w2_b": r(2, 2)},
+        "full": {"diff": r(8, 6, 3, 3), "diff_b": r(8)},
+        "GLoRA": {"a1.weight": r(6, 2), "a2.weight": r(2, 6), "b1.weight": r(8, 2), "b2.weight": r(2, 6, 3, 3)},
+        "DoRA rows": lora | {"dora_scale": torch.rand(8, 1, 1, 1, generator=g) + 1},
+        "DoRA columns": lora | {"dora_scale": torch.rand(1, 6, 1, 1, generator=g) + 1},
+        "peft DoRA": lora | {"magnitude": torch.rand(8, generator=g) + 1},
+    }
+
+
+@pytest.mark.parametrize("case", list(block_cases()))
+def test_change_of_a_block_of_rows_is_those_rows_of_the_change(case):
+    """`LayerDelta.rows` (what fusing a block of rows at a time computes) gives exactly the rows of the whole change,
+    for every kind; the kinds whose rows need the whole weight say so (row_step None)."""
+    from minigen.lora_formats import LayerDelta
+
+    layer = LayerDelta.from_tensors(block_cases()[case])
+    w = torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(1))
+    whole = layer.delta(w, 0.7)
+    if case == "DoRA columns":
+        assert layer.row_step is None
+        return
+    step = layer.row_step
+    assert step == (4 if case.startswith("LoKr") else 1)
+    blocks = [layer.rows(slice(a, a + step)).delta(w[a:a + step], 0.7) for a in range(0, 8, step)]
+    torch.testing.assert_close(torch.cat(blocks), whole, rtol=1e-6, atol=1e-6 * whole.abs().max().item())
+
+
+def test_fusing_keeps_no_copy_and_for_good_keeps_nothing():
+    """Removable, a merged layer keeps its original weight tensor itself aside (no copy of it is made) and gets a new
+    one; for good (sample.py), the change goes into the weight in place and the layer stays a plain one."""
+    from torch import nn
+    from minigen.lora import LoRALayer, add_lora_deltas, remove_lora
+    from minigen.lora_formats import LayerDelta
+
+    layer = LayerDelta.from_tensors(block_cases()["LoHa"])
+    removable, for_good = nn.Sequential(nn.Conv2d(6, 8, 3)), nn.Sequential(nn.Conv2d(6, 8, 3))
+    for_good.load_state_dict(removable.state_dict())
+    original = removable[0].weight.data_ptr()
+    add_lora_deltas(removable, {"0": layer})
+    assert isinstance(removable[0], LoRALayer) and removable[0].original_weight.data_ptr() == original
+    assert removable[0].weight.data_ptr() != original
+    storage = for_good[0].weight.data_ptr()
+    add_lora_deltas(for_good, {"0": layer}, removable=False)
+    assert isinstance(for_good[0], nn.Conv2d) and for_good[0].weight.data_ptr() == storage
+    torch.testing.assert_close(for_good[0].weight, removable[0].weight, rtol=0, atol=0)
+    remove_lora(removable)
+    assert isinstance(removable[0], nn.Conv2d) and removable[0].weight.data_ptr() == original
 
 
 def test_file_layers_fused_unmerged_and_removed():

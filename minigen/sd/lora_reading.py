@@ -237,15 +237,16 @@ def lora_summary(parsed: Parsed, layout: str, metadata: Mapping[str, str]) -> st
 
 def load_lora(path: str | os.PathLike, models: Mapping[str, nn.Module], name: str = "default",
               multiplier: float = 1.0, unet_names: NameMap | None = None, allow_pickle: bool = False,
-              family: str | None = None) -> tuple[dict[str, str], str]:
+              family: str | None = None, removable: bool = True) -> tuple[dict[str, str], str]:
     """Read a LoRA file of any supported format and apply it to `models` ({"unet", "te1", "te2"}: module) as the
     adapter `name` at `multiplier` (merged: `remove_lora` takes it off). Returns (the file's metadata, its one-line
     summary, `lora_summary`). allow_pickle: see read_lora.
-    family: the model's; a LoRA made for another is refused first (check_lora_family)."""
+    family: the model's; a LoRA made for another is refused first (check_lora_family).
+    removable: False adds the changes into the weights for good (`add_lora_deltas`)."""
     parsed, layout, metadata = read_lora(path, allow_pickle)
     if family is not None:
         check_lora_family(parsed, metadata, family, str(path))
     resolved = resolve_lora(parsed, models, unet_names, source=str(path))
     for component, layers in resolved.items():
-        add_lora_deltas(models[component], layers, name, multiplier)
+        add_lora_deltas(models[component], layers, name, multiplier, removable)
     return metadata, lora_summary(parsed, layout, metadata)

@@ -188,6 +188,7 @@ class Pipeline:
         self.loras = 0  # adapters added so far, each named lora1, lora2, ...
         self.offload: ModelOffload | None = None  # enable_cpu_offload's
         self.lora_summaries: dict[str, str] = {}  # adapter name -> its file's one-line summary (lora_summary)
+        self.baked_loras: set[str] = set()  # added with removable=False: in the weights for good
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -205,21 +206,27 @@ class Pipeline:
         force_zeros = index.get("force_zeros_for_empty_prompt", True) if index else None
         return cls(load_model(path, dtype=dtype, device=device, **load_kwargs), force_zeros)
 
-    def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False) -> str:
+    def add_lora(self, path: str | os.PathLike, multiplier: float = 1.0, allow_pickle: bool = False,
+                 removable: bool = True) -> str:
         """Apply a LoRA file (any LoRA-family format, kohya/LyCORIS or diffusers/peft layout; UNet and/or text
-        encoders) on top of the model, as its own adapter at `multiplier` (plain LoRA/LoCon layers on the fly, the
-        other kinds fused into the weights: `lora.add_lora_deltas`); several stack, as
-        `sample.py --lora a:0.8 --lora b:0.5` does. allow_pickle: accept a pickled file (.pt, .bin), loaded with
-        weights_only=True. Returns the adapter's name, for `remove_lora` and `lora_summaries`."""
+        encoders) on top of the model at `multiplier`; several stack, as `sample.py --lora a:0.8 --lora b:0.5` does.
+        removable: as its own adapter, which `remove_lora` takes off (plain LoRA/LoCon layers on the fly, the other
+        kinds merged with the weights kept aside); else added into the weights for good, nothing kept and nothing
+        computed per step (`sample.py`; `lora.add_lora_deltas`). allow_pickle: accept a pickled file (.pt, .bin),
+        loaded with weights_only=True. Returns the adapter's name, for `remove_lora` and `lora_summaries`."""
         self.loras += 1
         name = f"lora{self.loras}"
         _, self.lora_summaries[name] = load_lora(path, self.model.lora_components(), name=name, multiplier=multiplier,
                   unet_names=unet_name_map(self.model.unet.config), allow_pickle=allow_pickle,
-                  family=self.model.family)
+                  family=self.model.family, removable=removable)
+        if not removable:
+            self.baked_loras.add(name)
         return name
 
     def remove_lora(self, name: str) -> None:
         """Take the adapter `add_lora` named `name` off the model: its outputs are the base model's again."""
+        if name in self.baked_loras:
+            raise ValueError(f"LoRA {name!r} was added into the weights for good (removable=False)")
         for model in self.model.lora_components().values():
             remove_lora(model, name)
 
