@@ -110,7 +110,7 @@ bench-gpu: $(TESTDEPS) ## the GPU suite: every bench at full size vs its referen
 bench-unet: $(TESTDEPS) ## SDXL UNet forward/backward time and memory, minigen vs diffusers (BENCH_ARGS="--device cuda --full")
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_unet.py $(BENCH_ARGS)
 
-# ---- sampling (minigen/diffusion.py) ----
+# ---- sampling (minigen/diffusion/) ----
 .PHONY: bench-sample
 bench-sample: $(TESTDEPS) ## the samplers' own per-step work vs diffusers' scheduler loops (BENCH_ARGS="--pipeline")
 	$(BIN)/python bench/bench_sample.py $(BENCH_ARGS)

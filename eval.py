@@ -16,10 +16,11 @@ import argparse
 import sys
 
 from minigen import cli, distributed, speed
-from minigen.eval_report import markdown_table
-from minigen.evaluate import Settings, evaluate
-from minigen.inception import FEATURE_DIMS
-from minigen.sampler_names import karras_of, resolve_sampler
+from minigen.evaluate.report import markdown_table
+from minigen.evaluate.inputs import Settings
+from minigen.evaluate.run import evaluate
+from minigen.fid.inception import FEATURE_DIMS
+from minigen.diffusion.names import karras_of, resolve_sampler
 
 
 def parse_args(argv=None) -> argparse.Namespace:

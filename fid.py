@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from minigen import cli, distributed, features, inception, metrics, speed
+from minigen import cli, distributed, speed
+from minigen.fid import features, inception, metrics
 from minigen.atomic import check_can_create
 from minigen.images import list_images
 

@@ -23,11 +23,12 @@ import sys
 from pathlib import Path
 
 from minigen import cli, speed
-from minigen.lora_extract import extract_lora, merge_loras
+from minigen.merge.extract import extract_lora, merge_loras
 from minigen.sd.lora_files import parse_lora_spec
-from minigen.checkpoint_files import OUTPUT_FORMATS, check_output
+from minigen.sd.checkpoint_files import OUTPUT_FORMATS, check_output
 from minigen.io import FLOAT_DTYPES
-from minigen.merging import METHODS, MergeRecipe, bake_loras, merge_checkpoints
+from minigen.merge.bake import bake_loras
+from minigen.merge.checkpoints import METHODS, MergeRecipe, merge_checkpoints
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ for a seed.
 `--seed` draws the noise of the whole batch (as diffusers' `generator=torch.Generator("cpu").manual_seed(seed)` with
 `num_images_per_prompt`); with no seed a random one is chosen and printed. Images are written as
 <out>/<seed>-000.png, <seed>-001.png, ..., numbered on past those already there (nothing is replaced), each holding
-its settings (A1111's `parameters` text and minigen's JSON, see minigen/png_info.py). --sampler takes minigen's, A1111's and ComfyUI's names. --init-image turns it into img2img
+its settings (A1111's `parameters` text and minigen's JSON, see minigen/sd/png_info.py). --sampler takes minigen's, A1111's and ComfyUI's names. --init-image turns it into img2img
 (diffusers' StableDiffusionXLImg2ImgPipeline; the refiner's aesthetic scores: --aesthetic-score,
 --negative-aesthetic-score). --from-png IMG redraws IMG from its settings; flags after it override.
 """
@@ -27,16 +27,16 @@ import torch
 
 from minigen import cli, speed
 from minigen.atomic import check_can_create
-from minigen.memory_plan import check_fits, model_configs, plan_sampling
-from minigen.png_info import file_hashes, png_text, read_png_settings
-from minigen.sampler_names import karras_of, resolve_sampler
+from minigen.finetune.memory_plan import check_fits, model_configs, plan_sampling
+from minigen.sd.png_info import file_hashes, png_text, read_png_settings
+from minigen.diffusion.names import karras_of, resolve_sampler
 from minigen.sd.configs import default_size
 from minigen.sd.lora_files import parse_lora_spec
 from minigen.sd.model import RANDOM
 from minigen.sd.pipeline import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, Pipeline, check_settings,
                                  load_init_image, save_images)
 
-# The flags a PNG keeps (minigen/png_info.py): every one that changes the pixels. Not --allow-pickle: a picture must
+# The flags a PNG keeps (minigen/sd/png_info.py): every one that changes the pixels. Not --allow-pickle: a picture must
 # not grant permission to unpickle. Not --device: a redraw may run elsewhere (bitwise equal on the same device).
 SETTINGS = ("model", "prompt", "negative", "steps", "cfg", "rescale", "sampler", "karras", "eta", "seed", "height",
             "width", "num", "lora", "vae", "init_image", "strength", "original_size", "crop_top_left", "target_size",

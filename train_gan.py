@@ -23,14 +23,14 @@ from pathlib import Path
 from minigen import cli, distributed, speed
 from minigen.training import run_settings
 from minigen.images import parse_size
-from minigen.gan_fid import fid_hook
+from minigen.gan.fid import fid_hook
 from minigen.datasets import resolve_dataset
-from minigen.gan_config import GANConfig
-from minigen.gan_trainer import load_checkpoint, sample_to_folder, train
+from minigen.gan.config import GANConfig
+from minigen.gan.trainer import load_checkpoint, sample_to_folder, train
 
 HELP = {
     "data": "built-in dataset (twemoji, met) or a folder of images",
-    "size": "image size HxW or one number (64 = 64x64); see minigen.gan.stages_for for the sizes that work",
+    "size": "image size HxW or one number (64 = 64x64); see minigen.gan.dcgan.stages_for for the sizes that work",
     "hflip": "mirror training images at random",
     "nz": "latent size", "ngf": "generator width", "ndf": "discriminator width",
     "g_act": "generator activation: relu or leaky",

@@ -28,9 +28,9 @@ import torch
 
 from minigen import cli, distributed, speed
 from minigen.training import run_settings
-from minigen.lora_config import LoRATrainConfig
-from minigen.lora_training import LoRATrainer, load_checkpoint
-from minigen.memory_plan import check_fits, plan_lora_step
+from minigen.finetune.config import LoRATrainConfig
+from minigen.finetune.trainer import LoRATrainer, load_checkpoint
+from minigen.finetune.memory_plan import check_fits, plan_lora_step
 
 
 HELP = {"format": "kohya (loads the same in diffusers, ComfyUI, A1111, Forge, InvokeAI, sd-scripts) or diffusers "

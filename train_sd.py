@@ -1,5 +1,5 @@
 """Train a small Stable Diffusion (SD 1.x family) from scratch: the VAE first, then the UNet and the text encoder
-together on the VAE's cached latents, then a grid of the validation prompts (minigen/sd_training.py).
+together on the VAE's cached latents, then a grid of the validation prompts (minigen/finetune/from_scratch.py).
 
     python train_sd.py --config configs/sd_demo.conf            # make sd-demo: Twemoji at 32x32 on the CPU
     python train_sd.py --config configs/sd_demo_cuda.conf       # a larger model on one GPU
@@ -21,10 +21,10 @@ from pathlib import Path
 
 from minigen import cli, distributed, speed
 from minigen.images import parse_size
-from minigen.lora_training import load_checkpoint
-from minigen.prompt_grid import draw_prompts, save_prompt_grid
+from minigen.finetune.trainer import load_checkpoint
+from minigen.sd.prompt_grid import draw_prompts, save_prompt_grid
 from minigen.sd.pipeline import Pipeline
-from minigen.sd_training import STAGES, FromScratchTrainer, SDTrainConfig, vae_model_path
+from minigen.finetune.from_scratch import STAGES, FromScratchTrainer, SDTrainConfig, vae_model_path
 from minigen.training import run_settings
 from train_lora import HELP as LORA_HELP, add_settings_flags, trainer_parser
 

@@ -6,7 +6,7 @@ Markdown table. Each rank gets --threads CPU threads (default 1: N ranks on N co
     python bench/bench_ddp.py --device cuda --procs 1 2 4 8
     python bench/bench_ddp.py --smoke                 # tiny and quick: checks that it runs
 
-GAN step: `GANTrainer.step` (D and G updates, gradients summed over ranks) and `gan_distributed.agree` (the losses
+GAN step: `GANTrainer.step` (D and G updates, gradients summed over ranks) and `parallel.agree` (the losses
 and stop flag), with --sync-bn: its bytes are G's and D's gradients plus the batch-norm moments. LoRA step: the tiny
 SDXL's UNet (`random_model("tiny")`) with attention LoRA, forward, backward, `distributed.sum_gradients` over the
 adapters, AdamW: its bytes are the adapters' fp32 gradients alone, never the frozen UNet's.
@@ -29,10 +29,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from minigen import distributed, gan_distributed
-from minigen.gan_config import GANConfig
-from minigen.gan_trainer import GANTrainer
-from minigen.lora import add_lora, lora_parameters
+from minigen import distributed
+from minigen.gan import parallel
+from minigen.gan.config import GANConfig
+from minigen.gan.trainer import GANTrainer
+from minigen.lora.layers import add_lora, lora_parameters
 from minigen.sd.model import random_model
 
 # (per-rank batch, GAN size, GAN widths, LoRA latent side, timed steps)
@@ -63,7 +64,7 @@ def gan_step(device: str, batch: int, size: tuple[int, int], width: int) -> tupl
     real = torch.rand(batch, 3, *size, device=device) * 2 - 1  # (B, 3, H, W)
 
     def step():
-        gan_distributed.agree(trainer.step(real), False)
+        parallel.agree(trainer.step(real), False)
     params = [*trainer.G.parameters(), *trainer.D.parameters()]
     return step, sum(p.numel() * p.element_size() for p in params)
 

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minigen import features, inception, metrics  # noqa: E402
 from minigen.datasets import resolve_dataset  # noqa: E402
+from minigen.fid import features, inception, metrics  # noqa: E402
 from minigen.images import list_images  # noqa: E402
 
 

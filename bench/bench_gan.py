@@ -17,8 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minigen.images import parse_size
-from minigen.gan_config import GANConfig
-from minigen.gan_trainer import GANTrainer
+from minigen.gan.config import GANConfig
+from minigen.gan.trainer import GANTrainer
 
 
 def sync(device: torch.device) -> None:

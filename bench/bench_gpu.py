@@ -33,8 +33,8 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 import full_models  # noqa: E402
-from minigen.lora_config import LoRATrainConfig  # noqa: E402
-from minigen.memory_plan import GB, _two_steps, model_configs, plan_lora_step  # noqa: E402
+from minigen.finetune.config import LoRATrainConfig  # noqa: E402
+from minigen.finetune.memory_plan import GB, _two_steps, model_configs, plan_lora_step  # noqa: E402
 
 # (what it measures, bench module, its flags on a GPU, its flags in the CPU smoke run)
 SUITE = [

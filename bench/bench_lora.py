@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import full_models
 
-from minigen.lora import add_lora, lora_parameters
+from minigen.lora.layers import add_lora, lora_parameters
 from minigen.sd.configs import get_config
 from minigen.sd.unet import UNet2DConditionModel
 

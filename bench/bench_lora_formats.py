@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigen.io import save_safetensors  # noqa: E402
-from minigen.lora import PRESETS  # noqa: E402
+from minigen.lora.layers import PRESETS  # noqa: E402
 from minigen.sd.configs import get_config  # noqa: E402
 from minigen.sd.lora_reading import load_lora  # noqa: E402
 from minigen.sd.model import build_model  # noqa: E402

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigen.io import SafetensorsWriter  # noqa: E402
-from minigen.checkpoint_files import TensorFile  # noqa: E402
-from minigen.merging import MergeRecipe, merge_checkpoints  # noqa: E402
+from minigen.sd.checkpoint_files import TensorFile  # noqa: E402
+from minigen.merge.checkpoints import MergeRecipe, merge_checkpoints  # noqa: E402
 
 VAE_PREFIX = "first_stage_model."
 

@@ -30,7 +30,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
 
 import full_models  # noqa: E402
-from minigen.diffusion import NoiseSchedule, sample  # noqa: E402
+from minigen.diffusion.samplers import sample  # noqa: E402
+from minigen.diffusion.schedule import NoiseSchedule  # noqa: E402
 
 SDXL = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, clip_sample=False,

@@ -25,7 +25,7 @@ import torch
 
 from minigen.datasets import resolve_dataset
 from minigen.images import open_rgb
-from minigen.prompt_grid import draw_prompts, save_prompt_grid
+from minigen.sd.prompt_grid import draw_prompts, save_prompt_grid
 from minigen.sd.pipeline import Pipeline
 
 # Twemoji's palette (the fills of its hearts, circles and squares) and the real emoji of each prompt.

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from minigen.captions import captioned_images
 from minigen.datasets import CAPTIONS_FROM_NAMES, resolve_dataset
-from minigen.evaluate import Settings, encode_prompts, generate_batch
+from minigen.evaluate.inputs import Settings
+from minigen.evaluate.run import encode_prompts, generate_batch
 from minigen.plot import save_png
 from minigen.sd.pipeline import Pipeline
 

@@ -23,8 +23,8 @@ from bench_gan import sync
 from bench_lora import build as build_lora_unet, current_bytes, peak_bytes, reset_peak
 from bench_unet import build as build_unet, make_inputs
 from minigen import speed
-from minigen.gan_config import GANConfig
-from minigen.gan_trainer import GANTrainer
+from minigen.gan.config import GANConfig
+from minigen.gan.trainer import GANTrainer
 from minigen.sd.configs import get_config
 from minigen.sd.unet import UNet2DConditionModel
 from minigen.sd.vae import AutoencoderKL

@@ -75,8 +75,8 @@ def construction_seconds() -> dict[str, float]:
 
 def plan_trace_seconds() -> float:
     """One full-size SDXL LoRA step's plan (rank 16, bf16, 1024x1024, gradient checkpointing), traced here."""
-    from minigen.lora_config import LoRATrainConfig
-    from minigen.memory_plan import plan_lora_step
+    from minigen.finetune.config import LoRATrainConfig
+    from minigen.finetune.memory_plan import plan_lora_step
 
     cfg = LoRATrainConfig(model="random:sdxl-base", resolution="1024", rank=16, mixed_precision="bf16",
                           gradient_checkpointing=True, batch=1)

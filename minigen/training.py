@@ -1,4 +1,4 @@
-"""What the two trainers (gan_trainer.py, lora_training.py) share."""
+"""What the two trainers (gan/trainer.py, finetune/trainer.py) share."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration; the same signal again stops at
     once. (torchrun passes the signal it gets to every rank; a rank that gets one alone stops all: see
-    gan_distributed.agree.)"""
+    minigen.gan.parallel.agree.)"""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from minigen.sd.lora_reading import load_lora
-from minigen.lora_config import LoRATrainConfig
-from minigen.lora_training import LoRATrainer
+from minigen.finetune.config import LoRATrainConfig
+from minigen.finetune.trainer import LoRATrainer
 from minigen.sd.model import random_model
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lora-smoke")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_errors import assert_clean_error, clean_error_params
-from test_bad_fid import LONG, save_images, snapshot
+from cli_errors import clean_error_params
+from corpus import fails_cleanly
+from test_bad_fid import LONG, save_images
 from test_fid_parity import random_inception
 
 import eval as eval_cli
@@ -151,15 +152,13 @@ def command_line(flags: list, root) -> list[str]:
 
 @pytest.mark.parametrize("flags, mentions", clean_error_params(CASES))
 def test_bad_input_is_a_clean_error(corpus, capsys, flags, mentions):
-    before = snapshot(corpus)
-    assert_clean_error(eval_cli.main, command_line(flags, corpus), capsys, *mentions)
-    assert snapshot(corpus) == before  # inputs untouched, no --out folder or temporary file left
+    fails_cleanly(eval_cli.main, command_line(flags, corpus), capsys, mentions, corpus)
 
 
 def test_a_latin_1_prompt_file_is_read_as_captions_are(corpus):
     """Prompt files are read as training reads captions (captions.read_text): not UTF-8 means latin-1, with a warning
     naming the file, so the prompts match the captions a LoRA was trained on."""
-    from minigen.evaluate import read_prompts
+    from minigen.evaluate.inputs import read_prompts
 
     with pytest.warns(UserWarning, match="latin1.txt is not UTF-8"):
         assert read_prompts(corpus / "latin1.txt") == ["a red fox", "un café au lait"]

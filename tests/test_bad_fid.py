@@ -9,7 +9,6 @@ network's first block, so each case takes a fraction of a second.
 from __future__ import annotations
 
 import errno
-import hashlib
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 from cli_errors import assert_clean_error, clean_error_params
+from corpus import fails_cleanly, snapshot
 from test_fid_parity import random_inception
 
 import fid
-from minigen import metrics
+from minigen.fid import metrics
 from minigen.io import save_safetensors
 
 LONG = "x" * 300  # one path component longer than any file system allows (ENAMETOOLONG)
@@ -108,22 +108,6 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def fingerprint(path: Path) -> str:
-    """A file's content hash; for the ~100 MB weights files (hashing them for every case would take most of this
-    module's time) their size, modification time and inode: writing changes the time, replacing the inode."""
-    if path.is_dir():
-        return "dir"
-    stat = path.stat()
-    if stat.st_size > 1 << 20:
-        return f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path below root, hidden temporary files included -> its fingerprint."""
-    return {str(p.relative_to(root)): fingerprint(p) for p in sorted(root.rglob("*"))}
-
-
 # Each case: (argv with {root} for the corpus folder, what the error line must name). Without a flag of their own,
 # cases get --dims 64 and the good weights.
 NPZ = "{root}/good.npz"
@@ -205,10 +189,8 @@ def test_bad_input_is_a_clean_error(corpus, capsys, argv, mentions):
         argv = argv + ["--dims", "64"]
     if "--weights" not in argv:
         argv = argv + ["--weights", "{root}/inception.safetensors"]
-    before = snapshot(corpus)
-    assert_clean_error(fid.main, [a.format(root=corpus) for a in argv], capsys,
-                       *(m.format(root=corpus) for m in mentions))
-    assert snapshot(corpus) == before  # inputs untouched, no statistics or temporary file left
+    fails_cleanly(fid.main, [a.format(root=corpus) for a in argv], capsys, [m.format(root=corpus) for m in mentions],
+                  corpus)
 
 
 def test_the_corpus_is_fine_when_the_input_is(corpus, capsys):

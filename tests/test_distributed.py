@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 import fid as fid_cli
 from minigen import distributed
 from minigen.io import load_safetensors, save_safetensors
-from minigen.lora_config import LoRATrainConfig
-from minigen.lora_training import LoRATrainer
+from minigen.finetune.config import LoRATrainConfig
+from minigen.finetune.trainer import LoRATrainer
 from test_fid_parity import random_inception
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -54,7 +54,7 @@ def test_eval_prompts_from_twemoji_are_the_names(tmp_path, monkeypatch):
     """eval.py --prompts twemoji: the names, as training reads them (a stand-in twemoji folder: no download)."""
     from PIL import Image
 
-    from minigen.evaluate import read_prompts
+    from minigen.evaluate.inputs import read_prompts
 
     folder = tmp_path / "twemoji"
     folder.mkdir()

@@ -1,7 +1,7 @@
-"""eval.py / minigen.evaluate on the tiny random SDXL with tiny LoRAs made here, and random FID Inception weights.
+"""eval.py / minigen.evaluate.run on the tiny random SDXL with tiny LoRAs made here, and random FID Inception weights.
 
 The proof of issue 8: the job runs end to end, the table has one row per model, every number equals what
-minigen.metrics gives on the written images when called directly, the base images equal sample.py's for the same
+minigen.fid.metrics gives on the written images when called directly, the base images equal sample.py's for the same
 seeds, and a LoRA's images equal the pipeline's with that LoRA added directly. Random Inception weights suffice: the
 claim is "the numbers are the pieces' numbers", not "the numbers are meaningful".
 """
@@ -19,11 +19,12 @@ from test_fid_parity import random_inception
 import eval as eval_cli
 import sample as sample_cli
 import train_lora
-from minigen import features, metrics
-from minigen import inception as fid_inception
-from minigen.evaluate import Settings, candidates, epoch_of, evaluate, read_prompts
+from minigen.fid import features, metrics
+from minigen.fid import inception as fid_inception
+from minigen.evaluate.inputs import Settings, candidates, epoch_of, read_prompts
+from minigen.evaluate.run import evaluate
 from minigen.io import save_safetensors
-from minigen.lora import add_lora, lora_parameters, lora_weights
+from minigen.lora.layers import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import LoRAFileError, save_lora
 from minigen.sd.convert import unet_name_map
 from minigen.sd.pipeline import Pipeline

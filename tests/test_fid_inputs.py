@@ -8,8 +8,8 @@ from PIL import Image
 from pytorch_fid.fid_score import compute_statistics_of_path
 
 import fid as fid_cli
-from minigen import features, metrics
-from minigen.inception import FIDInceptionV3
+from minigen.fid import features, metrics
+from minigen.fid.inception import FIDInceptionV3
 from minigen.io import save_safetensors
 
 

@@ -10,8 +10,8 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
-from minigen import features, metrics
-from minigen.inception import OUTPUTS, FIDInceptionV3
+from minigen.fid import features, metrics
+from minigen.fid.inception import OUTPUTS, FIDInceptionV3
 
 
 def random_inception(seed=0) -> FIDInceptionV3:

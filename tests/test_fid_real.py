@@ -18,7 +18,7 @@ import pytorch_fid.inception as pf_inception
 from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
 
 import fid as fid_cli
-from minigen import features, inception, metrics
+from minigen.fid import features, inception, metrics
 from minigen.io import read_header
 
 MET_IMAGES = 12  # two folders of 6 paintings: each image costs ~0.1-0.3 s per model on 2 CPU cores

@@ -20,8 +20,9 @@ import fid as fid_cli
 import merge as merge_cli
 import sample as sample_cli
 from cli_errors import assert_clean_error
-from minigen import cli, inception, speed
-from minigen.memory_plan import model_configs
+from minigen import cli, speed
+from minigen.fid import inception
+from minigen.finetune.memory_plan import model_configs
 from minigen.sd.configs import default_size, get_config
 from minigen.sd.model import parse_random, random_model
 from minigen.sd.pipeline import Pipeline

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigen.lora import add_lora
+from minigen.lora.layers import add_lora
 from minigen.sd.configs import get_config
 from minigen.sd.unet import UNet2DConditionModel
 

@@ -1,21 +1,21 @@
-"""minigen.gan_augment (DiffAugment, Zhao et al. 2020): each transform against what it must do to known pixels, the
+"""minigen.gan.augment (DiffAugment, Zhao et al. 2020): each transform against what it must do to known pixels, the
 gradient reaching the input, the policy names, and the trainer calling it on both real and fake images."""
 
 import pytest
 import torch
 
-from minigen import gan_augment
-from minigen.gan_config import GANConfig
-from minigen.gan_trainer import GANTrainer
+from minigen.gan import augment
+from minigen.gan.config import GANConfig
+from minigen.gan.trainer import GANTrainer
 
 
 def draws(n, seed=0):
-    return gan_augment.Randomness(torch.Generator().manual_seed(seed), n)
+    return augment.Randomness(torch.Generator().manual_seed(seed), n)
 
 
 def test_translation_shifts_whole_images_and_fills_with_zeros():
     x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16) + 1  # no zero pixel
-    y = gan_augment.translation(x, draws(len(x)))
+    y = augment.translation(x, draws(len(x)))
     for image, moved in zip(x, y):
         shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)  # up to 16 / 8 = 2 pixels
                   if torch.equal(moved, torch.roll(image, (-dy, -dx), (1, 2)) * (moved != 0))]
@@ -27,14 +27,14 @@ def test_translation_shifts_whole_images_and_fills_with_zeros():
 
 def test_translation_passes_gradients_to_the_pixels_it_keeps():
     x = torch.randn(50, 1, 8, 8, requires_grad=True)
-    y = gan_augment.translation(x, draws(len(x)))
+    y = augment.translation(x, draws(len(x)))
     y.sum().backward()
     assert torch.all(x.grad <= 1) and x.grad.sum() == (y != 0).sum()  # each kept pixel read once, weight 1
 
 
 def test_cutout_zeroes_one_half_size_square():
     x = torch.ones(300, 3, 16, 16)
-    y = gan_augment.cutout(x, draws(len(x)))
+    y = augment.cutout(x, draws(len(x)))
     assert torch.equal(y[:, 0], y[:, 2])  # the same square in every channel
     cut = (y[:, 0] == 0)  # (B, H, W)
     rows, cols = cut.any(dim=2).sum(dim=1), cut.any(dim=1).sum(dim=1)
@@ -45,20 +45,20 @@ def test_cutout_zeroes_one_half_size_square():
 
 def test_color_keeps_a_grey_image_grey_and_is_per_image():
     grey = torch.full((50, 3, 4, 4), 0.2)
-    y = gan_augment.color(grey, draws(len(grey)))
+    y = augment.color(grey, draws(len(grey)))
     assert torch.allclose(y, y[:, :1].expand_as(y))  # saturation and contrast leave a flat grey image flat
     assert y[:, 0, 0, 0].std() > 0.2  # brightness: a different shift per image, U[-0.5, 0.5)
 
 
 def test_policy_names_and_no_op():
-    assert gan_augment.parse_policy(" translation, cutout ") == ("translation", "cutout")
+    assert augment.parse_policy(" translation, cutout ") == ("translation", "cutout")
     x = torch.randn(2, 3, 8, 8)
     random = draws(2)
     state = random.generator.get_state()
-    assert gan_augment.diff_augment(x, "", random) is x
+    assert augment.diff_augment(x, "", random) is x
     assert torch.equal(random.generator.get_state(), state)  # no draw: runs without augmentation are unchanged
     with pytest.raises(ValueError, match="unknown transform 'flip'"):
-        gan_augment.parse_policy("translation,flip")
+        augment.parse_policy("translation,flip")
     with pytest.raises(ValueError, match="--diffaugment"):
         GANConfig(diffaugment="zoom")
 
@@ -66,9 +66,9 @@ def test_policy_names_and_no_op():
 def test_draws_for_a_global_batch_keep_this_ranks_rows():
     """Under torchrun a rank augments its rows of the global batch exactly as one process augments the whole batch."""
     x = torch.randn(6, 3, 16, 16)
-    whole = gan_augment.diff_augment(x, "color,translation,cutout", draws(6))
-    second_half = gan_augment.Randomness(torch.Generator().manual_seed(0), 6, lambda values: values[3:])
-    torch.testing.assert_close(gan_augment.diff_augment(x[3:], "color,translation,cutout", second_half), whole[3:])
+    whole = augment.diff_augment(x, "color,translation,cutout", draws(6))
+    second_half = augment.Randomness(torch.Generator().manual_seed(0), 6, lambda values: values[3:])
+    torch.testing.assert_close(augment.diff_augment(x[3:], "color,translation,cutout", second_half), whole[3:])
 
 
 def test_trainer_augments_what_the_discriminator_sees(monkeypatch):
@@ -79,7 +79,7 @@ def test_trainer_augments_what_the_discriminator_sees(monkeypatch):
         seen.append((x.shape, policy))
         return x
 
-    monkeypatch.setattr(gan_augment, "diff_augment", recording)
+    monkeypatch.setattr(augment, "diff_augment", recording)
     trainer = GANTrainer(GANConfig(size=(32, 32), ngf=4, ndf=4, nz=8, batch=4, diffaugment="cutout"))
     trainer.step(torch.rand(4, 3, 32, 32) * 2 - 1)
     assert seen == [((4, 3, 32, 32), "cutout")] * 3

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from minigen import gan_distributed
-from minigen.gan_config import GANConfig
-from minigen.gan_trainer import GANTrainer, train
+from minigen.gan import parallel
+from minigen.gan.config import GANConfig
+from minigen.gan.trainer import GANTrainer, train
 from minigen.io import load_safetensors
 from test_distributed import flags, torchrun
 import test_train_gan
@@ -139,8 +139,8 @@ def test_a_failing_rank_ends_the_job_with_its_message(folder, tmp_path):
 def test_sync_batch_norm_alone_is_batch_norm():
     """One process, or a pass without gradients: SyncBatchNorm2d is BatchNorm2d, same keys and numbers."""
     plain = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
-    synced = gan_distributed.sync_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
-    assert isinstance(synced[0], gan_distributed.SyncBatchNorm2d) and synced.state_dict().keys() == \
+    synced = parallel.sync_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+    assert isinstance(synced[0], parallel.SyncBatchNorm2d) and synced.state_dict().keys() == \
         plain.state_dict().keys()
     x = torch.randn(4, 3, 5, 5)
     assert torch.equal(synced(x), plain(x)) and torch.equal(synced[0].running_var, plain[0].running_var)

@@ -1,4 +1,4 @@
-"""FID during GAN training (minigen.gan_fid, train_gan.py --fid-every): the hook's number is minigen.metrics' FID of
+"""FID during GAN training (minigen.gan.fid, train_gan.py --fid-every): the hook's number is minigen.fid.metrics' FID of
 the same images, the training statistics are cached and reused, a tiny run logs and plots FID across a resume and
 agrees with fid.py on `--sample` PNGs, and missing weights stop the run before training.
 
@@ -17,10 +17,11 @@ from PIL import Image
 
 import fid
 import train_gan
-from minigen import features, gan_fid, inception, metrics
-from minigen.data import ImageFolder
-from minigen.gan_config import GANConfig
-from minigen.gan_trainer import GANTrainer, noise_batches
+from minigen.fid import features, inception, metrics
+from minigen.gan import fid as gan_fid
+from minigen.gan.data import ImageFolder
+from minigen.gan.config import GANConfig
+from minigen.gan.trainer import GANTrainer, noise_batches
 from minigen.plot import signed_to_uint8
 
 N_IMAGES = 71

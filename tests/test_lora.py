@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from minigen.lora import (LoRALayer, add_lora, lora_names, lora_parameters, lora_weights, merge_lora, remove_lora,
-                          set_multiplier, unmerge_lora)
+from minigen.lora.layers import (LoRALayer, add_lora, lora_names, lora_parameters, lora_weights, merge_lora, remove_lora,
+                                 set_multiplier, unmerge_lora)
 from minigen.sd.lora_files import LoRAFileError, kohya_metadata, parse_lora_spec, save_lora
 from minigen.sd.lora_reading import load_lora, read_lora
 from minigen.io import read_header

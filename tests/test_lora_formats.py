@@ -37,8 +37,8 @@ from test_sd_pipeline import reference_folder
 
 import merge as merge_cli
 import sample as sample_cli
-from minigen import lora as lora_module
-from minigen.lora import lora_names, merge_lora
+from minigen.lora import layers as lora_layers
+from minigen.lora.layers import lora_names, merge_lora
 from minigen.sd.model import load_model
 from minigen.sd.lora_reading import load_lora
 
@@ -145,7 +145,7 @@ def test_lycoris_file_applies_as_lycoris_forward(family, fmt, tmp_path, capsys, 
 
     # sample.py's way: every layer's change added into its weight for good, a few rows at a time (blocks of at most
     # 64 values here, so that a tiny model's weights are fused in many blocks as a full-size one's are)
-    monkeypatch.setattr(lora_module, "BLOCK_VALUES", 64)
+    monkeypatch.setattr(lora_layers, "BLOCK_VALUES", 64)
     for_good = copy.deepcopy(components)
     load_lora(lora, for_good, removable=False)
     assert not lora_names(for_good["unet"])  # nothing wrapped, nothing kept aside
@@ -245,7 +245,7 @@ def test_simpletuner_lycoris_names(family, tmp_path):
 def test_dora_strength_semantics():
     """kohya/LyCORIS DoRA at strength s: W + s·(W' − W) (ComfyUI's interpolation), W' with the magnitudes as its
     row norms (input-axis: column norms); peft DoRA: rows of norm m at every s, the direction of W + s·c·B·A."""
-    from minigen.lora_formats import LayerDelta
+    from minigen.lora.formats import LayerDelta
 
     g = torch.Generator().manual_seed(0)
     w, down, up = torch.randn(8, 6, generator=g), torch.randn(2, 6, generator=g), torch.randn(8, 2, generator=g)
@@ -297,7 +297,7 @@ def block_cases() -> dict[str, dict[str, torch.Tensor]]:
 def test_change_of_a_block_of_rows_is_those_rows_of_the_change(case):
     """`LayerDelta.rows` (what fusing a block of rows at a time computes) gives exactly the rows of the whole change,
     for every kind; the kinds whose rows need the whole weight say so (row_step None)."""
-    from minigen.lora_formats import LayerDelta
+    from minigen.lora.formats import LayerDelta
 
     layer = LayerDelta.from_tensors(block_cases()[case])
     w = torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(1))
@@ -315,8 +315,9 @@ def test_fusing_keeps_no_copy_and_for_good_keeps_nothing():
     """Removable, a merged layer keeps its original weight tensor itself aside (no copy of it is made) and gets a new
     one; for good (sample.py), the change goes into the weight in place and the layer stays a plain one."""
     from torch import nn
-    from minigen.lora import LoRALayer, add_lora_deltas, remove_lora
-    from minigen.lora_formats import LayerDelta
+    from minigen.lora.applying import add_lora_deltas
+    from minigen.lora.layers import LoRALayer, remove_lora
+    from minigen.lora.formats import LayerDelta
 
     layer = LayerDelta.from_tensors(block_cases()["LoHa"])
     removable, for_good = nn.Sequential(nn.Conv2d(6, 8, 3)), nn.Sequential(nn.Conv2d(6, 8, 3))
@@ -338,8 +339,9 @@ def test_file_layers_fused_unmerged_and_removed():
     outputs through their own forward (1e-5: fp32, another order of sums); removed, the weights are W again, bit for
     bit (the originals were kept aside)."""
     from torch import nn
-    from minigen.lora import add_lora_deltas, remove_lora, unmerge_lora
-    from minigen.lora_formats import LayerDelta
+    from minigen.lora.applying import add_lora_deltas
+    from minigen.lora.layers import remove_lora, unmerge_lora
+    from minigen.lora.formats import LayerDelta
 
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, stride=2))

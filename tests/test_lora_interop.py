@@ -14,7 +14,7 @@ import torch
 from close import assert_close_to_scale
 
 from minigen.io import save_safetensors
-from minigen.lora import add_lora, lora_parameters, lora_weights
+from minigen.lora.layers import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import kohya_metadata, save_lora
 from minigen.sd.lora_reading import load_lora
 from minigen.sd import get_config

@@ -22,8 +22,8 @@ from test_lora_formats import PRESET
 from test_sd_lora import write_data
 from test_sd_pipeline import reference_folder
 
-from minigen.lora_config import LoRATrainConfig
-from minigen.lora_training import LoRATrainer
+from minigen.finetune.config import LoRATrainConfig
+from minigen.finetune.trainer import LoRATrainer
 from minigen.sd.lora_files import save_lora
 from minigen.sd.lora_reading import load_lora, read_lora
 

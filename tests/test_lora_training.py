@@ -16,13 +16,13 @@ from PIL import Image
 
 import train_lora
 
-from minigen.buckets import make_buckets, nearest_bucket, prepare_image
+from minigen.finetune.buckets import make_buckets, nearest_bucket, prepare_image
 from minigen.captions import captioned_images, dreambooth_images, read_caption
 from minigen.io import CheckpointError, load_safetensors
 from minigen.sd.lora_files import LoRAFileError
 from minigen.sd.lora_reading import load_lora
-from minigen.lora_config import LoRATrainConfig
-from minigen.lora_training import LoRATrainer
+from minigen.finetune.config import LoRATrainConfig
+from minigen.finetune.trainer import LoRATrainer
 from minigen.training import TrainingDiverged
 from minigen.sd.configs import get_config
 from minigen.sd.model import build_model, random_model

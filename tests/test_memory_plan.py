@@ -1,4 +1,4 @@
-"""The memory plan (minigen/memory_plan.py) against memory measured from outside: the resident-set high-water mark of
+"""The memory plan (minigen/finetune/memory_plan.py) against memory measured from outside: the resident-set high-water mark of
 a separate process running the same two training steps on real tensors.
 
 The measurement: glibc's malloc keeps freed memory for reuse once its mmap threshold has grown, which makes the
@@ -20,14 +20,14 @@ import pytest
 import torch
 
 import train_lora
-from minigen.lora_config import LoRATrainConfig
-from minigen.memory_plan import GB, check_fits, model_configs, plan_lora_step, plan_sampling
+from minigen.finetune.config import LoRATrainConfig
+from minigen.finetune.memory_plan import GB, check_fits, model_configs, plan_lora_step, plan_sampling
 from minigen.sd.configs import get_config
 
 MEASURE = textwrap.dedent("""
     import json, sys, torch
-    from minigen.lora_config import LoRATrainConfig
-    from minigen.memory_plan import _two_steps, model_configs
+    from minigen.finetune.config import LoRATrainConfig
+    from minigen.finetune.memory_plan import _two_steps, model_configs
     torch.set_num_threads(1)
 
     def status(field):
@@ -182,7 +182,7 @@ def test_the_plan_runs_norms_and_softmax_in_fp32_under_autocast_as_cuda_does(mon
     CPU with CUDA's policy, so a bf16 step's norm outputs count at 4 bytes an element, as on a GPU."""
     import torch.nn.functional as F
 
-    from minigen.memory_plan import cuda_autocast_policy
+    from minigen.finetune.memory_plan import cuda_autocast_policy
 
     x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
     with torch.autocast("cpu", torch.bfloat16):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import merge as merge_cli  # merge.py at the repository root (pytest's pythonpath)
 from cli_errors import assert_clean_error
 from minigen.io import CheckpointError
-from minigen.merging import MergeRecipe, block_weights, merge_checkpoints
+from minigen.merge.checkpoints import MergeRecipe, block_weights, merge_checkpoints
 from minigen.sd.model import random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py

@@ -1,4 +1,4 @@
-"""minigen.merging: each method equals its formula tensor by tensor; components, recipe metadata and bad input."""
+"""minigen.merge.checkpoints: each method equals its formula tensor by tensor; components, recipe metadata and bad input."""
 
 import hashlib
 import json
@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 import merge as merge_cli  # merge.py at the repository root (pytest's pythonpath)
 from cli_errors import assert_clean_error
-from minigen import checkpoint_files, merging
+from minigen.sd import checkpoint_files
+from minigen.merge import checkpoints
 from minigen.io import CheckpointError, read_header, save_safetensors
-from minigen.merging import MergeRecipe, MergeWarning, merge_checkpoints
+from minigen.merge.checkpoints import MergeRecipe, MergeWarning, merge_checkpoints
 from minigen.sd.detect import CONFIGS_METADATA
 from minigen.sd.model import load_model, random_model
 
@@ -212,16 +213,16 @@ def test_interrupted_merge_leaves_no_partial_file(abc, tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return merging.weighted_sum(a, b, alpha, out)
+        return checkpoints.weighted_sum(a, b, alpha, out)
 
-    monkeypatch.setitem(merging.METHODS, "weighted_sum", merging.Method(failing, 2, True))
+    monkeypatch.setitem(checkpoints.METHODS, "weighted_sum", checkpoints.Method(failing, 2, True))
     with pytest.raises(KeyboardInterrupt):
         merge(pa, pb, tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
 
 
 def test_large_tensor_is_computed_in_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(merging, "CHUNK", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(checkpoints, "CHUNK", 7)  # several chunks, the last one partial
     g = torch.Generator().manual_seed(3)
     a = {UNET_IN: torch.randn(5, 9, generator=g)}
     b = {UNET_IN: torch.randn(5, 9, generator=g)}
@@ -278,8 +279,8 @@ def kohya_lora(path, seed, names_shapes, alpha):
 
 def test_baked_loras_equal_runtime_loras(tmp_path):
     from torch import nn
-    from minigen.lora import LoRAAdapter, LoRALayer, LoRATensors
-    from minigen.merging import bake_loras
+    from minigen.lora.layers import LoRAAdapter, LoRALayer, LoRATensors
+    from minigen.merge.bake import bake_loras
 
     g = torch.Generator().manual_seed(0)
     ckpt = {LORA_Q: torch.randn(8, 8, generator=g), TE1_Q: torch.randn(6, 6, generator=g),
@@ -324,7 +325,7 @@ def test_baked_loras_equal_runtime_loras(tmp_path):
 
 def test_bake_refuses_a_lora_for_another_model(tmp_path):
     from minigen.sd.lora_files import LoRAFileError
-    from minigen.merging import bake_loras
+    from minigen.merge.bake import bake_loras
 
     save_safetensors({LORA_Q: torch.zeros(8, 8)}, tmp_path / "base.safetensors")
     kohya_lora(tmp_path / "other.safetensors", 0, {"lora_unet_middle_block_1_proj_in": (8, 8)}, 1.0)
@@ -349,8 +350,8 @@ def svd_tail(delta, rank):
 
 
 def test_extract_then_bake_reproduces_the_difference_to_the_svd_error(tmp_path):
-    from minigen.lora_extract import extract_lora
-    from minigen.merging import bake_loras
+    from minigen.merge.extract import extract_lora
+    from minigen.merge.bake import bake_loras
 
     g = torch.Generator().manual_seed(0)
     base = {LORA_Q: torch.randn(8, 8, generator=g), TE2_QKV: torch.randn(12, 4, generator=g),
@@ -378,7 +379,7 @@ def test_extract_then_bake_reproduces_the_difference_to_the_svd_error(tmp_path):
 
 
 def test_low_rank_clamps_at_the_quantile():
-    from minigen.lora_extract import low_rank
+    from minigen.merge.extract import low_rank
 
     delta = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
     delta[0, 0] = 100.0  # an outlier
@@ -484,7 +485,7 @@ def test_merge_to_diffusers_folder_equals_the_single_file_merge(tiny_sdxl, tmp_p
 
     from minigen.io import read_header
     from minigen.sd import load_model
-    from minigen.sd.convert import normalize_clip_keys
+    from minigen.sd.clip import normalize_clip_keys
 
     (pa, pb), _ = tiny_sdxl
     recipe = MergeRecipe(alpha=0.3, vae="merge", dtype="fp16")  # VAE merged: its attention's reshape is exercised
@@ -545,10 +546,10 @@ def test_folder_output_failures_leave_nothing(tiny_sdxl, tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return merging.weighted_sum(a, b, alpha, out)
+        return checkpoints.weighted_sum(a, b, alpha, out)
 
     with monkeypatch.context() as m:
-        m.setitem(merging.METHODS, "weighted_sum", merging.Method(failing, 2, True))
+        m.setitem(checkpoints.METHODS, "weighted_sum", checkpoints.Method(failing, 2, True))
         with pytest.raises(KeyboardInterrupt):
             merge(pa, pb, out)
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ import merge
 import sample
 import train_lora
 from minigen.io import CheckpointError
-from minigen.memory_plan import model_configs
+from minigen.finetune.memory_plan import model_configs
 from minigen.sd.model import load_model, random_model
 
 

@@ -16,12 +16,12 @@ from PIL.PngImagePlugin import PngInfo
 from cli_errors import assert_clean_error
 
 import sample as sample_cli
-from minigen.diffusion import SAMPLERS
+from minigen.diffusion.schedule import SAMPLERS
 from minigen.io import save_safetensors
-from minigen.lora import add_lora, lora_parameters, lora_weights
+from minigen.lora.layers import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import save_lora
-from minigen.png_info import a1111_name, file_hashes, infotext, lora_hash, parse_infotext, settings_from_infotext
-from minigen.sampler_names import a1111_names, resolve_sampler
+from minigen.sd.png_info import a1111_name, file_hashes, infotext, lora_hash, parse_infotext, settings_from_infotext
+from minigen.diffusion.names import a1111_names, resolve_sampler
 from minigen.sd.configs import get_config
 from minigen.sd.convert import unet_name_map
 from minigen.sd.model import build_model, random_model

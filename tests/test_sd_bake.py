@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigen.lora_extract import extract_lora
-from minigen.merging import bake_loras
+from minigen.merge.extract import extract_lora
+from minigen.merge.bake import bake_loras
 from minigen.sd.lora_reading import read_lora
 from minigen.sd.model import random_model
 

@@ -29,8 +29,8 @@ from test_sd_pipeline import FAMILIES, IMAGE_TOL, reference_folder
 import eval as eval_cli
 import merge as merge_cli
 from minigen.io import load_weights, save_safetensors
-from minigen.lora_config import LoRATrainConfig
-from minigen.lora_training import LoRATrainer
+from minigen.finetune.config import LoRATrainConfig
+from minigen.finetune.trainer import LoRATrainer
 from minigen.sd.convert import unet_name_map
 from minigen.sd.lora_files import LoRAFileError, kohya_state_dict, save_lora
 from minigen.sd.model import load_model, random_model

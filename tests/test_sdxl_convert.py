@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from minigen.sd import convert, get_config
+from minigen.sd import convert, get_config, text_names
 from minigen.sd.clip import normalize_clip_keys
 from minigen.sd.detect import detect_family
 
@@ -90,7 +90,7 @@ def test_text_encoder_maps_are_inverted_by_diffusers(preset, part):
     model_class = CLIPTextModel if part == "text_encoder" else CLIPTextModelWithProjection
     ours = normalize_clip_keys(_state_dict(model_class, config, preset))
     prefix = convert.FAMILY_PREFIXES["sdxl"][part]
-    to_single = convert.hf_clip_to_single_file if part == "text_encoder" else convert.openclip_to_single_file
+    to_single = text_names.hf_clip_to_single_file if part == "text_encoder" else text_names.openclip_to_single_file
     single = to_single(ours, prefix)
     if part == "text_encoder":
         back = sfu.convert_ldm_clip_checkpoint(single)
@@ -106,7 +106,7 @@ def test_text_encoder_maps_are_inverted_by_diffusers(preset, part):
     if expected_count:
         assert sum(v.numel() for v in ours.values()) == expected_count
     _assert_same(ours, back, preset)
-    to_diffusers = convert.hf_clip_to_diffusers if part == "text_encoder" else convert.openclip_to_diffusers
+    to_diffusers = text_names.hf_clip_to_diffusers if part == "text_encoder" else text_names.openclip_to_diffusers
     _assert_same(ours, to_diffusers(single, prefix), preset)
 
 

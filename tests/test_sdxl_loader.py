@@ -15,14 +15,15 @@ from safetensors.torch import save_file
 
 from minigen.io import CheckpointError, load_weights
 from minigen.sd import convert
+from minigen.sd.clip import normalize_clip_keys
 from minigen.sd.model import PARTS, load_model
 from sdxl_tiny import tiny_folder, tiny_pipeline, tiny_single_file
 
 
 def _assert_equal_weights(ours, ref_model, part, dtype=torch.float32):
     """`ours` holds exactly `ref_model`'s weights, cast to `dtype`."""
-    a = convert.normalize_clip_keys(ours.state_dict()) if part.startswith("text") else ours.state_dict()
-    b = convert.normalize_clip_keys(ref_model.state_dict()) if part.startswith("text") else ref_model.state_dict()
+    a = normalize_clip_keys(ours.state_dict()) if part.startswith("text") else ours.state_dict()
+    b = normalize_clip_keys(ref_model.state_dict()) if part.startswith("text") else ref_model.state_dict()
     b = {k: v.to(dtype) for k, v in b.items() if not k.endswith("position_ids")}
     assert sorted(a) == sorted(b), part
     for k in a:

@@ -18,7 +18,7 @@ from sdxl_tiny import tiny_folder, tiny_pipeline
 from close import assert_close_to_scale, reference_images
 import sample as sample_cli
 from minigen.io import CheckpointError, save_safetensors
-from minigen.lora import add_lora, lora_parameters, lora_weights
+from minigen.lora.layers import add_lora, lora_parameters, lora_weights
 from minigen.sd.lora_files import save_lora
 from minigen.sd.convert import unet_name_map
 from minigen.sd.model import load_model

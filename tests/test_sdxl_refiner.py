@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from close import assert_close_to_scale, reference_images
 import sample as sample_cli
 from minigen.io import load_weights
-from minigen.png_info import read_png_settings
+from minigen.sd.png_info import read_png_settings
 from minigen.sd.configs import get_config
 from minigen.sd.detect import detect
 from minigen.sd.pipeline import Pipeline, load_init_image

@@ -10,7 +10,8 @@ import torch
 
 from close import assert_close_to_scale
 from cli_errors import assert_clean_error
-from minigen import gan, speed
+from minigen import speed
+from minigen.gan import dcgan
 from minigen.sd import get_config
 from minigen.sd.unet import UNet2DConditionModel
 from minigen.sd.vae import AutoencoderKL
@@ -55,8 +56,8 @@ def test_channels_last_unet_and_vae_give_the_same_outputs(tiny_unet, tiny_vae):
 
 
 def test_channels_last_dcgan_step_gives_the_same_losses():
-    from minigen.gan_config import GANConfig
-    from minigen.gan_trainer import GANTrainer
+    from minigen.gan.config import GANConfig
+    from minigen.gan.trainer import GANTrainer
 
     real = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(6)) * 2 - 1
     stats = [GANTrainer(GANConfig(size=(32, 32), nz=8, ngf=8, ndf=8, batch=4, channels_last=cl)).step(real)
@@ -144,7 +145,7 @@ def test_a_cuda_only_kernel_on_the_cpu_is_one_line_exit_2(capsys, tmp_path):
 @pytest.mark.slow  # torch.compile on the CPU: 345 s of compiling measured on 2 busy cores
 def test_compile_gives_the_eager_outputs(tiny_unet):
     config, unet, inputs = tiny_unet
-    G = gan.Generator((32, 32), 8, 8).eval()
+    G = dcgan.Generator((32, 32), 8, 8).eval()
     z = torch.randn(4, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want_g, want_unet = G(z), unet(*inputs)

@@ -1,4 +1,4 @@
-"""train_gan.py and minigen.gan_trainer on a tiny generated folder: outputs, exact resume (epoch boundary and
+"""train_gan.py and minigen.gan.trainer on a tiny generated folder: outputs, exact resume (epoch boundary and
 Ctrl-C mid-epoch, also with the EMA generator and spectral norm), the EMA update by hand, NaN stop keeping the last
 checkpoint, bad checkpoints, sampling (from the EMA generator when there is one), presets."""
 
@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 import train_gan
-from minigen import gan, speed
-from minigen.gan_config import GANConfig
-from minigen.gan_trainer import GANTrainer, TrainingDiverged, load_generator, train
+from minigen import speed
+from minigen.gan import dcgan
+from minigen.gan.config import GANConfig
+from minigen.gan.trainer import GANTrainer, TrainingDiverged, load_generator, train
 from minigen.io import load_safetensors, read_header, save_safetensors
 
 TINY = ["--size", "32x32", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch", "4", "--grid", "4", "--quiet"]
@@ -124,7 +125,7 @@ def test_ema_update_by_hand(folder):
 def test_ctrl_c_saves_then_resumes_exactly(folder, tmp_path, request, monkeypatch, at, position, variant):
     uninterrupted = reference_run(request, variant)
     calls = {"n": 0}
-    real_loss = gan.bce_d_loss
+    real_loss = dcgan.bce_d_loss
 
     def interrupting_loss(*args):
         calls["n"] += 1
@@ -132,24 +133,24 @@ def test_ctrl_c_saves_then_resumes_exactly(folder, tmp_path, request, monkeypatc
             signal.raise_signal(signal.SIGINT)
         return real_loss(*args)
 
-    monkeypatch.setattr(gan, "bce_d_loss", interrupting_loss)
+    monkeypatch.setattr(dcgan, "bce_d_loss", interrupting_loss)
     assert run(folder, tmp_path, "--epochs", "3", *VARIANTS[variant]) == 130
     _, meta = read_header(tmp_path / "checkpoint.safetensors")
     assert (meta["iteration"], meta["epoch"], meta["batch_index"]) == position  # epoch counts from 0 here
-    monkeypatch.setattr(gan, "bce_d_loss", real_loss)
+    monkeypatch.setattr(dcgan, "bce_d_loss", real_loss)
     assert train_gan.main(["--resume", str(tmp_path / "checkpoint.safetensors"), "--quiet"]) == 0
     assert log_lines(tmp_path) == log_lines(uninterrupted)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(folder, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = gan.bce_d_loss
+    real_loss = dcgan.bce_d_loss
 
     def diverging_loss(*args):
         calls["n"] += 1
         return real_loss(*args) * (float("nan") if calls["n"] == 5 else 1.0)
 
-    monkeypatch.setattr(gan, "bce_d_loss", diverging_loss)
+    monkeypatch.setattr(dcgan, "bce_d_loss", diverging_loss)
     cfg = GANConfig(data=str(folder), size=(32, 32), ngf=4, ndf=4, nz=8, batch=4, grid=4, epochs=3, out=str(tmp_path))
     with pytest.raises(TrainingDiverged, match="iteration 5.*last good checkpoint"):
         train(cfg, progress=False)

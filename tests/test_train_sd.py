@@ -1,4 +1,4 @@
-"""A Stable Diffusion trained from scratch by train_sd.py (minigen/sd_training.py), the whole chain at a toy size in
+"""A Stable Diffusion trained from scratch by train_sd.py (minigen/finetune/from_scratch.py), the whole chain at a toy size in
 seconds: the VAE stage, the UNet + text-encoder stage, the saved single file and diffusers folder; diffusers'
 StableDiffusionPipeline draws the same image from the folder as minigen from the single file; sample.py (img2img
 and --from-png too), train_lora.py, eval.py and merge.py take the model; a run stopped mid-stage and resumed ends
@@ -23,7 +23,7 @@ from close import assert_close_to_scale
 from minigen.io import save_safetensors
 from minigen.sd.model import load_model
 from minigen.sd.pipeline import Pipeline
-from minigen.sd_training import FromScratchTrainer, SDTrainConfig
+from minigen.finetune.from_scratch import FromScratchTrainer, SDTrainConfig
 from test_fid_parity import random_inception
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from minigen.gan_trainer import GANTrainer  # noqa: E402
-from minigen.lora_training import LoRATrainer  # noqa: E402
+from minigen.gan.trainer import GANTrainer  # noqa: E402
+from minigen.finetune.trainer import LoRATrainer  # noqa: E402
 from vcuda import VirtualCuda  # noqa: E402
 
 

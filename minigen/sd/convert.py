@@ -32,43 +32,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from .clip import normalize_clip_keys
+from .checkpoint_keys import (BIGG_PREFIX, CLIP_L_PREFIX, FAMILY_PREFIXES, REFINER_TEXT_PREFIX, SD1_TEXT_PREFIX,
+                              SD2_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ignored_key)
 from .configs import get_config
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L
-BIGG_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP bigG
-SD1_TEXT_PREFIX = "cond_stage_model.transformer."
-SD2_TEXT_PREFIX = "cond_stage_model.model."
-REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
-
-# family -> {part: single-file prefix}; a text prefix ending in "transformer." holds the HF layout, "model." OpenCLIP's
-FAMILY_PREFIXES = {
-    "sd1": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": SD1_TEXT_PREFIX},
-    "sd2": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": SD2_TEXT_PREFIX},
-    "sdxl": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_L_PREFIX, "text_encoder_2": BIGG_PREFIX},
-    "sdxl-refiner": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder_2": REFINER_TEXT_PREFIX},
-}
-
-# Keys real single files carry that no minigen/diffusers module holds: dropped when loading.
-IGNORED_SUFFIXES = ("embeddings.position_ids",  # a buffer older transformers saved
-                    "model.logit_scale")  # CLIP's contrastive temperature, unused for text encoding
-IGNORED_KEYS = {  # the original LDM training state: its noise schedule buffers, EMA bookkeeping, markers
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "v_pred", "ztsnr"}  # and every model_ema.* key (see ignored_key)
-# SD 2's text encoder is OpenCLIP ViT-H without its last block (it reads the penultimate layer); diffusers drops
-# block 23 of a file, so minigen does too.
-SD2_UNUSED_BLOCK = "transformer.resblocks.23."
-
-
-def ignored_key(key: str) -> bool:
-    """True for a single-file key that no model part holds (see IGNORED_KEYS, IGNORED_SUFFIXES)."""
-    return key in IGNORED_KEYS or key.startswith("model_ema.") or (
-        key.startswith(("cond_stage_model.", "conditioner.")) and key.endswith(IGNORED_SUFFIXES)) or \
-        key.startswith(SD2_TEXT_PREFIX + SD2_UNUSED_BLOCK) or key == SD2_TEXT_PREFIX + "text_projection"
+from .text_names import BIGG_LAYER_PARTS, text_converters
 
 
 class NameMap:
@@ -223,92 +190,6 @@ def _is_vae_attention_weight(diffusers_key: str) -> bool:
         "group_norm" not in diffusers_key
 
 
-# ------------------------------------------------------------------------------------------------ text encoders
-
-# diffusers CLIPTextModel(WithProjection) layer part -> OpenCLIP resblock part (q/k/v are fused, handled apart)
-BIGG_LAYER_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-_BIGG_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "text_model.embeddings.position_embedding.weight": "positional_embedding",
-             "text_model.final_layer_norm.weight": "ln_final.weight",
-             "text_model.final_layer_norm.bias": "ln_final.bias"}
-
-
-def hf_clip_to_single_file(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """A diffusers/transformers CLIP text model -> `prefix` + the same HF layout (`text_model.encoder.layers...`)."""
-    return {prefix + k: v for k, v in normalize_clip_keys(state_dict).items()}
-
-
-def hf_clip_to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """`prefix` + HF layout (prefix already removed or not) -> diffusers `text_encoder` keys."""
-    return normalize_clip_keys({k.removeprefix(prefix): v for k, v in state_dict.items()
-                                if not ignored_key(prefix + k.removeprefix(prefix))})
-
-
-def openclip_to_single_file(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """An OpenCLIP text tower in diffusers/transformers names (bigG, ViT-H) -> `prefix` + OpenCLIP names: q/k/v
-    fused, the projection (if the model has one) transposed."""
-    sd = normalize_clip_keys(state_dict)
-    out = {}
-    for key, value in sd.items():
-        if key in _BIGG_TOP:
-            out[_BIGG_TOP[key]] = value
-        elif key == "text_projection.weight":  # Linear (proj, hidden) -> OpenCLIP parameter (hidden, proj)
-            out["text_projection"] = value.t().contiguous()
-        elif key.startswith("text_model.encoder.layers."):
-            layer, part = key.removeprefix("text_model.encoder.layers.").split(".", 1)
-            block = f"transformer.resblocks.{layer}"
-            if part.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
-                if part.startswith("self_attn.q_proj."):  # emit the fused tensor once, at q
-                    kind = part.rsplit(".", 1)[1]  # weight or bias
-                    pre = f"text_model.encoder.layers.{layer}.self_attn."
-                    out[f"{block}.attn.in_proj_{kind}"] = torch.cat(
-                        [sd[f"{pre}{p}_proj.{kind}"] for p in "qkv"], dim=0)
-                continue
-            module, kind = part.rsplit(".", 1)
-            out[f"{block}.{BIGG_LAYER_PARTS[module]}.{kind}"] = value
-        else:
-            raise KeyError(f"OpenCLIP text encoder: no single-file name for {key!r}")
-    return {prefix + k: v for k, v in out.items()}
-
-
-def openclip_to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """`prefix` + OpenCLIP names (prefix already removed or not) -> diffusers/transformers text-encoder keys."""
-    top = {v: k for k, v in _BIGG_TOP.items()}
-    parts = {v: k for k, v in BIGG_LAYER_PARTS.items()}
-    out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix(prefix)
-        if ignored_key(prefix + key):
-            continue
-        if key in top:
-            out[top[key]] = value
-        elif key == "text_projection":
-            out["text_projection.weight"] = value.t().contiguous()
-        elif key.startswith("transformer.resblocks."):
-            layer, part = key.removeprefix("transformer.resblocks.").split(".", 1)
-            pre = f"text_model.encoder.layers.{layer}."
-            if part.startswith("attn.in_proj_"):
-                kind = part.removeprefix("attn.in_proj_")
-                for p, chunk in zip("qkv", value.chunk(3, dim=0)):
-                    out[f"{pre}self_attn.{p}_proj.{kind}"] = chunk.contiguous()
-            else:
-                module, kind = part.rsplit(".", 1)
-                if module not in parts:
-                    raise KeyError(f"OpenCLIP text encoder: unknown single-file key {prefix + key!r}")
-                out[pre + parts[module] + "." + kind] = value
-        else:
-            raise KeyError(f"OpenCLIP text encoder: unknown single-file key {prefix + key!r}")
-    return out
-
-
-def _text_converters(prefix: str) -> tuple[Callable, Callable]:
-    """(to single file, to diffusers) of the text encoder stored under `prefix`: HF layout or OpenCLIP's."""
-    if prefix.endswith(".transformer."):
-        return hf_clip_to_single_file, hf_clip_to_diffusers
-    return openclip_to_single_file, openclip_to_diffusers
-
-
 # ------------------------------------------------------------------------------------------ whole checkpoints
 
 def unet_to_single_file(state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None) -> dict:
@@ -350,7 +231,7 @@ def part_converters(family: str, configs: Mapping[str, Mapping]) -> dict[str, tu
                           lambda sd: vae_to_diffusers(sd, configs["vae"]))}
     for part, prefix in FAMILY_PREFIXES[family].items():
         if part.startswith("text_encoder"):
-            to_file, to_diffusers = _text_converters(prefix)
+            to_file, to_diffusers = text_converters(prefix)
             converters[part] = (functools.partial(to_file, prefix=prefix),
                                 functools.partial(to_diffusers, prefix=prefix))
     return converters

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .configs import PRESETS, get_config
-from .convert import FAMILY_PREFIXES, UNET_PREFIX, VAE_PREFIX, ignored_key, unet_name_map
+from .checkpoint_keys import FAMILY_PREFIXES, UNET_PREFIX, VAE_PREFIX, ignored_key
+from .convert import unet_name_map
 from .unet import MID_BLOCKS, unet_depths
 
 CONFIGS_METADATA = "minigen.configs"  # safetensors metadata key: json of {part: config dict}

@@ -28,7 +28,7 @@ from typing import Mapping
 import torch
 
 from ..io import CheckpointError, save_safetensors
-from ..lora import LoRATensors
+from ..lora.layers import LoRATensors
 from .convert import NameMap, unet_name_map
 
 COMPONENTS = ("unet", "te1", "te2")

@@ -3,7 +3,7 @@
 Layouts and their names (components "unet", "te1", "te2"):
 - kohya / LyCORIS: `<prefix><module path, dots as _>.<part>`, prefix `lora_unet_`, `lora_te_` (SD 1.x/2.x's one
   encoder), `lora_te1_`/`lora_te2_` (SDXL), or SimpleTuner's `lycoris_` (the UNet, diffusers path); the parts are
-  those of `minigen.lora_formats.KINDS` (LoRA/LoCon, LoHa, LoKr, full, GLoRA, each with an optional `dora_scale`).
+  those of `minigen.lora.formats.KINDS` (LoRA/LoCon, LoHa, LoKr, full, GLoRA, each with an optional `dora_scale`).
   sd-scripts names SDXL's UNet layers by SGM paths (`input_blocks_4_1_...`), SD 1.x/2.x's and LyCORIS on a diffusers
   UNet by diffusers paths (`down_blocks_0_attentions_0_...`): both are read for any family.
 - diffusers/peft: `unet.<path>.lora_A.weight` / `.lora_B.weight` (+ `.lora_magnitude_vector`: peft DoRA),
@@ -25,8 +25,8 @@ from typing import Mapping
 from torch import nn
 
 from ..io import first_non_finite, load_weights
-from ..lora import add_lora_deltas
-from ..lora_formats import SUFFIXES, SUMMARY_KINDS, LayerDelta, LayerFormatError
+from ..lora.applying import add_lora_deltas
+from ..lora.formats import SUFFIXES, SUMMARY_KINDS, LayerDelta, LayerFormatError
 from .convert import NameMap, unet_name_map
 from .detect import FAMILY_NAMES
 from .lora_files import DIFFUSERS_PREFIX, KOHYA_PREFIX, ONE_ENCODER_PREFIX, LoRAFileError, te_path

@@ -25,9 +25,9 @@ from torch import nn
 from ..atomic import atomic_write
 from ..io import CheckpointError, SafetensorsWriter, load_weights
 from . import convert
-from .clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from .clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, normalize_clip_keys
 from .configs import PRESETS, get_config
-from .convert import FAMILY_PREFIXES
+from .checkpoint_keys import FAMILY_PREFIXES
 from .detect import CONFIGS_METADATA, PREDICTIONS, Architecture, base_preset, detect, family_of_configs, layout_name
 from .tokenizer import CLIPTokenizer, model_tokenizers
 from .unet import UNet2DConditionModel
@@ -208,7 +208,7 @@ def assemble(part: str, config: Mapping, state_dict: dict[str, torch.Tensor], dt
     The dict is emptied as it goes, so no tensor exists twice for longer than its own conversion.
     """
     if part.startswith("text_encoder"):
-        state_dict = convert.normalize_clip_keys(state_dict)
+        state_dict = normalize_clip_keys(state_dict)
     model = check_weights(part, config, state_dict, source)
     tensors = {}
     for key in list(state_dict):

@@ -25,7 +25,7 @@ model, settings and `torch.Generator` the images are the same:
    score in place of the target size: by default 6 with the prompt and 2.5 with the negative prompt (diffusers'),
    steering towards the look of highly rated training images and away from that of poorly rated ones.
 3. Latents: unit noise from the generator, (B, 4, H/8, W/8), scaled by the sampler; then the sampler's loop
-   (`minigen.diffusion.sample`) with classifier-free guidance over the batch [negative, positive]. The model predicts
+   (`minigen.diffusion.samplers.sample`) with classifier-free guidance over the batch [negative, positive]. The model predicts
    noise or v (SD 2.x 768-v), as its scheduler config says.
 4. Decode: latents / scaling_factor (0.18215 for SD 1/2, 0.13025 for SDXL) through the VAE in fp32, (x + 1) / 2
    clamped, *255 rounded, uint8.
@@ -45,10 +45,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..diffusion import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, guided, randn, sample
+from ..diffusion.samplers import guided, sample
+from ..diffusion.schedule import KARRAS_SAMPLERS, SAMPLERS, NoiseSchedule, randn
 from ..images import to_rgb
 from ..atomic import atomic_write
-from ..lora import remove_lora
+from ..lora.layers import remove_lora
 from .lora_reading import load_lora
 from .configs import default_size, vae_scale_of
 from .convert import unet_name_map
@@ -143,7 +144,7 @@ def save_images(images: torch.Tensor, folder: str | os.PathLike, stem: str, firs
     """Write (B, H, W, 3) uint8 images, image b being batch image `first_index + b`, as `<stem>-<n>.png`: n the batch
     position (`<seed>-000.png`, `-001`, ...) in a folder that has none of these yet, else numbered on past the highest
     there (a new run never replaces an earlier one's images, as A1111 and ComfyUI number on); each atomically; returns
-    the paths. pnginfo(i): the PIL `PngInfo` (text chunks) of batch image i (see `minigen.png_info.png_text`)."""
+    the paths. pnginfo(i): the PIL `PngInfo` (text chunks) of batch image i (see `minigen.sd.png_info.png_text`)."""
     paths, number = [], max(first_index, next_image_number(folder, stem))
     for b, image in enumerate(images):
         path = Path(folder) / f"{stem}-{number + b:03d}.png"
@@ -212,7 +213,7 @@ class Pipeline:
         encoders) on top of the model at `multiplier`; several stack, as `sample.py --lora a:0.8 --lora b:0.5` does.
         removable: as its own adapter, which `remove_lora` takes off (plain LoRA/LoCon layers on the fly, the other
         kinds merged with the weights kept aside); else added into the weights for good, nothing kept and nothing
-        computed per step (`sample.py`; `lora.add_lora_deltas`). allow_pickle: accept a pickled file (.pt, .bin),
+        computed per step (`sample.py`; `lora.applying.add_lora_deltas`). allow_pickle: accept a pickled file (.pt, .bin),
         loaded with weights_only=True. Returns the adapter's name, for `remove_lora` and `lora_summaries`."""
         self.loras += 1
         name = f"lora{self.loras}"
