@@ -37,6 +37,9 @@ class DeltaAdapter(nn.Module):
     def delta_weight(self, weight: torch.Tensor, multiplier: float, rows: slice | None = None) -> torch.Tensor:
         return (self.layer if rows is None else self.layer.rows(rows)).delta(weight, multiplier)
 
+    def factors(self, multiplier: float, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.layer if rows is None else self.layer.rows(rows)).factors(multiplier)
+
     def delta_bias(self, multiplier: float) -> torch.Tensor | None:
         return self.layer.delta_bias(multiplier)
 

@@ -273,6 +273,14 @@ class LayerDelta:
                       else _mm(b1, t["b2.weight"])).view(weight.shape)
         return delta.reshape(weight.shape) if weight is not None else delta.reshape(self.shape())
 
+    def factors(self, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(s · c · up, down) flattened to (out, r), (r, in * kh * kw), fp32, when the change is their product (plain
+        LoRA and LoCon); None for every other kind (Tucker, DoRA, ...)."""
+        t = self.tensors
+        if self.kind != "LoRA" or "lora_mid.weight" in t or self.dora:
+            return None
+        return t["lora_up.weight"].float().flatten(1) * (strength * self.scale), t["lora_down.weight"].float().flatten(1)
+
     def _on(self, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The tensors on `weight`'s device (a GPU model's), where the change is computed."""
         if weight is None:

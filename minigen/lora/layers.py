@@ -119,6 +119,12 @@ class LoRAAdapter(nn.Module):
 
     row_step = 1  # any block of output rows has its own change (`add_changes`)
 
+    def factors(self, multiplier: float, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(multiplier * scale * up[rows], down) flattened, fp32: the change is their product; None with DoRA."""
+        if self.magnitude is not None:
+            return None
+        return multiplier * self.scale * self.up.weight.flatten(1)[rows or slice(None)], self.down.weight.flatten(1)
+
     def low_rank_delta(self, rows: slice = slice(None)) -> torch.Tensor:
         """scale * up @ down (of up's `rows`), shaped like the base weight (out, in) or (out, in, kh, kw); fp32."""
         up, down = self.up.weight.flatten(1)[rows], self.down.weight.flatten(1)  # (out, r), (r, in)
@@ -229,7 +235,9 @@ def add_changes(weight: torch.Tensor, changes: list[tuple[nn.Module, float]], ou
     """out = weight + the sum of each adapter's change at its multiplier (`changes`: [(adapter, multiplier)]),
     each computed on `weight`, summed in fp32 and rounded to out's dtype once. On the CPU a block of output rows at a
     time (a multiple of every adapter's `row_step`): each block's fp32 change stays in the cache, so W is read once
-    and `out` written once, not a whole-weight pass per operation. `out` may be `weight` itself. Returns `out`."""
+    and `out` written once, not a whole-weight pass per operation. Changes that are one product of two factors
+    (plain LoRA and LoCon) go onto an fp32 weight as matrix products added to it (addmm: a third less time than
+    computing the change and adding it). `out` may be `weight` itself. Returns `out`."""
     rows = step = weight.shape[0]
     steps = [adapter.row_step for adapter, _ in changes]
     if weight.device.type == "cpu" and None not in steps:  # a GPU's kernels are fastest on the whole weight
@@ -237,10 +245,21 @@ def add_changes(weight: torch.Tensor, changes: list[tuple[nn.Module, float]], ou
         step = max(unit, BLOCK_VALUES // max(1, weight[0].numel()) // unit * unit)
     for start in range(0, rows, step):
         block = slice(start, min(start + step, rows))
+        part = block if step < rows else None
         w = weight[block]
+        pairs = [adapter.factors(m, part) for adapter, m in changes] if weight.dtype == torch.float32 else [None]
+        if None not in pairs:  # (n, r) @ (r, in * kh * kw) added onto W's block, flattened
+            flat = out[block].view(len(w), -1)
+            for i, (a, b) in enumerate(pairs):
+                a, b = a.to(w.device), b.to(w.device)
+                if i == 0 and out is not weight:
+                    torch.addmm(w.reshape(len(w), -1), a, b, out=flat)
+                else:
+                    flat.addmm_(a, b)
+            continue
         total = None
         for adapter, multiplier in changes:
-            change = adapter.delta_weight(w, multiplier, block if step < rows else None).to(w.device)
+            change = adapter.delta_weight(w, multiplier, part).to(w.device)
             total = change if total is None else total.add_(change)
         torch.add(w, total, out=out[block])  # in fp32, rounded to out's dtype once
     return out
