@@ -313,7 +313,8 @@ class LayerDelta:
         # Patch: ComfyUI divides output-axis DoRA by ‖W‖ instead of ‖W + ΔW‖; this is DoRA's definition (Liu et al.
         # 2024, eq. 5) and what LyCORIS trains.
         on_output = self._dora_on_output(w.shape[0])
-        return decomposed(self.raw(w).add_(w), t["dora_scale"], on_output).sub_(w).mul_(strength)
+        change = decomposed(self.raw(w).add_(w), t["dora_scale"], on_output).sub_(w)
+        return change if strength == 1 else change.mul_(strength)
 
     def delta_bias(self, strength: float = 1.0) -> torch.Tensor | None:
         """The change to the layer's bias at `strength` (full's diff_b), or None."""
@@ -328,4 +329,4 @@ def decomposed(v: torch.Tensor, magnitude: torch.Tensor, output_axis: bool = Tru
     v = v.float()
     axis = 0 if output_axis else 1
     norm = torch.linalg.vector_norm(v, dim=tuple(d for d in range(v.dim()) if d != axis), keepdim=True)
-    return magnitude.float().reshape(norm.shape) * v / norm
+    return v * (magnitude.float().reshape(norm.shape) / norm)  # the small ratio first: one pass over v
