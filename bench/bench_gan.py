@@ -112,5 +112,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<15}{wall:>10.3f}{cfg.batch / wall:>9.1f}{flops / wall / peak_wall:>9.1%}{cpu:>10.3f}"
               f"{flops / cpu / peak_cpu:>12.1%}{base / wall:>10.2f}x")
 
+
 if __name__ == "__main__":
     main()

@@ -58,7 +58,6 @@ def corpus(tmp_path_factory):
     return root
 
 
-
 def data_flags(corpus, out):
     return ["--data", str(corpus / "images"), "--out", str(out), *TINY]
 

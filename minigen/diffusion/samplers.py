@@ -29,6 +29,7 @@ def to_x0(output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: 
         return alpha * x - sigma * output
     return output
 
+
 def sample_ddpm(denoise, x, plan, generator=None, indices=None):
     """Ancestral sampling of DDPM (Ho et al. 2020, Algorithm 2) over the plan's timesteps, variance "fixed_small"."""
     for i in indices if indices is not None else range(len(plan)):
@@ -42,6 +43,7 @@ def sample_ddpm(denoise, x, plan, generator=None, indices=None):
             x = x + variance**0.5 * randn(x.shape, generator, x.device, x.dtype)
     return x
 
+
 def sample_ddim(denoise, x, plan, generator=None, indices=None, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12): deterministic for eta = 0, DDPM-like noise for eta = 1."""
     for i in indices if indices is not None else range(len(plan)):
@@ -54,6 +56,7 @@ def sample_ddim(denoise, x, plan, generator=None, indices=None, eta=0.0):
             x = x + std * randn(x.shape, generator, x.device, x.dtype)
     return x
 
+
 def sample_euler(denoise, x, plan, generator=None, indices=None):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     s = plan.sigmas
@@ -61,6 +64,7 @@ def sample_euler(denoise, x, plan, generator=None, indices=None):
         x0 = denoise(x / (s[i] ** 2 + 1) ** 0.5, i)
         x = x + (x - x0) / s[i] * (s[i + 1] - s[i])  # dx/dsigma = (x - x0) / sigma
     return x
+
 
 def sample_euler_ancestral(denoise, x, plan, generator=None, indices=None):
     """Euler ancestral: an Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion)."""
@@ -72,6 +76,7 @@ def sample_euler_ancestral(denoise, x, plan, generator=None, indices=None):
         x = x + (x - x0) / s[i] * (sigma_down - s[i])
         x = x + randn(x.shape, generator, x.device, x.dtype) * sigma_up  # drawn on every step, as diffusers does
     return x
+
 
 def sample_dpmpp_2m(denoise, x, plan, generator=None, indices=None):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order on the first and the last step."""
@@ -90,8 +95,10 @@ def sample_dpmpp_2m(denoise, x, plan, generator=None, indices=None):
         previous = x0
     return x
 
+
 SAMPLER_FNS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler,
                "euler_a": sample_euler_ancestral, "dpmpp_2m": sample_dpmpp_2m}
+
 
 # ---------------------------------------------------------------------------------------------------- guidance
 def guided(model_fn, guidance_scale: float, guidance_rescale: float = 0.0):
@@ -109,6 +116,7 @@ def guided(model_fn, guidance_scale: float, guidance_rescale: float = 0.0):
 
     return guided_fn
 
+
 def combine_guidance(uncond, cond, guidance_scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
     """uncond + scale (cond - uncond), then optionally pulled towards cond's per-sample std."""
     out = uncond + guidance_scale * (cond - uncond)
@@ -117,6 +125,7 @@ def combine_guidance(uncond, cond, guidance_scale: float, guidance_rescale: floa
         rescaled = out * (cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
         out = guidance_rescale * rescaled + (1 - guidance_rescale) * out
     return out
+
 
 # ------------------------------------------------------------------------------------------------------ the loop
 def sample(model_fn, x_or_shape, schedule: NoiseSchedule, sampler: str = "euler", steps: int = 30, *,

@@ -25,6 +25,7 @@ from ..sd.pipeline import check_settings
 
 KID_SUBSET = 1000  # torch-fidelity's default subset size
 
+
 @dataclass
 class Candidate:
     """One row of the table: the base model (no `lora`) or a LoRA file at a multiplier."""
@@ -32,6 +33,7 @@ class Candidate:
     lora: Path | None = None
     multiplier: float = 1.0
     epoch: int | None = None
+
 
 @dataclass
 class Settings:
@@ -43,6 +45,7 @@ class Settings:
     height: int | None = None  # None: the model's own size (1024 for SDXL, 512 for SD 1.5), as diffusers
     width: int | None = None
     negative_prompt: str | None = None
+
 
 def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[str]:
     """A text file (one prompt a line, blank lines skipped), or a dataset folder / built-in name ('met') whose images
@@ -62,6 +65,7 @@ def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[st
                          f"a .txt caption beside its images")
     return prompts[:limit]
 
+
 def existing_folder(name: str | os.PathLike, role: str) -> Path:
     """resolve_dataset (a folder, or a built-in dataset name), its error naming what the folder is for."""
     if Path(name).is_file():
@@ -72,7 +76,9 @@ def existing_folder(name: str | os.PathLike, role: str) -> Path:
         raise FileNotFoundError(f"{role} {str(name)!r}: no such file, folder or built-in dataset "
                                 f"({', '.join(BUILTIN_DATASETS)})") from None
 
+
 EPOCH_IN_NAME = (re.compile(r"epoch\D*(\d+)", re.IGNORECASE), re.compile(r"-(\d+)$"))
+
 
 def epoch_of(path: Path) -> int | None:
     """kohya's `ss_epoch` metadata, else a number in the name (`...epoch3...`, `name-000003`); None if neither."""
@@ -84,6 +90,7 @@ def epoch_of(path: Path) -> int | None:
         if match:
             return int(match.group(1))
     return None
+
 
 def lora_files(folder: Path) -> list[Path]:
     """The LoRA files of a run folder, told by their contents (read_lora parses them), not their names: a training
@@ -105,6 +112,7 @@ def lora_files(folder: Path) -> list[Path]:
                                 + (f"; {', '.join(skipped)} are not LoRA files)" if skipped else ")"))
     return files
 
+
 def run_checkpoints(folder: Path, multiplier: float = 1.0) -> list[Candidate]:
     """A training run's LoRA checkpoints, ordered by epoch (files with no known epoch last, by name)."""
     found: dict[int | None, list[Candidate]] = {}
@@ -116,6 +124,7 @@ def run_checkpoints(folder: Path, multiplier: float = 1.0) -> list[Candidate]:
             continue
         found.setdefault(epoch, []).append(Candidate(f.stem, f, multiplier, epoch))
     return [c for epoch in sorted(found, key=lambda e: (e is None, e or 0)) for c in found[epoch]]
+
 
 def candidates(lora_specs: Sequence[str]) -> list[Candidate]:
     """The base model, then each `FILE[:MULTIPLIER]` or run folder (`FOLDER[:MULTIPLIER]`), names made unique."""
@@ -139,6 +148,7 @@ def candidates(lora_specs: Sequence[str]) -> list[Candidate]:
             row.name += f"-{seen[row.name]}"
     return rows
 
+
 def lora_family_problem(lora: Path, family: str) -> str | None:
     """What `check_lora_family` says of a LoRA made for another family than the model's (None when it fits)."""
     parsed, _, metadata = read_lora(lora)
@@ -147,6 +157,7 @@ def lora_family_problem(lora: Path, family: str) -> str | None:
     except LoRAFileError as e:
         return str(e)
     return None
+
 
 def check_numbers(settings: Settings, num_images: int, batch_size: int, max_prompts: int | None,
                   grid_prompts: int, dims: int, is_splits: int) -> None:
@@ -159,6 +170,7 @@ def check_numbers(settings: Settings, num_images: int, batch_size: int, max_prom
                         ("max prompts", max_prompts)):
         if value is not None:
             check_number(name, value, 1)
+
 
 def check_counts(reference: Path, n_reference: int, n_generated: int, dims: int) -> None:
     """Refuse counts FID and KID cannot use and warn, naming the number needed, when they will be unreliable."""

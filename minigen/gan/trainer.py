@@ -39,6 +39,8 @@ from ..training import (StopRequest, TrainingDiverged, check_finite_before_savin
                         optimizer_from_tensors, optimizer_to_tensors, run_settings)
 
 CHECKPOINT_FORMAT = "minigen-dcgan/1"
+
+
 class GANTrainer:
     """Models, optimizers and the random state of one run; `step(real)` is one training iteration.
 

@@ -21,7 +21,7 @@ class DeltaAdapter(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def output(self, x: torch.Tensor, multiplier: float, layer: "LoRALayer") -> torch.Tensor:
+    def output(self, x: torch.Tensor, multiplier: float, layer: LoRALayer) -> torch.Tensor:
         base = layer.base
         w = layer.original_weight if layer.original_weight is not None else base.weight  # W without merged adapters
         delta, bias = self.delta_weight(w, multiplier).to(x.dtype), self.delta_bias(multiplier)
@@ -43,6 +43,7 @@ class DeltaAdapter(nn.Module):
     def delta_bias(self, multiplier: float) -> torch.Tensor | None:
         return self.layer.delta_bias(multiplier)
 
+
 def add_lora_deltas(model: nn.Module, layers: dict[str, LayerDelta], name: str = "default",
                     multiplier: float = 1.0, removable: bool = True) -> None:
     """Apply a file's layers ({module path: LayerDelta}, any LoRA-family format) at `multiplier`.
@@ -62,6 +63,7 @@ def add_lora_deltas(model: nn.Module, layers: dict[str, LayerDelta], name: str =
         if adapter is None:
             wrapped.merge([name])
 
+
 def _bake(module: nn.Module, layer: LayerDelta, multiplier: float) -> None:
     """Add `layer`'s change at `multiplier` into a Linear or Conv2d's weight and bias in place (a `LoRALayer`'s
     saved W when it has adapters merged: they are then computed again on the new W)."""
@@ -76,7 +78,8 @@ def _bake(module: nn.Module, layer: LayerDelta, multiplier: float) -> None:
         if bias is not None:
             bias.copy_(bias_with_changes(bias, [(adapter, multiplier)]))
     if kept:
-        module._rebuild_weight()
+        module.rebuild_weight()
+
 
 def low_rank_adapter(base: nn.Linear | nn.Conv2d, layer: LayerDelta) -> LoRAAdapter | None:
     """A plain LoRA/LoCon layer as a frozen `LoRAAdapter` on `base` (scale alpha / rank as the file's); None for

@@ -199,14 +199,14 @@ class LoRALayer(nn.Module):
             self.original_weight = self.base.weight.data
             self.original_bias = None if self.base.bias is None else self.base.bias.data
         self.merged = sorted(set(self.merged) | set(names))
-        self._rebuild_weight()
+        self.rebuild_weight()
 
     def unmerge(self, names: Iterable[str]) -> None:
         drop = set(names)
         self.merged = [n for n in self.merged if n not in drop]
-        self._rebuild_weight()
+        self.rebuild_weight()
 
-    def _rebuild_weight(self) -> None:
+    def rebuild_weight(self) -> None:
         """base.weight = W + sum over merged adapters of their change at their multiplier (each computed on the
         saved W: exact and order-free; the bias likewise where an adapter changes it), a new tensor; with none
         merged, the saved W itself again."""
@@ -344,7 +344,7 @@ def set_multiplier(model: nn.Module, name: str, multiplier: float) -> None:
     for layer in _lora_layers(model).values():
         if name in layer.adapters:
             layer.multipliers[name] = float(multiplier)
-            layer._rebuild_weight()
+            layer.rebuild_weight()
 
 
 def merge_lora(model: nn.Module, names: Iterable[str] | None = None) -> None:

@@ -55,6 +55,7 @@ def lora_deltas(base: TensorFile | DiffusersFolder, loras: list[tuple[Path, floa
                     deltas.setdefault(bias, []).append((third, ratio, layer))
     return deltas
 
+
 def apply_deltas(key: str, w: torch.Tensor, deltas: list[tuple[int | None, float, LayerDelta]]) -> torch.Tensor:
     """w (fp32) with the changes of `deltas` added, each computed on the original w (so that stacked DoRA files bake
     as `sample.py` applies them) and on its third of the rows where q, k and v share one tensor."""
@@ -64,6 +65,7 @@ def apply_deltas(key: str, w: torch.Tensor, deltas: list[tuple[int | None, float
                                                        original.view(3, -1, *w.shape[1:])[third])
         rows += layer.delta_bias(ratio) if key.endswith("bias") else layer.delta(w0, ratio)
     return w
+
 
 def bake_loras(checkpoint: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                out: str | os.PathLike, dtype: str | None = None, progress: bool = True,

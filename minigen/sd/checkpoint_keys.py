@@ -39,6 +39,7 @@ IGNORED_KEYS = {  # the original LDM training state: its noise schedule buffers,
 # block 23 of a file, so minigen does too.
 SD2_UNUSED_BLOCK = "transformer.resblocks.23."
 
+
 def ignored_key(key: str) -> bool:
     """True for a single-file key that no model part holds (see IGNORED_KEYS, IGNORED_SUFFIXES)."""
     return key in IGNORED_KEYS or key.startswith("model_ema.") or (

@@ -21,14 +21,17 @@ BIGG_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.wei
              "text_model.final_layer_norm.weight": "ln_final.weight",
              "text_model.final_layer_norm.bias": "ln_final.bias"}
 
+
 def hf_clip_to_single_file(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """A diffusers/transformers CLIP text model -> `prefix` + the same HF layout (`text_model.encoder.layers...`)."""
     return {prefix + k: v for k, v in normalize_clip_keys(state_dict).items()}
+
 
 def hf_clip_to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """`prefix` + HF layout (prefix already removed or not) -> diffusers `text_encoder` keys."""
     return normalize_clip_keys({k.removeprefix(prefix): v for k, v in state_dict.items()
                                 if not ignored_key(prefix + k.removeprefix(prefix))})
+
 
 def openclip_to_single_file(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """An OpenCLIP text tower in diffusers/transformers names (bigG, ViT-H) -> `prefix` + OpenCLIP names: q/k/v
@@ -55,6 +58,7 @@ def openclip_to_single_file(state_dict: Mapping[str, torch.Tensor], prefix: str)
         else:
             raise KeyError(f"OpenCLIP text encoder: no single-file name for {key!r}")
     return {prefix + k: v for k, v in out.items()}
+
 
 def openclip_to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """`prefix` + OpenCLIP names (prefix already removed or not) -> diffusers/transformers text-encoder keys."""
@@ -84,6 +88,7 @@ def openclip_to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str) -
         else:
             raise KeyError(f"OpenCLIP text encoder: unknown single-file key {prefix + key!r}")
     return out
+
 
 def text_converters(prefix: str) -> tuple[Callable, Callable]:
     """(to single file, to diffusers) of the text encoder stored under `prefix`: HF layout or OpenCLIP's."""
