@@ -5,6 +5,7 @@ Sizes are tiny (the tiny VAE scales by 2, so 64x96 images are 32x48 latents); th
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,14 +16,18 @@ from minigen.finetune.config import LoRATrainConfig
 from minigen.finetune.trainer import LoRATrainer
 from minigen.sd.model import random_model
 
-OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lora-smoke")
-PRESET = sys.argv[2] if len(sys.argv) > 2 else "tiny"  # tiny (SDXL), tiny-sd1 or tiny-sd2
 
 
 def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", nargs="?", default="runs/lora-smoke")
+    p.add_argument("preset", nargs="?", default="tiny", choices=["tiny", "tiny-sd1", "tiny-sd2"],
+                   help="tiny (SDXL), tiny-sd1 or tiny-sd2")
+    args = p.parse_args()
+    out = Path(args.out)
     torch.set_num_threads(1)  # a tiny model: thread hand-offs cost more than they gain (30x on a busy 2-core box)
-    cfg = LoRATrainConfig(model=f"random:{PRESET}", data="met", max_images=16, resolution="64x96", rank=8, lr=3e-2,
-                          targets="kohya", batch=4, epochs=5, caption_prefix="a Met painting, ", out=str(OUT),
+    cfg = LoRATrainConfig(model=f"random:{args.preset}", data="met", max_images=16, resolution="64x96", rank=8, lr=3e-2,
+                          targets="kohya", batch=4, epochs=5, caption_prefix="a Met painting, ", out=str(out),
                           validation_prompts=["a Met painting, a harbour at dusk", "a Met painting, a portrait"],
                           validation_steps=4, validation_size="64x64")
     trainer = LoRATrainer(cfg)
@@ -32,20 +37,20 @@ def main() -> int:
     after = trainer.fixed_batch_loss(batch)
     print(f"loss on a fixed batch: {before:.4f} -> {after:.4f}")
     missing = [n for n in ("lora.safetensors", "checkpoint.safetensors", "loss.png", "log.jsonl",
-                           "samples/progress.png") if not (OUT / n).is_file()]
-    fresh = random_model(PRESET)
+                           "samples/progress.png") if not (out / n).is_file()]
+    fresh = random_model(args.preset)
     x, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     context = torch.randn(1, 77, fresh.unet.config["cross_attention_dim"])
     sdxl = fresh.text_encoder_2 is not None  # SDXL's UNet also takes a pooled prompt and time ids
     pooled, ids = (torch.randn(1, 32), torch.tensor([[64.0, 64, 0, 0, 64, 64]])) if sdxl else (None, None)
     with torch.no_grad():
         base = fresh.unet(x, t, context, pooled, ids)
-        load_lora(OUT / "lora.safetensors", {"unet": fresh.unet})
+        load_lora(out / "lora.safetensors", {"unet": fresh.unet})
         change = (fresh.unet(x, t, context, pooled, ids) - base).abs().max().item()
     print(f"reloaded LoRA changes the UNet output by up to {change:.4f}")
     ok = after < before and not missing and change > 1e-4
     print("lora-smoke: " + ("OK" if ok else f"FAILED (missing files: {missing})"))
-    print(f"look at {OUT / 'samples' / 'progress.png'} and {OUT / 'loss.png'}")
+    print(f"look at {out / 'samples' / 'progress.png'} and {out / 'loss.png'}")
     return 0 if ok else 1
 
 
