@@ -41,6 +41,8 @@ HELP = {**LORA_HELP,
         "batch": "images per step of the UNet + text encoder stage, on each process",
         "caption_dropout": "the share of captions replaced by \"\": teaches the unconditional prediction "
                            "classifier-free guidance needs",
+        "colour_captions": "put each image's dominant colour, measured from its pixels, in front of its caption "
+                           "unless it names one (\"grinning face\" -> \"yellow grinning face\"; minigen/colours.py)",
         "out": "the run's folder"}
 # LoRATrainConfig's settings that mean nothing here: the model is built from --preset, every weight trains.
 HIDDEN = frozenset({"model", "rank", "alpha", "targets", "lora_dropout", "conv_rank", "conv_alpha", "dora",

@@ -5,11 +5,11 @@ Chance is 1 in 8.
     python bench/bench_sd_colours.py runs/sd-demo/model.safetensors            # 24 prompts x 8 samples
     python bench/bench_sd_colours.py MODEL --sampler dpmpp_2m --steps 20 --cfg 4 --out runs/sd-demo/colours
 
-The judge: every pixel that is not background (near white: Twemoji is composited on white) goes to the nearest of
-the eight colours of Twemoji's own palette (RGB distance); the colour with most pixels is the dominant one. The same
-judge run on the 24 real Twemoji (e.g. 1f534.png, the red circle) must find each one's colour first, or the test
-is not measuring what it says: the script checks that and prints it. Writes colours.png (a row per prompt) and
-colours.json.
+The judge (minigen/colours.py, shared with `train_sd.py --colour-captions`): every pixel that is not background
+(near white) goes to the nearest of the eight colours of Twemoji's palette; the colour with most pixels is the
+dominant one. The same judge run on the 24 real Twemoji (e.g. 1f534.png, the red circle) must find each one's
+colour first, or the test is not measuring what it says: the script checks that and prints it. Writes colours.png
+(a row per prompt) and colours.json.
 """
 
 from __future__ import annotations
@@ -23,29 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minigen.colours import PALETTE, dominant_colour
 from minigen.datasets import resolve_dataset
 from minigen.images import open_rgb
 from minigen.prompt_grid import draw_prompts, save_prompt_grid
 from minigen.sd.pipeline import Pipeline
 
-# Twemoji's palette (the fills of its hearts, circles and squares) and the real emoji of each prompt.
-PALETTE = {"red": (221, 46, 68), "orange": (244, 144, 12), "yellow": (253, 203, 88), "green": (120, 177, 89),
-           "blue": (85, 172, 238), "purple": (170, 142, 214), "brown": (193, 105, 79), "black": (49, 55, 61)}
+# The real emoji of each prompt, in PALETTE's order.
 SHAPES = {"heart": ("2764", "1f9e1", "1f49b", "1f49a", "1f499", "1f49c", "1f90e", "1f5a4"),
           "circle": ("1f534", "1f7e0", "1f7e1", "1f7e2", "1f535", "1f7e3", "1f7e4", "26ab"),
           "square": ("1f7e5", "1f7e7", "1f7e8", "1f7e9", "1f7e6", "1f7ea", "1f7eb", "2b1b")}
-BACKGROUND = 40  # a pixel within this of white on every channel is background
-
-
-def dominant_colour(image: np.ndarray) -> str | None:
-    """image (H, W, 3) uint8 -> the palette colour most of its non-background pixels are nearest to (None: blank)."""
-    pixels = image.reshape(-1, 3).astype(np.float32)
-    pixels = pixels[(255 - pixels).max(axis=1) > BACKGROUND]  # (n, 3)
-    if not len(pixels):
-        return None
-    palette = np.array(list(PALETTE.values()), np.float32)  # (8, 3)
-    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)  # (n,)
-    return list(PALETTE)[np.bincount(nearest, minlength=len(PALETTE)).argmax()]
 
 
 def prompts() -> list[tuple[str, str, str]]:

@@ -152,6 +152,22 @@ def test_resumed_run_ends_as_an_uninterrupted_one(run, tmp_path):
         torch.testing.assert_close(resumed.trainable()[name], p, rtol=0, atol=1e-6, msg=name)
 
 
+def test_colour_captions_say_the_measured_colour(run, tmp_path):
+    """--colour-captions: a caption without a colour gets its picture's; one that names a colour keeps its words."""
+    out, _ = run
+    data = make_data(tmp_path / "data")
+    (data / "0.txt").write_text("circle")  # the red circle and the green square lose their colour word
+    (data / "2.txt").write_text("square")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "model.safetensors").write_bytes((out / "vae" / "model.safetensors").read_bytes())
+    cfg = SDTrainConfig(preset="tiny-sd1", data=str(data), resolution=str(SIZE), bucket_step=16, stage="unet",
+                        out=str(tmp_path))
+    for colour, expected in ((False, ["circle", "blue circle", "square"]),
+                             (True, ["red circle", "blue circle", "green square"])):
+        trainer = FromScratchTrainer(dataclasses.replace(cfg, colour_captions=colour), progress=False)
+        assert [e.item.caption for e in trainer.data.examples][:3] == expected
+
+
 @pytest.mark.parametrize("extra, mentions", [
     (["--stage", "unet"], ("--stage unet needs a trained VAE",)),
     (["--preset", "sd9"], ("--preset must be one of",)),
