@@ -6,6 +6,7 @@ with the weights of an uninterrupted one; bad input ends with one line."""
 
 import dataclasses
 import functools
+import shutil
 
 import diffusers
 import numpy as np
@@ -166,6 +167,26 @@ def test_colour_captions_say_the_measured_colour(run, tmp_path):
                              (True, ["red circle", "blue circle", "green square"])):
         trainer = FromScratchTrainer(dataclasses.replace(cfg, colour_captions=colour), progress=False)
         assert [e.item.caption for e in trainer.data.examples][:3] == expected
+
+
+def test_a_used_out_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
+    """A fresh run into a folder holding one: one line naming --resume and --overwrite, and nothing touched;
+    --stage unet --overwrite retrains the UNet stage on the kept VAE, its old pictures gone."""
+    out, data = run
+    shutil.copytree(out, tmp_path / "run")
+    out = tmp_path / "run"
+    files = lambda: {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    checkpoint = out / "unet" / "checkpoint.safetensors"
+    assert_clean_error(train_sd.main, toy_args(data, out), capsys, f"--resume {checkpoint} continues it",
+                       "--overwrite replaces it")
+    assert_clean_error(train_sd.main, ["--resume", str(checkpoint), "--overwrite"], capsys, "give one of them")
+    assert files() == before
+    assert train_sd.main(toy_args(data, out, "--stage", "unet", "--epochs", "1", "--overwrite")) == 0
+    after = files()
+    assert all(after[p] == before[p] for p in before if "vae" in p.relative_to(out).parts)  # the VAE is kept
+    assert sorted(p.name for p in (out / "unet" / "samples").glob("epoch_*")) == ["epoch_0000.png", "epoch_0001.png"]  # no 0002
+    assert after[out / "model.safetensors"] != before[out / "model.safetensors"]
 
 
 @pytest.mark.parametrize("extra, mentions", [
