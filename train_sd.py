@@ -37,7 +37,8 @@ HELP = {**LORA_HELP,
         "vae_batch": "images per step of the VAE stage",
         "kl_weight": "the VAE's KL term's weight (per latent element, against the mean L1 error per pixel)",
         "epochs": "passes over the data of the UNet + text encoder stage (the total, on --resume too)",
-        "lr": "the UNet and text encoder's learning rate",
+        "lr": "the UNet's learning rate (and the text encoder's, without --text-encoder-lr)",
+        "text_encoder_lr": "the text encoder's learning rate (0: --lr)",
         "batch": "images per step of the UNet + text encoder stage, on each process",
         "caption_dropout": "the share of captions replaced by \"\": teaches the unconditional prediction "
                            "classifier-free guidance needs",
@@ -46,7 +47,7 @@ HELP = {**LORA_HELP,
         "out": "the run's folder"}
 # LoRATrainConfig's settings that mean nothing here: the model is built from --preset, every weight trains.
 HIDDEN = frozenset({"model", "rank", "alpha", "targets", "lora_dropout", "conv_rank", "conv_alpha", "dora",
-                    "train_text_encoder", "text_encoder_lr",
+                    "train_text_encoder",
                     "format", "instance_prompt", "class_data", "class_prompt", "prior_loss_weight", "cache_latents",
                     "random_crop", "mixed_precision", "gradient_checkpointing", "clip_skip", "prediction_type"})
 
