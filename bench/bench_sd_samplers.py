@@ -4,7 +4,7 @@ al. 2021), Euler 30 and Euler ancestral 30 (Karras et al. 2022), DPM++ 2M 20 wit
 al. 2022).
 
     python fid.py --save-stats ~/.cache/minigen/twemoji runs/twemoji_stats.npz     # once: the reference
-    python bench/bench_sd_samplers.py runs/sd-demo/model.safetensors --ref runs/twemoji_stats.npz --num 1000
+    python bench/bench_sd_samplers.py runs/sd-demo/model.safetensors --ref runs/twemoji_stats.npz --colour-captions
     python bench/bench_sd_samplers.py MODEL --ref STATS --only euler:30 dpmpp_2m:20 --num 200
 
 The prompts are N captions of the training set drawn with --seed (the same for every sampler; with
