@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from minigen import cli, distributed, speed
-from minigen.training import run_settings
+from minigen.training import claim_out, run_settings
 from minigen.images import parse_size
 from minigen.gan.fid import fid_hook
 from minigen.datasets import resolve_dataset
@@ -100,24 +100,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, GANConfig]:
     return args, GANConfig(**settings)
 
 
-RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "curves.png")  # with samples/epoch_*.png, what a run writes
-RUN_IMAGES = ("samples/epoch_*.png", "fake/*.png")  # its grids, and what `--sample N --out RUN/fake` drew from it
-
-
-def claim_out(out: Path, overwrite: bool) -> None:
-    """Before a fresh run: an --out folder holding a run is refused, or with --overwrite emptied of that run's files
-    (nothing else in it is touched), loudly. Left there, the old grids and log would mix with the new run's."""
-    files = [out / name for name in RUN_FILES if (out / name).is_file()]
-    images = sorted(path for pattern in RUN_IMAGES for path in out.glob(pattern))
-    if not files and not images:
-        return
-    if not overwrite:
-        raise ValueError(f"--out {out} already holds a run: --resume {out / RUN_FILES[0]} continues it, "
-                         f"--overwrite replaces it")
-    print(f"--overwrite: replacing the previous run in {out}: deleting its {len(files) + len(images)} files "
-          f"(checkpoint, log, curves, grids, samples in fake/)", file=sys.stderr)
-    for path in files + images:
-        path.unlink()
+# What a run writes: its checkpoint, log, curves and grids, and what `--sample N --out RUN/fake` drew from it.
+RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "curves.png", "samples/epoch_*.png", "fake/*.png")
 
 
 @cli.entry("train_gan.py")
@@ -138,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--overwrite starts a fresh run and --resume continues one: give one of them")
         if writer and "resume" not in args:
             resolve_dataset(cfg.data)  # a missing --data fails before --overwrite deletes the previous run
-            claim_out(Path(cfg.out), getattr(args, "overwrite", False))
+            out = Path(cfg.out)
+            claim_out(out, RUN_FILES, getattr(args, "overwrite", False), out / RUN_FILES[0],
+                      "checkpoint, log, curves, grids, samples in fake/")
         # Built before training (rank 0 runs the hooks): missing Inception weights stop the run now, not after an epoch.
         hooks = [fid_hook(cfg, progress=progress)] if cfg.fid_every and writer else []
         # channels-last is a setting of the run here (saved, resumed with it), not a switch: the speed line shows it

@@ -25,7 +25,7 @@ from minigen.finetune.trainer import load_checkpoint
 from minigen.sd.prompt_grid import draw_prompts, save_prompt_grid
 from minigen.sd.pipeline import Pipeline
 from minigen.finetune.from_scratch import STAGES, FromScratchTrainer, SDTrainConfig, vae_model_path
-from minigen.training import run_settings
+from minigen.training import claim_out, run_settings
 from train_lora import HELP as LORA_HELP, add_settings_flags, trainer_parser
 
 HELP = {**LORA_HELP,
@@ -37,21 +37,32 @@ HELP = {**LORA_HELP,
         "vae_batch": "images per step of the VAE stage",
         "kl_weight": "the VAE's KL term's weight (per latent element, against the mean L1 error per pixel)",
         "epochs": "passes over the data of the UNet + text encoder stage (the total, on --resume too)",
-        "lr": "the UNet and text encoder's learning rate",
+        "lr": "the UNet's learning rate (and the text encoder's, without --text-encoder-lr)",
+        "text_encoder_lr": "the text encoder's learning rate (0: --lr)",
         "batch": "images per step of the UNet + text encoder stage, on each process",
         "caption_dropout": "the share of captions replaced by \"\": teaches the unconditional prediction "
                            "classifier-free guidance needs",
+        "colour_captions": "put each image's dominant colour, measured from its pixels, in front of its caption "
+                           "unless it names one (\"grinning face\" -> \"yellow grinning face\"; minigen/colours.py)",
         "out": "the run's folder"}
 # LoRATrainConfig's settings that mean nothing here: the model is built from --preset, every weight trains.
 HIDDEN = frozenset({"model", "rank", "alpha", "targets", "lora_dropout", "conv_rank", "conv_alpha", "dora",
-                    "train_text_encoder", "text_encoder_lr",
+                    "train_text_encoder",
                     "format", "instance_prompt", "class_data", "class_prompt", "prior_loss_weight", "cache_latents",
                     "random_crop", "mixed_precision", "gradient_checkpointing", "clip_skip", "prediction_type"})
+
+
+# What a run writes: in each stage's folder, and in --out at the end.
+STAGE_FILES = ("checkpoint.safetensors", "model.safetensors", "log.jsonl", "loss.png", "samples/*.png")
+RESULT_FILES = ("model.safetensors", "model/**/*", "grid.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = trainer_parser("train_sd.py", __doc__, "configs/sd_demo*.conf")
     p.add_argument("--grid-samples", type=int, help="samples of each validation prompt in grid.png (default: 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that holds a run, deleting the files of the stages that "
+                        "train again and the results (without it such a folder is refused; --stage unet keeps the VAE)")
     speed.add_speed_args(p, ("tf32", "compile", "channels_last", "sdpa", "fused_optimizer"), "the UNet")
     add_settings_flags(p, SDTrainConfig, HELP, HIDDEN)
     return p
@@ -75,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     speed.apply_threads(getattr(args, "threads", None))
     resume = getattr(args, "resume", None)
+    if resume and getattr(args, "overwrite", False):
+        raise ValueError("--overwrite starts a fresh run and --resume continues one: give one of them")
+    claim = not resume  # a resumed run continues in its own folder, into the UNet stage too
     if resume and cfg.stage == "vae" and int(load_checkpoint(resume)[1]["epoch"]) >= cfg.vae_epochs:
         cfg, resume = dataclasses.replace(cfg, stage="unet"), None  # the VAE stage had finished: on to the UNet
     if cfg.stage == "unet" and not resume and not vae_model_path(cfg).is_file():
         raise FileNotFoundError(f"--stage unet needs a trained VAE in {vae_model_path(cfg)} (from --stage vae)")
     progress = not getattr(args, "quiet", False)
     with distributed.process_group(cfg.device) as device, speed.switched(speed.speed_from_args(args), device) as fast:
+        if claim and distributed.is_main():
+            claim_run(cfg, getattr(args, "overwrite", False))
         for stage in STAGES[STAGES.index(cfg.stage):]:
             trainer = FromScratchTrainer(dataclasses.replace(cfg, stage=stage), progress=progress, device=device,
                                          speed=fast)
@@ -93,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
             draw_grid(trainer, cfg, getattr(args, "grid_samples", 8), progress)
             print_outputs(Path(cfg.out))
     return 0
+
+
+def claim_run(cfg: SDTrainConfig, overwrite: bool) -> None:
+    """A fresh run (or --stage unet) into an --out holding one: refused, or with --overwrite the files of the stages
+    about to train and the results are deleted first (training.claim_out)."""
+    out, stages = Path(cfg.out), STAGES[STAGES.index(cfg.stage):]
+    patterns = [f"{stage}/{name}" for stage in stages for name in STAGE_FILES] + list(RESULT_FILES)
+    checkpoints = [out / stage / "checkpoint.safetensors" for stage in reversed(STAGES)]
+    latest = next((path for path in checkpoints if path.is_file()), checkpoints[-1])
+    claim_out(out, patterns, overwrite, latest,
+              f"{' and '.join(stages)} checkpoints, logs and pictures, the model and grid.png")
 
 
 def draw_grid(trainer: FromScratchTrainer, cfg: SDTrainConfig, per_prompt: int, progress: bool) -> None:

@@ -4,12 +4,13 @@ al. 2021), Euler 30 and Euler ancestral 30 (Karras et al. 2022), DPM++ 2M 20 wit
 al. 2022).
 
     python fid.py --save-stats ~/.cache/minigen/twemoji runs/twemoji_stats.npz     # once: the reference
-    python bench/bench_sd_samplers.py runs/sd-demo/model.safetensors --ref runs/twemoji_stats.npz --num 1000
+    python bench/bench_sd_samplers.py runs/sd-demo/model.safetensors --ref runs/twemoji_stats.npz --colour-captions
     python bench/bench_sd_samplers.py MODEL --ref STATS --only euler:30 dpmpp_2m:20 --num 200
 
-The prompts are N captions of the training set drawn with --seed (the same for every sampler), image k starts from
-noise seed k: the samplers differ and nothing else. FID: fid.py (2048-d pool3 features, pytorch-fid's
-preprocessing) of the PNGs in out/<sampler>/ against --ref. Prints a table and writes samplers.json.
+The prompts are N captions of the training set drawn with --seed (the same for every sampler; with
+--colour-captions as a model trained with them saw them), image k starts from noise seed k: the samplers differ
+and nothing else. FID: fid.py (2048-d pool3 features, pytorch-fid's preprocessing) of the PNGs in out/<sampler>/
+against --ref. Prints a table and writes samplers.json.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from minigen.captions import captioned_images
+from minigen.colours import colour_caption
 from minigen.datasets import CAPTIONS_FROM_NAMES, resolve_dataset
 from minigen.evaluate.inputs import Settings
 from minigen.evaluate.run import encode_prompts, generate_batch
+from minigen.images import open_rgb
 from minigen.plot import save_png
 from minigen.sd.pipeline import Pipeline
 
@@ -53,6 +56,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--data", default="twemoji", help="the captions' dataset")
+    p.add_argument("--colour-captions", action="store_true",
+                   help="the captions as train_sd.py --colour-captions gave them (\"yellow grinning face\")")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", choices=list(SAMPLERS), default=list(SAMPLERS))
     p.add_argument("--out", default=None, help="default: samplers/ beside the model")
@@ -60,7 +65,8 @@ def main() -> int:
     out = Path(args.out or Path(args.model).parent / "samplers")
     torch.set_num_threads(1)
     items = captioned_images(resolve_dataset(args.data), caption_of_name=CAPTIONS_FROM_NAMES.get(args.data))
-    prompts = [item.caption for item in random.Random(args.seed).choices(items, k=args.num)]
+    chosen = random.Random(args.seed).choices(items, k=args.num)
+    prompts = [colour_caption(i.caption, open_rgb(i.path)) if args.colour_captions else i.caption for i in chosen]
     pipe = Pipeline.from_pretrained(args.model)
     embeddings = encode_prompts(pipe, prompts, Settings(guidance_scale=args.cfg))
     table = {}

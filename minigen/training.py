@@ -1,4 +1,4 @@
-"""What the two trainers (gan/trainer.py, finetune/trainer.py) share."""
+"""What the trainers (gan/trainer.py, finetune/trainer.py and its from-scratch subclass, finetune/from_scratch.py) share."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -36,6 +36,22 @@ def run_settings(metadata: dict[str, str], path: str, config_type: type) -> dict
     except (TypeError, ValueError) as e:  # TypeError: an unknown name, or a value of the wrong kind
         raise CheckpointError(f"{path}: its saved settings are not valid ({e})") from None
     return settings
+
+
+def claim_out(out: Path, patterns: Sequence[str], overwrite: bool, checkpoint: Path, what: str) -> None:
+    """Before a fresh run: an --out folder holding a run (files matching `patterns`, globs below `out`) is refused,
+    naming the `checkpoint` that continues it, or with --overwrite emptied of that run's files (`what` lists them;
+    nothing else in it is touched), loudly. Left there, the old grids and log would mix with the new run's."""
+    files = sorted({path for pattern in patterns for path in out.glob(pattern) if path.is_file()})
+    if not files:
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} already holds a run: --resume {checkpoint} continues it, "
+                         f"--overwrite replaces it")
+    print(f"--overwrite: replacing the previous run in {out}: deleting its {len(files)} files ({what})",
+          file=sys.stderr)
+    for path in files:
+        path.unlink()
 
 
 def check_finite_before_saving(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, when: str) -> None:

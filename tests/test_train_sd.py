@@ -6,6 +6,7 @@ with the weights of an uninterrupted one; bad input ends with one line."""
 
 import dataclasses
 import functools
+import shutil
 
 import diffusers
 import numpy as np
@@ -150,6 +151,42 @@ def test_resumed_run_ends_as_an_uninterrupted_one(run, tmp_path):
     resumed.train()
     for name, p in whole.trainable().items():
         torch.testing.assert_close(resumed.trainable()[name], p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_colour_captions_say_the_measured_colour(run, tmp_path):
+    """--colour-captions: a caption without a colour gets its picture's; one that names a colour keeps its words."""
+    out, _ = run
+    data = make_data(tmp_path / "data")
+    (data / "0.txt").write_text("circle")  # the red circle and the green square lose their colour word
+    (data / "2.txt").write_text("square")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "model.safetensors").write_bytes((out / "vae" / "model.safetensors").read_bytes())
+    cfg = SDTrainConfig(preset="tiny-sd1", data=str(data), resolution=str(SIZE), bucket_step=16, stage="unet",
+                        out=str(tmp_path))
+    for colour, expected in ((False, ["circle", "blue circle", "square"]),
+                             (True, ["red circle", "blue circle", "green square"])):
+        trainer = FromScratchTrainer(dataclasses.replace(cfg, colour_captions=colour), progress=False)
+        assert [e.item.caption for e in trainer.data.examples][:3] == expected
+
+
+def test_a_used_out_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
+    """A fresh run into a folder holding one: one line naming --resume and --overwrite, and nothing touched;
+    --stage unet --overwrite retrains the UNet stage on the kept VAE, its old pictures gone."""
+    out, data = run
+    shutil.copytree(out, tmp_path / "run")
+    out = tmp_path / "run"
+    files = lambda: {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    checkpoint = out / "unet" / "checkpoint.safetensors"
+    assert_clean_error(train_sd.main, toy_args(data, out), capsys, f"--resume {checkpoint} continues it",
+                       "--overwrite replaces it")
+    assert_clean_error(train_sd.main, ["--resume", str(checkpoint), "--overwrite"], capsys, "give one of them")
+    assert files() == before
+    assert train_sd.main(toy_args(data, out, "--stage", "unet", "--epochs", "1", "--overwrite")) == 0
+    after = files()
+    assert all(after[p] == before[p] for p in before if "vae" in p.relative_to(out).parts)  # the VAE is kept
+    assert sorted(p.name for p in (out / "unet" / "samples").glob("epoch_*")) == ["epoch_0000.png", "epoch_0001.png"]  # no 0002
+    assert after[out / "model.safetensors"] != before[out / "model.safetensors"]
 
 
 @pytest.mark.parametrize("extra, mentions", [

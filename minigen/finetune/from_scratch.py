@@ -13,6 +13,8 @@ sec. 3 and appendix G, without its perceptual and adversarial terms):
 Stage "unet", the UNet and the text encoder together, every weight trained (Ho et al. 2020's epsilon loss on the
 frozen VAE's cached latents, LDM's cross-attention conditioning): LoRATrainer.loss unchanged. Caption dropout
 (captions replaced by "") teaches the unconditional prediction classifier-free guidance needs (Ho & Salimans 2022).
+With --colour-captions each caption that names no colour gets its image's colour in front, measured from its
+pixels by the colour test's judge (minigen/colours.py): "grinning face" -> "yellow grinning face".
 
 The run folder holds vae/ and unet/ (each stage's checkpoint, log.jsonl, loss.png, samples/), vae/model.safetensors
 (the trained VAE with the still-random UNet and text encoder: the second stage's starting point), and at the end
@@ -27,16 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import cli, distributed
 from .buckets import prepare_image
+from ..captions import CaptionedImage
+from ..colours import colour_caption
 from ..images import open_rgb
+from ..plot import save_grid
+from ..sd.configs import PRESETS
 from .config import LoRATrainConfig
 from .data import TrainingSet
 from .trainer import LoRATrainer
-from ..plot import save_grid
-from ..sd.configs import PRESETS
 
 STAGES = ("vae", "unet")
 SCALE_IMAGES = 1024  # images whose latents set the VAE's scaling factor
@@ -52,6 +55,7 @@ class SDTrainConfig(LoRATrainConfig):
     vae_lr: float = 1e-3
     vae_batch: int = 32
     kl_weight: float = 1e-3
+    colour_captions: bool = False  # each caption gets its image's colour measured from pixels (minigen/colours.py)
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,9 +115,12 @@ class FromScratchTrainer(LoRATrainer):
             model.requires_grad_(True)
         return trained
 
-    def training_set(self, items) -> TrainingSet:
-        kind = PixelSet if self.cfg.stage == "vae" else TrainingSet
-        return kind(self.cfg, self.model, items, self.progress)
+    def training_set(self, items: list[CaptionedImage]) -> TrainingSet:
+        if self.cfg.stage == "vae":
+            return PixelSet(self.cfg, self.model, items, self.progress)
+        if self.cfg.colour_captions:
+            items = [dataclasses.replace(i, caption=colour_caption(i.caption, open_rgb(i.path))) for i in items]
+        return TrainingSet(self.cfg, self.model, items, self.progress)
 
     def loss(self, batch: list[int], generators: list[torch.Generator], global_size: int) -> torch.Tensor:
         if self.cfg.stage == "unet":
