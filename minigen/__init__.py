@@ -3,7 +3,7 @@
 The systems, each a package, and what each may import (one way, down this list; `tests/test_layout.py` checks it):
 
     the top-level modules   what every system uses: io, atomic, cache, images, plot, cli, distributed, speed,
-                            training (stop requests, seeds, optimizer state), datasets, emoji_names, captions
+                            training (stop requests, seeds, optimizer state), datasets, emoji_names, captions, colours
     diffusion/  fid/  lora/ noise schedules and samplers; FID/KID/IS; LoRA adapters and file formats   (the top)
     gan/                    the DCGAN                                                  (the top, fid)
     sd/                     Stable Diffusion's models, files and pipeline              (the top, diffusion, lora)
