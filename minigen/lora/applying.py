@@ -71,12 +71,11 @@ def _bake(module: nn.Module, layer: LayerDelta, multiplier: float) -> None:
     kept = isinstance(module, LoRALayer) and module.original_weight is not None
     base = module.base if isinstance(module, LoRALayer) else module
     weight, bias = (module.original_weight, module.original_bias) if kept else (base.weight, base.bias)
-    if bias is None and layer.delta_bias() is not None:
-        raise ValueError("a LoRA changes the bias of a layer that has none")
     with torch.no_grad():
+        new_bias = bias_with_changes(bias, [(adapter, multiplier)])  # first: a refused bias change changes nothing
         add_changes(weight, [(adapter, multiplier)], out=weight)
-        if bias is not None:
-            bias.copy_(bias_with_changes(bias, [(adapter, multiplier)]))
+        if new_bias is not bias:
+            bias.copy_(new_bias)
     if kept:
         module.rebuild_weight()
 

@@ -121,22 +121,23 @@ class LoRAAdapter(nn.Module):
 
     def factors(self, multiplier: float, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(multiplier * scale * up[rows], down) flattened, fp32: the change is their product; None with DoRA."""
-        if self.magnitude is not None:
-            return None
-        return multiplier * self.scale * self.up.weight.flatten(1)[rows or slice(None)], self.down.weight.flatten(1)
+        return None if self.magnitude is not None else self._scaled_factors(multiplier * self.scale, rows)
 
-    def low_rank_delta(self, rows: slice = slice(None)) -> torch.Tensor:
+    def _scaled_factors(self, scale: float, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale * up[rows] (out, r), down (r, in * kh * kw)), flattened."""
+        return scale * self.up.weight.flatten(1)[rows or slice(None)], self.down.weight.flatten(1)
+
+    def low_rank_delta(self, rows: slice | None = None) -> torch.Tensor:
         """scale * up @ down (of up's `rows`), shaped like the base weight (out, in) or (out, in, kh, kw); fp32."""
-        up, down = self.up.weight.flatten(1)[rows], self.down.weight.flatten(1)  # (out, r), (r, in)
-        return (self.scale * up @ down).view(up.shape[0], *self.down.weight.shape[1:])
+        up, down = self._scaled_factors(self.scale, rows)
+        return (up @ down).view(up.shape[0], *self.down.weight.shape[1:])
 
     def delta_weight(self, weight: torch.Tensor, multiplier: float, rows: slice | None = None) -> torch.Tensor:
         """The change to `weight` at `multiplier`: multiplier * scale * up @ down, or with DoRA multiplier times
         (m · (W + ΔW) / ‖W + ΔW‖ - W); fp32. With `rows`, `weight` is W[rows] and the change is those rows'."""
-        rows = slice(None) if rows is None else rows
         delta = self.low_rank_delta(rows)
         if self.magnitude is not None:
-            delta = decomposed(weight.float() + delta, self.magnitude[rows]) - weight.float()
+            delta = decomposed(weight.float() + delta, self.magnitude[rows or slice(None)]) - weight.float()
         return multiplier * delta
 
     def delta_bias(self, multiplier: float) -> None:
@@ -213,14 +214,12 @@ class LoRALayer(nn.Module):
         if self.original_weight is None:
             return
         changes = [(self.adapters[name], self.multipliers[name]) for name in self.merged]
-        for name, (adapter, _) in zip(self.merged, changes):
-            if self.original_bias is None and adapter.delta_bias(1.0) is not None:
-                raise ValueError(f"LoRA {name!r} changes the bias of a layer that has none")
         with torch.no_grad():
+            bias = bias_with_changes(self.original_bias, changes)  # first: a refused bias change changes nothing
             w0 = self.original_weight
             self.base.weight.data = add_changes(w0, changes, torch.empty_like(w0)) if changes else w0
-            if self.original_bias is not None:
-                self.base.bias.data = bias_with_changes(self.original_bias, changes)
+            if bias is not None:
+                self.base.bias.data = bias
         if not self.merged:
             self.original_weight = self.original_bias = None
 
@@ -243,12 +242,13 @@ def add_changes(weight: torch.Tensor, changes: list[tuple[nn.Module, float]], ou
     if weight.device.type == "cpu" and None not in steps:  # a GPU's kernels are fastest on the whole weight
         unit = math.lcm(*steps)
         step = max(unit, BLOCK_VALUES // max(1, weight[0].numel()) // unit * unit)
+    low_rank = weight.dtype == torch.float32 and all(adapter.factors(m) is not None for adapter, m in changes)
     for start in range(0, rows, step):
         block = slice(start, min(start + step, rows))
         part = block if step < rows else None
         w = weight[block]
-        pairs = [adapter.factors(m, part) for adapter, m in changes] if weight.dtype == torch.float32 else [None]
-        if None not in pairs:  # (n, r) @ (r, in * kh * kw) added onto W's block, flattened
+        if low_rank:  # (n, r) @ (r, in * kh * kw) added onto W's block, flattened
+            pairs = [adapter.factors(m, part) for adapter, m in changes]
             flat = out[block].view(len(w), -1)
             for i, (a, b) in enumerate(pairs):
                 a, b = a.to(w.device), b.to(w.device)
@@ -265,11 +265,14 @@ def add_changes(weight: torch.Tensor, changes: list[tuple[nn.Module, float]], ou
     return out
 
 
-def bias_with_changes(bias: torch.Tensor, changes: list[tuple[nn.Module, float]]) -> torch.Tensor:
-    """bias + the changes of the adapters that have one (full's diff_b), summed in fp32; `bias` itself if none."""
+def bias_with_changes(bias: torch.Tensor | None, changes: list[tuple[nn.Module, float]]) -> torch.Tensor | None:
+    """bias + the changes of the adapters that have one (full's diff_b), summed in fp32; `bias` itself if none. A
+    change to a layer without a bias is a ValueError."""
     deltas = [d for adapter, m in changes if (d := adapter.delta_bias(m)) is not None]
     if not deltas:
         return bias
+    if bias is None:
+        raise ValueError("a LoRA changes the bias of a layer that has none")
     return sum((d.to(bias.device) for d in deltas), bias.float()).to(bias.dtype)
 
 
