@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from minigen.atomic import atomic_write
-from minigen.io import CheckpointError, SafetensorsWriter, load_safetensors, load_weights, read_header, save_safetensors
+from minigen.io import (CheckpointError, SafetensorsWriter, all_finite, load_safetensors, load_weights, read_header,
+                        save_safetensors)
 
 
 def sample_tensors():
@@ -105,3 +106,19 @@ def test_every_reader_validates_the_header(tmp_path, header):
     for read in (read_header, load_safetensors, open_safetensors, load_weights):
         with pytest.raises(CheckpointError, match="bad.safetensors"):
             read(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_every_nan_and_infinity(dtype):
+    """The check by the sum (NaN and infinity carry through it) answers like testing each value, also where the sum
+    itself overflows while every value is finite, and where +inf and -inf would cancel into NaN."""
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.zeros(5, dtype=dtype)) and all_finite(torch.arange(4))  # integers are always finite
+    assert all_finite(torch.full((4,), big, dtype=dtype))  # the sum overflows fp32 (bf16 and fp32), the values do not
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(1000, dtype=dtype)
+        t[517] = bad
+        assert not all_finite(t)
+    t = torch.ones(10, dtype=dtype)
+    t[2], t[7] = float("inf"), -float("inf")
+    assert not all_finite(t)

@@ -311,6 +311,37 @@ def test_change_of_a_block_of_rows_is_those_rows_of_the_change(case):
     torch.testing.assert_close(torch.cat(blocks), whole, rtol=1e-6, atol=1e-6 * whole.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_changes_added_in_place_are_each_computed_on_the_original_weight(dtype, monkeypatch):
+    """`add_changes` into the weight itself, a few rows at a time, with several changes that depend on W (GLoRA,
+    DoRA) or go through the fused forms (LoRA's addmm, LoHa's addcmul): W + the sum of each change computed on the
+    original W, in fp32 and rounded once (bf16 weights too)."""
+    from minigen.lora.applying import DeltaAdapter
+    from minigen.lora.formats import LayerDelta
+    from minigen.lora.layers import add_changes
+
+    g = torch.Generator().manual_seed(2)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    lora = {"lora_down.weight": r(2, 6), "lora_up.weight": r(8, 2), "alpha": torch.tensor(1.0)}
+    layers = [LayerDelta.from_tensors(t) for t in (
+        lora, {"hada_w1_a": r(8, 2), "hada_w1_b": r(2, 6), "hada_w2_a": r(8, 3), "hada_w2_b": r(3, 6)},
+        {"a1.weight": r(6, 2), "a2.weight": r(2, 6), "b1.weight": r(8, 2), "b2.weight": r(2, 6)},
+        lora | {"dora_scale": torch.rand(8, 1, generator=g) + 1}, lora | {"magnitude": torch.rand(8, generator=g) + 1})]
+    strengths = (0.7, -0.4, 1.0, 0.5, 0.8)
+    w = r(8, 6).to(dtype)
+    want = (w.float() + sum(layer.delta(w.float(), s) for layer, s in zip(layers, strengths))).to(dtype)
+    monkeypatch.setattr(lora_layers, "BLOCK_VALUES", 12)  # blocks of two rows
+    got = add_changes(w, [(DeltaAdapter(layer), s) for layer, s in zip(layers, strengths)], out=w)
+    assert got is w
+    if dtype == torch.float32:
+        torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    else:  # the same sum, rounded to bf16 once: at most one bf16 step apart
+        assert ((w.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+
+
 def test_fusing_keeps_no_copy_and_for_good_keeps_nothing():
     """Removable, a merged layer keeps its original weight tensor itself aside (no copy of it is made) and gets a new
     one; for good (sample.py), the change goes into the weight in place and the layer stays a plain one."""

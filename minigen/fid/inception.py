@@ -33,7 +33,7 @@ from torch import nn
 
 from ..cache import cache_dir, fetched_wheel
 from ..cli import python_command
-from ..io import CheckpointError, load_weights, read_header, save_safetensors
+from ..io import CheckpointError, all_finite, load_weights, read_header, save_safetensors
 
 FEATURE_DIMS = (64, 192, 768, 2048)
 OUTPUTS = ("64", "192", "768", "2048", "logits", "logits_unbiased")
@@ -319,7 +319,7 @@ def check_state(path: Path, state: dict[str, torch.Tensor], model: FIDInceptionV
                                   f"{tuple(tensor.shape)}, the network needs {tuple(expected[name])}")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: {name} is {tensor.dtype}, not floating-point weights")
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise CheckpointError(f"{path}: {name} holds NaN or inf values")
 
 

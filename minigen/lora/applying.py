@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .formats import LayerDelta
+from .formats import LayerDelta, Scratch
 from .layers import LoRAAdapter, LoRALayer, LoRATensors, add_changes, bias_with_changes, wrap_layer
 
 
@@ -37,8 +37,11 @@ class DeltaAdapter(nn.Module):
     def delta_weight(self, weight: torch.Tensor, multiplier: float, rows: slice | None = None) -> torch.Tensor:
         return (self.layer if rows is None else self.layer.rows(rows)).delta(weight, multiplier)
 
-    def factors(self, multiplier: float, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.layer if rows is None else self.layer.rows(rows)).factors(multiplier)
+    def add_change(self, weight: torch.Tensor, multiplier: float, rows: slice | None, onto: torch.Tensor,
+                   out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+        """out = onto + the change to `weight` (W[rows], fp32) at `multiplier` (`add_changes`)."""
+        layer = self.layer if rows is None else self.layer.rows(rows)
+        return layer.add_change(weight, multiplier, onto, out, scratch)
 
     def delta_bias(self, multiplier: float) -> torch.Tensor | None:
         return self.layer.delta_bias(multiplier)
@@ -53,9 +56,10 @@ def add_lora_deltas(model: nn.Module, layers: dict[str, LayerDelta], name: str =
     aside: memory for a second copy of those weights.
     Not removable (sample.py, as ComfyUI and A1111 apply a LoRA): every layer's change is added into its weight in
     place, nothing kept and nothing left to compute per step; the model is changed for good."""
+    scratch = Scratch()  # one set of buffers for every layer's blocks
     for path, layer in layers.items():
         if not removable:
-            _bake(model.get_submodule(path), layer, multiplier)
+            _bake(model.get_submodule(path), layer, multiplier, scratch)
             continue
         wrapped = wrap_layer(model, path)
         adapter = low_rank_adapter(wrapped.base, layer)
@@ -64,16 +68,16 @@ def add_lora_deltas(model: nn.Module, layers: dict[str, LayerDelta], name: str =
             wrapped.merge([name])
 
 
-def _bake(module: nn.Module, layer: LayerDelta, multiplier: float) -> None:
+def _bake(module: nn.Module, layer: LayerDelta, multiplier: float, scratch: Scratch) -> None:
     """Add `layer`'s change at `multiplier` into a Linear or Conv2d's weight and bias in place (a `LoRALayer`'s
     saved W when it has adapters merged: they are then computed again on the new W)."""
-    adapter = DeltaAdapter(layer)
+    adapter = DeltaAdapter(layer.float())  # converted once for the layer, not once per block of its rows
     kept = isinstance(module, LoRALayer) and module.original_weight is not None
     base = module.base if isinstance(module, LoRALayer) else module
     weight, bias = (module.original_weight, module.original_bias) if kept else (base.weight, base.bias)
     with torch.no_grad():
         new_bias = bias_with_changes(bias, [(adapter, multiplier)])  # first: a refused bias change changes nothing
-        add_changes(weight, [(adapter, multiplier)], out=weight)
+        add_changes(weight, [(adapter, multiplier)], weight, scratch)
         if new_bias is not bias:
             bias.copy_(new_bias)
     if kept:

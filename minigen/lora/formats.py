@@ -48,9 +48,26 @@ class LayerFormatError(ValueError):
     """A layer whose tensors fit no LoRA-family format (missing or unknown parts, shapes that do not chain)."""
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (n, k[, 1, 1]) @ b (k, ...) flattened: (n, prod(b.shape[1:]))."""
-    return a.float().flatten(1) @ b.float().flatten(1)
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (n, k[, 1, 1]) @ b (k, ...) flattened: (n, prod(b.shape[1:])), into `out` when given."""
+    return torch.mm(a.float().flatten(1), b.float().flatten(1), out=out)
+
+
+class Scratch:
+    """fp32 buffers reused for the intermediate products of one block of rows after another (`add_changes`): fresh
+    memory of a block's size costs a page fault per 4 KiB each time it is allocated (measured: 2,000 faults and 4x
+    the time for a 4 MiB LoHa block), so a whole file's layers share these. `take(slot, shape)` is a view of the
+    slot's buffer, grown when too small."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, slot: str, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+        n = math.prod(shape)
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < n or buffer.device != device:
+            buffer = self.buffers[slot] = torch.empty(n, device=device)
+        return buffer[:n].view(shape)
 
 
 def _tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -273,13 +290,54 @@ class LayerDelta:
                       else _mm(b1, t["b2.weight"])).view(weight.shape)
         return delta.reshape(weight.shape) if weight is not None else delta.reshape(self.shape())
 
-    def factors(self, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(s · c · up, down) flattened to (out, r), (r, in * kh * kw), fp32, when the change is their product (plain
-        LoRA and LoCon); None for every other kind (Tucker, DoRA, ...)."""
-        t = self.tensors
-        if self.kind != "LoRA" or "lora_mid.weight" in t or self.dora:
-            return None
-        return t["lora_up.weight"].float().flatten(1) * (strength * self.scale), t["lora_down.weight"].float().flatten(1)
+    def _add_raw(self, weight: torch.Tensor, factor: float, onto: torch.Tensor, out: torch.Tensor,
+                 scratch: Scratch) -> torch.Tensor:
+        """out = onto + factor · c · ΔW (no DoRA), fp32, shaped like `weight`. The kinds that are products of factors
+        add them onto `onto` in one pass instead of forming ΔW first: LoRA/LoCon one matrix product (addmm), LoHa
+        its two products (in `scratch`) multiplied in (addcmul), GLoRA on a Linear one product of [W·a1 | b1] and
+        [a2; b2]."""
+        t, f = self._on(weight), factor * self.scale
+        flat, into = onto.flatten(1), out.view(len(out), -1)  # (n, in * kh * kw)
+        if self.kind == "LoRA" and "lora_mid.weight" not in t:  # up (n, r[, 1, 1]) @ down (r, in[, kh, kw])
+            torch.addmm(flat, t["lora_up.weight"].float().flatten(1), t["lora_down.weight"].float().flatten(1), alpha=f,
+                        out=into)
+        elif self.kind == "LoHa" and "hada_t1" not in t:  # (w1a · w1b) ⊙ (w2a · w2b)
+            w1 = _mm(t["hada_w1_a"].float() * f, t["hada_w1_b"], scratch.take("w1", into.shape, into.device))
+            torch.addcmul(flat, w1, _mm(t["hada_w2_a"], t["hada_w2_b"], scratch.take("w2", into.shape, into.device)),
+                          out=into)
+        elif self.kind == "GLoRA" and weight.dim() == 2 and "bm.weight" not in t:  # W·a1·a2 + b1·b2 as one product
+            left = torch.cat([weight @ t["a1.weight"].float(), t["b1.weight"].float()], dim=1)  # (n, 2r)
+            right = torch.cat([t["a2.weight"].float(), t["b2.weight"].float()])  # (2r, in)
+            torch.addmm(flat, left, right, alpha=f, out=into)
+        else:
+            torch.add(onto, self.raw(weight, factor), out=out)
+        return out
+
+    def add_change(self, weight: torch.Tensor, strength: float, onto: torch.Tensor, out: torch.Tensor,
+                   scratch: Scratch | None = None) -> torch.Tensor:
+        """out = onto + the change to `weight` (out, in[, kh, kw]) at `strength`; all fp32, shaped like `weight`;
+        `out` may be `onto` (also when that is `weight`: the change is formed before out is written). Intermediate
+        products go into `scratch`'s buffers (reused block after block). Returns out."""
+        scratch = scratch or Scratch()
+        if not self.dora:
+            return self._add_raw(weight, strength, onto, out, scratch)
+        t, v = self._on(weight), scratch.take("dora", weight.shape, weight.device)
+        if "magnitude" in t:  # peft DoRA: s scales c·B·A, then the rows are renormalised (diffusers' fuse_lora)
+            directional = self._add_raw(weight, strength, weight, v, scratch)  # v = W + s·ΔW
+            ratio, strength = dora_ratio(directional, t["magnitude"]), 1.0
+        else:  # W + s · (W' − W), as ComfyUI interpolates
+            directional = self._add_raw(weight, 1.0, weight, v, scratch)  # v = W + ΔW
+            # Patch: ComfyUI divides output-axis DoRA by ‖W‖ instead of ‖W + ΔW‖; this is DoRA's definition (Liu et
+            # al. 2024, eq. 5) and what LyCORIS trains.
+            ratio = dora_ratio(directional, t["dora_scale"], self._dora_on_output(len(weight)))
+        # out = onto + s · (ratio · v − W) in two passes, right also when out is onto and that is W itself
+        torch.add(onto, weight, alpha=-strength, out=out)
+        return out.addcmul_(directional, ratio, value=strength)
+
+    def float(self) -> "LayerDelta":
+        """This layer with its tensors in fp32, the precision its change is computed in (files mostly store bf16 or
+        fp16): converted once, not for every block of rows."""
+        return LayerDelta(self.kind, {k: v.float() for k, v in self.tensors.items()})
 
     def _on(self, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The tensors on `weight`'s device (a GPU model's), where the change is computed."""
@@ -307,14 +365,9 @@ class LayerDelta:
         """The change to `weight` (out, in[, kh, kw]) at `strength`: W(s) - W, fp32, shaped like `weight`."""
         if not self.dora:
             return self.raw(weight, strength)
-        t, w = self._on(weight), weight.float()
-        if "magnitude" in t:  # peft DoRA: s scales c·B·A, then the rows are renormalised (diffusers' fuse_lora)
-            return decomposed(self.raw(w, strength).add_(w), t["magnitude"]).sub_(w)
-        # Patch: ComfyUI divides output-axis DoRA by ‖W‖ instead of ‖W + ΔW‖; this is DoRA's definition (Liu et al.
-        # 2024, eq. 5) and what LyCORIS trains.
-        on_output = self._dora_on_output(w.shape[0])
-        change = decomposed(self.raw(w).add_(w), t["dora_scale"], on_output).sub_(w)
-        return change if strength == 1 else change.mul_(strength)
+        w = weight.float()
+        change = torch.zeros_like(w)
+        return self.add_change(w, strength, change, change)
 
     def delta_bias(self, strength: float = 1.0) -> torch.Tensor | None:
         """The change to the layer's bias at `strength` (full's diff_b), or None."""
@@ -322,11 +375,15 @@ class LayerDelta:
         return None if b is None else b.float() * strength
 
 
-def decomposed(v: torch.Tensor, magnitude: torch.Tensor, output_axis: bool = True) -> torch.Tensor:
-    """DoRA's weight (Liu et al. 2024, eq. 5): magnitude · v / ‖v‖, v (out, in[, kh, kw]) the directional part W + ΔW,
-    the norm per output row (over in, kh, kw; magnitude's out values in any shape) or per input column (over out,
-    kh, kw). fp32."""
-    v = v.float()
+def dora_ratio(v: torch.Tensor, magnitude: torch.Tensor, output_axis: bool = True) -> torch.Tensor:
+    """magnitude / ‖v‖, shaped to multiply v (out, in[, kh, kw]): DoRA's weight is ratio · v (Liu et al. 2024, eq. 5),
+    v the directional part W + ΔW, the norm per output row (over in, kh, kw; magnitude's out values in any shape)
+    or per input column (over out, kh, kw). fp32."""
     axis = 0 if output_axis else 1
-    norm = torch.linalg.vector_norm(v, dim=tuple(d for d in range(v.dim()) if d != axis), keepdim=True)
-    return v * (magnitude.float().reshape(norm.shape) / norm)  # the small ratio first: one pass over v
+    norm = torch.linalg.vector_norm(v.float(), dim=tuple(d for d in range(v.dim()) if d != axis), keepdim=True)
+    return magnitude.float().reshape(norm.shape) / norm
+
+
+def decomposed(v: torch.Tensor, magnitude: torch.Tensor, output_axis: bool = True) -> torch.Tensor:
+    """DoRA's weight magnitude · v / ‖v‖ (`dora_ratio`), a new fp32 tensor."""
+    return v.float() * dora_ratio(v, magnitude, output_axis)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..sd.checkpoint_files import (TensorFile, check_output, open_checkpoint, open_output, output_metadata,
                                    sha256_file)
-from ..io import FLOAT_DTYPES, CheckpointError
+from ..io import FLOAT_DTYPES, CheckpointError, all_finite
 from ..sd.checkpoint_keys import UNET_PREFIX, VAE_PREFIX
 from ..sd.detect import MODEL_NAMES, detect_family
 
@@ -324,7 +324,7 @@ def stream_out(out: Path, open_writer: Callable, inputs: dict[str, Path], base_m
         digests = {role: pool.submit(sha256_file, p) for role, p in inputs.items()}
         for key, step in zip(specs, steps):
             tensor = produce(step, specs[key][1])
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise ValueError(f"{out}: the result for {key} holds NaN or infinite values (the arithmetic overflows "
                                  f"{specs[key][1]}: alpha too far outside [0, 1], or a LoRA ratio too large?)")
             writer.write(key, tensor)
