@@ -8,7 +8,8 @@ LyCORIS' "full" preset wraps (every Linear and Conv2d of the UNet's transformers
 the time embedding; the text encoders' attention and MLP), except the plain LoRA file, which has the layers
 sd-scripts wraps by default (the UNet's transformers, the text encoders). Written to a temporary folder (read back
 from the page cache), applied as `sample.py --lora` applies it (every layer's change added into its weight in place,
-`removable=False`) and timed (wall and process CPU seconds), one format after the other on the same weights.
+`removable=False`) and timed (wall and process CPU seconds, the median of `--repeat` runs), one format after the
+other on the same weights.
 `--step-cost SIZE` then times a UNet call with and without a plain LoRA on the fly (how `eval.py` holds one, to take
 it off again): what on-the-fly application would add to every sampling step.
 `full` (`diff`) files are the size of the model, and their change is one addition per weight: not benchmarked.
@@ -110,6 +111,7 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["LoRA", "LoCon", "LoHa", "LoKr", "DoRA", "GLoRA"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--conv-rank", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=3, help="apply each file this many times; the median run is shown")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the model's (sample.py's on the CPU: fp32)")
     p.add_argument("--step-cost", type=int, metavar="SIZE", help="also time one guided UNet call at SIZE x SIZE "
                    "without a LoRA, with the plain LoRA fused, and with it on the fly (eval.py's way)")
@@ -122,17 +124,21 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; full-size SDXL UNet + text encoders, {args.dtype}")
-    print("| format | layers | file MB | wall s | CPU s |")
-    print("|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
-        for fmt in args.formats:
-            path = Path(tmp) / f"{fmt}.safetensors"
-            n = lora_file(path, fmt, models, args.rank, args.conv_rank)
-            path.read_bytes()  # in the page cache, as a file just downloaded or used before
-            wall, cpu = time.perf_counter(), time.process_time()
-            load_lora(path, models, removable=False)  # sample.py's way; the weights keep each format's change
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            print(f"| {fmt} | {n} | {path.stat().st_size / 1e6:.0f} | {wall:.2f} | {cpu:.2f} |", flush=True)
+        files = {fmt: Path(tmp) / f"{fmt}.safetensors" for fmt in args.formats}
+        layer_counts = {fmt: lora_file(path, fmt, models, args.rank, args.conv_rank) for fmt, path in files.items()}
+        print("| format | layers | file MB | wall s | CPU s |")
+        print("|---|---:|---:|---:|---:|", flush=True)
+        for fmt, path in files.items():  # all files made first: only the applying is timed, format after format
+            times = []
+            for _ in range(args.repeat):
+                path.read_bytes()  # in the page cache, as a file just downloaded or used before
+                wall, cpu = time.perf_counter(), time.process_time()
+                load_lora(path, models, removable=False)  # sample.py's way; the weights keep each format's change
+                times.append((time.perf_counter() - wall, time.process_time() - cpu))
+            wall, cpu = sorted(times)[len(times) // 2]  # the median run
+            print(f"| {fmt} | {layer_counts[fmt]} | {path.stat().st_size / 1e6:.0f} | {wall:.2f} | {cpu:.2f} |",
+                  flush=True)
             path.unlink()
         if args.step_cost:
             path = Path(tmp) / "LoRA.safetensors"
