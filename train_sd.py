@@ -5,6 +5,7 @@ together on the VAE's cached latents, then a grid of the validation prompts (min
     python train_sd.py --config configs/sd_demo_cuda.conf       # a larger model on one GPU
     python train_sd.py --resume runs/sd-demo/unet/checkpoint.safetensors --epochs 30   # continue, or train more
     python train_sd.py --config configs/sd_demo.conf --stage unet    # keep the trained VAE, retrain the rest
+    python train_sd.py --config configs/sd_demo_cuda.conf --plan     # the memory one UNet-stage step needs
 
 A preset (configs/sd_*.conf) is a file of the same flags, one per line; flags given after it win; with --resume the
 run's saved settings come first. Outputs in --out: vae/ and unet/ (each stage's checkpoint, log.jsonl, loss.png,
@@ -19,12 +20,16 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 from minigen import cli, distributed, speed
 from minigen.images import parse_size
 from minigen.finetune.trainer import load_checkpoint
 from minigen.sd.prompt_grid import draw_prompts, save_prompt_grid
 from minigen.sd.pipeline import Pipeline
-from minigen.finetune.from_scratch import STAGES, FromScratchTrainer, SDTrainConfig, vae_model_path
+from minigen.finetune.from_scratch import STAGES, FromScratchTrainer, SDTrainConfig, stage_settings, vae_model_path
+from minigen.finetune.memory_plan import MemoryPlan, check_fits, plan_lora_step
+from minigen.sd.configs import get_config
 from minigen.training import claim_out, run_settings
 from train_lora import HELP as LORA_HELP, add_settings_flags, trainer_parser
 
@@ -63,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out folder that holds a run, deleting the files of the stages that "
                         "train again and the results (without it such a folder is refused; --stage unet keeps the VAE)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan of one step of the UNet stage (no "
+                   "weights made, no GPU needed), then exit")
+    p.add_argument("--force", action="store_true", help="start on a GPU even when the plan says it will not fit")
     speed.add_speed_args(p, ("tf32", "compile", "channels_last", "sdpa", "fused_optimizer"), "the UNet")
     add_settings_flags(p, SDTrainConfig, HELP, HIDDEN)
     return p
@@ -75,7 +83,8 @@ def saved_settings(checkpoint: str) -> dict:
 def parse(argv: list[str]) -> tuple[argparse.Namespace, SDTrainConfig]:
     fields = {f.name for f in dataclasses.fields(SDTrainConfig)} - HIDDEN
     args, settings = cli.layered_settings(build_parser(), argv, fields, saved_settings)
-    settings["device"] = cli.resolve_device(settings.get("device"), "a from-scratch run takes about 20 minutes")
+    if "plan" not in args:
+        settings["device"] = cli.resolve_device(settings.get("device"), "a from-scratch run takes about 20 minutes")
     cfg = SDTrainConfig(**settings)
     cli.check_number("--grid-samples", getattr(args, "grid_samples", 8), 1)
     return args, cfg
@@ -85,6 +94,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, SDTrainConfig]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     speed.apply_threads(getattr(args, "threads", None))
+    if "plan" in args:
+        print(planned_unet_step(cfg).describe())
+        return 0
     resume = getattr(args, "resume", None)
     if resume and getattr(args, "overwrite", False):
         raise ValueError("--overwrite starts a fresh run and --resume continues one: give one of them")
@@ -95,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"--stage unet needs a trained VAE in {vae_model_path(cfg)} (from --stage vae)")
     progress = not getattr(args, "quiet", False)
     with distributed.process_group(cfg.device) as device, speed.switched(speed.speed_from_args(args), device) as fast:
+        if device.startswith("cuda"):  # before anything is written
+            plan = planned_unet_step(cfg)
+            if distributed.is_main():
+                print(plan.describe())
+            check_fits(plan, torch.device(device), force="force" in args)
         if claim and distributed.is_main():
             claim_run(cfg, getattr(args, "overwrite", False))
         for stage in STAGES[STAGES.index(cfg.stage):]:
@@ -109,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             draw_grid(trainer, cfg, getattr(args, "grid_samples", 8), progress)
             print_outputs(Path(cfg.out))
     return 0
+
+
+def planned_unet_step(cfg: SDTrainConfig) -> MemoryPlan:
+    """The memory plan of one step of the UNet stage, the larger one: the UNet and the text encoder train whole (fp32
+    weights, their gradients and the optimizer's state) on cached latents; the VAE stage trains a few million
+    weights on small pixel batches."""
+    return plan_lora_step(stage_settings(dataclasses.replace(cfg, stage="unet")), get_config(cfg.preset),
+                          from_scratch=True)
 
 
 def claim_run(cfg: SDTrainConfig, overwrite: bool) -> None:

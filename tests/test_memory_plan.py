@@ -166,6 +166,27 @@ def test_plan_of_an_sd1_single_file_reads_its_architecture_from_the_header(tmp_p
     assert "memory plan (64x64, batch 1" in capsys.readouterr().out
 
 
+def test_from_scratch_plan_counts_every_weight_trained_and_equals_the_real_step(tmp_path, capsys):
+    """train_sd.py's UNet stage trains the UNet and the text encoder whole, in fp32: at the peak AdamW's two moments
+    of those weights (about twice their bytes) are alive beside the gradients; the plan is the traced peak of the
+    same step on real tensors to within 1%. `train_sd.py --plan` prints it and writes nothing."""
+    import train_sd
+    from minigen.sd.model import build_model
+
+    configs = get_config("tiny-sd1")
+    cfg = LoRATrainConfig(model="random:tiny-sd1", resolution="64", batch=2, train_text_encoder=True)
+    plan = plan_lora_step(cfg, configs, from_scratch=True)
+    real = plan_lora_step(cfg, configs, fake=False, from_scratch=True)
+    assert abs(plan.peak - real.peak) <= 0.01 * real.peak
+    trained_bytes = 4 * sum(p.numel() for part in ("unet", "text_encoder")
+                            for p in build_model(part, configs[part]).parameters())
+    assert plan.parts["lora + optim"] >= 1.9 * trained_bytes > 10 * plan_lora_step(cfg, configs).parts["lora + optim"]
+    assert train_sd.main(["--preset", "tiny-sd1", "--data", str(tmp_path / "none"), "--resolution", "64",
+                          "--batch", "2", "--plan", "--out", str(tmp_path / "run")]) == 0
+    assert "memory plan (64x64, batch 2, every UNet and text-encoder weight trained" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("optimizer", ["adafactor", "sgd"])
 def test_plans_of_every_optimizer_equal_the_same_steps_on_real_tensors(optimizer):
     """Adafactor reads scalars (its step count, norms) with .item(), which a fake tensor cannot answer: the plan reads

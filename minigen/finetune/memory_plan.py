@@ -165,9 +165,11 @@ def model_configs(spec: str, allow_pickle: bool = False) -> dict[str, dict]:
 
 
 def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = True,
-                   allow_pickle: bool = False) -> MemoryPlan:
+                   allow_pickle: bool = False, from_scratch: bool = False) -> MemoryPlan:
     """Peak memory of a LoRA training step with `cfg`'s settings (a LoRATrainConfig). `fake=False` runs the same
-    steps on real tensors: what the tests compare the plan against. `allow_pickle`: read a pickled --model."""
+    steps on real tensors: what the tests compare the plan against. `allow_pickle`: read a pickled --model.
+    from_scratch: every weight of the UNet and the text encoders trains, in fp32, instead of a LoRA (train_sd.py's
+    second stage; its "lora + optim" part is then those weights' gradients and optimizer state)."""
     from ..images import parse_size
 
     start = time.perf_counter()
@@ -177,26 +179,32 @@ def plan_lora_step(cfg, configs: dict[str, dict] | None = None, fake: bool = Tru
                                                                             w // cfg.bucket_step * cfg.bucket_step)
     tracker = LiveStorage()
     with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext(), tracker:
-        _two_steps(cfg, configs, h, w, tracker)
-    setting = (f"{h}x{w}, batch {cfg.batch}, rank {cfg.rank}, {cfg.mixed_precision}, {cfg.optimizer}"
+        _two_steps(cfg, configs, h, w, tracker, from_scratch)
+    trained = "every UNet and text-encoder weight trained" if from_scratch else f"rank {cfg.rank}"
+    setting = (f"{h}x{w}, batch {cfg.batch}, {trained}, {cfg.mixed_precision}, {cfg.optimizer}"
                + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
-               + (", text encoders trained" if cfg.train_text_encoder else "")
+               + (", text encoders trained" if cfg.train_text_encoder and not from_scratch else "")
                + (", latents encoded each step" if cfg.cache_latents == "off" else ""))
     return MemoryPlan(tracker.peak, tracker.at_peak, time.perf_counter() - start, setting, training_advice(cfg))
 
 
-def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStorage | None = None) -> None:
+def _two_steps(cfg, configs: dict[str, dict], h: int, w: int, tracker: LiveStorage | None = None,
+               from_scratch: bool = False) -> None:
     """What LoRATrainer does for one optimizer step, twice (the optimizer's state appears in the first); counted by
-    `tracker` when given."""
+    `tracker` when given. from_scratch: the UNet and text encoders train whole (`plan_lora_step`)."""
     from .config import MIXED_PRECISION, add_adapters
 
     tracker = tracker or Untracked()
     dtype = MIXED_PRECISION[cfg.mixed_precision]
-    models = _frozen_models(configs, dtype, tracker)
+    models = _frozen_models(configs, torch.float32 if from_scratch else dtype, tracker)
     tracker.part = "lora + optim"
-    trained = {"unet": models["unet"]} | ({p: models[p] for p in text_encoders(models)} if cfg.train_text_encoder
-                                          else {})
-    add_adapters(trained, cfg)
+    trained = {"unet": models["unet"]} | ({p: models[p] for p in text_encoders(models)}
+                                          if cfg.train_text_encoder or from_scratch else {})
+    if from_scratch:
+        for model in trained.values():
+            model.requires_grad_(True)
+    else:
+        add_adapters(trained, cfg)
     if cfg.gradient_checkpointing:
         for model in trained.values():
             model.set_gradient_checkpointing(True)
