@@ -342,6 +342,29 @@ def test_changes_added_in_place_are_each_computed_on_the_original_weight(dtype, 
         assert ((w.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
 
 
+@pytest.mark.parametrize("kind", ["LoRA", "LoHa"])
+def test_factors_stored_in_bf16_give_the_fp32_products(kind, monkeypatch):
+    """Factors a file stores in bf16 are multiplied on the CPU's bf16 arithmetic (oneDNN: bf16 inputs, exact
+    products, fp32 sums), which for bf16 values is the fp32 product itself: the weight equals the one fused from the
+    same values marked as plain fp32, to fp32 rounding (an fp32 result rounded through bf16 would be ~1e-3 off)."""
+    from minigen.lora.applying import DeltaAdapter
+    from minigen.lora.formats import LayerDelta
+    from minigen.lora.layers import add_changes
+
+    g = torch.Generator().manual_seed(3)
+    parts = {"LoRA": {"lora_down.weight": (16, 96), "lora_up.weight": (64, 16)},
+             "LoHa": {"hada_w1_a": (64, 16), "hada_w1_b": (16, 96), "hada_w2_a": (64, 16), "hada_w2_b": (16, 96)}}[kind]
+    stored = {name: torch.randn(*shape, generator=g).bfloat16() for name, shape in parts.items()}
+    layer = LayerDelta.from_tensors(stored | {"alpha": torch.tensor(8.0)}).float()
+    assert layer.bf16_values
+    as_fp32 = LayerDelta(layer.kind, layer.tensors)  # the same values, not known to be bf16: MKL's fp32 products
+    w = torch.randn(64, 96, generator=g)
+    monkeypatch.setattr(lora_layers, "BLOCK_VALUES", 32 * 96)
+    fused, want = (add_changes(w.clone(), [(DeltaAdapter(d), 0.7)], out=torch.empty_like(w)) for d in (layer, as_fp32))
+    torch.testing.assert_close(fused, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the switch is put back
+
+
 def test_fusing_keeps_no_copy_and_for_good_keeps_nothing():
     """Removable, a merged layer keeps its original weight tensor itself aside (no copy of it is made) and gets a new
     one; for good (sample.py), the change goes into the weight in place and the layer stays a plain one."""

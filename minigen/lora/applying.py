@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .formats import LayerDelta, Scratch
+from .formats import LayerDelta
+from .products import Scratch
 from .layers import LoRAAdapter, LoRALayer, LoRATensors, add_changes, bias_with_changes, wrap_layer
 
 

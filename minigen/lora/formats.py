@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .products import Scratch, bf16_arithmetic
+
 # The tensors each kind reads, by the suffix after the layer's name in kohya/LyCORIS files: (required, optional).
 # peft's `lora_A.weight` / `lora_B.weight` are read as lora_down / lora_up, its `lora_magnitude_vector` as magnitude.
 KINDS = {
@@ -53,23 +55,6 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
     return torch.mm(a.float().flatten(1), b.float().flatten(1), out=out)
 
 
-class Scratch:
-    """fp32 buffers reused for the intermediate products of one block of rows after another (`add_changes`): fresh
-    memory of a block's size costs a page fault per 4 KiB each time it is allocated (measured: 2,000 faults and 4x
-    the time for a 4 MiB LoHa block), so a whole file's layers share these. `take(slot, shape)` is a view of the
-    slot's buffer, grown when too small."""
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, slot: str, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
-        n = math.prod(shape)
-        buffer = self.buffers.get(slot)
-        if buffer is None or buffer.numel() < n or buffer.device != device:
-            buffer = self.buffers[slot] = torch.empty(n, device=device)
-        return buffer[:n].view(shape)
-
-
 def _tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """core (r, r, kh, kw) with up (out, r) on its first mode and down (r, in) on its second: (out, in, kh, kw)."""
     return torch.einsum("ij...,oi,jn->on...", core.float(), up.float().flatten(1), down.float().flatten(1))
@@ -77,9 +62,11 @@ def _tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.T
 
 @dataclass
 class LayerDelta:
-    """One layer of a LoRA-family file: its kind and its tensors, keyed by their file suffixes (KINDS)."""
+    """One layer of a LoRA-family file: its kind and its tensors, keyed by their file suffixes (KINDS).
+    `bf16_values`: the factors hold bf16 values exactly (stored in bf16, then made fp32 by `float`)."""
     kind: str
     tensors: dict[str, torch.Tensor]
+    bf16_values: bool = False
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "LayerDelta":
@@ -211,7 +198,7 @@ class LayerDelta:
         for name in ("dora_scale", "magnitude"):  # one value per output row (row_step says so for dora_scale)
             if name in t:
                 t[name] = t[name][block]
-        return LayerDelta(self.kind, t)
+        return LayerDelta(self.kind, t, self.bf16_values)
 
     def _dora_on_output(self, out_rows: int) -> bool:
         """Whether `dora_scale` holds one value per output row (else per input column)."""
@@ -293,18 +280,18 @@ class LayerDelta:
     def _add_raw(self, weight: torch.Tensor, factor: float, onto: torch.Tensor, out: torch.Tensor,
                  scratch: Scratch) -> torch.Tensor:
         """out = onto + factor · c · ΔW (no DoRA), fp32, shaped like `weight`. The kinds that are products of factors
-        add them onto `onto` in one pass instead of forming ΔW first: LoRA/LoCon one matrix product (addmm), LoHa
-        its two products (in `scratch`) multiplied in (addcmul), GLoRA on a Linear one product of [W·a1 | b1] and
-        [a2; b2]."""
+        add them onto `onto` in one pass instead of forming ΔW first: LoRA/LoCon its product (in `scratch`) added,
+        LoHa its two products multiplied in (addcmul), GLoRA on a Linear one product of [W·a1 | b1] and [a2; b2]
+        added (addmm; not on bf16 arithmetic: W's values are not bf16)."""
         t, f = self._on(weight), factor * self.scale
         flat, into = onto.flatten(1), out.view(len(out), -1)  # (n, in * kh * kw)
         if self.kind == "LoRA" and "lora_mid.weight" not in t:  # up (n, r[, 1, 1]) @ down (r, in[, kh, kw])
-            torch.addmm(flat, t["lora_up.weight"].float().flatten(1), t["lora_down.weight"].float().flatten(1), alpha=f,
-                        out=into)
+            product = scratch.take("w1", into.shape, into.device)
+            torch.add(flat, self._product(t["lora_up.weight"], t["lora_down.weight"], product), alpha=f, out=into)
         elif self.kind == "LoHa" and "hada_t1" not in t:  # (w1a · w1b) ⊙ (w2a · w2b)
-            w1 = _mm(t["hada_w1_a"].float() * f, t["hada_w1_b"], scratch.take("w1", into.shape, into.device))
-            torch.addcmul(flat, w1, _mm(t["hada_w2_a"], t["hada_w2_b"], scratch.take("w2", into.shape, into.device)),
-                          out=into)
+            w1 = self._product(t["hada_w1_a"], t["hada_w1_b"], scratch.take("w1", into.shape, into.device))
+            w2 = self._product(t["hada_w2_a"], t["hada_w2_b"], scratch.take("w2", into.shape, into.device))
+            torch.addcmul(flat, w1, w2, value=f, out=into)
         elif self.kind == "GLoRA" and weight.dim() == 2 and "bm.weight" not in t:  # W·a1·a2 + b1·b2 as one product
             left = torch.cat([weight @ t["a1.weight"].float(), t["b1.weight"].float()], dim=1)  # (n, 2r)
             right = torch.cat([t["a2.weight"].float(), t["b2.weight"].float()])  # (2r, in)
@@ -336,8 +323,15 @@ class LayerDelta:
 
     def float(self) -> "LayerDelta":
         """This layer with its tensors in fp32, the precision its change is computed in (files mostly store bf16 or
-        fp16): converted once, not for every block of rows."""
-        return LayerDelta(self.kind, {k: v.float() for k, v in self.tensors.items()})
+        fp16): converted once, not for every block of rows. It remembers factors stored in bf16 (`_product`)."""
+        bf16 = self.bf16_values or all(v.dtype == torch.bfloat16 for v in self.tensors.values() if v.dim() >= 2)
+        return LayerDelta(self.kind, {k: v.float() for k, v in self.tensors.items()}, bf16)
+
+    def _product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Two of the layer's factors multiplied, a (n, r[, 1, 1]) @ b (r, ...) flattened into `out` (fp32): on the
+        CPU's bf16 arithmetic when they hold bf16 values (`bf16_arithmetic`: the same numbers, faster)."""
+        with bf16_arithmetic(self.bf16_values and out.device.type == "cpu"):
+            return _mm(a, b, out)
 
     def _on(self, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The tensors on `weight`'s device (a GPU model's), where the change is computed."""

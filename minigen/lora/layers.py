@@ -27,7 +27,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .formats import Scratch, decomposed
+from .formats import decomposed
+from .products import Scratch
 
 # Module-name patterns (regular expressions searched in the full module path). The names are diffusers' UNet and
 # transformers' CLIP names, which minigen's SDXL modules share.
