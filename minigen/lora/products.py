@@ -15,7 +15,7 @@ def bf16_arithmetic(allowed: bool):
     fpmath mode bf16, which rounds the inputs to bf16, multiplies them exactly and sums in fp32. For factors that
     hold bf16 values (a file stored in bf16: nothing to round) that is the fp32 product itself, up to the order of
     the sum; measured 2-3x MKL's fp32 rate on the 2-core AMD EPYC (BENCHMARKS.md)."""
-    if not allowed:
+    if not (allowed and torch.backends.mkldnn.is_available()):
         yield
         return
     saved = torch.backends.mkldnn.matmul.fp32_precision
