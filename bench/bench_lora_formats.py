@@ -56,7 +56,7 @@ def layers(models: dict[str, nn.Module], unet_patterns) -> dict[str, dict[str, t
     return found
 
 
-def parts(fmt: str, weight: torch.Tensor, rank: int, conv_rank: int) -> dict[str, torch.Tensor]:
+def parts(fmt: str, weight: torch.Tensor, rank: int, conv_rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One layer's tensors as LyCORIS makes them for `weight`'s shape (values random: the cost is in the shapes)."""
     from lycoris.functional import loha, lokr
 
@@ -79,17 +79,18 @@ def parts(fmt: str, weight: torch.Tensor, rank: int, conv_rank: int) -> dict[str
         out = {"a1.weight": torch.randn(n_in, r) * 0.01, "a2.weight": torch.randn(r, n_in) * 0.01,
                "b1.weight": torch.randn(weight.shape[0], r) * 0.01, "b2.weight": torch.randn(r, *weight.shape[1:])}
     out["alpha"] = torch.tensor(float(r))
-    return {k: v.to(torch.bfloat16) if k != "alpha" else v for k, v in out.items()}
+    return {k: v.to(dtype) if k != "alpha" else v for k, v in out.items()}
 
 
-def lora_file(path: Path, fmt: str, models: dict, rank: int, conv_rank: int) -> int:
+def lora_file(path: Path, fmt: str, models: dict, rank: int, conv_rank: int,
+              dtype: torch.dtype = torch.bfloat16) -> int:
     """Write one format's file; returns its number of layers."""
     targets = layers(models, PRESETS["kohya"] if fmt == "LoRA" else FULL_UNET)
     tensors = {}
     for component, weights in targets.items():
         for module, weight in weights.items():
             name = PREFIX[component] + module.replace(".", "_")
-            tensors |= {f"{name}.{part}": t.contiguous() for part, t in parts(fmt, weight, rank, conv_rank).items()}
+            tensors |= {f"{name}.{part}": t.contiguous() for part, t in parts(fmt, weight, rank, conv_rank, dtype).items()}
     save_safetensors(tensors, path)
     return sum(len(w) for w in targets.values())
 
@@ -112,6 +113,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--conv-rank", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3, help="apply each file this many times; the median run is shown")
+    p.add_argument("--file-dtype", choices=["bf16", "fp16"], default="bf16",
+                   help="the files' (LyCORIS and sd-scripts save either; bf16 factors are multiplied on bf16 arithmetic)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the model's (sample.py's on the CPU: fp32)")
     p.add_argument("--step-cost", type=int, metavar="SIZE", help="also time one guided UNet call at SIZE x SIZE "
                    "without a LoRA, with the plain LoRA fused, and with it on the fly (eval.py's way)")
@@ -126,7 +129,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; full-size SDXL UNet + text encoders, {args.dtype}")
     with tempfile.TemporaryDirectory() as tmp:
         files = {fmt: Path(tmp) / f"{fmt}.safetensors" for fmt in args.formats}
-        layer_counts = {fmt: lora_file(path, fmt, models, args.rank, args.conv_rank) for fmt, path in files.items()}
+        file_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.file_dtype]
+        layer_counts = {fmt: lora_file(path, fmt, models, args.rank, args.conv_rank, file_dtype)
+                        for fmt, path in files.items()}
         print("| format | layers | file MB | wall s | CPU s |")
         print("|---|---:|---:|---:|---:|", flush=True)
         for fmt, path in files.items():  # all files made first: only the applying is timed, format after format
