@@ -169,6 +169,23 @@ def test_colour_captions_say_the_measured_colour(run, tmp_path):
         assert [e.item.caption for e in trainer.data.examples][:3] == expected
 
 
+def test_vae_mse_weight_adds_a_squared_error_term(tmp_path):
+    """--vae-mse-weight w adds w * the mean squared reconstruction error to the VAE stage's loss: the loss grows
+    by the same positive step from w = 0 to 1 as from 1 to 2 (same batch, same noise)."""
+    cfg = SDTrainConfig(preset="tiny-sd1", data=str(make_data(tmp_path / "data")), resolution=str(SIZE),
+                        bucket_step=16, out=str(tmp_path / "run"))
+    trainer = FromScratchTrainer(cfg, progress=False)
+
+    def loss(weight):
+        trainer.cfg = dataclasses.replace(trainer.cfg, vae_mse_weight=weight)
+        with torch.no_grad():
+            return trainer.loss([0, 1], [torch.Generator().manual_seed(k) for k in (0, 1)], 2).item()
+
+    l0, l1, l2 = loss(0.0), loss(1.0), loss(2.0)
+    assert l1 - l0 > 0
+    assert l2 - l1 == pytest.approx(l1 - l0, rel=1e-5)
+
+
 def test_a_used_out_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
     """A fresh run into a folder holding one: one line naming --resume and --overwrite, and nothing touched;
     --stage unet --overwrite retrains the UNet stage on the kept VAE, its old pictures gone."""
@@ -193,6 +210,7 @@ def test_a_used_out_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
     (["--stage", "unet"], ("--stage unet needs a trained VAE",)),
     (["--preset", "sd9"], ("--preset must be one of",)),
     (["--vae-batch", "0"], ("--vae-batch must be >= 1",)),
+    (["--vae-mse-weight", "-1"], ("--vae-mse-weight must be >= 0",)),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, mentions):
     data = make_data(tmp_path / "data")

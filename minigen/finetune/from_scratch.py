@@ -6,7 +6,8 @@ Stage "vae", the autoencoder alone (Kingma & Welling 2014; the KL-regularised au
 sec. 3 and appendix G, without its perceptual and adversarial terms):
 
     posterior = Enc(x);  z = mean + std * eps;  x_hat = Dec(z)                  x: (B, 3, H, W) in [-1, 1]
-    loss      = mean |x - x_hat|  +  kl_weight * KL(N(mean, std^2) || N(0, I)) / latent elements
+    loss      = mean |x - x_hat|  +  vae_mse_weight * mean (x - x_hat)^2
+                +  kl_weight * KL(N(mean, std^2) || N(0, I)) / latent elements
     then scaling_factor = 1 / std(z) over the training set, so the diffusion stage sees latents of unit variance
     (LDM's sec. G: SD 1.x's 0.18215 was found the same way).
 
@@ -55,6 +56,7 @@ class SDTrainConfig(LoRATrainConfig):
     vae_lr: float = 1e-3
     vae_batch: int = 32
     kl_weight: float = 1e-3
+    vae_mse_weight: float = 0.0  # a squared-error term beside the L1: weighs the large errors (a whole red area off)
     colour_captions: bool = False  # each caption gets its image's colour measured from pixels (minigen/colours.py)
 
     def __post_init__(self):
@@ -64,7 +66,7 @@ class SDTrainConfig(LoRATrainConfig):
         if self.stage not in STAGES:
             raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         cli.check_fields(self, {"vae_epochs": (1, None), "vae_batch": (1, None), "vae_lr": cli.POSITIVE,
-                                "kl_weight": (0, None)})
+                                "kl_weight": (0, None), "vae_mse_weight": (0, None)})
 
 
 def vae_model_path(cfg: SDTrainConfig) -> Path:
@@ -130,7 +132,8 @@ class FromScratchTrainer(LoRATrainer):
         eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
         z = posterior.mean + posterior.std * eps.to(self.device)  # the reparameterisation trick, (B, 4, h, w)
         x_hat = self.model.vae.decode(z)
-        reconstruction = (x_hat - x).abs().mean(dim=(1, 2, 3))  # (B,)
+        error = x_hat - x
+        reconstruction = error.abs().mean(dim=(1, 2, 3)) + self.cfg.vae_mse_weight * (error ** 2).mean(dim=(1, 2, 3))
         kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean(dim=(1, 2, 3))
         return (reconstruction + self.cfg.kl_weight * kl).sum() / global_size
 
