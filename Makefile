@@ -168,7 +168,7 @@ eval: $(RUNTIME) ## base vs LoRAs: make eval MODEL=model LORA="a.safetensors run
 .PHONY: sd-demo
 SD_CONFIG ?= configs/sd_demo.conf
 SD_ARGS   ?=
-sd-demo: $(RUNTIME) ## train a small Stable Diffusion from scratch on Twemoji with captions from their names and colours (VAE, then UNet + text encoder; ~20 min on 2 idle cores): runs/sd-demo (a used one is refused: SD_ARGS=--overwrite)
+sd-demo: $(RUNTIME) ## train a small Stable Diffusion from scratch on Twemoji with captions from their names and colours (VAE, then UNet + text encoder; ~16 min on 2 idle cores): runs/sd-demo (a used one is refused: SD_ARGS=--overwrite)
 	$(LAUNCH) train_sd.py --config $(SD_CONFIG) $(SD_ARGS)
 
 .PHONY: sd-demo-lora
