@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..io import CheckpointError, save_safetensors
+from ..io import CheckpointError, all_finite, save_safetensors
 from ..sd.lora_files import LoRAFileError, kohya_layer, kohya_metadata, kohya_prefix
 from ..sd.lora_reading import family_of_metadata, read_lora
 from ..sd.checkpoint_files import check_output, open_checkpoint
@@ -137,7 +137,7 @@ def merge_loras(loras: list[tuple[str | os.PathLike, float]], out: str | os.Path
                 deltas[(component, name)] = deltas.get((component, name), 0) + delta
     tensors = {}
     for (component, name), delta in deltas.items():
-        if not torch.isfinite(delta).all():
+        if not all_finite(delta):
             raise LoRAFileError(f"{component} layer {name}: the weighted sum of the LoRAs overflows float32")
         tensors |= _layer(component, name, *low_rank(delta, rank, clamp_quantile), family=families[0] or "sdxl")
     merged = {"minigen.merged_loras": json.dumps([[p.name, r] for p, r in loras])}
